@@ -89,9 +89,7 @@ def _clean(s: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64
     return s
 
 
-def _from_gram_eigs(
-    eigs: NDArray[np.float64], t: torch.Tensor, block_rows: int
-) -> SpectrumResult:
+def _from_gram_eigs(eigs: NDArray[np.float64], t: torch.Tensor, block_rows: int) -> SpectrumResult:
     shape = (int(t.shape[0]), int(t.shape[1]))
     lmax, lmin = float(eigs[-1]), float(eigs[0])
     if lmax == 0.0:

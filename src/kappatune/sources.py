@@ -18,7 +18,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
 
+@runtime_checkable
 class Source(Protocol):
     """What the analysis needs from a checkpoint."""
 
@@ -84,7 +85,9 @@ def content_digest(raw: memoryview | bytes, dtype: str, shape: tuple[int, ...]) 
 def _tensor_digest(t: torch.Tensor) -> str:
     t = t.detach().to("cpu").contiguous()
     raw = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
-    return content_digest(memoryview(raw.numpy()), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    return content_digest(
+        raw.numpy().tobytes(), str(t.dtype).removeprefix("torch."), tuple(t.shape)
+    )
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -99,7 +102,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
                 raise KappaTuneError(f"corrupt safetensors file {path}: shorter than its header")
             (n,) = struct.unpack("<Q", head)
             if n <= 0 or n > min(_MAX_HEADER, size - 8):
-                raise KappaTuneError(f"corrupt safetensors file {path}: header length {n} is invalid")
+                raise KappaTuneError(
+                    f"corrupt safetensors file {path}: header length {n} is invalid"
+                )
             header = json.loads(fh.read(n))
     except OSError as exc:
         raise KappaTuneError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -149,7 +154,9 @@ class SafetensorsSource:
                 begin, end = info["data_offsets"]
                 dtype = str(_ST_DTYPES[info["dtype"]]).removeprefix("torch.")
                 out.append(
-                    TensorEntry(name, tuple(info["shape"]), dtype, (path, start + begin, end - begin))
+                    TensorEntry(
+                        name, tuple(info["shape"]), dtype, (path, start + begin, end - begin)
+                    )
                 )
         return out
 
@@ -159,10 +166,16 @@ class SafetensorsSource:
         with path.open("rb") as fh:
             fh.seek(offset)
             if fh.readinto(buf) != nbytes:
-                raise KappaTuneError(f"corrupt safetensors file {path}: truncated at {entry.name!r}")
+                raise KappaTuneError(
+                    f"corrupt safetensors file {path}: truncated at {entry.name!r}"
+                )
         digest = content_digest(memoryview(buf), entry.dtype, entry.shape)
         dtype = getattr(torch, entry.dtype)
-        t = torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        t = (
+            torch.frombuffer(buf, dtype=torch.uint8)
+            if nbytes
+            else torch.empty(0, dtype=torch.uint8)
+        )
         return t.view(dtype).reshape(entry.shape), digest
 
 
@@ -271,7 +284,19 @@ def gguf_to_hf_name(name: str, arch: str) -> str:
     return f"model.layers.{m.group(1)}.{kind}.{suffix}" if kind else name
 
 
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 class _GGUFHeader:
@@ -364,7 +389,9 @@ class GGUFSource:
         try:
             from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
         except ImportError:
-            raise KappaTuneError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+            raise KappaTuneError(
+                "reading GGUF files needs the 'gguf' package: pip install gguf"
+            ) from None
         header = self._open()
         arch = str(header.meta.get("general.architecture", ""))
         size = self._path.stat().st_size
@@ -404,7 +431,9 @@ class GGUFSource:
                 t = torch.frombuffer(buf, dtype=torch.bfloat16).reshape(entry.shape)
                 return t, digest
             return torch.from_numpy(raw.view(np_dtype).reshape(entry.shape)), digest
-        rows = raw.reshape(-1, nbytes // (entry.numel // entry.shape[-1]) if entry.shape else nbytes)
+        rows = raw.reshape(
+            -1, nbytes // (entry.numel // entry.shape[-1]) if entry.shape else nbytes
+        )
         values = gguf.quants.dequantize(rows, kind)
         return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(entry.shape)), digest
 
@@ -428,7 +457,9 @@ def _dequantize_module_weight(module: torch.nn.Module, p: torch.Tensor) -> torch
 class StateDictSource:
     """An in-memory state dict or ``nn.Module`` (parameters; tied weights appear once)."""
 
-    def __init__(self, obj: torch.nn.Module | Mapping[str, torch.Tensor], description: str = "") -> None:
+    def __init__(
+        self, obj: torch.nn.Module | Mapping[str, torch.Tensor], description: str = ""
+    ) -> None:
         if isinstance(obj, torch.nn.Module):
             tensors: dict[str, torch.Tensor] = {}
             modules = dict(obj.named_modules())
@@ -520,7 +551,9 @@ def _directory_source(path: Path) -> Source:
     raise KappaTuneError(f"no weights found in {path} (no *.safetensors, *.bin or *.gguf files)")
 
 
-def open_source(spec: str | os.PathLike[str] | torch.nn.Module | Mapping[str, torch.Tensor]) -> Source:
+def open_source(
+    spec: str | os.PathLike[str] | torch.nn.Module | Mapping[str, torch.Tensor],
+) -> Source:
     """Resolve what the user named into a Source."""
     if isinstance(spec, torch.nn.Module | Mapping):
         return StateDictSource(spec)
@@ -543,8 +576,15 @@ def open_source(spec: str | os.PathLike[str] | torch.nn.Module | Mapping[str, to
             return GGUFSource(path)
         if suffix in (".bin", ".pt", ".pth"):
             return TorchBinSource([path])
-        raise KappaTuneError(f"unsupported file type {path.suffix!r}: expected .safetensors, .bin, .pt or .gguf")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        raise KappaTuneError(
+            f"unsupported file type {path.suffix!r}: expected .safetensors, .bin, .pt or .gguf"
+        )
+    weight_suffix = path.suffix.lower() in (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json")
+    if (
+        re.fullmatch(r"[\w.-]+/[\w.-]+", text)
+        and not text.startswith((".", "/"))
+        and not weight_suffix
+    ):
         return _directory_source(_hub_snapshot(text))
     if "/" in text or os.sep in text or path.suffix:
         raise KappaTuneError(f"no such file or directory: {text}")

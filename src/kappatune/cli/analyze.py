@@ -1,0 +1,182 @@
+"""``kappatune analyze SOURCE``: exact per-tensor spectra of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from kappatune.errors import KappaTuneError
+
+EPILOG = """examples:
+  kappatune analyze gemma-3-270m
+  kappatune analyze model.safetensors --output spectra.json --csv spectra.csv --plot kappa.png
+  kappatune analyze ./checkpoint-dir --include 'layers\\.(1[0-9])\\.' --exclude embed --workers 2
+  kappatune analyze Qwen/Qwen2.5-0.5B --device cuda     # a model in the local HF cache
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="per-tensor condition numbers and spectral metrics of a checkpoint",
+        description="Exact per-tensor spectra (kappa, sigma_max/min, log-volume, entropy deficit, "
+        "stable and effective rank), streamed tensor by tensor from the checkpoint files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "source",
+        help="safetensors/GGUF/.bin file, checkpoint directory, built-in name "
+        "(gemma-3-270m, all-minilm-l6-v2) or Hugging Face id in the local cache",
+    )
+    p.add_argument("--output", "-o", type=Path, help="write the analysis JSON here")
+    p.add_argument("--csv", type=Path, help="write one CSV row per matrix here")
+    p.add_argument("--plot", type=Path, help="write a PNG of kappa over layer x module type here")
+    p.add_argument("--include", help="analyse only tensors whose name matches this regex")
+    p.add_argument("--exclude", help="skip tensors whose name matches this regex")
+    p.add_argument(
+        "--max-dim", type=int, help="skip matrices with a dimension above this (off by default)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="parallel workers (default: cores, max 4)"
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write the result cache"
+    )
+    p.add_argument("--cache-dir", type=Path, help="cache directory (default: ~/.cache/kappatune)")
+    p.add_argument(
+        "--top", type=int, default=10, help="rows in the lowest/highest tables (default: 10)"
+    )
+    p.set_defaults(run=run)
+
+
+def _check_output(path: Path | None, flag: str, suffixes: tuple[str, ...]) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise KappaTuneError(f"{flag} {path} is a directory; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise KappaTuneError(f"{flag} {path} should end in {' or '.join(suffixes)}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise KappaTuneError(f"{flag} {path}: {parent} is not a directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from kappatune.spectra import AnalyzeOptions, analyze
+
+    _check_output(args.output, "--output", (".json",))
+    _check_output(args.csv, "--csv", (".csv",))
+    _check_output(args.plot, "--plot", (".png",))
+    if args.top < 0:
+        raise KappaTuneError(f"--top must be at least 0, got {args.top}")
+    options = AnalyzeOptions(
+        include=args.include,
+        exclude=args.exclude,
+        max_dim=args.max_dim,
+        device=args.device,
+        workers=args.workers,
+        use_cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+    )
+    bar = tqdm(unit="tensor", desc="analyzing", disable=None, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    start = time.perf_counter()
+    try:
+        analysis = analyze(args.source, options, progress=progress)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    if not analysis.tensors:
+        reasons = (
+            "; ".join(f"{n} {r}" for r, n, _ in _skips(analysis)) or "the source has no tensors"
+        )
+        raise KappaTuneError(f"no candidate matrices in {analysis.source} ({reasons})")
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 140)
+    _print_report(console, analysis, elapsed, args.top)
+    from kappatune import report
+
+    if args.output:
+        analysis.save(args.output)
+    if args.csv:
+        report.write_csv(analysis, args.csv)
+    if args.plot:
+        report.write_plot(analysis, args.plot)
+    for flag, path in (("JSON", args.output), ("CSV", args.csv), ("plot", args.plot)):
+        if path:
+            console.print(f"wrote {flag}: {path}")
+    return 0
+
+
+def _skips(analysis: Any) -> list[tuple[str, int, list[str]]]:
+    from kappatune.report import skip_summary
+
+    return skip_summary(analysis)
+
+
+def _print_report(console: Any, analysis: Any, elapsed: float, top: int) -> None:
+    from rich.table import Table
+
+    from kappatune.report import format_kappa, kappa_order, module_summary
+
+    rows = kappa_order(analysis.tensors)
+    methods = sorted({r.method for r in rows})
+    console.print(
+        f"[bold]{analysis.source}[/bold]  fingerprint {analysis.fingerprint[:16]}  "
+        f"{len(rows)} matrices, {len(analysis.skipped)} tensors skipped, "
+        f"{elapsed:.2f} s ({', '.join(methods)})"
+    )
+
+    def table(title: str, subset: list[Any]) -> Table:
+        t = Table(title=title, title_justify="left")
+        for col in ("name", "expert", "shape", "kappa", "sigma_max", "sigma_min", "eff. rank"):
+            t.add_column(col, justify="left" if col == "name" else "right")
+        for r in subset:
+            t.add_row(
+                r.name,
+                "" if r.expert is None else str(r.expert),
+                "x".join(map(str, r.shape)),
+                format_kappa(r.kappa),
+                f"{r.sigma_max:.4g}",
+                f"{r.sigma_min:.4g}",
+                f"{r.effective_rank:.1f}",
+            )
+        return t
+
+    if top:
+        console.print(table(f"lowest kappa (first {min(top, len(rows))})", rows[:top]))
+        console.print(table(f"highest kappa (last {min(top, len(rows))})", rows[::-1][:top]))
+    t = Table(title="by module type", title_justify="left")
+    for col in ("module type", "matrices", "params", "kappa min", "median", "max"):
+        t.add_column(col, justify="left" if col == "module type" else "right")
+    for s in module_summary(analysis):
+        t.add_row(
+            s.module_type,
+            str(s.count),
+            f"{s.params:,}",
+            format_kappa(s.kappa_min),
+            format_kappa(s.kappa_median),
+            format_kappa(s.kappa_max),
+        )
+    console.print(t)
+    skips = _skips(analysis)
+    if skips:
+        t = Table(title="skipped", title_justify="left")
+        for col in ("reason", "tensors", "examples"):
+            t.add_column(col, justify="right" if col == "tensors" else "left")
+        for reason, n, examples in skips:
+            t.add_row(reason, str(n), ", ".join(examples))
+        console.print(t)

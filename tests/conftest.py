@@ -1,0 +1,37 @@
+"""Shared fixtures: an isolated cache directory for every test and matrices with known spectra."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAPPATUNE_CACHE", str(tmp_path_factory.mktemp("kappatune-cache")))
+
+
+def known_matrix(
+    m: int,
+    n: int,
+    singular_values: Sequence[float],
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """U diag(s) V^T with random orthonormal U (m x r) and V (n x r), r = len(s) = min(m, n)."""
+    rng = np.random.default_rng(seed)
+    r = len(singular_values)
+    assert r == min(m, n)
+    u, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    w = (u * np.asarray(singular_values, dtype=np.float64)) @ v.T
+    return torch.from_numpy(w).to(dtype)
+
+
+def geometric(kappa: float, r: int, top: float = 1.0) -> list[float]:
+    return list(np.geomspace(top, top / kappa, r))
