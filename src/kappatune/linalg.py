@@ -13,7 +13,7 @@ tolerance) is exactly zero: kappa is then ``inf``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,18 +48,23 @@ def _tall(w: torch.Tensor) -> torch.Tensor:
 
 
 def _nonfinite_reason(w: torch.Tensor) -> str:
-    nan = int(torch.isnan(w).sum())
-    inf = int(torch.isinf(w).sum())
-    return f"non-finite weights ({nan} NaN, {inf} Inf)"
+    return _nonfinite_blocks(tensor_row_blocks(w.reshape(w.shape[0], -1)), DEFAULT_BLOCK_ROWS)
 
 
-def _gram_cpu(t: torch.Tensor, block_rows: int) -> NDArray[np.float64]:
-    n = t.shape[1]
+RowBlocks = Callable[[int], Iterator[torch.Tensor]]
+"""Given a number of rows, yields consecutive row blocks of a tall matrix (any float dtype)."""
+
+
+def tensor_row_blocks(t: torch.Tensor) -> RowBlocks:
+    return lambda b: (t[i : i + b] for i in range(0, t.shape[0], b))
+
+
+def _gram_cpu(blocks: RowBlocks, n: int, block_rows: int) -> NDArray[np.float64]:
     g = np.zeros((n, n), dtype=np.float64, order="F")
-    for start in range(0, t.shape[0], block_rows):
-        block = t[start : start + block_rows].to(torch.float64).contiguous().numpy()
-        # block.T is Fortran-ordered (n x b): C = A A^T = block^T block, no copy.
-        g = sla.blas.dsyrk(1.0, block.T, beta=1.0, c=g, trans=0, lower=0, overwrite_c=1)
+    for block in blocks(block_rows):
+        b = block.to(torch.float64).contiguous().numpy()
+        # b.T is Fortran-ordered (n x rows): C += A A^T = b^T b, with no copy.
+        g = sla.blas.dsyrk(1.0, b.T, beta=1.0, c=g, trans=0, lower=0, overwrite_c=1)
     return g
 
 
@@ -72,14 +77,30 @@ def _gram_torch(t: torch.Tensor, block_rows: int, device: torch.device) -> torch
     return g
 
 
-def _qr_svd(t: torch.Tensor, block_rows: int) -> NDArray[np.float64]:
+def _gram_blocks_torch(
+    blocks: RowBlocks, n: int, block_rows: int, device: torch.device
+) -> torch.Tensor:
+    g = torch.zeros((n, n), dtype=torch.float64, device=device)
+    for block in blocks(block_rows):
+        b = block.to(device=device, dtype=torch.float64)
+        g += b.T @ b
+    return g
+
+
+def _qr_svd(blocks: RowBlocks, n: int, block_rows: int) -> NDArray[np.float64]:
     """Singular values of a tall matrix through a blocked QR (bounded memory) and LAPACK SVD."""
-    n = t.shape[1]
     r = torch.zeros((0, n), dtype=torch.float64)
-    for start in range(0, t.shape[0], max(block_rows, n)):
-        block = t[start : start + max(block_rows, n)].to(torch.float64)
-        r = torch.linalg.qr(torch.cat([r, block]), mode="r").R
+    for block in blocks(max(block_rows, n)):
+        r = torch.linalg.qr(torch.cat([r, block.to(torch.float64)]), mode="r").R
     return np.asarray(sla.svdvals(r.numpy(), check_finite=False), dtype=np.float64)
+
+
+def _nonfinite_blocks(blocks: RowBlocks, block_rows: int) -> str:
+    nan = inf = 0
+    for block in blocks(block_rows):
+        nan += int(torch.isnan(block).sum())
+        inf += int(torch.isinf(block).sum())
+    return f"non-finite weights ({nan} NaN, {inf} Inf)"
 
 
 def _clean(s: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64]:
@@ -89,14 +110,43 @@ def _clean(s: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.float64
     return s
 
 
-def _from_gram_eigs(eigs: NDArray[np.float64], t: torch.Tensor, block_rows: int) -> SpectrumResult:
-    shape = (int(t.shape[0]), int(t.shape[1]))
+def _from_gram_eigs(
+    eigs: NDArray[np.float64], blocks: RowBlocks, shape: tuple[int, int], block_rows: int
+) -> SpectrumResult:
     lmax, lmin = float(eigs[-1]), float(eigs[0])
     if lmax == 0.0:
         return SpectrumResult(np.zeros(shape[1]), "gram")
     if lmin > 0.0 and lmax / lmin <= GRAM_MAX_KAPPA**2:
         return SpectrumResult(_clean(np.sqrt(eigs), shape), "gram")
-    return SpectrumResult(_clean(_qr_svd(t, block_rows), shape), "qr-svd")
+    return SpectrumResult(_clean(_qr_svd(blocks, shape[1], block_rows), shape), "qr-svd")
+
+
+def spectrum_of_blocks(
+    blocks: RowBlocks,
+    shape: tuple[int, int],
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    device: torch.device | None = None,
+) -> SpectrumResult:
+    """Exact singular values of a tall (rows >= cols) matrix given as row blocks.
+
+    Memory stays at one block plus the cols x cols Gram, whatever the height.
+    Raises NonFiniteMatrix.
+    """
+    if shape[0] < shape[1]:
+        raise ValueError(f"row-block spectra need a tall matrix, got {shape}")
+    device = device or torch.device("cpu")
+    if device.type == "cpu":
+        g = _gram_cpu(blocks, shape[1], block_rows)
+        if not np.all(np.isfinite(np.diag(g))):
+            raise NonFiniteMatrix(_nonfinite_blocks(blocks, block_rows))
+        eigs = sla.eigvalsh(g, lower=False, check_finite=False, overwrite_a=True)
+    else:
+        gt = _gram_blocks_torch(blocks, shape[1], block_rows, device)
+        if not bool(torch.isfinite(torch.diagonal(gt)).all()):
+            raise NonFiniteMatrix(_nonfinite_blocks(blocks, block_rows))
+        eigs = torch.linalg.eigvalsh(gt).cpu().numpy()
+    return _from_gram_eigs(np.asarray(eigs, dtype=np.float64), blocks, shape, block_rows)
 
 
 def matrix_spectrum(
@@ -107,18 +157,8 @@ def matrix_spectrum(
 ) -> SpectrumResult:
     """Exact singular values of a 2-D tensor (any float dtype). Raises NonFiniteMatrix."""
     t = _tall(as_matrix(w))
-    device = device or torch.device("cpu")
-    if device.type == "cpu":
-        g = _gram_cpu(t, block_rows)
-        if not np.all(np.isfinite(np.diag(g))):
-            raise NonFiniteMatrix(_nonfinite_reason(w))
-        eigs = sla.eigvalsh(g, lower=False, check_finite=False, overwrite_a=True)
-    else:
-        gt = _gram_torch(t, block_rows, device)
-        if not bool(torch.isfinite(torch.diagonal(gt)).all()):
-            raise NonFiniteMatrix(_nonfinite_reason(w))
-        eigs = torch.linalg.eigvalsh(gt).cpu().numpy()
-    return _from_gram_eigs(np.asarray(eigs, dtype=np.float64), t, block_rows)
+    shape = (int(t.shape[0]), int(t.shape[1]))
+    return spectrum_of_blocks(tensor_row_blocks(t), shape, block_rows=block_rows, device=device)
 
 
 def batch_spectra(
@@ -146,7 +186,9 @@ def batch_spectra(
         if not finite[i]:
             results.append(NonFiniteMatrix(_nonfinite_reason(ws[i])))
         else:
-            results.append(_from_gram_eigs(np.asarray(eigs[i], np.float64), t, block_rows))
+            shape = (int(t.shape[0]), int(t.shape[1]))
+            eig = np.asarray(eigs[i], np.float64)
+            results.append(_from_gram_eigs(eig, tensor_row_blocks(t), shape, block_rows))
     return results
 
 

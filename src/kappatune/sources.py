@@ -15,7 +15,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -75,9 +75,45 @@ class Source(Protocol):
         ...
 
 
+@runtime_checkable
+class RowStreamingSource(Source, Protocol):
+    """A source that can also read a 2-D tensor as consecutive row chunks (bounded memory)."""
+
+    def row_chunks(
+        self, entry: TensorEntry, rows: int, decode: bool
+    ) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+        """Raw bytes of each chunk of ``rows`` rows, and the decoded rows when ``decode``."""
+        ...
+
+
+def _read_chunks(path: Path, offset: int, nbytes: int, chunk: int) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        left = nbytes
+        while left > 0:
+            buf = fh.read(min(chunk, left))
+            if not buf:
+                raise KappaTuneError(f"corrupt file {path}: truncated")
+            left -= len(buf)
+            yield buf
+
+
+def streamed_digest(source: RowStreamingSource, entry: TensorEntry, rows: int) -> str:
+    """The same digest as ``source.read(entry)[1]``, without holding the tensor."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(_digest_prefix(entry.dtype, entry.shape))
+    for raw, _ in source.row_chunks(entry, rows, decode=False):
+        h.update(raw)
+    return h.hexdigest()
+
+
+def _digest_prefix(dtype: str, shape: tuple[int, ...]) -> bytes:
+    return f"{dtype}|{','.join(map(str, shape))}|".encode()
+
+
 def content_digest(raw: memoryview | bytes, dtype: str, shape: tuple[int, ...]) -> str:
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+    h.update(_digest_prefix(dtype, shape))
     h.update(raw)
     return h.hexdigest()
 
@@ -170,13 +206,25 @@ class SafetensorsSource:
                     f"corrupt safetensors file {path}: truncated at {entry.name!r}"
                 )
         digest = content_digest(memoryview(buf), entry.dtype, entry.shape)
-        dtype = getattr(torch, entry.dtype)
-        t = (
-            torch.frombuffer(buf, dtype=torch.uint8)
-            if nbytes
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        return t.view(dtype).reshape(entry.shape), digest
+        return self._decode(entry, buf), digest
+
+    @staticmethod
+    def _decode(
+        entry: TensorEntry, buf: bytes | bytearray, rows: int | None = None
+    ) -> torch.Tensor:
+        shape = entry.shape if rows is None else (rows, *entry.shape[1:])
+        if not buf:
+            return torch.empty(shape, dtype=getattr(torch, entry.dtype))
+        t = torch.frombuffer(bytearray(buf) if isinstance(buf, bytes) else buf, dtype=torch.uint8)
+        return t.view(getattr(torch, entry.dtype)).reshape(shape)
+
+    def row_chunks(
+        self, entry: TensorEntry, rows: int, decode: bool
+    ) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+        path, offset, nbytes = entry.locator
+        row_bytes = nbytes // entry.shape[0]
+        for raw in _read_chunks(path, offset, nbytes, rows * row_bytes):
+            yield raw, self._decode(entry, raw, len(raw) // row_bytes) if decode else None
 
 
 # --------------------------------------------------------------------------- torch .bin
@@ -415,27 +463,39 @@ class GGUFSource:
         return out
 
     def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
-        import gguf
-
-        path, offset, nbytes, kind = entry.locator
+        path, offset, nbytes, _ = entry.locator
         buf = bytearray(nbytes)
         with path.open("rb") as fh:
             fh.seek(offset)
             if fh.readinto(buf) != nbytes:
                 raise KappaTuneError(f"corrupt GGUF file {path}: truncated at {entry.name!r}")
-        digest = content_digest(memoryview(buf), entry.dtype, entry.shape)
+        return self._decode(entry, buf), content_digest(memoryview(buf), entry.dtype, entry.shape)
+
+    @staticmethod
+    def _decode(
+        entry: TensorEntry, buf: bytes | bytearray, rows: int | None = None
+    ) -> torch.Tensor:
+        import gguf
+
+        kind = entry.locator[3]
+        shape = entry.shape if rows is None else (rows, *entry.shape[1:])
         raw = np.frombuffer(buf, dtype=np.uint8)
-        if kind.name in ("F32", "F16", "BF16", "F64"):
-            np_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(kind.name)
-            if np_dtype is None:  # BF16: upper half of a float32
-                t = torch.frombuffer(buf, dtype=torch.bfloat16).reshape(entry.shape)
-                return t, digest
-            return torch.from_numpy(raw.view(np_dtype).reshape(entry.shape)), digest
-        rows = raw.reshape(
-            -1, nbytes // (entry.numel // entry.shape[-1]) if entry.shape else nbytes
-        )
-        values = gguf.quants.dequantize(rows, kind)
-        return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(entry.shape)), digest
+        plain = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+        if kind.name in plain:
+            return torch.from_numpy(raw.view(plain[kind.name]).reshape(shape).copy())
+        if kind.name == "BF16":
+            return torch.frombuffer(bytearray(buf), dtype=torch.bfloat16).reshape(shape)
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        values = gguf.quants.dequantize(raw.reshape(n_rows, -1), kind)
+        return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
+
+    def row_chunks(
+        self, entry: TensorEntry, rows: int, decode: bool
+    ) -> Iterator[tuple[bytes, torch.Tensor | None]]:
+        path, offset, nbytes, _ = entry.locator
+        row_bytes = nbytes // entry.shape[0]
+        for raw in _read_chunks(path, offset, nbytes, rows * row_bytes):
+            yield raw, self._decode(entry, raw, len(raw) // row_bytes) if decode else None
 
 
 # --------------------------------------------------------------------------- in memory

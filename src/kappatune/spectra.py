@@ -22,11 +22,18 @@ from kappatune import linalg, metrics, names
 from kappatune.cache import SpectrumCache
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float
-from kappatune.sources import Source, TensorEntry, open_source
+from kappatune.sources import (
+    RowStreamingSource,
+    Source,
+    TensorEntry,
+    open_source,
+    streamed_digest,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+STREAM_MIN_BYTES = 64 * 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda")
 _FLOAT_FIELDS = (
     "kappa",
@@ -264,11 +271,44 @@ def _metric_rows(
         if isinstance(res, linalg.NonFiniteMatrix):
             where = f" in expert {expert}" if expert is not None else ""
             return f"{res}{where}"
-        summary = metrics.summarize(res.singular_values)
-        row: dict[str, Any] = {k: encode_float(v) for k, v in asdict(summary).items()}
-        row.update(expert=expert, shape=list(m.shape), numel=int(m.numel()), method=res.method)
-        rows.append(row)
+        rows.append(_payload_row(expert, tuple(m.shape), res))
     return rows
+
+
+def _payload_row(
+    expert: int | None, shape: tuple[int, ...], res: linalg.SpectrumResult
+) -> dict[str, Any]:
+    summary = metrics.summarize(res.singular_values)
+    row: dict[str, Any] = {k: encode_float(v) for k, v in asdict(summary).items()}
+    numel = int(shape[0]) * int(shape[1])
+    row.update(expert=expert, shape=list(shape), numel=numel, method=res.method)
+    return row
+
+
+def _streamable(src: Source, entry: TensorEntry) -> bool:
+    """Large tall 2-D tensors are read in row chunks so memory does not grow with the height."""
+    return (
+        isinstance(src, RowStreamingSource)
+        and len(entry.shape) == 2
+        and entry.shape[0] >= entry.shape[1]
+        and entry.numel * 4 >= STREAM_MIN_BYTES
+    )
+
+
+def _streamed_rows(
+    src: RowStreamingSource, entry: TensorEntry, device: torch.device, block_rows: int
+) -> list[dict[str, Any]] | str:
+    def blocks(rows: int) -> Iterator[torch.Tensor]:
+        for _, t in src.row_chunks(entry, rows, decode=True):
+            assert t is not None
+            yield t
+
+    shape = (int(entry.shape[0]), int(entry.shape[1]))
+    try:
+        res = linalg.spectrum_of_blocks(blocks, shape, block_rows=block_rows, device=device)
+    except linalg.NonFiniteMatrix as exc:
+        return str(exc)
+    return [_payload_row(None, shape, res)]
 
 
 def _to_rows(entry: TensorEntry, payload: list[dict[str, Any]]) -> list[SpectrumRow]:
@@ -374,7 +414,18 @@ def analyze(
         digest = known.get(entry.name)
         if cache is not None and digest is not None:
             payload = cache.get(SpectrumCache.key(digest, layout))
-        if payload is None:
+        if payload is None and _streamable(src, entry):
+            assert isinstance(src, RowStreamingSource)
+            with budget.hold(options.block_rows * entry.shape[1] * 16):
+                if digest is None:
+                    digest = streamed_digest(src, entry, options.block_rows)
+                    if cache is not None:
+                        payload = cache.get(SpectrumCache.key(digest, layout))
+                if payload is None:
+                    payload = _streamed_rows(src, entry, device, options.block_rows)
+                    if cache is not None and isinstance(payload, list):
+                        cache.put(SpectrumCache.key(digest, layout), payload)
+        elif payload is None:
             with budget.hold(entry.numel * 8):
                 t, fresh = src.read(entry)
                 if cache is not None and fresh != digest:

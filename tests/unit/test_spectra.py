@@ -171,3 +171,30 @@ def test_numpy_free_of_state_mutation() -> None:
             torch.isnan(v).any() and torch.equal(torch.nan_to_num(v), torch.nan_to_num(before[k]))
         )
     assert np.isfinite(1.0)
+
+
+def test_streamed_rows_equal_whole_tensor_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kappatune import spectra as spectra_mod
+
+    ts = {
+        "tall.weight": known_matrix(1000, 24, geometric(40.0, 24), seed=5).to(torch.bfloat16),
+        "wide.weight": known_matrix(24, 1000, geometric(7.0, 24), seed=6).float(),
+        "nan.weight": torch.ones(500, 8),
+    }
+    ts["nan.weight"][300, 2] = math.inf
+    save_file(ts, tmp_path / "m.safetensors")
+    whole = analyze(tmp_path / "m.safetensors", AnalyzeOptions(use_cache=False))
+    monkeypatch.setattr(spectra_mod, "STREAM_MIN_BYTES", 1)
+    streamed = analyze(tmp_path / "m.safetensors", AnalyzeOptions(use_cache=False, block_rows=64))
+    assert streamed.fingerprint == whole.fingerprint
+    assert [r.name for r in streamed.tensors] == [r.name for r in whole.tensors]
+    assert {r.name for r in streamed.tensors} == {"tall.weight", "wide.weight"}
+    for a, b in zip(whole.tensors, streamed.tensors, strict=True):
+        assert a.kappa == pytest.approx(b.kappa, rel=1e-11)
+        assert (a.shape, a.numel, a.dtype) == (b.shape, b.numel, b.dtype)
+    assert streamed.skipped == whole.skipped
+    assert {s.name: s.reason for s in streamed.skipped} == {
+        "nan.weight": "non-finite weights (0 NaN, 1 Inf)"
+    }
