@@ -1,0 +1,637 @@
+"""Selection: analysed rows -> policy order -> filters, quotas and a budget -> Selection.
+
+A policy is a plain function ``(rows, ctx) -> list[SpectrumRow]`` that returns the candidates
+in the order they should be trained (most wanted first), registered by name with
+:func:`register_policy`. Every order is total and deterministic: ties break on
+(kappa, name, expert), and nothing is ever taken from an unordered collection.
+
+A :class:`Budget` says how many of the ordered candidates to keep (exactly one kind: a
+number of tensors, a fraction of the candidates, a trainable-parameter count or percentage
+of the model, or a kappa threshold). The result is a :class:`Selection`, a value object with
+a versioned JSON round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kappatune.errors import KappaTuneError
+from kappatune.jsonio import atomic_write_json, decode_float, encode_float
+from kappatune.spectra import Analysis, SpectrumRow
+
+SCHEMA_VERSION = 1
+RowKey = tuple[str, int]
+
+
+# --------------------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may need besides the rows."""
+
+    seed: int = 0
+    last_layers: int | None = None
+    scores: Mapping[RowKey, float] | None = field(default=None, compare=False)
+
+
+Policy = Callable[[Sequence[SpectrumRow], PolicyContext], list[SpectrumRow]]
+_POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(name: str) -> Callable[[Policy], Policy]:
+    """Decorator: make ``fn`` available as ``select(..., policy=name)``."""
+
+    def deco(fn: Policy) -> Policy:
+        if name in _POLICIES and _POLICIES[name] is not fn:
+            raise ValueError(f"selection policy {name!r} is already registered")
+        _POLICIES[name] = fn
+        return fn
+
+    return deco
+
+
+def policy_names() -> tuple[str, ...]:
+    return tuple(sorted(_POLICIES))
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return _POLICIES[name]
+    except KeyError:
+        raise KappaTuneError(
+            f"unknown selection policy {name!r} (known: {', '.join(policy_names())})"
+        ) from None
+
+
+def _kappa(row: SpectrumRow) -> float:
+    return math.inf if math.isnan(row.kappa) else row.kappa
+
+
+def kappa_order_key(row: SpectrumRow) -> tuple[bool, float, str, int]:
+    """Ascending kappa, then name, then expert; NaN kappa sorts after everything, inf included."""
+    return (math.isnan(row.kappa), _kappa(row), row.name, row.key[1])
+
+
+@register_policy("lowest-kappa")
+def lowest_kappa(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """The paper's policy: least specialised (lowest condition number) first."""
+    return sorted(rows, key=kappa_order_key)
+
+
+@register_policy("highest-kappa")
+def highest_kappa(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Control: most specialised first (NaN kappa last)."""
+    return sorted(rows, key=lambda r: (math.isnan(r.kappa), -_kappa(r), r.name, r.key[1]))
+
+
+@register_policy("random")
+def random_order(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Control: a permutation fixed by ``ctx.seed`` (independent of the input order)."""
+    out = sorted(rows, key=lambda r: r.key)
+    random.Random(ctx.seed).shuffle(out)
+    return out
+
+
+@register_policy("all")
+def all_rows(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Every candidate, in checkpoint order."""
+    return list(rows)
+
+
+@register_policy("last-layers")
+def last_layers(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """LLaMA-Factory's freeze mode: matrices of the last N layers, last layer first."""
+    n = ctx.last_layers
+    if n is None or n < 1:
+        raise KappaTuneError(f"policy 'last-layers' needs --last-layers N >= 1, got {n}")
+    layers = sorted({r.layer for r in rows if r.layer is not None})
+    if not layers:
+        raise KappaTuneError("policy 'last-layers': no candidate has a layer index in its name")
+    if n > len(layers):
+        raise KappaTuneError(
+            f"--last-layers {n} exceeds the {len(layers)} layers among the candidates"
+        )
+    keep = set(layers[-n:])
+    chosen = [r for r in rows if r.layer in keep]
+    return sorted(chosen, key=lambda r: (-(r.layer or 0), *kappa_order_key(r)))
+
+
+@register_policy("fisher")
+def least_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Data-dependent control: least Fisher information (``ctx.scores[row.key]``) first."""
+    scores = ctx.scores
+    if not scores:
+        raise KappaTuneError(
+            "policy 'fisher' needs Fisher scores (compute them with kappatune.fisher)"
+        )
+    missing = [r.key for r in rows if r.key not in scores]
+    if missing:
+        shown = ", ".join(n if e < 0 else f"{n}[{e}]" for n, e in missing[:3])
+        raise KappaTuneError(
+            f"policy 'fisher': {len(missing)} of {len(rows)} candidates have no Fisher score (e.g. {shown})"
+        )
+    return sorted(rows, key=lambda r: (scores[r.key], *kappa_order_key(r)))
+
+
+# --------------------------------------------------------------------------- budgets
+
+_PARAM_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the ordered candidates to train. Exactly one field is set."""
+
+    tensors: int | None = None
+    fraction: float | None = None
+    params: int | None = None
+    params_percent: float | None = None
+    kappa_max: float | None = None
+
+    def __post_init__(self) -> None:
+        set_fields = [k for k, v in self._fields().items() if v is not None]
+        if len(set_fields) != 1:
+            raise KappaTuneError(
+                f"a budget needs exactly one kind (tensors, fraction, params, params_percent,"
+                f" kappa_max); got {len(set_fields)}: {', '.join(set_fields) or 'none'}"
+            )
+        if self.tensors is not None and self.tensors < 1:
+            raise KappaTuneError(f"tensor budget must be at least 1, got {self.tensors}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise KappaTuneError(f"budget fraction must be in (0, 1], got {self.fraction}")
+        if self.params is not None and self.params < 1:
+            raise KappaTuneError(f"parameter budget must be at least 1, got {self.params}")
+        if self.params_percent is not None and not 0 < self.params_percent <= 100:
+            raise KappaTuneError(
+                f"parameter budget percentage must be in (0, 100], got {self.params_percent}"
+            )
+        if self.kappa_max is not None and not self.kappa_max >= 1:  # kappa >= 1 always; NaN fails
+            raise KappaTuneError(
+                f"kappa threshold must be >= 1 (kappa is never below 1), got {self.kappa_max}"
+            )
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "tensors": self.tensors,
+            "fraction": self.fraction,
+            "params": self.params,
+            "params_percent": self.params_percent,
+            "kappa_max": self.kappa_max,
+        }
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self._fields().items() if v is not None)
+
+    def describe(self) -> str:
+        kind, value = self.kind, self._fields()[self.kind]
+        return {
+            "tensors": f"{value} tensors",
+            "fraction": f"{value:g} of candidates",
+            "params": f"{value:,} parameters",
+            "params_percent": f"{value:g}% of model parameters",
+            "kappa_max": f"kappa <= {value:g}",
+        }[kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.kind: self._fields()[self.kind]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Budget:
+        unknown = set(d) - set(_BUDGET_FIELDS)
+        if unknown:
+            raise KappaTuneError(f"unknown budget field(s): {', '.join(sorted(unknown))}")
+        return cls(**dict(d))
+
+    @classmethod
+    def parse_params(cls, text: str) -> Budget:
+        """``"10%"`` -> percent of the model; ``"2500000"``, ``"2.5M"``, ``"300k"`` -> a count."""
+        t = text.strip().lower().replace("_", "").replace(",", "")
+        try:
+            if t.endswith("%"):
+                return cls(params_percent=float(t[:-1]))
+            m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmbg]?)", t)
+            if not m:
+                raise ValueError
+            value = float(m.group(1)) * _PARAM_SUFFIX[m.group(2)]
+        except ValueError:
+            raise KappaTuneError(
+                f"cannot read parameter budget {text!r}: use a count (2500000, 2.5M, 300k) or a percentage (10%)"
+            ) from None
+        if value != int(value):
+            raise KappaTuneError(f"parameter budget {text!r} is not a whole number of parameters")
+        return cls(params=int(value))
+
+
+_BUDGET_FIELDS = ("tensors", "fraction", "params", "params_percent", "kappa_max")
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """Filters and per-module-type quotas applied around the policy."""
+
+    include: str | None = None
+    exclude: str | None = None
+    module_types: tuple[str, ...] = ()
+    quotas: tuple[tuple[str, int], ...] = ()  # (module type, count), Spectrum style
+    seed: int = 0
+    last_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        for label, pattern in (("include", self.include), ("exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise KappaTuneError(f"invalid --{label} regex {pattern!r}: {exc}") from None
+        seen: set[str] = set()
+        for kind, count in self.quotas:
+            if kind in seen:
+                raise KappaTuneError(f"quota for module type {kind!r} given twice")
+            seen.add(kind)
+            if count < 1:
+                raise KappaTuneError(f"quota {kind}={count}: a quota must be at least 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "module_types": list(self.module_types),
+            "quotas": {k: v for k, v in self.quotas},
+            "seed": self.seed,
+            "last_layers": self.last_layers,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SelectOptions:
+        return cls(
+            include=d.get("include"),
+            exclude=d.get("exclude"),
+            module_types=tuple(d.get("module_types") or ()),
+            quotas=tuple((str(k), int(v)) for k, v in (d.get("quotas") or {}).items()),
+            seed=int(d.get("seed", 0)),
+            last_layers=d.get("last_layers"),
+        )
+
+
+def parse_quota(text: str) -> tuple[str, int]:
+    """``"q_proj=4"`` -> ("q_proj", 4)."""
+    kind, eq, count = text.partition("=")
+    try:
+        if not eq or not kind.strip():
+            raise ValueError
+        return kind.strip(), int(count)
+    except ValueError:
+        raise KappaTuneError(
+            f"cannot read quota {text!r}: expected TYPE=N, e.g. v_proj=4"
+        ) from None
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class SelectionEntry:
+    """One selected matrix: a whole tensor (expert None) or one expert of a fused tensor."""
+
+    name: str
+    expert: int | None
+    kappa: float
+    numel: int
+    module_type: str = ""
+    layer: int | None = None
+
+    @property
+    def key(self) -> RowKey:
+        return (self.name, -1 if self.expert is None else self.expert)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "expert": self.expert,
+            "kappa": encode_float(self.kappa),
+            "numel": self.numel,
+            "module_type": self.module_type,
+            "layer": self.layer,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SelectionEntry:
+        return cls(
+            name=str(d["name"]),
+            expert=None if d.get("expert") is None else int(d["expert"]),
+            kappa=decode_float(d["kappa"]),
+            numel=int(d["numel"]),
+            module_type=str(d.get("module_type", "")),
+            layer=None if d.get("layer") is None else int(d["layer"]),
+        )
+
+    @classmethod
+    def of(cls, row: SpectrumRow) -> SelectionEntry:
+        return cls(row.name, row.expert, row.kappa, row.numel, row.module_type, row.layer)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Ordered matrices to train, with the numbers that explain how they were chosen."""
+
+    entries: tuple[SelectionEntry, ...]
+    policy: str
+    budget: Budget | None
+    source: str
+    fingerprint: str
+    candidates: int
+    candidate_params: int
+    total_params: int
+    options: SelectOptions = SelectOptions()
+    budget_params: int | None = None  # resolved parameter target, for parameter budgets
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            raise KappaTuneError("empty selection: no tensor was selected")
+        keys = [e.key for e in self.entries]
+        if len(set(keys)) != len(keys):
+            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise KappaTuneError(f"selection lists {dup[0]!r} (expert {dup[1]}) twice")
+        whole = {e.name for e in self.entries if e.expert is None}
+        mixed = sorted(whole & {e.name for e in self.entries if e.expert is not None})
+        if mixed:
+            raise KappaTuneError(f"selection lists {mixed[0]!r} both whole and per expert")
+
+    # ---- counts
+    @property
+    def entry_count(self) -> int:
+        return len(self.entries)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Distinct parameter names in selection order."""
+        return tuple(dict.fromkeys(e.name for e in self.entries))
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.names)
+
+    @property
+    def param_count(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def shortfall(self) -> int | None:
+        """Parameters below a parameter budget (0 when met exactly); None for other budgets."""
+        return None if self.budget_params is None else self.budget_params - self.param_count
+
+    def experts(self) -> dict[str, tuple[int, ...] | None]:
+        """Per parameter name: None when the whole tensor is selected, else the selected experts."""
+        out: dict[str, list[int] | None] = {}
+        for e in self.entries:
+            if e.expert is None:
+                out[e.name] = None
+            else:
+                cur = out.setdefault(e.name, [])
+                assert cur is not None
+                cur.append(e.expert)
+        return {k: None if v is None else tuple(sorted(v)) for k, v in out.items()}
+
+    def describe(self) -> str:
+        budget = self.budget.describe() if self.budget else "no budget"
+        text = (
+            f"{self.policy}, {budget}: {self.entry_count} of {self.candidates} candidates,"
+            f" {self.param_count:,} parameters ({100 * self.param_count / max(1, self.total_params):.2f}%"
+            " of the model)"
+        )
+        if self.shortfall:
+            text += f", {self.shortfall:,} short of the {self.budget_params:,}-parameter budget"
+        return text
+
+    # ---- JSON
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "kind": "kappatune.selection",
+            "policy": self.policy,
+            "budget": None if self.budget is None else self.budget.to_json(),
+            "budget_description": self.budget.describe() if self.budget else None,
+            "options": self.options.to_json(),
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "candidates": self.candidates,
+            "candidate_params": self.candidate_params,
+            "total_params": self.total_params,
+            "budget_params": self.budget_params,
+            "tensor_count": self.tensor_count,
+            "param_count": self.param_count,
+            "shortfall": self.shortfall,
+            "entries": [e.to_json() for e in self.entries],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Selection:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise KappaTuneError(
+                f"unsupported selection schema_version {version!r} (this kappatune reads {SCHEMA_VERSION})"
+            )
+        try:
+            return cls(
+                entries=tuple(SelectionEntry.from_json(e) for e in d["entries"]),
+                policy=str(d["policy"]),
+                budget=None if d.get("budget") is None else Budget.from_json(d["budget"]),
+                source=str(d["source"]),
+                fingerprint=str(d["fingerprint"]),
+                candidates=int(d["candidates"]),
+                candidate_params=int(d["candidate_params"]),
+                total_params=int(d["total_params"]),
+                options=SelectOptions.from_json(d.get("options") or {}),
+                budget_params=None if d.get("budget_params") is None else int(d["budget_params"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, KappaTuneError):
+                raise
+            raise KappaTuneError(f"malformed selection JSON: {type(exc).__name__}: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Selection:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise KappaTuneError(f"no such selection file: {path}") from None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise KappaTuneError(f"cannot read selection {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise KappaTuneError(f"cannot read selection {path}: not a JSON object")
+        return cls.from_json(data)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def filter_rows(rows: Sequence[SpectrumRow], options: SelectOptions) -> list[SpectrumRow]:
+    """Candidates that pass the name and module-type filters, in their given order."""
+    if options.module_types:
+        known = {r.module_type for r in rows}
+        unknown = [t for t in options.module_types if t not in known]
+        if unknown:
+            raise KappaTuneError(
+                f"unknown module type(s) {', '.join(unknown)} (the model has: {', '.join(sorted(known))})"
+            )
+    out = []
+    for r in rows:
+        if options.include and not re.search(options.include, r.name):
+            continue
+        if options.exclude and re.search(options.exclude, r.name):
+            continue
+        if options.module_types and r.module_type not in options.module_types:
+            continue
+        out.append(r)
+    return out
+
+
+def apply_quotas(
+    ordered: Sequence[SpectrumRow], quotas: Sequence[tuple[str, int]]
+) -> list[SpectrumRow]:
+    """The first N rows of each listed module type, in policy order; other types are dropped."""
+    limit = dict(quotas)
+    available: dict[str, int] = {}
+    for r in ordered:
+        available[r.module_type] = available.get(r.module_type, 0) + 1
+    for kind, count in quotas:
+        have = available.get(kind, 0)
+        if have == 0:
+            raise KappaTuneError(
+                f"quota {kind}={count}: no {kind} candidates (types: {', '.join(sorted(available))})"
+            )
+        if count > have:
+            raise KappaTuneError(f"quota {kind}={count} exceeds the {have} {kind} candidates")
+    taken: dict[str, int] = {}
+    out = []
+    for r in ordered:
+        if r.module_type in limit and taken.get(r.module_type, 0) < limit[r.module_type]:
+            taken[r.module_type] = taken.get(r.module_type, 0) + 1
+            out.append(r)
+    return out
+
+
+def _take(
+    ordered: list[SpectrumRow], budget: Budget | None, total_params: int, policy: str
+) -> tuple[list[SpectrumRow], int | None]:
+    n = len(ordered)
+    available = sum(r.numel for r in ordered)
+    if budget is None:
+        return ordered, None
+    if budget.tensors is not None:
+        if budget.tensors > n:
+            raise KappaTuneError(f"budget of {budget.tensors} tensors exceeds the {n} candidates")
+        return ordered[: budget.tensors], None
+    if budget.fraction is not None:
+        return ordered[: max(1, int(n * budget.fraction))], None
+    if budget.kappa_max is not None:
+        chosen = [r for r in ordered if r.kappa <= budget.kappa_max]
+        if not chosen:
+            lowest = min((_kappa(r) for r in ordered), default=math.nan)
+            raise KappaTuneError(
+                f"no candidate has kappa <= {budget.kappa_max:g} (lowest of {n} is {lowest:.4g})"
+            )
+        return chosen, None
+    if budget.params is not None:
+        target = budget.params
+    else:
+        assert budget.params_percent is not None
+        target = int(total_params * budget.params_percent / 100)
+        if target < 1:
+            raise KappaTuneError(
+                f"{budget.params_percent:g}% of {total_params:,} parameters is less than one parameter"
+            )
+    if target > available:
+        raise KappaTuneError(
+            f"parameter budget {target:,} exceeds the {available:,} parameters of the {n} candidates"
+        )
+    chosen, used = [], 0
+    for r in ordered:  # greedy in policy order: skip what does not fit, keep filling
+        if used + r.numel <= target:
+            chosen.append(r)
+            used += r.numel
+    if not chosen:
+        smallest = min(r.numel for r in ordered)
+        raise KappaTuneError(
+            f"parameter budget {target:,} is smaller than the smallest candidate ({smallest:,} parameters)"
+        )
+    return chosen, target
+
+
+def _total_params(analysis: Analysis) -> int:
+    skipped = sum(math.prod(s.shape) if s.shape else 1 for s in analysis.skipped)
+    return sum(r.numel for r in analysis.tensors) + skipped
+
+
+def select(
+    analysis_or_rows: Analysis | Sequence[SpectrumRow],
+    policy: str = "lowest-kappa",
+    budget: Budget | None = None,
+    options: SelectOptions | None = None,
+    *,
+    scores: Mapping[RowKey, float] | None = None,
+    total_params: int | None = None,
+    source: str | None = None,
+    fingerprint: str | None = None,
+) -> Selection:
+    """Order the candidates with ``policy``, filter, apply quotas and ``budget``.
+
+    ``total_params`` (the model's parameter count, for percentage budgets and reports)
+    defaults to every tensor of the analysis, matrices and skipped ones alike.
+    """
+    options = options or SelectOptions()
+    fn = get_policy(policy)
+    if isinstance(analysis_or_rows, Analysis):
+        rows: Sequence[SpectrumRow] = analysis_or_rows.tensors
+        total = total_params if total_params is not None else _total_params(analysis_or_rows)
+        source = source if source is not None else analysis_or_rows.source
+        fingerprint = fingerprint if fingerprint is not None else analysis_or_rows.fingerprint
+    else:
+        rows = list(analysis_or_rows)
+        total = total_params if total_params is not None else sum(r.numel for r in rows)
+    if not rows:
+        raise KappaTuneError("nothing to select from: the analysis has 0 candidate matrices")
+    candidates = filter_rows(rows, options)
+    if not candidates:
+        raise KappaTuneError(
+            f"empty selection: the filters (include={options.include!r}, exclude={options.exclude!r},"
+            f" module types={list(options.module_types)}) leave 0 of {len(rows)} candidates"
+        )
+    ctx = PolicyContext(seed=options.seed, last_layers=options.last_layers, scores=scores)
+    ordered = fn(candidates, ctx)
+    if options.quotas:
+        ordered = apply_quotas(ordered, options.quotas)
+    if not ordered:
+        raise KappaTuneError(
+            f"empty selection: policy {policy!r} kept 0 of {len(candidates)} candidates"
+        )
+    chosen, target = _take(ordered, budget, total, policy)
+    return Selection(
+        entries=tuple(SelectionEntry.of(r) for r in chosen),
+        policy=policy,
+        budget=budget,
+        source=source or "",
+        fingerprint=fingerprint or "",
+        candidates=len(ordered),
+        candidate_params=sum(r.numel for r in ordered),
+        total_params=total,
+        options=options,
+        budget_params=target,
+    )
