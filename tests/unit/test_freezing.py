@@ -156,7 +156,7 @@ def test_fused_experts_partial_selection_masks_gradients() -> None:
         opt.step()
         opt.zero_grad()
     after = [tensor_digest(w[e]) for e in range(4)]
-    assert [a == b for a, b in zip(before, after)] == [True, False, True, False]
+    assert [a == b for a, b in zip(before, after, strict=True)] == [True, False, True, False]
     assert tensor_digest(model.norm) == norm_before
     remove_hooks(model)
     model(torch.randn(3, 5)).pow(2).mean().backward()
