@@ -312,6 +312,7 @@ class SelectionEntry:
     numel: int
     module_type: str = ""
     layer: int | None = None
+    shape: tuple[int, ...] = ()  # of the matrix: the tensor's, or one expert's
 
     @property
     def key(self) -> RowKey:
@@ -325,6 +326,7 @@ class SelectionEntry:
             "numel": self.numel,
             "module_type": self.module_type,
             "layer": self.layer,
+            "shape": list(self.shape),
         }
 
     @classmethod
@@ -336,11 +338,14 @@ class SelectionEntry:
             numel=int(d["numel"]),
             module_type=str(d.get("module_type", "")),
             layer=None if d.get("layer") is None else int(d["layer"]),
+            shape=tuple(int(x) for x in d.get("shape") or ()),
         )
 
     @classmethod
     def of(cls, row: SpectrumRow) -> SelectionEntry:
-        return cls(row.name, row.expert, row.kappa, row.numel, row.module_type, row.layer)
+        return cls(
+            row.name, row.expert, row.kappa, row.numel, row.module_type, row.layer, row.shape
+        )
 
 
 @dataclass(frozen=True)
