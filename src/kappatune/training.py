@@ -1,0 +1,490 @@
+"""A plain PyTorch training loop, and the four ways of preparing a model for it.
+
+``prepare_model(model, method, selection, lora)`` sets up ``selective`` (freeze all but the
+selection), ``kappa-lora`` (LoRA on the selected modules), ``lora`` (LoRA on every linear
+layer) or ``full`` fine-tuning and returns the optimizer parameter groups.
+``train_loop(model, data, config, stop)`` then runs AdamW with warm-up and a schedule,
+gradient accumulation (token-weighted), optional stopping when an exponential moving
+average of the training loss reaches a target, and records the loss and time of every
+step. The loop is a function; checkpointing is a callback (``on_step``) plus
+:class:`LoopState`'s ``state_dict``, so callers decide where state goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kappatune.data import IGNORE_INDEX, Batch, TokenizedData
+from kappatune.errors import KappaTuneError
+from kappatune.selection import Selection
+
+log = logging.getLogger(__name__)
+
+METHODS = ("selective", "kappa-lora", "lora", "full")
+SCHEDULERS = ("constant", "linear", "cosine")
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Exactly one of ``steps`` and ``epochs``."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    scheduler: str = "constant"
+    batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    shuffle: bool = True
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise KappaTuneError("give exactly one of --steps and --epochs")
+        if self.steps is not None and self.steps < 1:
+            raise KappaTuneError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise KappaTuneError(f"--epochs must be positive, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise KappaTuneError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise KappaTuneError(f"--warmup must be at least 0, got {self.warmup_steps}")
+        if self.scheduler not in SCHEDULERS:
+            raise KappaTuneError(
+                f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
+        if self.batch_size < 1:
+            raise KappaTuneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise KappaTuneError(f"--grad-accum must be at least 1, got {self.grad_accum}")
+        if self.weight_decay < 0:
+            raise KappaTuneError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise KappaTuneError(
+                f"max grad norm must be positive or None, got {self.max_grad_norm}"
+            )
+
+    def total_steps(self, n_rows: int) -> int:
+        """Optimizer steps for a data set of ``n_rows`` rows."""
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None
+        micro = math.ceil(n_rows / self.batch_size)
+        return max(1, math.ceil(self.epochs * micro / self.grad_accum))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TrainConfig:
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise KappaTuneError(
+                f"unsupported train config schema_version {d.get('schema_version')!r}"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Stop early when the bias-corrected EMA of the training loss reaches ``target_loss``,
+    and in any case after ``max_steps``."""
+
+    target_loss: float | None = None
+    ema_decay: float = 0.9
+    min_steps: int = 1
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise KappaTuneError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise KappaTuneError(f"max steps must be at least 1, got {self.max_steps}")
+        if self.min_steps < 1:
+            raise KappaTuneError(f"min steps must be at least 1, got {self.min_steps}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA for the ``lora`` and ``kappa-lora`` methods; with ``budget_params`` the rank
+    (``r=None``) or the module count (``r`` given) is chosen to fit the budget."""
+
+    r: int | None = 8
+    alpha: int | None = None
+    dropout: float = 0.0
+    budget_params: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.r is None and self.budget_params is None:
+            raise KappaTuneError("LoRA needs a rank or a parameter budget")
+        if self.r is not None and self.r < 1:
+            raise KappaTuneError(f"LoRA rank must be at least 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise KappaTuneError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.budget_params is not None and self.budget_params < 1:
+            raise KappaTuneError(
+                f"LoRA parameter budget must be at least 1, got {self.budget_params}"
+            )
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Prepared:
+    """A model ready to train: possibly PEFT-wrapped, with its optimizer groups."""
+
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    method: str
+    trainable_params: int
+    lora_r: int | None = None
+    lora_targets: dict[str, list[str] | None] | None = None
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into decay (ndim >= 2) and no-decay groups."""
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append((name, p))
+    groups = [
+        {
+            "params": [p for _, p in decay],
+            "names": [n for n, _ in decay],
+            "weight_decay": weight_decay,
+            "group": "decay",
+        },
+        {
+            "params": [p for _, p in no_decay],
+            "names": [n for n, _ in no_decay],
+            "weight_decay": 0.0,
+            "group": "no_decay",
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _prepare_full(model: nn.Module, weight_decay: float) -> Prepared:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    groups = decay_groups(model, weight_decay)
+    return Prepared(model, groups, "full", sum(p.numel() for p in model.parameters()))
+
+
+def _prepare_selective(model: nn.Module, selection: Selection, weight_decay: float) -> Prepared:
+    from kappatune.freezing import apply_selection, trainable_parameters
+
+    groups = apply_selection(model, selection, weight_decay=weight_decay)
+    return Prepared(model, groups, "selective", trainable_parameters(model))
+
+
+def _prepare_lora(
+    model: nn.Module,
+    targets: dict[str, list[str] | None],
+    r: int,
+    lora: LoraSettings,
+    method: str,
+    weight_decay: float,
+) -> Prepared:
+    from peft import get_peft_model
+
+    from kappatune.integrations.lora import config_from_targets
+
+    config = config_from_targets(targets, r, lora.alpha, dropout=lora.dropout)
+    peft_model = get_peft_model(model, config)
+    groups = decay_groups(peft_model, weight_decay)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return Prepared(peft_model, groups, method, trainable, lora_r=r, lora_targets=targets)
+
+
+def lora_plan(
+    model: nn.Module, method: str, selection: Selection | None, lora: LoraSettings
+) -> tuple[dict[str, list[str] | None], int]:
+    """The LoRA targets and rank for ``lora`` / ``kappa-lora`` (budget-fitted when asked)."""
+    from kappatune.integrations import lora as kl
+
+    if method == "lora":
+        targets = kl.all_linear_targets(model)
+        if lora.budget_params is None:
+            assert lora.r is not None
+            return targets, lora.r
+        per_rank = sum(c for _, c in kl.rank_costs(model, targets))
+        r = lora.budget_params // per_rank
+        if r < 1:
+            raise KappaTuneError(
+                f"LoRA budget {lora.budget_params:,} is below rank 1 on all linear layers ({per_rank:,})"
+            )
+        return targets, r
+    assert selection is not None
+    if lora.budget_params is None:
+        assert lora.r is not None
+        return kl.peft_targets(selection), lora.r
+    if lora.r is None:
+        plan = kl.rank_for_budget(model, selection, lora.budget_params)
+    else:
+        plan = kl.modules_for_budget(model, selection, lora.r, lora.budget_params)
+    return plan.targets, plan.r
+
+
+def prepare_model(
+    model: nn.Module,
+    method: str,
+    selection: Selection | None = None,
+    lora: LoraSettings | None = None,
+    weight_decay: float = 0.0,
+) -> Prepared:
+    """Set up ``model`` for one of :data:`METHODS` and return it with its parameter groups."""
+    if method not in METHODS:
+        raise KappaTuneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in ("selective", "kappa-lora") and selection is None:
+        raise KappaTuneError(
+            f"method {method!r} needs a selection (--selection FILE or policy flags)"
+        )
+    if method == "full":
+        return _prepare_full(model, weight_decay)
+    if method == "selective":
+        assert selection is not None
+        return _prepare_selective(model, selection, weight_decay)
+    settings = lora or LoraSettings()
+    targets, r = lora_plan(model, method, selection, settings)
+    return _prepare_lora(model, targets, r, settings, method, weight_decay)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at step ``s`` (0-based): linear warm-up, then the schedule."""
+
+    def f(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        if config.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.AdamW:
+    if not param_groups or not any(g["params"] for g in param_groups):
+        raise KappaTuneError("nothing to train: no parameter requires a gradient")
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+
+
+@dataclass
+class LoopState:
+    """What a resumed run needs: optimizer and scheduler state, history and the EMA."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    ema: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """References to the live optimizer state: save it (``torch.save``) before training on."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "losses": list(self.losses),
+            "step_times": list(self.step_times),
+            "ema": self.ema,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]
+        self.step_times = [float(x) for x in state["step_times"]]
+        self.ema = float(state["ema"])
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    total_steps: int
+    losses: tuple[float, ...]
+    step_times: tuple[float, ...]
+    ema_loss: float
+    stopped_by: str  # "steps" | "target_loss" | "max_steps"
+    trainable_params: int
+    tokens: int
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
+
+    @property
+    def mean_step_time(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["losses"], d["step_times"] = list(self.losses), list(self.step_times)
+        return d
+
+
+def micro_batches(data: TokenizedData, config: TrainConfig, start: int = 0) -> Iterator[Batch]:
+    """Micro-batches from index ``start`` on, reshuffled each epoch with seed + epoch."""
+    per_epoch = math.ceil(len(data) / config.batch_size)
+    k = start
+    while True:
+        epoch, pos = divmod(k, per_epoch)
+        batches = list(
+            data.batches(config.batch_size, shuffle=config.shuffle, seed=config.seed + epoch)
+        )
+        for b in batches[pos:]:
+            yield b
+            k += 1
+
+
+def _label_tokens(batch: Batch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ema_corrected(state: LoopState, decay: float) -> float:
+    return state.ema / (1.0 - decay**state.step) if state.step else math.nan
+
+
+def _reached(stop: StopRule, state: LoopState) -> bool:
+    if stop.target_loss is None or state.step < stop.min_steps:
+        return False
+    return ema_corrected(state, stop.ema_decay) <= stop.target_loss
+
+
+def train_loop(
+    model: nn.Module,
+    data: TokenizedData,
+    config: TrainConfig,
+    stop: StopRule | None = None,
+    *,
+    param_groups: list[dict[str, Any]] | None = None,
+    resume: Mapping[str, Any] | None = None,
+    on_step: Callable[[LoopState], None] | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` with AdamW; returns per-step losses and times.
+
+    ``param_groups`` default to the trainable parameters (decay / no-decay). ``resume`` is a
+    :meth:`LoopState.state_dict` from an earlier run with the same config and data; the run
+    continues at the next step with the same batches it would have seen. ``on_step`` is
+    called after every optimizer step (e.g. to checkpoint or report progress).
+    """
+    stop = stop or StopRule()
+    if len(data) == 0:
+        raise KappaTuneError("no training rows")
+    groups = param_groups if param_groups is not None else decay_groups(model, config.weight_decay)
+    optimizer = build_optimizer(groups, config)
+    total = config.total_steps(len(data))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
+    state = LoopState(optimizer, scheduler)
+    if resume is not None:
+        state.load_state_dict(resume)
+    limit = total if stop.max_steps is None else min(total, stop.max_steps)
+    trainable = [p for g in groups for p in g["params"]]
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    _seed_everything(config.seed + state.step)
+    batches = micro_batches(data, config, start=state.step * config.grad_accum)
+    model.train()
+    tokens = 0
+    stopped_by = "steps" if limit == total else "max_steps"
+    while state.step < limit:
+        started = time.perf_counter()
+        group = [next(batches) for _ in range(config.grad_accum)]
+        weights = [_label_tokens(b) for b in group]
+        denom = max(1, sum(weights))
+        step_loss = 0.0
+        for b, w in zip(group, weights, strict=True):
+            if w == 0:
+                continue
+            out = model(**b.to(dev).model_inputs())
+            (out.loss * (w / denom)).backward()
+            step_loss += float(out.loss.detach()) * w / denom
+            tokens += int(b.attention_mask.sum())
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.losses.append(step_loss)
+        state.step_times.append(time.perf_counter() - started)
+        state.ema = stop.ema_decay * state.ema + (1 - stop.ema_decay) * step_loss
+        if not math.isfinite(step_loss):
+            raise KappaTuneError(
+                f"training diverged: loss {step_loss} at step {state.step} (lower --lr?)"
+            )
+        if on_step is not None:
+            on_step(state)
+        if _reached(stop, state):
+            stopped_by = "target_loss"
+            break
+    model.eval()
+    return TrainResult(
+        steps=state.step,
+        total_steps=total,
+        losses=tuple(state.losses),
+        step_times=tuple(state.step_times),
+        ema_loss=ema_corrected(state, stop.ema_decay),
+        stopped_by=stopped_by,
+        trainable_params=sum(p.numel() for p in trainable),
+        tokens=tokens,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: TokenizedData, batch_size: int = 8) -> float:
+    """Token-weighted mean cross-entropy over every labelled token of ``data``."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in data.batches(batch_size):
+        n = _label_tokens(b)
+        if n == 0:
+            continue
+        total += float(model(**b.to(dev).model_inputs()).loss) * n
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise KappaTuneError("no labelled tokens to evaluate")
+    return total / count
