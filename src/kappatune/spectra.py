@@ -9,7 +9,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -363,54 +363,78 @@ def _blas_single_thread(workers: int) -> Any:
 # --------------------------------------------------------------------------- the stage
 
 
-def analyze(
+@dataclass(frozen=True)
+class Plan:
+    """What an analysis will look at: every entry, the candidates, and what is skipped up front."""
+
+    source: Source
+    entries: tuple[TensorEntry, ...]
+    candidates: tuple[TensorEntry, ...]
+    skipped: tuple[SkippedRow, ...]
+
+
+Payload = list[dict[str, Any]] | str  # metric rows of one tensor, or the reason it was skipped
+Computed = dict[str, tuple[str, Payload]]  # tensor name -> (content digest, payload)
+
+
+def plan(
     source: str | os.PathLike[str] | Source | torch.nn.Module | Mapping[str, torch.Tensor],
-    options: AnalyzeOptions | None = None,
-    progress: ProgressHook | None = None,
-) -> Analysis:
-    """Spectral metrics of every candidate weight matrix of ``source``.
-
-    Candidates are floating-point tensors with ndim >= 2 that pass the filters; 3-D tensors
-    whose name says they stack experts give one row per expert, other kernels are reshaped
-    to (out, rest). Everything else is listed in ``skipped`` with its reason.
-    """
-    options = options or AnalyzeOptions()
+    options: AnalyzeOptions,
+) -> Plan:
     src = source if isinstance(source, Source) else open_source(source)
-    device = options.torch_device()
-    workers = options.worker_count(device)
-    cache = SpectrumCache(options.cache_dir) if options.use_cache else None
-
-    entries = src.entries()
-    skipped: dict[str, SkippedRow] = {}
-    candidates: list[TensorEntry] = []
+    entries = tuple(src.entries())
+    skipped, candidates = [], []
     for e in entries:
         reason = _skip_reason(e, options)
         if reason:
-            skipped[e.name] = SkippedRow(e.name, e.shape, reason)
+            skipped.append(SkippedRow(e.name, e.shape, reason))
         else:
             candidates.append(e)
+    return Plan(src, entries, tuple(candidates), tuple(skipped))
 
+
+def matrix_cost(entry: TensorEntry) -> float:
+    """Relative cost of analysing a tensor: flops of the Gram of its smaller side."""
+    shape = entry.shape[-2:] if _layout(entry) == "experts" else linalg_shape(entry.shape)
+    rows, cols = max(shape), min(shape)
+    experts = entry.shape[0] if _layout(entry) == "experts" else 1
+    return float(experts) * rows * cols * cols + cols**3
+
+
+def linalg_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[0], int(math.prod(shape[1:])))
+
+
+def _file_of(src: Source, entry: TensorEntry) -> Path | None:
+    if isinstance(entry.locator, tuple) and entry.locator and isinstance(entry.locator[0], Path):
+        return entry.locator[0]
+    files = src.files()
+    return files[0] if len(files) == 1 else None
+
+
+def compute(
+    the_plan: Plan,
+    options: AnalyzeOptions,
+    only: Sequence[TensorEntry] | None = None,
+    progress: ProgressHook | None = None,
+) -> Computed:
+    """Digest and metric rows of each candidate (or of ``only``), through the cache."""
+    src = the_plan.source
+    todo = list(the_plan.candidates if only is None else only)
+    device = options.torch_device()
+    workers = options.worker_count(device)
+    cache = SpectrumCache(options.cache_dir) if options.use_cache else None
     known: dict[str, str] = {}
-    file_of: dict[str, Path] = {}
     if cache is not None:
         for f in src.files():
             known.update(cache.file_digests(f))
-        for e in candidates:
-            if isinstance(e.locator, tuple) and e.locator and isinstance(e.locator[0], Path):
-                file_of[e.name] = e.locator[0]
-            elif len(src.files()) == 1:
-                file_of[e.name] = src.files()[0]
-
     budget = _ByteBudget(options.memory_budget_mb * 1024 * 1024)
-    digests: dict[str, str] = {}
-    results: dict[str, list[SpectrumRow] | str] = {}
+    out: Computed = {}
     lock = threading.Lock()
-    done = 0
 
     def work(entry: TensorEntry) -> None:
-        nonlocal done
         layout = _layout(entry)
-        payload: list[dict[str, Any]] | str | None = None
+        payload: Payload | None = None
         digest = known.get(entry.name)
         if cache is not None and digest is not None:
             payload = cache.get(SpectrumCache.key(digest, layout))
@@ -436,46 +460,73 @@ def analyze(
                     if cache is not None and isinstance(payload, list):
                         cache.put(SpectrumCache.key(digest, layout), payload)
                 del t
+        assert digest is not None and payload is not None
         with lock:
-            digests[entry.name] = str(digest)
-            results[entry.name] = payload if isinstance(payload, str) else _to_rows(entry, payload)
-            done += 1
+            out[entry.name] = (digest, payload)
             if progress is not None:
-                progress(done, len(candidates))
+                progress(len(out), len(todo))
 
     if progress is not None:
-        progress(0, len(candidates))
+        progress(0, len(todo))
     with _blas_single_thread(workers):
         if workers == 1:
-            for e in candidates:
+            for e in todo:
                 work(e)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(work, candidates))
+                list(pool.map(work, todo))
+    return out
 
-    if cache is not None:
+
+def assemble(the_plan: Plan, computed: Computed, options: AnalyzeOptions) -> Analysis:
+    """Rows in checkpoint order; records the digests of unchanged files for the next run."""
+    src = the_plan.source
+    missing = [e.name for e in the_plan.candidates if e.name not in computed]
+    if missing:
+        raise RuntimeError(f"{len(missing)} tensors were not computed, e.g. {missing[0]}")
+    if options.use_cache:
+        cache = SpectrumCache(options.cache_dir)
         per_file: dict[Path, dict[str, str]] = {}
-        for name, digest in digests.items():
-            if name in file_of:
-                per_file.setdefault(file_of[name], {})[name] = digest
+        for e in the_plan.candidates:
+            f = _file_of(src, e)
+            if f is not None:
+                per_file.setdefault(f, {})[e.name] = computed[e.name][0]
         for f, d in per_file.items():
             cache.put_file_digests(f, d)
-
     rows: list[SpectrumRow] = []
-    for e in candidates:
-        res = results[e.name]
-        if isinstance(res, str):
-            skipped[e.name] = SkippedRow(e.name, e.shape, res)
+    skipped = {s.name: s for s in the_plan.skipped}
+    for e in the_plan.candidates:
+        payload = computed[e.name][1]
+        if isinstance(payload, str):
+            skipped[e.name] = SkippedRow(e.name, e.shape, payload)
         else:
-            rows.extend(res)
-    order = {e.name: i for i, e in enumerate(entries)}
-    skipped_rows = tuple(sorted(skipped.values(), key=lambda s: order[s.name]))
+            rows.extend(_to_rows(e, payload))
+    order = {e.name: i for i, e in enumerate(the_plan.entries)}
+    digests = {name: d for name, (d, _) in computed.items()}
     return Analysis(
         source=src.description,
-        fingerprint=_fingerprint(entries, digests),
+        fingerprint=_fingerprint(list(the_plan.entries), digests),
         tensors=tuple(rows),
-        skipped=skipped_rows,
+        skipped=tuple(sorted(skipped.values(), key=lambda s: order[s.name])),
     )
+
+
+def analyze(
+    source: str | os.PathLike[str] | Source | torch.nn.Module | Mapping[str, torch.Tensor],
+    options: AnalyzeOptions | None = None,
+    progress: ProgressHook | None = None,
+) -> Analysis:
+    """Spectral metrics of every candidate weight matrix of ``source``.
+
+    Candidates are floating-point tensors with ndim >= 2 that pass the filters; 3-D tensors
+    whose name says they stack experts give one row per expert, other kernels are reshaped
+    to (out, rest). Everything else is listed in ``skipped`` with its reason.
+    Under ``torchrun``/``accelerate launch`` use ``kappatune.distributed.analyze_sharded``.
+    """
+    options = options or AnalyzeOptions()
+    options.torch_device()  # fail fast on an unavailable device
+    the_plan = plan(source, options)
+    return assemble(the_plan, compute(the_plan, options, progress=progress), options)
 
 
 def _fingerprint(entries: list[TensorEntry], digests: Mapping[str, str]) -> str:

@@ -14,6 +14,7 @@ EPILOG = """examples:
   kappatune analyze model.safetensors --output spectra.json --csv spectra.csv --plot kappa.png
   kappatune analyze ./checkpoint-dir --include 'layers\\.(1[0-9])\\.' --exclude embed --workers 2
   kappatune analyze Qwen/Qwen2.5-0.5B --device cuda     # a model in the local HF cache
+  torchrun --nproc-per-node 2 -m kappatune.cli.main analyze ./ckpt -o spectra.json  # sharded
 """
 
 
@@ -85,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
     )
-    bar = tqdm(unit="tensor", desc="analyzing", disable=None, leave=False)
+    from kappatune.distributed import launched_world
+
+    world = launched_world()
+    is_main = world is None or world[0] == 0
+    bar = tqdm(unit="tensor", desc="analyzing", disable=None if is_main else True, leave=False)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -94,7 +99,13 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        analysis = analyze(args.source, options, progress=progress)
+        if world is None:
+            analysis = analyze(args.source, options, progress=progress)
+        else:
+            sharded = _analyze_sharded(args.source, options, progress)
+            if sharded is None:  # not rank 0: rank 0 reports and writes
+                return 0
+            analysis = sharded
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -119,6 +130,18 @@ def run(args: argparse.Namespace) -> int:
         if path:
             console.print(f"wrote {flag}: {path}")
     return 0
+
+
+def _analyze_sharded(source: str, options: Any, progress: Any) -> Any:
+    import torch.distributed as dist
+
+    from kappatune.distributed import analyze_sharded
+
+    try:
+        return analyze_sharded(source, options, progress=progress)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _skips(analysis: Any) -> list[tuple[str, int, list[str]]]:
