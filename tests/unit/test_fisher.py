@@ -383,3 +383,48 @@ def test_result_json_round_trip() -> None:
     bad = {**res["empirical"].to_json(), "schema_version": 99}
     with pytest.raises(KappaTuneError, match="unsupported Fisher schema_version 99"):
         FisherResult.from_json(bad)
+
+
+def test_fisher_policy_trains_least_fisher_first_with_these_scores() -> None:
+    from kappatune.selection import Budget, select
+    from kappatune.spectra import AnalyzeOptions, analyze
+
+    model = _tiny_llama()
+    analysis = analyze(model, AnalyzeOptions(workers=1))
+    scores = fisher_scores(model, _tiny_examples(), kind="empirical", measure="mean", tokens=30)
+    assert set(scores) == {r.key for r in analysis.tensors}
+    chosen = select(analysis, "fisher", Budget(tensors=4), scores=scores)
+    expected = sorted(scores, key=lambda k: (scores[k], k))[:4]
+    assert [e.key for e in chosen.entries] == expected
+    # q/k projections of a random-init model carry the least information (near-uniform attention)
+    assert {k[0] for k in expected} == {
+        f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "k_proj")
+    }
+    full = select(analysis, "fisher", Budget(fraction=1.0), scores=scores)
+    values = [scores[e.key] for e in full.entries]
+    assert values == sorted(values) and len(values) == len(analysis.tensors)
+
+
+def test_fisher_scores_for_a_saved_model_and_text_files(tmp_path) -> None:
+    from kappatune.data import PackConfig, load_tokenized
+    from kappatune.fisher import examples_from_tokenized, fisher_scores_for
+    from kappatune.models import load_causal_lm
+    from tests.unit._tiny_models import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    text = tmp_path / "a.txt"
+    text.write_text("Sphinx of black quartz, judge my vow. " * 6, encoding="utf-8")
+    got = fisher_scores_for(
+        model_dir, [text], kind="true", measure="sum", tokens=60, seq_len=32, seed=2
+    )
+    model, tok = load_causal_lm(model_dir)
+    data = load_tokenized([text], tok, PackConfig(seq_len=32))
+    assert int(data.input_ids[0, 0]) == tok.bos_token_id  # BOS starts every row
+    examples = examples_from_tokenized(data)
+    want = fisher_scores(model, examples, kind="true", measure="sum", tokens=60, seed=2)
+    assert got == want
+    assert len(got) == 16 and all(v > 0 for v in got.values())
+    with pytest.raises(KappaTuneError, match="fewer than the token budget of 5000"):
+        fisher_scores_for(model_dir, [text], tokens=5000, seq_len=32)
+    with pytest.raises(KappaTuneError, match="unknown Fisher measure 'max'"):
+        fisher_scores_for(model_dir, [text], measure="max")
