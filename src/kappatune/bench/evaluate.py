@@ -99,9 +99,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=positions)`` computes logits only where asked.
+
+    A PEFT wrapper forwards extra keyword arguments to its base model, so the base decides.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    target = get_base() if callable(get_base) else model
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(target.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -238,7 +244,7 @@ def _row_scores(
         needed.append(list(range(p - 1, p - 1 + length)))
     keep = sorted({pos for ps in needed for pos in ps})
     kwargs: dict[str, object] = {}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
         index = {pos: k for k, pos in enumerate(keep)}
     else:

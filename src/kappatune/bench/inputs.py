@@ -1,0 +1,176 @@
+"""Scenario data -> token ids: training rows and the fixed evaluation sets.
+
+Text splits are packed into ``seq_len`` chunks that each start with the tokenizer's own
+prefix (BOS for Gemma) via :mod:`kappatune.data`; prompt/completion and label records are one
+row each (prefix + prompt + completion), with the loss on the completion only. Evaluation sets
+are a fixed, evenly spaced subset of the held-out and control rows, identical for every arm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kappatune.bench.datasets import Split
+from kappatune.bench.evaluate import EvalSequence, LabelExample, tokenize_options
+from kappatune.bench.scenarios import Scenario, ScenarioData
+from kappatune.data import Example, PackConfig, TokenizedData, special_tokens, tokenize
+from kappatune.errors import KappaTuneError
+
+
+@dataclass(frozen=True)
+class EvalSizes:
+    seq_len: int = 64
+    task_sequences: int = 8
+    task_examples: int = 40
+    control_sequences: int = 8
+    max_row_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 4:
+            raise KappaTuneError(f"--seq-len must be at least 4, got {self.seq_len}")
+        for name in ("task_sequences", "task_examples", "control_sequences"):
+            if getattr(self, name) < 1:
+                raise KappaTuneError(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_row_len < self.seq_len:
+            raise KappaTuneError(
+                f"max row length {self.max_row_len} is below --seq-len {self.seq_len}"
+            )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A scenario ready to run: training rows, evaluation sets and a digest of all of them."""
+
+    scenario: Scenario
+    train: TokenizedData
+    task_sequences: tuple[EvalSequence, ...]
+    task_examples: tuple[LabelExample, ...]
+    options: tuple[tuple[int, ...], ...]
+    control: tuple[EvalSequence, ...]
+    pad_id: int
+    digest: str
+
+    @property
+    def metric(self) -> str:
+        return self.scenario.task_metric
+
+
+def evenly(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
+def _examples(split: Split) -> list[Example]:
+    return [Example(r.prompt, r.completion) for r in split.records]
+
+
+def _row_len(tokenizer: Any, split: Split, eos: bool, limit: int) -> int:
+    """Length of the longest prefix + prompt + completion row (error past ``limit``)."""
+    prefix = len(special_tokens(tokenizer).prefix)
+    longest, which = 0, 0
+    for i, r in enumerate(split.records):
+        n = prefix + len(tokenizer(r.prompt, add_special_tokens=False)["input_ids"])
+        n += len(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) + int(eos)
+        if n > longest:
+            longest, which = n, i
+    if longest > limit:
+        raise KappaTuneError(
+            f"{split.origin}: record {which + 1} is {longest} tokens long, more than the"
+            f" maximum row length {limit} (raise --max-row-len or shorten the prompts)"
+        )
+    return max(2, longest)
+
+
+def tokenize_split(tokenizer: Any, split: Split, sizes: EvalSizes) -> TokenizedData:
+    if split.kind == "text":
+        return tokenize(tokenizer, _examples(split), PackConfig(seq_len=sizes.seq_len))
+    eos = split.kind == "pairs"
+    length = _row_len(tokenizer, split, eos, sizes.max_row_len)
+    return tokenize(
+        tokenizer, _examples(split), PackConfig(seq_len=length, pack=False, add_eos=eos)
+    )
+
+
+def eval_sequences(data: TokenizedData, k: int) -> tuple[EvalSequence, ...]:
+    out = []
+    for i in evenly(len(data), k):
+        n = int(data.attention_mask[i].sum())
+        ids = tuple(int(t) for t in data.input_ids[i, :n])
+        targets = tuple(bool(t) for t in (data.labels[i, :n] != -100))
+        if n >= 2 and any(targets[1:]):
+            out.append(EvalSequence(ids, targets))
+    if not out:
+        raise KappaTuneError("no evaluation sequence with at least one scored token")
+    return tuple(out)
+
+
+def label_examples(tokenizer: Any, split: Split, k: int) -> tuple[LabelExample, ...]:
+    prefix = special_tokens(tokenizer).prefix
+    out = []
+    for i in evenly(len(split.records), k):
+        r = split.records[i]
+        assert r.label is not None
+        prompt = tuple(int(t) for t in tokenizer(r.prompt, add_special_tokens=False)["input_ids"])
+        out.append(LabelExample(prefix + prompt, r.label))
+    return tuple(out)
+
+
+def digest(parts: Sequence[Any]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, TokenizedData):
+            for t in (part.input_ids, part.attention_mask, part.labels):
+                h.update(t.contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode("utf-8"))
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def prepare(scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalSizes) -> Prepared:
+    """Tokenize the three splits; check label options tokenize before anything runs."""
+    options: tuple[tuple[int, ...], ...] = ()
+    if scenario.task_metric == "accuracy":
+        options = tokenize_options(tokenizer, scenario.options)
+    train = tokenize_split(tokenizer, data.train, sizes)
+    control_rows = tokenize_split(tokenizer, data.control, sizes)
+    control = eval_sequences(control_rows, sizes.control_sequences)
+    task_sequences: tuple[EvalSequence, ...] = ()
+    task_examples: tuple[LabelExample, ...] = ()
+    if scenario.task_metric == "accuracy":
+        task_examples = label_examples(tokenizer, data.heldout, sizes.task_examples)
+    else:
+        held = tokenize_split(tokenizer, data.heldout, sizes)
+        task_sequences = eval_sequences(held, sizes.task_sequences)
+    pad = special_tokens(tokenizer).pad
+    prepared = Prepared(
+        scenario=scenario,
+        train=train,
+        task_sequences=task_sequences,
+        task_examples=task_examples,
+        options=options,
+        control=control,
+        pad_id=pad,
+        digest=digest([train, task_sequences, task_examples, options, control, pad]),
+    )
+    label_rows_match(prepared)
+    return prepared
+
+
+def label_rows_match(prepared: Prepared) -> None:
+    """Training rows of a label task end with exactly one option's tokens (a consistency check)."""
+    if prepared.metric != "accuracy":
+        return
+    opts = set(prepared.options)
+    for i in range(min(len(prepared.train), 64)):
+        lab = prepared.train.labels[i]
+        toks = tuple(int(t) for t in lab[lab != -100])
+        if toks not in opts:
+            raise KappaTuneError(
+                f"training row {i + 1} is labelled with tokens {list(toks)}, not one option's tokens"
+            )
