@@ -1,0 +1,290 @@
+"""``kappatune select SOURCE|ANALYSIS.json``: choose tensors to train and export them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kappatune.errors import KappaTuneError
+
+POLICIES = ("lowest-kappa", "highest-kappa", "random", "all", "last-layers", "fisher")
+FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
+DEFAULT_FRACTION = 0.2
+
+EPILOG = """examples:
+  kappatune select gemma-3-270m --budget-params 10% --format peft --output targets.json
+  kappatune select spectra.json --budget-tensors 20 --format axolotl --output unfrozen.yaml
+  kappatune select ./ckpt --module-types q_proj v_proj --quota v_proj=4 --quota q_proj=2 -o sel.json
+  kappatune select gemma-3-270m --policy random --seed 3 --budget-params 5M -o random.json
+  kappatune select gemma-3-270m --policy last-layers --last-layers 2 -o last2.json
+  kappatune select gemma-3-270m --policy fisher --fisher-data task.txt --budget-tensors 20 -o f.json
+
+Without a budget flag, 'all', 'last-layers' and --quota keep every candidate they pass;
+the other policies keep the first 20% of the candidates (PEFT's default).
+"""
+
+
+def add_selection_flags(p: argparse.ArgumentParser) -> None:
+    """Policy, budget and filter flags shared by ``select`` and ``train``."""
+    g = p.add_argument_group("selection policy")
+    g.add_argument(
+        "--policy",
+        default="lowest-kappa",
+        help=f"one of {', '.join(POLICIES)} (default: lowest-kappa)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the random policy (default: 0)")
+    g.add_argument(
+        "--last-layers", type=int, metavar="N", help="layers kept by the last-layers policy"
+    )
+    g.add_argument(
+        "--fisher-scores", type=Path, metavar="FILE", help="Fisher result JSON for --policy fisher"
+    )
+    g.add_argument(
+        "--fisher-data",
+        nargs="+",
+        metavar="FILE",
+        help="data to compute Fisher scores on for --policy fisher",
+    )
+    g.add_argument(
+        "--fisher-tokens", type=int, default=4096, help="tokens for --fisher-data (default: 4096)"
+    )
+    b = p.add_argument_group("budget (one of)").add_mutually_exclusive_group()
+    b.add_argument("--budget-tensors", type=int, metavar="N", help="train the first N matrices")
+    b.add_argument(
+        "--budget-fraction", type=float, metavar="F", help="train this fraction of the candidates"
+    )
+    b.add_argument(
+        "--budget-params",
+        metavar="N|P%",
+        help="trainable parameters: a count (5M, 300k) or a percentage",
+    )
+    b.add_argument(
+        "--kappa-max", type=float, metavar="K", help="train every candidate with kappa <= K"
+    )
+    f = p.add_argument_group("filters")
+    f.add_argument("--include", metavar="RE", help="candidates whose name matches this regex")
+    f.add_argument("--exclude", metavar="RE", help="drop candidates whose name matches this regex")
+    f.add_argument(
+        "--module-types",
+        nargs="+",
+        metavar="TYPE",
+        help="only these module types (e.g. q_proj v_proj)",
+    )
+    f.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="TYPE=N",
+        help="at most N of TYPE (Spectrum style); repeatable",
+    )
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "select",
+        help="choose the tensors to fine-tune (policy + budget) and export them",
+        description="Order the candidate matrices with a policy (lowest kappa by default), keep a "
+        "budget of them, and write a manifest, Axolotl YAML or PEFT target JSON.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "source", help="analysis JSON from 'kappatune analyze', or anything 'analyze' accepts"
+    )
+    add_selection_flags(p)
+    p.add_argument(
+        "--format", default="json", choices=tuple(FORMATS), help="output format (default: json)"
+    )
+    p.add_argument("--output", "-o", type=Path, help="write the export here (atomically)")
+    p.add_argument("--top", type=int, default=25, help="rows of the selection table (default: 25)")
+    p.set_defaults(run=run)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def budget_from_args(args: argparse.Namespace) -> Any:
+    from kappatune.selection import Budget
+
+    if args.budget_tensors is not None:
+        return Budget(tensors=args.budget_tensors)
+    if args.budget_fraction is not None:
+        return Budget(fraction=args.budget_fraction)
+    if args.budget_params is not None:
+        return Budget.parse_params(args.budget_params)
+    if args.kappa_max is not None:
+        return Budget(kappa_max=args.kappa_max)
+    if args.policy in ("all", "last-layers") or args.quota:
+        return None
+    return Budget(fraction=DEFAULT_FRACTION)
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from kappatune.selection import SelectOptions, parse_quota
+
+    return SelectOptions(
+        include=args.include,
+        exclude=args.exclude,
+        module_types=tuple(args.module_types or ()),
+        quotas=tuple(parse_quota(q) for q in args.quota),
+        seed=args.seed,
+        last_layers=args.last_layers,
+    )
+
+
+def validate_selection_args(args: argparse.Namespace) -> None:
+    """Everything about the selection flags that can be checked without reading weights."""
+    if args.policy not in POLICIES:
+        raise KappaTuneError(
+            f"unknown selection policy {args.policy!r} (known: {', '.join(POLICIES)})"
+        )
+    if args.policy == "fisher" and not (args.fisher_scores or args.fisher_data):
+        raise KappaTuneError("--policy fisher needs --fisher-scores FILE or --fisher-data FILE...")
+    if args.policy != "fisher" and (args.fisher_scores or args.fisher_data):
+        raise KappaTuneError("--fisher-scores/--fisher-data only apply to --policy fisher")
+    if args.fisher_scores and args.fisher_data:
+        raise KappaTuneError("give --fisher-scores or --fisher-data, not both")
+    if args.policy == "last-layers" and args.last_layers is None:
+        raise KappaTuneError("--policy last-layers needs --last-layers N")
+    if args.fisher_scores and not args.fisher_scores.is_file():
+        raise KappaTuneError(f"no such Fisher file: {args.fisher_scores}")
+    for f in args.fisher_data or ():
+        if not Path(f).exists():
+            raise KappaTuneError(f"no such data file: {f}")
+    budget_from_args(args)
+    options_from_args(args)
+
+
+def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
+    """An Analysis from a JSON file, or computed (cached) from a checkpoint."""
+    from tqdm import tqdm
+
+    from kappatune.spectra import Analysis, analyze
+
+    path = Path(source)
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise KappaTuneError(f"no such analysis file: {source}")
+        return Analysis.load(path)
+    bar = tqdm(unit="tensor", desc=progress_desc, disable=None, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        return analyze(source, progress=progress)
+    finally:
+        bar.close()
+
+
+def _fisher_scores(args: argparse.Namespace, model_spec: str) -> Any:
+    from kappatune import fisher
+
+    if args.fisher_scores:
+        try:
+            data = json.loads(Path(args.fisher_scores).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise KappaTuneError(f"cannot read Fisher file {args.fisher_scores}: {exc}") from None
+        if not isinstance(data, dict):
+            raise KappaTuneError(f"{args.fisher_scores} is not a Fisher result JSON object")
+        return fisher.FisherResult.from_json(data).scores("mean")
+    return fisher.fisher_scores_for(
+        model_spec, args.fisher_data, tokens=args.fisher_tokens, seed=args.seed
+    )
+
+
+def selection_from_args(
+    args: argparse.Namespace, analysis: Any, model_spec: str | None = None
+) -> Any:
+    from kappatune.selection import select
+
+    scores = None
+    if args.policy == "fisher":
+        spec = model_spec or analysis.source
+        scores = _fisher_scores(args, spec)
+    return select(
+        analysis, args.policy, budget_from_args(args), options_from_args(args), scores=scores
+    )
+
+
+def print_selection(console: Any, selection: Any, top: int) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{selection.source}[/bold]  {selection.describe()}")
+    if top <= 0:
+        return
+    t = Table(
+        title=f"selected, in training priority order (first {min(top, selection.entry_count)})",
+        title_justify="left",
+    )
+    for col in ("#", "name", "expert", "type", "layer", "kappa", "params", "cum. %"):
+        t.add_column(col, justify="left" if col in ("name", "type") else "right")
+    cum = 0
+    for i, e in enumerate(selection.entries[:top], start=1):
+        cum += e.numel
+        t.add_row(
+            str(i),
+            e.name,
+            "" if e.expert is None else str(e.expert),
+            e.module_type,
+            "" if e.layer is None else str(e.layer),
+            f"{e.kappa:.4g}",
+            f"{e.numel:,}",
+            f"{100 * cum / max(1, selection.total_params):.2f}",
+        )
+    console.print(t)
+    counts: dict[str, list[int]] = {}
+    for e in selection.entries:
+        c = counts.setdefault(e.module_type, [0, 0])
+        c[0] += 1
+        c[1] += e.numel
+    s = Table(title="by module type", title_justify="left")
+    for col in ("type", "matrices", "params"):
+        s.add_column(col, justify="left" if col == "type" else "right")
+    for kind in sorted(counts, key=lambda k: (-counts[k][1], k)):
+        s.add_row(kind, str(counts[kind][0]), f"{counts[kind][1]:,}")
+    console.print(s)
+
+
+def check_output(path: Path | None, fmt: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise KappaTuneError(f"--output {path} is a directory; give a file name")
+    suffixes = FORMATS[fmt]
+    if path.suffix.lower() not in suffixes:
+        raise KappaTuneError(
+            f"--output {path} should end in {' or '.join(suffixes)} for --format {fmt}"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise KappaTuneError(f"--output {path}: {parent} is not a directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kappatune.exports import render
+    from kappatune.jsonio import atomic_write_text
+
+    validate_selection_args(args)
+    check_output(args.output, args.format)
+    analysis = load_analysis(args.source)
+    selection = selection_from_args(
+        args, analysis, model_spec=None if args.source.endswith(".json") else args.source
+    )
+    text = render(selection, args.format)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 140)
+    print_selection(console, selection, args.top)
+    if args.output:
+        atomic_write_text(args.output, text)
+        console.print(f"wrote {args.format}: {args.output}")
+    else:
+        console.print("(no --output given: nothing written)")
+    return 0

@@ -1,0 +1,82 @@
+"""A Selection in the formats trainers read: a JSON manifest, Axolotl YAML, PEFT targets.
+
+* ``json``: the Selection itself (loadable with ``Selection.load`` and by ``kappatune train
+  --selection``) plus a plain ``parameters`` list of names for any training loop;
+* ``axolotl``: ``unfrozen_parameters:`` with anchored, escaped regexes
+  (``^model\\.layers\\.3\\.self_attn\\.v_proj\\.weight$``);
+* ``peft``: PEFT's ``{"target_modules": [...], "target_parameters": [...] or None}``.
+
+Each format is one function in :data:`EXPORTERS`; :func:`write_export` renders first and
+writes atomically, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+
+import yaml
+
+from kappatune.errors import KappaTuneError
+from kappatune.jsonio import atomic_write_text
+from kappatune.selection import Selection
+
+Exporter = Callable[[Selection], str]
+
+
+def manifest_json(selection: Selection) -> str:
+    data = selection.to_json()
+    data["parameters"] = list(selection.names)
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def axolotl_regex(name: str) -> str:
+    return f"^{re.escape(name)}$"
+
+
+def axolotl_yaml(selection: Selection) -> str:
+    """Axolotl config fragment; fused expert tensors are unfrozen whole (noted in a comment)."""
+    header = [
+        f"# kappatune selection: {selection.describe()}",
+        f"# source: {selection.source} (fingerprint {selection.fingerprint or 'n/a'})",
+    ]
+    for name, experts in selection.experts().items():
+        if experts is not None:
+            header.append(
+                f"# note: {name} is unfrozen whole; the selection chose experts {list(experts)}"
+                " (use kappatune's freezing to train only those)"
+            )
+    body = yaml.safe_dump(
+        {"unfrozen_parameters": [axolotl_regex(n) for n in selection.names]},
+        sort_keys=False,
+        default_flow_style=False,
+        width=1000,
+    )
+    return "\n".join(header) + "\n" + body
+
+
+def peft_json(selection: Selection) -> str:
+    from kappatune.integrations.lora import peft_targets
+
+    return json.dumps(peft_targets(selection), indent=2) + "\n"
+
+
+EXPORTERS: dict[str, Exporter] = {"json": manifest_json, "axolotl": axolotl_yaml, "peft": peft_json}
+
+
+def render(selection: Selection, fmt: str) -> str:
+    try:
+        exporter = EXPORTERS[fmt]
+    except KeyError:
+        raise KappaTuneError(
+            f"unknown export format {fmt!r} (known: {', '.join(EXPORTERS)})"
+        ) from None
+    return exporter(selection)
+
+
+def write_export(selection: Selection, fmt: str, path: str | os.PathLike[str]) -> None:
+    """Render ``selection`` as ``fmt`` and write it atomically to ``path``."""
+    text = render(selection, fmt)
+    atomic_write_text(path, text)

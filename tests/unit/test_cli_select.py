@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kappatune.cli.main import main
+from kappatune.selection import Selection
+from kappatune.spectra import Analysis, SkippedRow
+from tests.unit._tiny_models import save_tiny_model
+from tests.unit.test_selection import ROWS
+
+
+@pytest.fixture
+def analysis_json(tmp_path: Path) -> Path:
+    path = tmp_path / "spectra.json"
+    rows = tuple(
+        r for r in ROWS if r.kappa == r.kappa
+    )  # JSON keeps NaN as null; drop it for clarity
+    Analysis("tiny-src", "fp123", rows, (SkippedRow("model.norm.weight", (760,), "1-D"),)).save(
+        path
+    )
+    return path
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_select_json_from_analysis(
+    analysis_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "sel.json"
+    code, out, err = run(
+        ["select", str(analysis_json), "--budget-tensors", "3", "-o", str(out_file)], capsys
+    )
+    assert code == 0, err
+    sel = Selection.load(out_file)
+    assert [(e.name, e.expert) for e in sel.entries] == [
+        ("model.layers.0.self_attn.v_proj.weight", None),
+        ("model.layers.1.self_attn.v_proj.weight", None),
+        ("model.layers.1.mlp.experts.down_proj", 0),
+    ]
+    assert sel.source == "tiny-src" and sel.fingerprint == "fp123" and sel.total_params == 2000
+    assert "lowest-kappa, 3 tensors: 3 of 9 candidates, 110 parameters (5.50% of the model)" in out
+    assert "model.layers.1.mlp.experts.down_proj" in out and "wrote json" in out
+
+
+def test_select_axolotl_and_peft_with_filters(
+    analysis_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ax = tmp_path / "unfrozen.yaml"
+    code, _, err = run(
+        [
+            "select",
+            str(analysis_json),
+            "--policy",
+            "highest-kappa",
+            "--module-types",
+            "q_proj",
+            "up_proj",
+            "--quota",
+            "q_proj=1",
+            "--quota",
+            "up_proj=1",
+            "--format",
+            "axolotl",
+            "-o",
+            str(ax),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert yaml.safe_load(ax.read_text())["unfrozen_parameters"] == [
+        r"^model\.layers\.1\.mlp\.up_proj\.weight$",
+        r"^model\.layers\.0\.self_attn\.q_proj\.weight$",
+    ]
+    peft = tmp_path / "targets.json"
+    code, _, err = run(
+        [
+            "select",
+            str(analysis_json),
+            "--budget-params",
+            "4%",
+            "--exclude",
+            "experts",
+            "--format",
+            "peft",
+            "-o",
+            str(peft),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(peft.read_text()) == {
+        "target_modules": ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"],
+        "target_parameters": None,
+    }
+
+
+def test_select_default_budget_and_random(
+    analysis_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "r.json"
+    code, out, _ = run(
+        ["select", str(analysis_json), "--policy", "random", "--seed", "4", "-o", str(out_file)],
+        capsys,
+    )
+    assert code == 0
+    first = Selection.load(out_file)
+    assert (
+        first.entry_count == 1 and first.budget is not None and first.budget.fraction == 0.2
+    )  # int(9 * 0.2)
+    run(
+        ["select", str(analysis_json), "--policy", "random", "--seed", "4", "-o", str(out_file)],
+        capsys,
+    )
+    assert Selection.load(out_file) == first
+    code, out, _ = run(
+        ["select", str(analysis_json), "--policy", "last-layers", "--last-layers", "1"], capsys
+    )
+    assert code == 0 and "nothing written" in out and "5 of 5 candidates" in out
+
+
+def test_select_computes_analysis_from_model_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    out_file = tmp_path / "sel.json"
+    code, _, err = run(
+        ["select", str(model_dir), "--budget-params", "5%", "-o", str(out_file)], capsys
+    )
+    assert code == 0, err
+    sel = Selection.load(out_file)
+    total = 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3) + 2 * 128 * 32 + 2 * 2 * 32 + 32
+    assert sel.total_params == total and sel.budget_params == total * 5 // 100
+    assert 0 < sel.param_count <= sel.budget_params and sel.source == str(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget-tensors", "10"], "budget of 10 tensors exceeds the 9 candidates"),
+        (
+            ["--budget-params", "2001"],
+            "parameter budget 2,001 exceeds the 1,240 parameters of the 9 candidates",
+        ),
+        (["--kappa-max", "2"], r"no candidate has kappa <= 2 \(lowest of 9 is 3\)"),
+        (["--include", "nothing"], "leave 0 of 9 candidates"),
+        (["--policy", "smallest"], r"unknown selection policy 'smallest' \(known: lowest-kappa"),
+        (["--policy", "fisher"], "--policy fisher needs --fisher-scores"),
+        (["--policy", "last-layers"], "--policy last-layers needs --last-layers N"),
+        (["--quota", "v_proj"], "cannot read quota 'v_proj': expected TYPE=N"),
+        (["--budget-params", "lots"], "cannot read parameter budget 'lots'"),
+        (["--budget-fraction", "1.5"], r"budget fraction must be in \(0, 1\], got 1.5"),
+        (["--module-types", "o_proj"], r"unknown module type\(s\) o_proj"),
+        (["--format", "axolotl"], r"should end in \.yaml or \.yml for --format axolotl"),
+    ],
+)
+def test_select_bad_input_one_line_exit_2_nothing_written(
+    analysis_json: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    out_file = tmp_path / "out" / "sel.json"
+    code, _out, err = run(["select", str(analysis_json), *extra, "-o", str(out_file)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kappatune: error: "), err
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert not out_file.exists() and not out_file.parent.exists()
+
+
+def test_select_missing_source_and_exclusive_budgets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        ["select", str(tmp_path / "none.json"), "-o", str(tmp_path / "s.json")], capsys
+    )
+    assert code == 2 and "no such analysis file" in err
+    assert main(["select", "x.json", "--budget-tensors", "2", "--budget-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "kappatune: error: argument --budget-fraction: not allowed with argument --budget-tensors"
+    ]
+    assert list(tmp_path.iterdir()) == []
