@@ -34,7 +34,12 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
         default="lowest-kappa",
         help=f"one of {', '.join(POLICIES)} (default: lowest-kappa)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the random policy (default: 0)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random policy (and of training in 'train'; default: 0)",
+    )
     g.add_argument(
         "--last-layers", type=int, metavar="N", help="layers kept by the last-layers policy"
     )

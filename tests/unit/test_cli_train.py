@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kappatune.cli import train as train_cli
+from kappatune.cli.main import main
+from kappatune.selection import Selection
+from tests.unit._tiny_models import save_tiny_model
+
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    model = save_tiny_model(tmp_path / "tiny", seed=0)
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT)
+    return model, data
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def base(model: Path, data: Path, out: Path, *extra: object) -> list[object]:
+    return ["train", model, "--data", data, "--output", out, "--steps", 3, "--batch-size", 2,
+            "--seq-len", 16, "--lr", 1e-2, *extra]  # fmt: skip
+
+
+def test_train_selective_saves_model_selection_config(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = setup
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        base(
+            model, data, out, "--method", "selective", "--budget-tensors", 2, "--weight-decay", 0.1
+        ),
+        capsys,
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model",
+        "result.json",
+        "run.json",
+        "selection.json",
+    ]
+    sel = Selection.load(out / "selection.json")
+    assert sel.entry_count == 2 and sel.policy == "lowest-kappa"
+    run_cfg = json.loads((out / "run.json").read_text())
+    assert (
+        run_cfg["method"] == "selective"
+        and run_cfg["train"]["steps"] == 3
+        and run_cfg["train"]["lr"] == 0.01
+    )
+    assert run_cfg["selection"]["names"] == list(sel.names)
+    result = json.loads((out / "result.json").read_text())
+    assert (
+        result["steps"] == 3
+        and len(result["losses"]) == 3
+        and result["trainable_params"] == sel.param_count
+    )
+    before = load_file(str(model / "model.safetensors"))
+    after = load_file(str(out / "model" / "model.safetensors"))
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == sorted(sel.names)
+    assert (out / "model" / "tokenizer.json").is_file()
+    assert "trainable parameters" in stdout and "done: 3 steps" in stdout
+    # rerun: finished, nothing to do
+    code, stdout, _ = run(
+        base(
+            model, data, out, "--method", "selective", "--budget-tensors", 2, "--weight-decay", 0.1
+        ),
+        capsys,
+    )
+    assert code == 0 and "nothing to do" in stdout
+
+
+def test_train_kappa_lora_adapter_matches_selection(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = setup
+    sel_file = tmp_path / "sel.json"
+    assert main(["select", str(model), "--budget-tensors", "3", "-o", str(sel_file)]) == 0
+    sel = Selection.load(sel_file)
+    out = tmp_path / "kl"
+    code, _, err = run(
+        base(model, data, out, "--method", "kappa-lora", "--selection", sel_file, "--lora-r", 2),
+        capsys,
+    )
+    assert code == 0, err
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (
+        set(cfg["target_modules"]) == {n.removesuffix(".weight") for n in sel.names}
+        and cfg["r"] == 2
+    )
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    adapted = {
+        k.split(".lora_")[0].removeprefix("base_model.model.") for k in weights if ".lora_" in k
+    }
+    assert adapted == {n.removesuffix(".weight") for n in sel.names}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_train_lora_and_full(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str
+) -> None:
+    model, data = setup
+    out = tmp_path / method
+    code, _, err = run(
+        base(
+            model,
+            data,
+            out,
+            "--method",
+            method,
+            "--lora-r",
+            1,
+            "--warmup",
+            1,
+            "--scheduler",
+            "cosine",
+        ),
+        capsys,
+    )
+    assert code == 0, err
+    assert (out / ("adapter" if method == "lora" else "model")).is_dir()
+    assert not (out / "selection.json").exists()
+    result = json.loads((out / "result.json").read_text())
+    if method == "lora":  # rank 1 on q, o (32+32), k, v (32+16), gate, up, down (32+64) of 2 layers
+        assert result["trainable_params"] == 2 * (2 * 64 + 2 * 48 + 3 * 96)
+    else:
+        weights = load_file(str(model / "model.safetensors"))
+        assert result["trainable_params"] == sum(t.numel() for t in weights.values())
+
+
+def test_train_resumes_from_checkpoint(
+    setup: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, data = setup
+    args = [
+        "--method",
+        "selective",
+        "--budget-tensors",
+        3,
+        "--checkpoint-every",
+        2,
+        "--warmup",
+        1,
+        "--scheduler",
+        "linear",
+    ]
+    ref = tmp_path / "ref"
+    assert run(base(model, data, ref, *args), capsys)[0] == 0  # uninterrupted reference
+    original = train_cli._save_checkpoint
+
+    def interrupted(out, m, state):  # type: ignore[no-untyped-def]
+        original(out, m, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "_save_checkpoint", interrupted)
+    out = tmp_path / "run"
+    code, _, err = run(base(model, data, out, *args), capsys)
+    assert code == 130 and "interrupted" in err
+    assert (out / "checkpoint" / "loop.pt").is_file() and not (out / "result.json").exists()
+    monkeypatch.setattr(train_cli, "_save_checkpoint", original)
+    code, stdout, err = run(base(model, data, out, *args), capsys)
+    assert code == 0, err
+    assert "resuming from step 2 of 3" in stdout
+    got = json.loads((out / "result.json").read_text())
+    want = json.loads((ref / "result.json").read_text())
+    assert got["steps"] == 3 and got["losses"] == pytest.approx(want["losses"], rel=1e-6)
+    assert not (out / "checkpoint").exists()
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(ref / "model" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # a different configuration in the same directory is refused
+    code, _, err = run(base(model, data, out, *args[:-2], "--scheduler", "cosine"), capsys)
+    assert code == 2 and "different configuration (differs in: train)" in err
+
+
+def write_foreign_selection(path: Path) -> None:
+    """A selection made for another model: GPT-2 names and a layer the tiny model lacks."""
+    from kappatune.selection import SelectionEntry
+
+    names = ("model.layers.5.self_attn.q_proj.weight", "transformer.h.0.attn.c_attn.weight")
+    entries = tuple(SelectionEntry(n, None, 2.0 + i, 100) for i, n in enumerate(names))
+    Selection(entries, "lowest-kappa", None, "gpt2", "abc", 2, 200, 1000).save(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("budget", r"budget of 99 tensors exceeds the 16 candidates"),
+        (
+            "foreign",
+            r"2 selected tensor\(s\) are not parameters of the model \(model.layers.5.self_attn.q_proj.weight, transformer.h.0.attn.c_attn.weight\)",
+        ),
+        ("empty_data", r"empty.txt has no usable text: 3 characters, 0 non-blank"),
+        ("missing_data", r"no such data file: .*nope.txt"),
+        (
+            "selection_lora",
+            r"--selection only applies to --method selective or kappa-lora, not lora",
+        ),
+        ("no_steps", r"give --steps N or --epochs N"),
+        ("bad_lr", r"--lr must be a positive number, got -1"),
+        ("not_empty", r"is not empty and holds no kappatune run"),
+        ("missing_selection", r"no such selection file"),
+        ("bad_model", r"unknown model 'nomodel'"),
+        ("seq_len", r"sequence length must be at least 2 tokens, got 1"),
+    ],
+)
+def test_train_bad_input(
+    setup: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    model, data = setup
+    out = tmp_path / "out"
+    argv = base(model, data, out, "--method", "selective")
+    if case == "budget":
+        argv += ["--budget-tensors", 99]
+    elif case == "foreign":
+        write_foreign_selection(tmp_path / "foreign.json")
+        argv += ["--selection", tmp_path / "foreign.json"]
+    elif case == "empty_data":
+        (tmp_path / "empty.txt").write_text(" \n\n")
+        argv[argv.index(data)] = tmp_path / "empty.txt"
+    elif case == "missing_data":
+        argv[argv.index(data)] = tmp_path / "nope.txt"
+    elif case == "selection_lora":
+        write_foreign_selection(tmp_path / "foreign.json")
+        argv = base(model, data, out, "--method", "lora", "--selection", tmp_path / "foreign.json")
+    elif case == "no_steps":
+        i = argv.index("--steps")
+        del argv[i : i + 2]
+    elif case == "bad_lr":
+        argv += ["--lr", -1]
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "missing_selection":
+        argv += ["--selection", tmp_path / "none.json"]
+    elif case == "bad_model":
+        argv[1] = "nomodel"
+    elif case == "seq_len":
+        argv += ["--seq-len", 1]
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kappatune: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    if case == "not_empty":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert not out.exists()
