@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -22,13 +21,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 RESULTS = Path(__file__).parent / "results"
 
 
 def write_checkpoint(root: Path, gigabytes: float, hidden: int = 1024, inter: int = 4096) -> int:
+    import torch
+    from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(0)
     vocab = 262144
     layer_bytes = 2 * (4 * hidden * hidden + 3 * inter * hidden)
@@ -71,9 +70,17 @@ def main() -> int:
     ap.add_argument("--gigabytes", type=float, default=2.0)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--output", type=Path, default=RESULTS / "analyze_memory")
+    ap.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_only:  # in a child process, so the measuring parent stays small
+        write_checkpoint(args.write_only, args.gigabytes)
+        return 0
     with tempfile.TemporaryDirectory(prefix="kappatune-mem-") as tmp:
-        size = write_checkpoint(Path(tmp), args.gigabytes)
+        subprocess.run(
+            [sys.executable, __file__, "--gigabytes", str(args.gigabytes), "--write-only", tmp],
+            check=True,
+        )
+        size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
         cmd = [
             sys.executable,
             "-m",
@@ -86,23 +93,27 @@ def main() -> int:
             "--workers",
             str(args.workers),
         ]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # The parent never imports torch, so the child's pre-exec size stays far below its peak;
+        # wait4 gives this child's own rusage (not the checkpoint writer's).
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak_mb = usage.ru_maxrss / 1024
     if proc.returncode != 0:
-        print(proc.stderr, file=sys.stderr)
+        print(stderr, file=sys.stderr)
         return proc.returncode
-    assert before == 0 or peak_mb * 1024 >= before
-    summary = proc.stdout.strip().splitlines()[0]
+    summary = stdout.strip().splitlines()[0]
     print(summary)
     print(f"checkpoint {size / 1024**3:.2f} GiB, peak RSS {peak_mb:.0f} MiB, {seconds:.1f} s")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     result = {
         "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}",
         "checkpoint_bytes": size,
         "peak_rss_mib": round(peak_mb, 1),
         "seconds": round(seconds, 2),

@@ -228,3 +228,33 @@ def test_gguf_name_mapping() -> None:
     )
     assert gguf_to_hf_name("token_embd.weight", "llama") == "model.embed_tokens.weight"
     assert gguf_to_hf_name("blk.1.something_new.weight", "llama") == "blk.1.something_new.weight"
+
+
+def test_hugging_face_id_resolves_from_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "hub" / "models--acme--tiny-model"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    save_file({"w.weight": torch.eye(3)}, snapshot / "model.safetensors")
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    src = open_source("acme/tiny-model")
+    assert [e.name for e in src.entries()] == ["w.weight"]
+
+
+def test_fp8_weights_are_read_and_upcast(tmp_path: Path) -> None:
+    from kappatune import AnalyzeOptions, analyze
+
+    w = (torch.eye(4) * torch.tensor([1.0, 2.0, 4.0, 8.0])).to(torch.float8_e4m3fn)
+    save_file({"l.weight": w}, tmp_path / "m.safetensors")
+    a = analyze(tmp_path / "m.safetensors", AnalyzeOptions(use_cache=False))
+    assert a.tensors[0].dtype == "float8_e4m3fn"
+    assert a.tensors[0].kappa == 8.0
