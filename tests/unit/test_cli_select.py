@@ -192,3 +192,19 @@ def test_select_missing_source_and_exclusive_budgets(
         "kappatune: error: argument --budget-fraction: not allowed with argument --budget-tensors"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_select_fisher_policy_from_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kappatune.fisher import fisher_scores_for
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    out_file = tmp_path / "f.json"
+    argv = ["select", str(model_dir), "--policy", "fisher", "--fisher-data", str(text), "--fisher-tokens", "40",
+            "--budget-tensors", "4", "-o", str(out_file)]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    scores = fisher_scores_for(model_dir, [text], tokens=40, seed=0)
+    expected = sorted(scores, key=lambda k: (scores[k], k))[:4]
+    assert [e.key for e in Selection.load(out_file).entries] == expected
