@@ -123,6 +123,29 @@ def _cross_data(reports: dict[str, dict[str, Any]], kind: str, bootstrap: int, s
     return f"{rc.estimate:+.3f} [{rc.ci_low:+.2f}, {rc.ci_high:+.2f}] (n={rc.n})"
 
 
+def _verdict(reports: dict[str, dict[str, Any]]) -> list[str]:
+    """Counted from the tables: the overall sign, and module types whose interval excludes 0."""
+    out = ["## Verdict (Fisher mean per parameter, Spearman, 95 % intervals)", ""]
+    for name, report in reports.items():
+        for kind in report["settings"]["kinds"]:
+            cors = [
+                c for c in report["correlations"]
+                if c["kind"] == kind and c["measure"] == "mean" and c["method"] == "spearman"
+                and c["estimate"] is not None
+            ]  # fmt: skip
+            overall = next(c for c in cors if c["group"] == "all")
+            types = [c for c in cors if c["group"] != "all"]
+            pos = [c["group"] for c in types if c["ci_low"] > 0]
+            neg = [c["group"] for c in types if c["ci_high"] < 0]
+            out.append(
+                f"- {name}, {kind} Fisher: all tensors {_cell(overall)}; within module types,"
+                f" interval above 0: {', '.join(pos) or 'none'}; below 0: {', '.join(neg) or 'none'};"
+                f" containing 0: {len(types) - len(pos) - len(neg)} of {len(types)}"
+            )
+    out.append("")
+    return out
+
+
 def summary(
     reports: dict[str, dict[str, Any]], command: str, args: argparse.Namespace, wall: float
 ) -> str:
@@ -157,6 +180,7 @@ def summary(
             *_table(report, "logvol"),
             "",
         ]
+    out += _verdict(reports)
     if set(reports) == {"english", "code"}:
         out += [
             "## Does the Fisher ranking depend on the data?",
@@ -174,6 +198,24 @@ def summary(
     return "\n".join(out)
 
 
+def resummarize(args: argparse.Namespace) -> int:
+    """Rewrite probe_gemma.md from the JSON files already in ``args.out_dir``."""
+    reports = {
+        n: json.loads((args.out_dir / f"probe_gemma_{n}.json").read_text(encoding="utf-8"))
+        for n in ("english", "code")
+        if (args.out_dir / f"probe_gemma_{n}.json").is_file()
+    }
+    old = (args.out_dir / "probe_gemma.md").read_text(encoding="utf-8")
+    m = re.search(r"Command: `([^`]*)` \(wall time ([0-9.]+) min", old)
+    command, wall = (
+        (m.group(1), float(m.group(2)) * 60) if m else ("python benchmarks/probe_gemma.py", 0.0)
+    )
+    text = summary(reports, command, args, wall)
+    atomic_write_text(args.out_dir / "probe_gemma.md", text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambda", dest="damping", type=float, default=1e-8)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--only", choices=("english", "code"), help="run one text only")
+    p.add_argument(
+        "--summarize-only", action="store_true",
+        help="rewrite probe_gemma.md from the JSON files in --out-dir (no probe runs)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.summarize_only:
+        return resummarize(args)
     command = " ".join(
         ["python", "benchmarks/probe_gemma.py", *map(shlex.quote, argv or sys.argv[1:])]
     )
