@@ -60,11 +60,12 @@ def tensor_row_blocks(t: torch.Tensor) -> RowBlocks:
 
 
 def _gram_cpu(blocks: RowBlocks, n: int, block_rows: int) -> NDArray[np.float64]:
-    g = np.zeros((n, n), dtype=np.float64, order="F")
+    g = np.zeros((n, n), dtype=np.float64)
     for block in blocks(block_rows):
-        b = block.to(torch.float64).contiguous().numpy()
-        # b.T is Fortran-ordered (n x rows): C += A A^T = b^T b, with no copy.
-        g = sla.blas.dsyrk(1.0, b.T, beta=1.0, c=g, trans=0, lower=0, overwrite_c=1)
+        b = block.to(torch.float64, memory_format=torch.contiguous_format).numpy()
+        # numpy runs ``b.T @ b`` (one buffer, transposed) as BLAS syrk and releases the GIL,
+        # so worker threads run in parallel; scipy's BLAS wrappers hold the GIL.
+        g += b.T @ b
     return g
 
 
@@ -140,7 +141,7 @@ def spectrum_of_blocks(
         g = _gram_cpu(blocks, shape[1], block_rows)
         if not np.all(np.isfinite(np.diag(g))):
             raise NonFiniteMatrix(_nonfinite_blocks(blocks, block_rows))
-        eigs = sla.eigvalsh(g, lower=False, check_finite=False, overwrite_a=True)
+        eigs = np.linalg.eigvalsh(g)  # LAPACK syevd; releases the GIL
     else:
         gt = _gram_blocks_torch(blocks, shape[1], block_rows, device)
         if not bool(torch.isfinite(torch.diagonal(gt)).all()):

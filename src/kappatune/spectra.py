@@ -473,8 +473,10 @@ def compute(
             for e in todo:
                 work(e)
         else:
+            # largest first (LPT), so the workers finish together
+            by_cost = sorted(todo, key=lambda e: (-matrix_cost(e), e.name))
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(work, todo))
+                list(pool.map(work, by_cost))
     return out
 
 
