@@ -46,9 +46,9 @@ class BenchSettings:
     arms: tuple[str, ...] = arms_mod.DEFAULT_ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
     stop: str = "both"
-    steps: int = 10
-    target_loss: str = "10%"
-    max_steps: int = 20
+    steps: int = 8
+    target_loss: str = "5%"
+    max_steps: int = 16
     budget: str = "2%"
     batch_size: int = 4
     eval_batch_size: int = 4

@@ -73,15 +73,15 @@ def add_parser(sub: Any) -> None:
         "--stop", choices=("steps", "loss", "both"), default="both", help="stopping rule(s)"
     )
     p.add_argument(
-        "--steps", type=int, default=10, help="steps of the equal-steps rule (default 10)"
+        "--steps", type=int, default=8, help="steps of the equal-steps rule (default 8)"
     )
     p.add_argument(
         "--target-loss",
-        default="10%",
-        help="loss target: a value, or a drop below the base model's training loss (default 10%%)",
+        default="5%",
+        help="loss target: a value, or a drop below the base model's training loss (default 5%%)",
     )
     p.add_argument(
-        "--max-steps", type=int, default=20, help="step cap of the equal-loss rule (default 20)"
+        "--max-steps", type=int, default=16, help="step cap of the equal-loss rule (default 16)"
     )
     p.add_argument(
         "--budget-params",
