@@ -72,9 +72,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--stop", choices=("steps", "loss", "both"), default="both", help="stopping rule(s)"
     )
-    p.add_argument(
-        "--steps", type=int, default=8, help="steps of the equal-steps rule (default 8)"
-    )
+    p.add_argument("--steps", type=int, default=8, help="steps of the equal-steps rule (default 8)")
     p.add_argument(
         "--target-loss",
         default="5%",
