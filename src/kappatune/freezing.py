@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,6 +29,22 @@ from kappatune.selection import Selection
 log = logging.getLogger(__name__)
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def param_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a parameter: DeepSpeed ZeRO-3 shows partitioned ones as shape [0]
+    and keeps the full shape in ``ds_shape``."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """Element count of the whole parameter (``ds_numel`` under ZeRO-3)."""
+    ds = getattr(p, "ds_numel", None)
+    return int(ds) if ds is not None else math.prod(param_shape(p))
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return getattr(p, "ds_shape", None) is not None
 
 
 def resolve_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
@@ -80,18 +97,25 @@ def _expert_masks(
         if experts is None:
             continue
         p = params[resolved[name]]
-        if p.dim() != 3:
+        shape = param_shape(p)
+        if len(shape) != 3:
             raise KappaTuneError(
-                f"selection picks experts of {name!r} but the model's tensor has shape {tuple(p.shape)}"
+                f"selection picks experts of {name!r} but the model's tensor has shape {shape}"
                 " (not a fused experts x out x in tensor)"
             )
-        bad = [e for e in experts if not 0 <= e < p.shape[0]]
+        bad = [e for e in experts if not 0 <= e < shape[0]]
         if bad:
             raise KappaTuneError(
-                f"{name!r} has {p.shape[0]} experts; the selection names expert(s) {bad}"
+                f"{name!r} has {shape[0]} experts; the selection names expert(s) {bad}"
             )
-        if len(experts) < p.shape[0]:
-            mask = torch.zeros(p.shape[0], 1, 1)
+        if len(experts) < shape[0]:
+            if is_partitioned(p):
+                raise KappaTuneError(
+                    f"selection trains {len(experts)} of {shape[0]} experts of {name!r}, but DeepSpeed"
+                    " ZeRO-3 partitions that tensor and its gradient cannot be masked per expert;"
+                    " exclude it from the selection or use ZeRO-2"
+                )
+            mask = torch.zeros(shape[0], 1, 1)
             mask[list(experts)] = 1.0
             masks[resolved[name]] = mask
     return masks
@@ -141,7 +165,8 @@ def apply_selection(
         },
     }
     for name, p in chosen.values():
-        kind = "masked_experts" if name in masks else ("decay" if p.dim() >= 2 else "no_decay")
+        matrix = len(param_shape(p)) >= 2
+        kind = "masked_experts" if name in masks else ("decay" if matrix else "no_decay")
         groups[kind]["params"].append(p)
         groups[kind]["names"].append(name)
     return [g for g in groups.values() if g["params"]]
@@ -153,7 +178,7 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(param_numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def tensor_digest(t: torch.Tensor) -> str:

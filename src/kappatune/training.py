@@ -12,19 +12,21 @@ step. The loop is a function; checkpointing is a callback (``on_step``) plus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from kappatune.data import IGNORE_INDEX, Batch, TokenizedData
 from kappatune.errors import KappaTuneError
+from kappatune.freezing import param_numel, param_shape
 from kappatune.selection import Selection
 
 log = logging.getLogger(__name__)
@@ -81,13 +83,13 @@ class TrainConfig:
                 f"max grad norm must be positive or None, got {self.max_grad_norm}"
             )
 
-    def total_steps(self, n_rows: int) -> int:
-        """Optimizer steps for a data set of ``n_rows`` rows."""
+    def total_steps(self, n_rows: int, world: int = 1) -> int:
+        """Optimizer steps for a data set of ``n_rows`` rows (``world`` processes share a step)."""
         if self.steps is not None:
             return self.steps
         assert self.epochs is not None
         micro = math.ceil(n_rows / self.batch_size)
-        return max(1, math.ceil(self.epochs * micro / self.grad_accum))
+        return max(1, math.ceil(self.epochs * micro / (self.grad_accum * world)))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -169,7 +171,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     no_decay: list[tuple[str, nn.Parameter]] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append((name, p))
+            (decay if len(param_shape(p)) >= 2 else no_decay).append((name, p))
     groups = [
         {
             "params": [p for _, p in decay],
@@ -325,8 +327,11 @@ class LoopState:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Optimizer and scheduler are left alone when absent (an engine restored them)."""
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
         self.step_times = [float(x) for x in state["step_times"]]
@@ -356,6 +361,62 @@ class TrainResult:
         d = asdict(self)
         d["losses"], d["step_times"] = list(self.losses), list(self.step_times)
         return d
+
+
+class Engine(Protocol):
+    """Where the loop runs: one process (:class:`LocalEngine`) or a launched world
+    (``kappatune.distributed_train.AccelerateEngine``). Each of the ``world`` ranks trains
+    on every ``world``-th micro-batch; ``backward`` gets the rank's share of the
+    token-weighted step loss. A ``collective`` engine runs every micro-batch (ranks
+    exchange gradients in lock step), even one without labelled tokens."""
+
+    world: int
+    rank: int
+    collective: bool
+
+    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]: ...
+
+    def device_of(self, model: nn.Module) -> torch.device: ...
+
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def clip(self, model: nn.Module, params: list[nn.Parameter], max_norm: float) -> None: ...
+
+    def total(self, value: float) -> float:
+        """Sum of ``value`` over the ranks."""
+        ...
+
+
+@dataclass
+class LocalEngine:
+    """One process, on ``device`` (default: where the model's parameters are)."""
+
+    device: torch.device | str | None = None
+    world: int = 1
+    rank: int = 0
+    collective: bool = False
+
+    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+        return model, optimizer, scheduler
+
+    def device_of(self, model: nn.Module) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return next(model.parameters()).device
+
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip(self, model: nn.Module, params: list[nn.Parameter], max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def total(self, value: float) -> float:
+        return value
 
 
 def micro_batches(data: TokenizedData, config: TrainConfig, start: int = 0) -> Iterator[Batch]:
@@ -401,47 +462,58 @@ def train_loop(
     resume: Mapping[str, Any] | None = None,
     on_step: Callable[[LoopState], None] | None = None,
     device: torch.device | str | None = None,
+    engine: Engine | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with AdamW; returns per-step losses and times.
 
     ``param_groups`` default to the trainable parameters (decay / no-decay). ``resume`` is a
     :meth:`LoopState.state_dict` from an earlier run with the same config and data; the run
     continues at the next step with the same batches it would have seen. ``on_step`` is
-    called after every optimizer step (e.g. to checkpoint or report progress).
+    called after every optimizer step (e.g. to checkpoint or report progress). ``engine``
+    (default: one process on ``device``) prepares, and takes the backward pass of, the model
+    that trains: read the prepared model from the engine, not from ``model``.
     """
     stop = stop or StopRule()
+    engine = engine or LocalEngine(device)
     if len(data) == 0:
         raise KappaTuneError("no training rows")
     groups = param_groups if param_groups is not None else decay_groups(model, config.weight_decay)
+    trainable_params = sum(param_numel(p) for g in groups for p in g["params"])
     optimizer = build_optimizer(groups, config)
-    total = config.total_steps(len(data))
+    total = config.total_steps(len(data), engine.world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
+    model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
     state = LoopState(optimizer, scheduler)
     if resume is not None:
         state.load_state_dict(resume)
     limit = total if stop.max_steps is None else min(total, stop.max_steps)
     trainable = [p for g in groups for p in g["params"]]
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = engine.device_of(model)
+    per_step = config.grad_accum * engine.world
     _seed_everything(config.seed + state.step)
-    batches = micro_batches(data, config, start=state.step * config.grad_accum)
+    batches = micro_batches(data, config, start=state.step * per_step)
     model.train()
     tokens = 0
     stopped_by = "steps" if limit == total else "max_steps"
     while state.step < limit:
         started = time.perf_counter()
-        group = [next(batches) for _ in range(config.grad_accum)]
+        group = [next(batches) for _ in range(per_step)]
         weights = [_label_tokens(b) for b in group]
         denom = max(1, sum(weights))
         step_loss = 0.0
-        for b, w in zip(group, weights, strict=True):
-            if w == 0:
+        for b, w in list(zip(group, weights, strict=True))[engine.rank :: engine.world]:
+            if w == 0 and not engine.collective:
                 continue
-            out = model(**b.to(dev).model_inputs())
-            (out.loss * (w / denom)).backward()
-            step_loss += float(out.loss.detach()) * w / denom
+            with engine.accumulate(model):
+                out = model(**b.to(dev).model_inputs())
+                # a rank with nothing to learn still takes part in the gradient exchange
+                loss = out.loss * (w / denom) if w else out.logits.sum() * 0.0
+                engine.backward(loss)
+            step_loss += float(out.loss.detach()) * w / denom if w else 0.0
             tokens += int(b.attention_mask.sum())
+        step_loss = engine.total(step_loss)
         if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            engine.clip(model, trainable, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -466,8 +538,8 @@ def train_loop(
         step_times=tuple(state.step_times),
         ema_loss=ema_corrected(state, stop.ema_decay),
         stopped_by=stopped_by,
-        trainable_params=sum(p.numel() for p in trainable),
-        tokens=tokens,
+        trainable_params=trainable_params,
+        tokens=int(engine.total(float(tokens))),
     )
 
 

@@ -31,6 +31,8 @@ EPILOG = """examples:
 
 JSONL records hold "text", or "prompt" and "completion" (loss on the completion only).
 Rerun the same command to resume an interrupted run from its last checkpoint.
+Multi-process (DDP, FSDP with fsdp_use_orig_params, DeepSpeed ZeRO-2/3):
+  accelerate launch --config_file fsdp.yaml -m kappatune.cli.main train ./my-model --data t.txt --method selective -o runs/d
 """
 
 
@@ -301,12 +303,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kappatune.data import PackConfig, load_examples, tokenize
+    from kappatune.distributed_train import launched
     from kappatune.freezing import resolve_names
     from kappatune.jsonio import atomic_write_json
     from kappatune.models import load_causal_lm, total_parameters
 
     _validate(args)
     _quiet_transformers()
+    if launched():  # accelerate launch / torchrun: kappatune.cli.train_launched
+        from kappatune.cli.train_launched import run_launched
+
+        return run_launched(args)
     console = Console(highlight=False, stderr=False)
     device = _device(args.device)
     examples = load_examples(args.data)

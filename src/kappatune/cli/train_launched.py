@@ -1,0 +1,137 @@
+"""``kappatune train`` under ``accelerate launch`` / ``torchrun``: the multi-process run.
+
+Same flags, checks and outputs as the single-process command (:mod:`kappatune.cli.train`).
+Rank 0 computes the selection from the checkpoint files and broadcasts it, decides whether
+the run is new or resumed, prints, and writes every file; all ranks train through
+``accelerate`` (DDP, FSDP or DeepSpeed, as the launch configuration says).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from typing import Any
+
+from kappatune.cli import train as single
+
+log = logging.getLogger(__name__)
+
+
+def run_launched(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kappatune.data import PackConfig, load_examples, tokenize
+    from kappatune.distributed_train import (
+        AccelerateEngine,
+        broadcast_from_main,
+        broadcast_selection,
+        engine_note,
+        make_accelerator,
+    )
+    from kappatune.freezing import is_partitioned, param_numel, resolve_names
+    from kappatune.models import load_causal_lm
+
+    accelerator = make_accelerator(args.grad_accum, args.device)
+    engine = AccelerateEngine(accelerator, args.batch_size, args.max_grad_norm)
+    console = Console(highlight=False, stderr=False, quiet=not engine.is_main)
+    examples = load_examples(args.data)
+    selection = broadcast_selection(lambda: single._selection(args))
+    model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    data = tokenize(tokenizer, examples, PackConfig(seq_len=args.seq_len, pack=not args.no_pack))
+    if selection is not None:
+        resolve_names(model, selection.names)
+        log.info(
+            "rank %d of %d: selection of %d tensors, %s",
+            engine.rank, engine.world, len(selection.names), ",".join(selection.names),
+        )  # fmt: skip
+    partitioned = sum(is_partitioned(p) for p in model.parameters())
+    log.info("rank %d: %d parameters partitioned by ZeRO-3 at load", engine.rank, partitioned)
+    lora = None
+    if args.method in ("lora", "kappa-lora"):
+        lora = single._lora_settings(args, sum(param_numel(p) for p in model.parameters()))
+    resolved = single._resolved(args, selection, lora) | {"processes": engine.world}
+    status = broadcast_from_main(lambda: single._check_run_dir(args.output, resolved), str, str)
+    if status == "done":
+        console.print(f"{args.output} already holds the finished run (result.json); nothing to do")
+        return 0
+    console.print(
+        f"[bold]{args.model}[/bold]  {args.method}  {len(data)} rows x {data.seq_len} tokens"
+        f" ({data.n_label_tokens:,} labelled)  on {engine.world} processes"
+        f" ({accelerator.distributed_type.value}, {accelerator.device})"
+    )
+    if (note := engine_note(accelerator)) is not None:
+        console.print(note)
+    prepared = single._prepare(model, args, selection, lora)
+    if engine.is_main:
+        from kappatune.jsonio import atomic_write_json
+
+        single._write_run_files(args.output, resolved, selection, atomic_write_json)
+    engine.wait()
+    return _train(args, console, engine, prepared, tokenizer, data, status)
+
+
+def _train(
+    args: argparse.Namespace,
+    console: Any,
+    engine: Any,
+    prepared: Any,
+    tokenizer: Any,
+    data: Any,
+    status: str,
+) -> int:
+    from tqdm import tqdm
+
+    from kappatune.distributed_train import loop_meta, resume_point
+    from kappatune.jsonio import atomic_write_json
+    from kappatune.training import StopRule, train_loop
+
+    resume = None
+    if status == "resume" and (point := resume_point(args.output)) is not None:
+        engine.resume_from, resume = point
+    config = single._train_config(args)
+    total = config.total_steps(len(data), engine.world)
+    start = 0 if resume is None else int(resume["step"])
+    if resume is not None:
+        console.print(f"resuming from step {start} of {total} ({args.output / 'checkpoint'})")
+    console.print(
+        f"trainable parameters: {prepared.trainable_params:,}"
+        + (f"  (LoRA rank {prepared.lora_r})" if prepared.lora_r else "")
+    )
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        desc="training",
+        disable=None if engine.is_main else True,
+    )
+
+    def on_step(state: Any) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        if state.step % args.checkpoint_every == 0 and state.step < total:
+            engine.save_checkpoint(args.output, loop_meta(state))
+
+    try:
+        result = train_loop(
+            prepared.model, data, config, StopRule(), param_groups=prepared.param_groups,
+            resume=resume, on_step=on_step, engine=engine,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    lora = args.method in ("lora", "kappa-lora")
+    engine.save_model(args.output / ("adapter" if lora else "model"), tokenizer)
+    if engine.is_main:
+        report = result.to_json() | {
+            "method": args.method,
+            "trainable_params": prepared.trainable_params,
+            "processes": engine.world,
+        }
+        atomic_write_json(args.output / "result.json", report)
+        shutil.rmtree(args.output / "checkpoint", ignore_errors=True)
+    engine.wait()
+    console.print(
+        f"done: {result.steps} steps on {engine.world} processes, final loss"
+        f" {result.final_loss:.4f}, {result.mean_step_time:.2f} s/step; saved to {args.output}"
+    )
+    return 0
