@@ -1,0 +1,324 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kappatune import distributed_train as dt
+from kappatune.errors import KappaTuneError
+from kappatune.freezing import (
+    apply_selection,
+    param_numel,
+    param_shape,
+    resolve_names,
+    trainable_names,
+    trainable_parameters,
+)
+from kappatune.selection import Budget, Selection, SelectionEntry, select
+from kappatune.spectra import analyze
+from kappatune.training import decay_groups
+from tests.unit._tiny_models import save_tiny_model, tiny_llama
+
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
+FSDP_LINE = (
+    "FSDP without use_orig_params cannot train some tensors of a flat parameter and freeze the"
+    " others; set fsdp_use_orig_params: true in the accelerate config (or --fsdp_use_orig_params"
+    " true), or use FSDP2 (fsdp_version: 2)"
+)
+
+
+# --------------------------------------------------------------------------- ZeRO-3 shapes
+
+
+def partition_like_zero3(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Replace every parameter by a shape-[0] tensor carrying ds_shape/ds_numel, as ZeRO-3 does."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, p in list(model.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        stub = nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad)
+        stub.ds_shape = p.shape  # type: ignore[attr-defined]
+        stub.ds_numel = p.numel()  # type: ignore[attr-defined]
+        setattr(owner, leaf, stub)
+        shapes[name] = tuple(p.shape)
+    return shapes
+
+
+def test_zero3_partitioned_parameters_freeze_by_name_with_real_shapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAPPATUNE_CACHE", str(tmp_path / "cache"))
+    path = save_tiny_model(tmp_path / "tiny")
+    selection = select(analyze(str(path)), "lowest-kappa", Budget(tensors=4))
+    model = tiny_llama(0)
+    shapes = partition_like_zero3(model)
+    assert all(p.shape == (0,) for p in model.parameters())
+
+    def no_spectra(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("kappa must come from the checkpoint files, not the model")
+
+    monkeypatch.setattr("kappatune.spectra.compute", no_spectra)
+    monkeypatch.setattr("kappatune.spectra.analyze", no_spectra)
+    assert resolve_names(model, selection.names) == {n: n for n in selection.names}
+    groups = apply_selection(model, selection, weight_decay=0.1)
+    assert [(g["group"], g["names"]) for g in groups] == [("decay", list(selection.names))]
+    assert trainable_names(model) == [n for n in shapes if n in set(selection.names)]
+    assert trainable_parameters(model) == selection.param_count
+    assert selection.param_count == sum(
+        shapes[n][0] * shapes[n][1] for n in selection.names
+    )  # every selected tensor is a matrix
+    assert [g["names"] for g in decay_groups(model, 0.1)] == [
+        [n for n in shapes if n in set(selection.names)]
+    ]
+    norm = "model.layers.0.input_layernorm.weight"
+    p = dict(model.named_parameters())[norm]
+    assert (param_shape(p), param_numel(p), tuple(p.shape)) == ((32,), 32, (0,))
+
+
+def test_zero3_refuses_masking_some_experts() -> None:
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.empty(0))
+            self.gate_up_proj.ds_shape = torch.Size((4, 6, 5))  # type: ignore[attr-defined]
+
+    model = nn.Module()
+    model.experts = Experts()
+    entries = tuple(SelectionEntry("experts.gate_up_proj", e, 1.0, 30) for e in (0, 2))
+    sel = Selection(entries, "manual", None, "test", "", 2, 60, 120)
+    with pytest.raises(KappaTuneError, match=r"trains 2 of 4 experts of 'experts.gate_up_proj'"):
+        apply_selection(model, sel)
+    whole = tuple(SelectionEntry("experts.gate_up_proj", e, 1.0, 30) for e in range(4))
+    groups = apply_selection(model, Selection(whole, "manual", None, "test", "", 4, 120, 120))
+    assert [(g["group"], g["names"]) for g in groups] == [("decay", ["experts.gate_up_proj"])]
+
+
+# --------------------------------------------------------------------------- FSDP
+
+
+@pytest.mark.parametrize(
+    ("version", "orig", "raises"),
+    [(1, False, True), (1, None, True), (1, True, False), (2, None, False)],
+)
+def test_check_fsdp_plugin(version: int, orig: bool | None, raises: bool) -> None:
+    plugin = SimpleNamespace(fsdp_version=version, use_orig_params=orig)
+    model = nn.Linear(2, 2)
+    if raises:
+        with pytest.raises(KappaTuneError) as err:
+            dt.check_fsdp(plugin, model)
+        assert str(err.value) == FSDP_LINE
+    else:
+        dt.check_fsdp(plugin, model)
+    dt.check_fsdp(None, model)
+
+
+def test_check_fsdp_plugin_from_accelerate() -> None:
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    with pytest.raises(KappaTuneError, match="fsdp_use_orig_params: true"):
+        dt.check_fsdp(
+            FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False), nn.Linear(2, 2)
+        )
+    dt.check_fsdp(
+        FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True), nn.Linear(2, 2)
+    )
+
+
+def test_check_fsdp_wrapped_model(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        cpu = torch.device("cpu")
+        flat = FSDP(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), device_id=cpu)
+        with pytest.raises(KappaTuneError) as err:
+            dt.check_fsdp(None, flat)
+        assert str(err.value) == FSDP_LINE
+        dt.check_fsdp(None, FSDP(nn.Linear(4, 2), device_id=cpu, use_orig_params=True))
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_broadcast_from_main_without_a_world_runs_locally() -> None:
+    assert dt.broadcast_from_main(lambda: 7, str, int) == 7
+
+    def fail() -> int:
+        raise KappaTuneError("boom")
+
+    with pytest.raises(KappaTuneError, match=r"^boom$"):
+        dt.broadcast_from_main(fail, str, int)
+
+
+def test_launched(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(var, raising=False)
+    assert not dt.launched()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert dt.launched()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dt.launched()
+
+
+def fake_engine(grad_accum: int, world: int) -> dt.AccelerateEngine:
+    acc = SimpleNamespace(
+        gradient_accumulation_steps=grad_accum, num_processes=world, process_index=0
+    )
+    return dt.AccelerateEngine(acc, batch_size=3, max_grad_norm=0.5)
+
+
+def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
+    config: dict[str, Any] = {"train_batch_size": "auto", "gradient_clipping": "auto"}
+    fake_engine(2, 4)._fill_deepspeed(config)
+    assert config == {
+        "train_batch_size": 24,
+        "gradient_clipping": 0.5,
+        "train_micro_batch_size_per_gpu": 3,
+        "gradient_accumulation_steps": 2,
+    }
+    with pytest.raises(KappaTuneError) as err:
+        fake_engine(2, 4)._fill_deepspeed({"gradient_accumulation_steps": 8})
+    assert str(err.value) == (
+        "the DeepSpeed config sets gradient_accumulation_steps 8 but --grad-accum gives 2;"
+        ' set it to "auto" in the config'
+    )
+
+
+def test_resume_point(tmp_path: Path) -> None:
+    assert dt.resume_point(tmp_path) is None
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"step": 2}, tmp_path / "checkpoint" / "loop.pt")
+    with pytest.raises(KappaTuneError, match="written by a single-process run"):
+        dt.resume_point(tmp_path)
+    (tmp_path / "checkpoint" / "accelerate").mkdir()
+    assert dt.resume_point(tmp_path) == (tmp_path / "checkpoint" / "accelerate", {"step": 2})
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+STOP_AFTER_CHECKPOINT = """
+import sys
+from kappatune import distributed_train as dt
+save = dt.AccelerateEngine.save_checkpoint
+def save_and_stop(self, out, state):
+    save(self, out, state)
+    raise SystemExit(3)
+dt.AccelerateEngine.save_checkpoint = save_and_stop
+from kappatune.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Any:
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT)
+    env = {**os.environ, "KAPPATUNE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "COLUMNS": "400"}  # fmt: skip
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(var, None)
+
+    def run(out: Path, *launcher: str, script: list[str] | None = None) -> Any:
+        launcher = launcher or (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()))  # fmt: skip
+        argv = [*launcher, *(script or ["-m", "kappatune.cli.main"]), "-v", "train", str(model),
+                "--data", str(data), "-o", str(out), "--steps", "4", "--batch-size", "2",
+                "--seq-len", "16", "--lr", "1e-2", "--method", "selective", "--budget-tensors",
+                "3", "--checkpoint-every", "2"]  # fmt: skip
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+
+    return model, run
+
+
+def rank_selections(stderr: str) -> dict[int, str]:
+    found = re.findall(r"INFO: rank (\d) of 2: selection of \d+ tensors, (\S+)", stderr)
+    return {int(r): names for r, names in found}
+
+
+def check_run(model: Path, out: Path, run: Any) -> Selection:
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model",
+        "result.json",
+        "run.json",
+        "selection.json",
+    ]
+    sel = Selection.load(out / "selection.json")
+    assert rank_selections(run.stderr) == {0: ",".join(sel.names), 1: ",".join(sel.names)}
+    before = load_file(str(model / "model.safetensors"))
+    after = load_file(str(out / "model" / "model.safetensors"))
+    assert sorted(after) == sorted(before)
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == sorted(sel.names)  # frozen tensors bit-identical, selected ones trained
+    result = json.loads((out / "result.json").read_text())
+    assert (result["steps"], result["processes"], result["trainable_params"]) == (
+        4,
+        2,
+        sel.param_count,
+    )
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    assert run.stdout.count("done: 4 steps on 2 processes") == 1  # only rank 0 talks
+    return sel
+
+
+def test_two_process_selective_training_and_resume(launch: Any, tmp_path: Path) -> None:
+    model, run = launch
+    straight = tmp_path / "straight"
+    sel = check_run(model, straight, run(straight))
+    assert sel.entry_count == 3
+    # interrupted right after the step-2 checkpoint, then resumed by rerunning the command
+    resumed = tmp_path / "resumed"
+    stopper = tmp_path / "stop_after_checkpoint.py"
+    stopper.write_text(STOP_AFTER_CHECKPOINT)
+    first = run(resumed, script=[str(stopper)])
+    assert first.returncode != 0
+    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint", "run.json", "selection.json"]
+    assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == ["accelerate", "loop.pt"]
+    second = run(resumed)
+    assert "resuming from step 2 of 4" in second.stdout
+    check_run(model, resumed, second)
+    a = load_file(str(straight / "model" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    losses = [json.loads((d / "result.json").read_text())["losses"] for d in (straight, resumed)]
+    assert losses[0] == losses[1]
+
+
+def test_two_process_deepspeed_zero3_freezes_by_name(launch: Any, tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    model, run = launch
+    out = tmp_path / "zero3"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true",
+                  "--main_process_port", str(_free_port())]  # fmt: skip
+    result = run(out, *accelerate)
+    check_run(model, out, result)
+    assert "on 2 processes (DEEPSPEED" in result.stdout
+    partitioned = re.findall(r"rank (\d): (\d+) parameters partitioned by ZeRO-3", result.stderr)
+    assert sorted(partitioned) == [("0", "21"), ("1", "21")]  # every tensor of the tiny Llama
