@@ -309,16 +309,20 @@ def test_two_process_selective_training_and_resume(launch: Any, tmp_path: Path) 
     assert losses[0] == losses[1]
 
 
-def test_two_process_deepspeed_zero3_freezes_by_name(launch: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "partitioned"), [(2, "0"), (3, "21")])
+def test_two_process_deepspeed_freezes_by_name(
+    launch: Any, tmp_path: Path, stage: int, partitioned: str
+) -> None:
+    """ZeRO-2 and ZeRO-3 (parameters partitioned at load) on CPU; needs deepspeed installed."""
     pytest.importorskip("deepspeed")
     model, run = launch
-    out = tmp_path / "zero3"
+    out = tmp_path / f"zero{stage}"
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true",
+                  "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
                   "--main_process_port", str(_free_port())]  # fmt: skip
     result = run(out, *accelerate)
     check_run(model, out, result)
     assert "on 2 processes (DEEPSPEED" in result.stdout
-    partitioned = re.findall(r"rank (\d): (\d+) parameters partitioned by ZeRO-3", result.stderr)
-    assert sorted(partitioned) == [("0", "21"), ("1", "21")]  # every tensor of the tiny Llama
+    counts = re.findall(r"rank (\d): (\d+) parameters partitioned by ZeRO-3", result.stderr)
+    assert sorted(counts) == [("0", partitioned), ("1", partitioned)]  # 21: every tensor
