@@ -79,9 +79,15 @@ def make_accelerator(grad_accum: int, device: str = "auto") -> Any:
         raise KappaTuneError("--device cuda was asked for but no CUDA device is available")
     # DeepSpeed needs cpu=False even without CUDA (accelerate ignores it on a MULTI_CPU run)
     cpu = device == "cpu" or not (torch.cuda.is_available() or _asked_for("DEEPSPEED"))
-    return Accelerator(
-        cpu=cpu, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False
-    )
+    try:
+        return Accelerator(
+            cpu=cpu, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False
+        )
+    except (RuntimeError, ValueError) as exc:  # e.g. FSDP1 on a machine without accelerators
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KappaTuneError(
+            f"accelerate cannot start this launch configuration: {first}"
+        ) from None
 
 
 def broadcast_from_main(

@@ -326,3 +326,31 @@ def test_two_process_deepspeed_freezes_by_name(
     assert "on 2 processes (DEEPSPEED" in result.stdout
     counts = re.findall(r"rank (\d): (\d+) parameters partitioned by ZeRO-3", result.stderr)
     assert sorted(counts) == [("0", partitioned), ("1", partitioned)]  # 21: every tensor
+
+
+def test_two_process_fsdp_requests_on_cpu(launch: Any, tmp_path: Path) -> None:
+    """accelerate switches to FSDP only on accelerators: on CPU an FSDP2 launch trains with
+    DDP and the command says so; FSDP1 cannot even start (one clear line)."""
+    model, run = launch
+
+    def fsdp(version: int) -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--use_fsdp", "--fsdp_version", str(version),
+                "--main_process_port", str(_free_port())]  # fmt: skip
+
+    result = run(tmp_path / "fsdp2", *fsdp(2))
+    check_run(model, tmp_path / "fsdp2", result)
+    assert (
+        "note: accelerate runs FSDP only on accelerators; this run uses MULTI_CPU (no sharding)"
+        in result.stdout
+    )
+    if torch.cuda.is_available():
+        return
+    result = run(tmp_path / "fsdp1", *fsdp(1))
+    assert result.returncode != 0
+    assert (
+        "kappatune: error: accelerate cannot start this launch configuration: There are currently"
+        " no available devices found" in result.stderr
+    )
+    assert not (tmp_path / "fsdp1").exists()
