@@ -127,7 +127,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
     t = t.detach().to("cpu").contiguous()
     raw = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
     return content_digest(
-        memoryview(raw.numpy().reshape(-1)), str(t.dtype).removeprefix("torch."), tuple(t.shape)
+        raw.numpy().reshape(-1).data, str(t.dtype).removeprefix("torch."), tuple(t.shape)
     )
 
 
