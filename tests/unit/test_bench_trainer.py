@@ -81,7 +81,7 @@ def _train(plan: StopPlan) -> tuple:
 
 
 def test_both_rules_share_one_trajectory_when_the_target_comes_first() -> None:
-    trained, counter, steps = _train(StopPlan("both", steps=4, target=100.0, cap=6))
+    trained, counter, steps = _train(StopPlan("both", steps=4, target=100.0, cap=6, min_steps=1))
     loss_pt = next(p for p in trained.points if p.rule == "loss")
     steps_pt = next(p for p in trained.points if p.rule == "steps")
     assert loss_pt.step == 1 and loss_pt.reached  # any loss is below 100
@@ -116,3 +116,16 @@ def test_stop_plan_validation() -> None:
         StopPlan("both", 5, 1.0, 2)
     assert StopPlan("both", 5, 1.0, 9).horizon == 9
     assert StopPlan("loss", 5, 1.0, 3).horizon == 3
+    with pytest.raises(KappaTuneError, match="minimum steps must be at least 1, got 0"):
+        StopPlan("loss", 1, 1.0, 5, min_steps=0)
+
+
+def test_loss_rule_waits_for_the_ema_window() -> None:
+    assert StopPlan("loss", 1, 1.0, 16, ema_decay=0.8).floor == 5
+    assert StopPlan("loss", 1, 1.0, 16, ema_decay=0.9).floor == 10
+    assert StopPlan("loss", 1, 1.0, 16, ema_decay=0.0).floor == 1
+    assert StopPlan("loss", 1, 1.0, 3, ema_decay=0.9).floor == 3  # never past the cap
+    trained, _, steps = _train(StopPlan("both", steps=2, target=100.0, cap=6, ema_decay=0.75))
+    loss_pt = next(p for p in trained.points if p.rule == "loss")
+    assert loss_pt.step == 4 and loss_pt.reached  # reachable at step 1, held to the window
+    assert steps == [1, 2, 3, 4]

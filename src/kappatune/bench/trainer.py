@@ -84,6 +84,7 @@ class StopPlan:
     target: float | None
     cap: int
     ema_decay: float = 0.8
+    min_steps: int | None = None  # loss rule floor; None: the EMA's window, 1 / (1 - decay)
 
     def __post_init__(self) -> None:
         if self.stop not in STOPS:
@@ -99,6 +100,16 @@ class StopPlan:
             raise KappaTuneError(f"--max-steps {self.cap} is below --steps {self.steps}")
         if not 0 <= self.ema_decay < 1:
             raise KappaTuneError(f"--ema must be in [0, 1), got {self.ema_decay}")
+        if self.min_steps is not None and self.min_steps < 1:
+            raise KappaTuneError(f"minimum steps must be at least 1, got {self.min_steps}")
+
+    @property
+    def floor(self) -> int:
+        """The loss rule does not stop before this step: a bias-corrected EMA of the first
+        step or two is one batch's loss, so an easy first batch would end the run at once."""
+        window = math.ceil(1 / (1 - self.ema_decay) - 1e-9)
+        wanted = self.min_steps if self.min_steps is not None else window
+        return max(1, min(wanted, self.cap))
 
     @property
     def horizon(self) -> int:
@@ -115,6 +126,7 @@ class StopPlan:
             "target": self.target,
             "cap": self.cap,
             "ema_decay": self.ema_decay,
+            "min_steps": self.floor if self.stop != "steps" else None,
         }
 
 
@@ -161,7 +173,12 @@ def train_and_evaluate(
     if plan.stop == "steps":
         rule = StopRule(ema_decay=plan.ema_decay, max_steps=plan.steps)
     else:
-        rule = StopRule(target_loss=plan.target, ema_decay=plan.ema_decay, max_steps=plan.cap)
+        rule = StopRule(
+            target_loss=plan.target,
+            ema_decay=plan.ema_decay,
+            min_steps=plan.floor,
+            max_steps=plan.cap,
+        )
     result = train_loop(wrapper, data, config, rule, param_groups=param_groups, on_step=hook)
     points: list[Point] = []
     if plan.stop != "steps":
