@@ -51,11 +51,19 @@ def balance(entries: Sequence[TensorEntry], world: int) -> list[list[TensorEntry
     return shares
 
 
-def _process_group() -> Any:
+def backend_for(device: str, cuda: bool, nccl: bool) -> str:
+    """gloo on CPU; on GPUs NCCL for device tensors and gloo for the row objects that are
+    gathered to rank 0 (torch sends object collectives over the ``cpu`` backend)."""
+    return "cpu:gloo,cuda:nccl" if device != "cpu" and cuda and nccl else "gloo"
+
+
+def _process_group(device: str) -> Any:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=60))
+        cuda = torch.cuda.is_available()
+        backend = backend_for(device, cuda, cuda and dist.is_nccl_available())
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
     return dist
 
 
@@ -66,10 +74,11 @@ def analyze_sharded(
 ) -> Analysis | None:
     """Run one rank's share; rank 0 returns the full Analysis, other ranks return None."""
     options = options or AnalyzeOptions()
-    dist = _process_group()
+    if options.device != "cpu" and torch.cuda.is_available():  # before NCCL sees the device
+        local = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
+        torch.cuda.set_device(int(local) % torch.cuda.device_count())
+    dist = _process_group(options.device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if options.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     the_plan = plan(source, options)
     part: Computed | dict[str, str]
     try:

@@ -94,3 +94,13 @@ def test_two_process_gloo_run_writes_what_one_process_writes(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(sharded.read_text()) == json.loads(single.read_text())
     assert run.stdout.count("lowest kappa") == 1  # only rank 0 reports
+
+
+def test_backend_gloo_on_cpu_nccl_for_device_tensors_on_gpus() -> None:
+    from kappatune.distributed import backend_for
+
+    assert backend_for("cpu", cuda=True, nccl=True) == "gloo"
+    assert backend_for("auto", cuda=False, nccl=False) == "gloo"
+    assert backend_for("auto", cuda=True, nccl=False) == "gloo"
+    assert backend_for("auto", cuda=True, nccl=True) == "cpu:gloo,cuda:nccl"
+    assert backend_for("cuda", cuda=True, nccl=True) == "cpu:gloo,cuda:nccl"
