@@ -365,6 +365,20 @@ def _write_run_files(out: Path, resolved: dict[str, Any], selection: Any, write:
         selection.save(out / "selection.json")
 
 
+def announce_start(
+    console: Any, args: argparse.Namespace, prepared: Any, resume: dict[str, Any] | None, total: int
+) -> int:
+    """Print where the run starts and what it trains; return the step it starts from."""
+    start = 0 if resume is None else int(resume["step"])
+    if resume is not None:
+        console.print(f"resuming from step {start} of {total} ({args.output / 'checkpoint'})")
+    console.print(
+        f"trainable parameters: {prepared.trainable_params:,}"
+        + (f"  (LoRA rank {prepared.lora_r})" if prepared.lora_r else "")
+    )
+    return start
+
+
 def _train(
     args: argparse.Namespace,
     console: Any,
@@ -383,13 +397,7 @@ def _train(
     resume = _load_checkpoint(args.output, model) if status == "resume" else None
     config = _train_config(args)
     total = config.total_steps(len(data))
-    start = 0 if resume is None else int(resume["step"])
-    if resume is not None:
-        console.print(f"resuming from step {start} of {total} ({args.output / 'checkpoint'})")
-    console.print(
-        f"trainable parameters: {prepared.trainable_params:,}"
-        + (f"  (LoRA rank {prepared.lora_r})" if prepared.lora_r else "")
-    )
+    start = announce_start(console, args, prepared, resume, total)
     bar = tqdm(total=total, initial=start, unit="step", desc="training", disable=None)
 
     def on_step(state: Any) -> None:

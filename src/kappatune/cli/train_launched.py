@@ -91,13 +91,7 @@ def _train(
         engine.resume_from, resume = point
     config = single._train_config(args)
     total = config.total_steps(len(data), engine.world)
-    start = 0 if resume is None else int(resume["step"])
-    if resume is not None:
-        console.print(f"resuming from step {start} of {total} ({args.output / 'checkpoint'})")
-    console.print(
-        f"trainable parameters: {prepared.trainable_params:,}"
-        + (f"  (LoRA rank {prepared.lora_r})" if prepared.lora_r else "")
-    )
+    start = single.announce_start(console, args, prepared, resume, total)
     bar = tqdm(
         total=total,
         initial=start,
