@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.freezing import is_partitioned
 
@@ -73,10 +74,7 @@ def make_accelerator(grad_accum: int, device: str = "auto") -> Any:
     step: the loop's schedule counts optimizer steps, whatever the world size."""
     from accelerate import Accelerator
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise KappaTuneError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KappaTuneError("--device cuda was asked for but no CUDA device is available")
+    resolve_device(device)  # one-line errors for an unknown or unavailable device
     # DeepSpeed needs cpu=False even without CUDA (accelerate ignores it on a MULTI_CPU run)
     cpu = device == "cpu" or not (torch.cuda.is_available() or _asked_for("DEEPSPEED"))
     try:

@@ -20,6 +20,7 @@ import torch
 
 from kappatune import linalg, metrics, names
 from kappatune.cache import SpectrumCache
+from kappatune.devices import DEVICES, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float
 from kappatune.sources import (
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STREAM_MIN_BYTES = 64 * 1024 * 1024
-DEVICES = ("auto", "cpu", "cuda")
 _FLOAT_FIELDS = (
     "kappa",
     "sigma_max",
@@ -85,11 +85,7 @@ class AnalyzeOptions:
             )
 
     def torch_device(self) -> torch.device:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise KappaTuneError("--device cuda was asked for but no CUDA device is available")
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def worker_count(self, device: torch.device) -> int:
         if self.workers:

@@ -478,7 +478,8 @@ def train_loop(
     if len(data) == 0:
         raise KappaTuneError("no training rows")
     groups = param_groups if param_groups is not None else decay_groups(model, config.weight_decay)
-    trainable_params = sum(param_numel(p) for g in groups for p in g["params"])
+    trainable = [p for g in groups for p in g["params"]]
+    trainable_params = sum(param_numel(p) for p in trainable)  # before an engine shards them
     optimizer = build_optimizer(groups, config)
     total = config.total_steps(len(data), engine.world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
@@ -487,7 +488,6 @@ def train_loop(
     if resume is not None:
         state.load_state_dict(resume)
     limit = total if stop.max_steps is None else min(total, stop.max_steps)
-    trainable = [p for g in groups for p in g["params"]]
     dev = engine.device_of(model)
     per_step = config.grad_accum * engine.world
     _seed_everything(config.seed + state.step)

@@ -29,6 +29,7 @@ from kappatune.bench.inputs import EvalSizes, Prepared, evenly, prepare
 from kappatune.bench.scenarios import Scenario, ScenarioData
 from kappatune.bench.store import BaseResult, Metrics, ResultStore, RunResult, config_hash
 from kappatune.bench.trainer import SparseLossLM, StopPlan, train_and_evaluate
+from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.selection import Budget
 
@@ -222,14 +223,6 @@ def reference_loss(model: nn.Module, prepared: Prepared, batch_size: int, rows: 
 # --------------------------------------------------------------------------- model set-up
 
 
-def _device(settings: BenchSettings) -> torch.device:
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise KappaTuneError("--device cuda was asked for but no CUDA device is available")
-    if settings.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(settings.device)
-
-
 @dataclass
 class Loaded:
     model: nn.Module
@@ -244,7 +237,7 @@ def load_model(spec: str, settings: BenchSettings) -> Loaded:
     from kappatune.spectra import AnalyzeOptions, analyze
 
     model, tokenizer = load_causal_lm(spec, dtype=DTYPES[settings.dtype])
-    model.to(_device(settings))
+    model.to(resolve_device(settings.device))
     model.eval()
     names = arms_mod.linear_weight_names(model)
     include = "^(" + "|".join(re.escape(n) for n in names) + ")$"

@@ -287,22 +287,11 @@ def _selection(args: argparse.Namespace) -> Any:
     return selection_from_args(args, analysis, model_spec=args.model)
 
 
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KappaTuneError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise KappaTuneError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kappatune.data import PackConfig, load_examples, tokenize
+    from kappatune.devices import resolve_device
     from kappatune.distributed_train import launched
     from kappatune.freezing import resolve_names
     from kappatune.jsonio import atomic_write_json
@@ -315,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_launched(args)
     console = Console(highlight=False, stderr=False)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     examples = load_examples(args.data)
     selection = _selection(args)
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
