@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+from kappatune.cli.main import main
+
+
+def test_help_and_import_do_not_load_heavy_libraries() -> None:
+    code = (
+        "import sys, kappatune, kappatune.cli.main as m\n"
+        "m.build_parser()\n"
+        "heavy = sorted(x for x in ('torch', 'transformers', 'peft', 'matplotlib', 'scipy') if x in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_lazy_api_attributes() -> None:
+    import kappatune
+
+    assert kappatune.analyze.__module__ == "kappatune.spectra"
+    assert kappatune.AnalyzeOptions.__name__ == "AnalyzeOptions"
+
+
+def test_no_command_prints_help_and_exits_2(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
