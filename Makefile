@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+DEEPSPEED ?= deepspeed>=0.15
 
 .PHONY: setup demo test lint format bench
 
@@ -14,10 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[all,dev]"
 	touch $@
 
+# DeepSpeed, for the ZeRO-2/3 tests, ships only a source package that imports torch to build:
+# build it against the torch above, not an isolated (CUDA) one.
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/kappatune analyze gemma-3-270m
 
-test: setup
+test: setup $(VENV)/.deepspeed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q

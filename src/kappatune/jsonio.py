@@ -26,22 +26,11 @@ def decode_float(x: Any) -> float:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write to a temporary file beside the target, then rename over it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temporary file beside the target, then rename over it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -58,3 +47,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_json_object(path: str | os.PathLike[str], what: str, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a user-facing error names ``what`` the file should be.
+
+    ``missing`` is the message when the file does not exist.
+    """
+    from kappatune.errors import KappaTuneError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KappaTuneError(f"{missing}: {path}") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise KappaTuneError(f"cannot read {what} {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise KappaTuneError(f"cannot read {what} {path}: not a JSON object")
+    return data

@@ -13,18 +13,16 @@ a versioned JSON round trip.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import atomic_write_json, decode_float, encode_float
+from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
 from kappatune.spectra import Analysis, SpectrumRow
 
 SCHEMA_VERSION = 1
@@ -473,15 +471,7 @@ class Selection:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Selection:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise KappaTuneError(f"no such selection file: {path}") from None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise KappaTuneError(f"cannot read selection {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise KappaTuneError(f"cannot read selection {path}: not a JSON object")
-        return cls.from_json(data)
+        return cls.from_json(read_json_object(path, "selection", "no such selection file"))
 
 
 # --------------------------------------------------------------------------- the stage

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from kappatune import linalg, metrics, names
 from kappatune.cache import SpectrumCache
 from kappatune.devices import DEVICES, resolve_device
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import atomic_write_json, decode_float, encode_float
+from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
 from kappatune.sources import (
     RowStreamingSource,
     Source,
@@ -197,15 +196,7 @@ class Analysis:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Analysis:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise KappaTuneError(f"no such file: {path}") from None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise KappaTuneError(f"cannot read analysis {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise KappaTuneError(f"cannot read analysis {path}: not a JSON object")
-        return cls.from_json(data)
+        return cls.from_json(read_json_object(path, "analysis", "no such file"))
 
     def row(self, name: str, expert: int | None = None) -> SpectrumRow:
         for r in self.tensors:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float
@@ -186,6 +186,9 @@ class BaseResult:
         )
 
 
+_Result = TypeVar("_Result", RunResult, BaseResult)
+
+
 class ResultStore:
     """Reads and writes result files under ``root``; only current-hash files count as done."""
 
@@ -209,27 +212,18 @@ class ResultStore:
         return data if isinstance(data, dict) else None
 
     def load_run(self, scenario: str, arm: str, seed: int, want_hash: str) -> RunResult | None:
-        path = self.run_path(scenario, arm, seed)
-        data = self._read(path)
-        if data is None:
-            return None
-        try:
-            result = RunResult.from_json(data)
-        except (KappaTuneError, KeyError, TypeError, ValueError):
-            log.warning("malformed result file %s: recomputing it", path)
-            return None
-        if result.config_hash != want_hash:
-            log.warning("%s was made with another configuration: recomputing it", path)
-            return None
-        return result
+        return self._load(self.run_path(scenario, arm, seed), RunResult, want_hash)
 
     def load_base(self, scenario: str, want_hash: str) -> BaseResult | None:
-        path = self.base_path(scenario)
+        return self._load(self.base_path(scenario), BaseResult, want_hash)
+
+    def _load(self, path: Path, kind: type[_Result], want_hash: str) -> _Result | None:
+        """A stored result made with ``want_hash``, or None (with a warning) to recompute it."""
         data = self._read(path)
         if data is None:
             return None
         try:
-            result = BaseResult.from_json(data)
+            result = kind.from_json(data)
         except (KappaTuneError, KeyError, TypeError, ValueError):
             log.warning("malformed result file %s: recomputing it", path)
             return None
