@@ -354,3 +354,33 @@ def test_two_process_fsdp_requests_on_cpu(launch: Any, tmp_path: Path) -> None:
         " no available devices found" in result.stderr
     )
     assert not (tmp_path / "fsdp1").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_resume_is_exact(launch: Any, tmp_path: Path, stage: int) -> None:
+    """An interrupted ZeRO run resumes from its collective checkpoint to the same weights."""
+    pytest.importorskip("deepspeed")
+    model, run = launch
+
+    def accelerate() -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
+                "--main_process_port", str(_free_port())]  # fmt: skip
+
+    straight = tmp_path / "straight"
+    check_run(model, straight, run(straight, *accelerate()))
+    resumed = tmp_path / "resumed"
+    stopper = tmp_path / "stop_after_checkpoint.py"
+    stopper.write_text(STOP_AFTER_CHECKPOINT)
+    first = run(resumed, *accelerate(), script=[str(stopper)])
+    assert first.returncode != 0
+    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint", "run.json", "selection.json"]
+    second = run(resumed, *accelerate())
+    assert "resuming from step 2 of 4" in second.stdout
+    check_run(model, resumed, second)
+    a = load_file(str(straight / "model" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    losses = [json.loads((d / "result.json").read_text())["losses"] for d in (straight, resumed)]
+    assert losses[0] == losses[1]
