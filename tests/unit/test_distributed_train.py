@@ -243,13 +243,15 @@ def launch(tmp_path: Path) -> Any:
     for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         env.pop(var, None)
 
-    def run(out: Path, *launcher: str, script: list[str] | None = None) -> Any:
+    def run(
+        out: Path, *launcher: str, script: list[str] | None = None, method: str = "selective"
+    ) -> Any:
         launcher = launcher or (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                                 "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()))  # fmt: skip
         argv = [*launcher, *(script or ["-m", "kappatune.cli.main"]), "-v", "train", str(model),
                 "--data", str(data), "-o", str(out), "--steps", "4", "--batch-size", "2",
-                "--seq-len", "16", "--lr", "1e-2", "--method", "selective", "--budget-tensors",
-                "3", "--checkpoint-every", "2"]  # fmt: skip
+                "--seq-len", "16", "--lr", "1e-2", "--method", method, "--budget-tensors",
+                "3", "--checkpoint-every", "2", *(["--lora-r", "4"] if "lora" in method else [])]  # fmt: skip
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
 
     return model, run
@@ -384,3 +386,32 @@ def test_two_process_deepspeed_resume_is_exact(launch: Any, tmp_path: Path, stag
     assert all(torch.equal(a[n], b[n]) for n in a)
     losses = [json.loads((d / "result.json").read_text())["losses"] for d in (straight, resumed)]
     assert losses[0] == losses[1]
+
+
+def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Path) -> None:
+    """KappaTune-LoRA under DeepSpeed: ZeRO-3 saves the gathered adapter, equal to ZeRO-2's."""
+    pytest.importorskip("deepspeed")
+    _, run = launch
+    adapters = []
+    for stage in (2, 3):
+        out = tmp_path / f"zero{stage}"
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
+                      "--main_process_port", str(_free_port())]  # fmt: skip
+        result = run(out, *accelerate, method="kappa-lora")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == [
+            "adapter",
+            "result.json",
+            "run.json",
+            "selection.json",
+        ]
+        adapters.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    sel = Selection.load(tmp_path / "zero3" / "selection.json")
+    lora = sorted(k for k in adapters[1] if "lora_" in k)
+    modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in lora})
+    assert modules == sorted(n.removesuffix(".weight") for n in sel.names)
+    assert all(adapters[1][k].numel() > 0 for k in lora)  # gathered, not ZeRO-3's shape [0]
+    assert sorted(adapters[0]) == sorted(adapters[1])
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[0])
