@@ -1,7 +1,9 @@
 """Time kappatune's analysis against PEFT's helper and the author's full SVD, on the same matrices.
 
 All three see the same dequantized matrices, already in memory (loading is not timed).
-Each is checked against a float64 LAPACK SVD of the same matrix.
+Each is checked against a float64 LAPACK SVD of the same matrix. On CPU a fourth row times the
+bare numerical route (float64 syrk + eigvalsh in worker threads, nothing else): how close
+kappatune's full analysis (all metrics, digests, checks) comes to its own floor.
 
     python benchmarks/analyze_speed.py [--source gemma-3-270m] [--include REGEX] [--repeat 3]
 """
@@ -17,6 +19,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -106,11 +109,27 @@ def main() -> int:
             out[n] = float(s[0] / (s[-1] + 1e-8))
         return out
 
+    def run_floor() -> dict[str, float]:
+        """The bare float64 Gram + eigvalsh route, no cache, digests, metrics or checks."""
+        import numpy as np
+        from threadpoolctl import threadpool_limits
+
+        def one(w: torch.Tensor) -> float:
+            b = (w if w.shape[0] >= w.shape[1] else w.T).double().numpy()
+            e = np.linalg.eigvalsh(b.T @ b)
+            return math.sqrt(e[-1] / e[0])
+
+        workers = args.workers or min(4, os.cpu_count() or 1)
+        with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
+            return dict(zip(names, pool.map(one, mats.values()), strict=True))
+
     arms = {
         "kappatune": run_kappatune,
         "peft find_kappa_target_modules": run_peft,
         "full torch.linalg.svd (author)": run_author,
     }
+    if args.device == "cpu":
+        arms["bare float64 Gram + eigvalsh (this route's floor)"] = run_floor
     rows = []
     for label, fn in arms.items():
         seconds, kappas = best_of(fn, args.repeat)
