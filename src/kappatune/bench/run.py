@@ -41,7 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Everything but the scenarios. Defaults fit Gemma 3 270M on a 2-core CPU in ~30 min."""
+    """Everything but the scenarios. Defaults: Gemma 3 270M, both built-in scenarios, 3 seeds in
+    about 45 min on a 2-core CPU (43.6 min measured; full fine-tuning is 28 % of it)."""
 
     model: str = "gemma-3-270m"
     arms: tuple[str, ...] = arms_mod.DEFAULT_ARMS
