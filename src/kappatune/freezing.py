@@ -5,7 +5,8 @@ returns parameter groups (decay / no-decay) for any torch optimizer, so optimize
 created only for the selected tensors.
 
 Fused expert tensors (experts x out x in) of which only some experts are selected get a
-gradient hook that zeroes the gradient of the other experts. Adam-type optimizers then
+gradient hook that zeroes the gradient of the other experts (or, where transformers fused a
+checkpoint's gate and up projections into one tensor, of the unselected rows). Adam-type optimizers then
 leave those experts unchanged (their moments stay exactly zero), but decoupled weight
 decay would still shrink them, so such tensors always go into a group with
 ``weight_decay=0.0`` (group name ``"masked_experts"``); do not add weight decay to it.
@@ -24,11 +25,13 @@ import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Selection
+from kappatune.layout import Part, locate, match_param, raise_missing, suffix_index
+from kappatune.selection import RowKey, Selection
 
 log = logging.getLogger(__name__)
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, list[Any]] = weakref.WeakKeyDictionary()
+_MASKS: weakref.WeakKeyDictionary[nn.Module, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def param_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -52,27 +55,15 @@ def resolve_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
 
     The suffix rule lets a selection made on the checkpoint apply to a wrapped model
     (``module.`` from DDP, ``base_model.model.`` from PEFT). Raises listing what is missing.
+    Checkpoint tensors that transformers fuses at load time are found by
+    :func:`kappatune.layout.locate`, which :func:`apply_selection` uses.
     """
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    exact = set(params)
-    out: dict[str, str] = {}
-    missing: list[str] = []
-    for name in names:
-        if name in exact:
-            out[name] = name
-            continue
-        hits = [p for p in params if p.endswith("." + name)]
-        if len(hits) == 1:
-            out[name] = hits[0]
-        else:
-            missing.append(name)
+    index = suffix_index(params)
+    out = {n: p for n in names if (p := match_param(n, params, index)) is not None}
+    missing = [(n, "not a parameter of the model") for n in names if n not in out]
     if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise KappaTuneError(
-            f"{len(missing)} selected tensor(s) are not parameters of the model ({shown});"
-            f" the model has {len(params)} parameters, e.g. {params[0] if params else 'none'}"
-            " (was the selection made for another model?)"
-        )
+        raise_missing(missing, params)
     return out
 
 
@@ -87,37 +78,52 @@ def remove_hooks(model: nn.Module) -> None:
     """Remove the expert-masking gradient hooks a previous ``apply_selection`` installed."""
     for handle in _HOOKS.pop(model, []):
         handle.remove()
+    _MASKS.pop(model, None)
 
 
-def _expert_masks(
-    selection: Selection, resolved: Mapping[str, str], params: Mapping[str, nn.Parameter]
+def _masks(
+    parts: Mapping[RowKey, Part], params: Mapping[str, nn.Parameter]
 ) -> dict[str, torch.Tensor]:
+    """Gradient masks of the parameters of which only some experts (or rows) are selected."""
+    by_param: dict[str, list[Part]] = {}
+    for part in parts.values():
+        by_param.setdefault(part.param, []).append(part)
     masks: dict[str, torch.Tensor] = {}
-    for name, experts in selection.experts().items():
-        if experts is None:
+    for name, chosen in by_param.items():
+        if any(part.whole for part in chosen):
             continue
-        p = params[resolved[name]]
+        p = params[name]
         shape = param_shape(p)
         if len(shape) != 3:
             raise KappaTuneError(
                 f"selection picks experts of {name!r} but the model's tensor has shape {shape}"
                 " (not a fused experts x out x in tensor)"
             )
-        bad = [e for e in experts if not 0 <= e < shape[0]]
+        spans = [(q.expert, q.rows) for q in chosen if q.expert is not None]
+        bad = sorted({e for e, _ in spans if not 0 <= e < shape[0]})
         if bad:
             raise KappaTuneError(
                 f"{name!r} has {shape[0]} experts; the selection names expert(s) {bad}"
             )
-        if len(experts) < shape[0]:
-            if is_partitioned(p):
-                raise KappaTuneError(
-                    f"selection trains {len(experts)} of {shape[0]} experts of {name!r}, but DeepSpeed"
-                    " ZeRO-3 partitions that tensor and its gradient cannot be masked per expert;"
-                    " exclude it from the selection or use ZeRO-2"
-                )
-            mask = torch.zeros(shape[0], 1, 1)
-            mask[list(experts)] = 1.0
-            masks[resolved[name]] = mask
+        by_rows = any(rows is not None for _, rows in spans)
+        mask = torch.zeros(shape[0], shape[1] if by_rows else 1, 1)
+        for expert, rows in spans:
+            start, stop = rows or (0, mask.shape[1])
+            mask[expert, start:stop] = 1.0
+        if bool(mask.all()):
+            continue
+        if is_partitioned(p):
+            what = (
+                "rows of experts"
+                if by_rows
+                else f"{len({e for e, _ in spans})} of {shape[0]} experts"
+            )
+            raise KappaTuneError(
+                f"selection trains {what} of {name!r}, but DeepSpeed"
+                " ZeRO-3 partitions that tensor and its gradient cannot be masked per expert;"
+                " exclude it from the selection or use ZeRO-2"
+            )
+        masks[name] = mask
     return masks
 
 
@@ -134,17 +140,18 @@ def apply_selection(
     always ``weight_decay=0.0``). Empty groups are left out. Each group carries its
     parameter names under ``"names"``.
     """
-    resolved = resolve_names(model, selection.names)
+    parts = locate(model, selection)
     params = dict(model.named_parameters(remove_duplicate=False))
-    masks = _expert_masks(selection, resolved, params)
+    masks = _masks(parts, params)
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
-    for name in selection.names:
-        p = params[resolved[name]]
+    for entry in selection.entries:
+        name = parts[entry.key].param
+        p = params[name]
         if not p.is_floating_point():
             raise KappaTuneError(
-                f"selected tensor {name!r} has dtype {p.dtype}: only float tensors can train"
+                f"selected tensor {entry.name!r} has dtype {p.dtype}: only float tensors can train"
             )
-        chosen.setdefault(id(p), (resolved[name], p))
+        chosen.setdefault(id(p), (name, p))
     remove_hooks(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -153,6 +160,7 @@ def apply_selection(
     handles = [params[n].register_hook(_expert_mask_hook(m)) for n, m in masks.items()]
     if handles:
         _HOOKS[model] = handles
+        _MASKS[model] = {id(params[n]): m for n, m in masks.items()}
         log.info("masking gradients of unselected experts in %d fused tensors", len(handles))
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "names": [], "weight_decay": weight_decay, "group": "decay"},
@@ -178,7 +186,14 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    return sum(param_numel(p) for p in model.parameters() if p.requires_grad)
+    """Elements that training can change: masked experts (or rows) count only where selected."""
+    masks = _MASKS.get(model, {})
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            mask = masks.get(id(p))
+            total += param_numel(p) if mask is None else int(mask.expand(param_shape(p)).sum())
+    return total
 
 
 def tensor_digest(t: torch.Tensor) -> str:

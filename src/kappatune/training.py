@@ -243,7 +243,7 @@ def lora_plan(
     assert selection is not None
     if lora.budget_params is None:
         assert lora.r is not None
-        return kl.peft_targets(selection), lora.r
+        return kl.peft_targets(selection, model), lora.r
     if lora.r is None:
         plan = kl.rank_for_budget(model, selection, lora.budget_params)
     else:

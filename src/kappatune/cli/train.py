@@ -293,8 +293,8 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.data import PackConfig, load_examples, tokenize
     from kappatune.devices import resolve_device
     from kappatune.distributed_train import launched
-    from kappatune.freezing import resolve_names
     from kappatune.jsonio import atomic_write_json
+    from kappatune.layout import locate
     from kappatune.models import load_causal_lm, total_parameters
 
     _validate(args)
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
     data = tokenize(tokenizer, examples, PackConfig(seq_len=args.seq_len, pack=not args.no_pack))
     if selection is not None:
-        resolve_names(model, selection.names)
+        locate(model, selection)
     lora = (
         _lora_settings(args, total_parameters(model))
         if args.method in ("lora", "kappa-lora")

@@ -29,7 +29,8 @@ def run_launched(args: argparse.Namespace) -> int:
         engine_note,
         make_accelerator,
     )
-    from kappatune.freezing import is_partitioned, param_numel, resolve_names
+    from kappatune.freezing import is_partitioned, param_numel
+    from kappatune.layout import locate
     from kappatune.models import load_causal_lm
 
     accelerator = make_accelerator(args.grad_accum, args.device)
@@ -40,7 +41,7 @@ def run_launched(args: argparse.Namespace) -> int:
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
     data = tokenize(tokenizer, examples, PackConfig(seq_len=args.seq_len, pack=not args.no_pack))
     if selection is not None:
-        resolve_names(model, selection.names)
+        locate(model, selection)
         log.info(
             "rank %d of %d: selection of %d tensors, %s",
             engine.rank, engine.world, len(selection.names), ",".join(selection.names),

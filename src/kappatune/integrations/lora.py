@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from kappatune.errors import KappaTuneError
+from kappatune.layout import locate
 from kappatune.selection import Selection
 
 log = logging.getLogger(__name__)
@@ -30,23 +31,43 @@ Targets = dict[str, list[str] | None]
 _WEIGHT_SUFFIX = ".weight"
 
 
-def peft_targets(selection: Selection) -> Targets:
-    """``{"target_modules": [...], "target_parameters": [...] or None}`` in selection order."""
-    modules: list[str] = []
-    parameters: list[str] = []
+def _ordered_targets(selection: Selection, model: nn.Module | None) -> list[tuple[str, bool]]:
+    """(target, is a fused parameter) in selection order, each target once.
+
+    With ``model``, names go through :func:`kappatune.layout.locate`, so checkpoint experts
+    that transformers fused at load time become their fused parameter.
+    """
     experts = selection.experts()
-    for name in selection.names:
-        if experts[name] is not None:
-            parameters.append(name)
+    parts = locate(model, selection) if model is not None else {}
+    out: dict[str, bool] = {}
+    for entry in selection.entries:
+        part = parts.get(entry.key)
+        if part is not None and not part.whole:
+            out.setdefault(part.param, True)
+            continue
+        name = part.param if part is not None else entry.name
+        if experts[entry.name] is not None:
+            out.setdefault(name, True)
             continue
         if not name.endswith(_WEIGHT_SUFFIX):
             raise KappaTuneError(
                 f"cannot target {name!r} with LoRA: only '.weight' tensors of modules can be adapted"
             )
-        modules.append(name.removesuffix(_WEIGHT_SUFFIX))
-    partial = [n for n in parameters if experts[n] is not None]
-    if partial:
-        log.info("LoRA on fused expert tensors adapts all their experts: %s", ", ".join(partial))
+        out.setdefault(name.removesuffix(_WEIGHT_SUFFIX), False)
+    return list(out.items())
+
+
+def peft_targets(selection: Selection, model: nn.Module | None = None) -> Targets:
+    """``{"target_modules": [...], "target_parameters": [...] or None}`` in selection order.
+
+    Give ``model`` to name its own modules and parameters (needed where transformers fuses
+    a checkpoint's per-expert tensors at load time).
+    """
+    ordered = _ordered_targets(selection, model)
+    modules = [n for n, fused in ordered if not fused]
+    parameters = [n for n, fused in ordered if fused]
+    if parameters:
+        log.info("LoRA on fused expert tensors adapts all their experts: %s", ", ".join(parameters))
     return {"target_modules": modules, "target_parameters": parameters or None}
 
 
@@ -55,10 +76,15 @@ def lora_config(
     r: int = 8,
     alpha: int | None = None,
     dropout: float = 0.0,
+    model: nn.Module | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``peft.LoraConfig`` adapting exactly the selected modules (alpha defaults to 2 r)."""
-    return config_from_targets(peft_targets(selection), r, alpha, dropout=dropout, **kwargs)
+    """``peft.LoraConfig`` adapting exactly the selected modules (alpha defaults to 2 r).
+
+    Pass ``model`` where transformers fuses the checkpoint's experts (see :func:`peft_targets`).
+    """
+    targets = peft_targets(selection, model)
+    return config_from_targets(targets, r, alpha, dropout=dropout, **kwargs)
 
 
 # --------------------------------------------------------------------------- sizing
@@ -122,7 +148,7 @@ def rank_for_budget(
     model: nn.Module, selection: Selection, budget: int, max_rank: int = 4096
 ) -> LoraPlan:
     """The largest rank whose LoRA on all selected modules stays within ``budget`` parameters."""
-    targets = peft_targets(selection)
+    targets = peft_targets(selection, model)
     per_rank = sum(c for _, c in rank_costs(model, targets))
     r = min(max_rank, budget // per_rank)
     if r < 1:
@@ -141,12 +167,11 @@ def modules_for_budget(model: nn.Module, selection: Selection, r: int, budget: i
     """
     if r < 1:
         raise KappaTuneError(f"LoRA rank must be at least 1, got {r}")
-    targets = peft_targets(selection)
+    targets = peft_targets(selection, model)
     costs = dict(rank_costs(model, targets))
-    order = {n: i for i, n in enumerate(n.removesuffix(_WEIGHT_SUFFIX) for n in selection.names)}
     chosen: list[str] = []
     used = 0
-    for name in sorted(costs, key=lambda n: order[n]):
+    for name, _ in _ordered_targets(selection, model):
         if used + r * costs[name] <= budget:
             chosen.append(name)
             used += r * costs[name]
