@@ -5,10 +5,10 @@ returns parameter groups (decay / no-decay) for any torch optimizer, so optimize
 created only for the selected tensors.
 
 Fused expert tensors (experts x out x in) of which only some experts are selected get a
-gradient hook that zeroes the gradient of the other experts (or, where transformers fused a
-checkpoint's gate and up projections into one tensor, of the unselected rows). Adam-type optimizers then
-leave those experts unchanged (their moments stay exactly zero), but decoupled weight
-decay would still shrink them, so such tensors always go into a group with
+gradient hook that zeroes the gradient of the other experts (or, where transformers fused
+a checkpoint's gate and up projections into one tensor, of the unselected rows). Adam-type
+optimizers then leave those experts unchanged (their moments stay exactly zero), but
+decoupled weight decay would still shrink them, so such tensors always go into a group with
 ``weight_decay=0.0`` (group name ``"masked_experts"``); do not add weight decay to it.
 """
 

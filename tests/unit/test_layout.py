@@ -169,3 +169,49 @@ def test_names_the_model_lacks_still_fail_in_one_line(loaded: tuple[Path, Any]) 
     assert message.startswith("2 selected tensor(s) are not parameters of the model")
     assert "it would be expert 9 of 'model.layers.0.mlp.experts.gate_up_proj'" in message
     assert "\n" not in message
+
+
+def test_mixtral_names_are_renamed_then_fused(tmp_path: Path) -> None:
+    """Mixtral's files say block_sparse_moe.experts.E.w1/w3/w2; transformers renames, then fuses."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=HIDDEN, intermediate_size=MOE, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=EXPERTS, num_experts_per_tok=2,
+        vocab_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in MixtralForCausalLM(config).state_dict().items():
+        old = name.replace(".mlp.", ".block_sparse_moe.")
+        if name.endswith("experts.gate_up_proj"):
+            for e in range(EXPERTS):
+                tensors[old.replace("gate_up_proj", f"{e}.w1.weight")] = p[e, :MOE].clone()
+                tensors[old.replace("gate_up_proj", f"{e}.w3.weight")] = p[e, MOE:].clone()
+        elif name.endswith("experts.down_proj"):
+            for e in range(EXPERTS):
+                tensors[old.replace("down_proj", f"{e}.w2.weight")] = p[e].clone()
+        else:
+            tensors[old] = p.clone().contiguous()
+    path = tmp_path / "mixtral"
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    sel = manual(
+        "model.layers.0.block_sparse_moe.experts.1.w3.weight",
+        "model.layers.0.block_sparse_moe.experts.2.w2.weight",
+        "model.layers.0.block_sparse_moe.gate.weight",
+    )
+    parts = locate(model, sel)
+    assert [parts[e.key] for e in sel.entries] == [
+        Part(FUSED.format(0), 1, (MOE, 2 * MOE)),
+        Part(DOWN.format(0), 2, None),
+        Part("model.layers.0.mlp.gate.weight", None, None),
+    ]
+    files = load_file(str(path / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert torch.equal(params[FUSED.format(0)][1, MOE:], files[sel.entries[0].name])
+    assert torch.equal(params[DOWN.format(0)][2], files[sel.entries[1].name])
+    assert torch.equal(params["model.layers.0.mlp.gate.weight"], files[sel.entries[2].name])
