@@ -21,12 +21,14 @@ import yaml
 
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_text
+from kappatune.layout import locate_by_type
 from kappatune.selection import Selection
 
-Exporter = Callable[[Selection], str]
+Exporter = Callable[[Selection, "str | None"], str]  # (selection, model_type) -> text
 
 
-def manifest_json(selection: Selection) -> str:
+def manifest_json(selection: Selection, model_type: str | None = None) -> str:
+    """The Selection itself, in the checkpoint files' names."""
     data = selection.to_json()
     data["parameters"] = list(selection.names)
     return json.dumps(data, indent=2, allow_nan=False) + "\n"
@@ -36,20 +38,26 @@ def axolotl_regex(name: str) -> str:
     return f"^{re.escape(name)}$"
 
 
-def axolotl_yaml(selection: Selection) -> str:
-    """Axolotl config fragment; fused expert tensors are unfrozen whole (noted in a comment)."""
+def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
+    """Axolotl config fragment in the loaded model's names (``model_type``'s layout);
+    fused expert tensors are unfrozen whole (noted in a comment)."""
     header = [
         f"# kappatune selection: {selection.describe()}",
         f"# source: {selection.source} (fingerprint {selection.fingerprint or 'n/a'})",
     ]
-    for name, experts in selection.experts().items():
-        if experts is not None:
-            header.append(
-                f"# note: {name} is unfrozen whole; the selection chose experts {list(experts)}"
-                " (use kappatune's freezing to train only those)"
-            )
+    parts = locate_by_type(model_type, selection)
+    experts: dict[str, set[int]] = {}
+    for part in parts.values():
+        if part.expert is not None:
+            experts.setdefault(part.param, set()).add(part.expert)
+    for name, chosen in experts.items():
+        header.append(
+            f"# note: {name} is unfrozen whole; the selection chose experts {sorted(chosen)}"
+            " (use kappatune's freezing to train only those)"
+        )
+    names = dict.fromkeys(parts[e.key].param for e in selection.entries)
     body = yaml.safe_dump(
-        {"unfrozen_parameters": [axolotl_regex(n) for n in selection.names]},
+        {"unfrozen_parameters": [axolotl_regex(n) for n in names]},
         sort_keys=False,
         default_flow_style=False,
         width=1000,
@@ -57,26 +65,30 @@ def axolotl_yaml(selection: Selection) -> str:
     return "\n".join(header) + "\n" + body
 
 
-def peft_json(selection: Selection) -> str:
+def peft_json(selection: Selection, model_type: str | None = None) -> str:
+    """PEFT targets in the loaded model's names (``model_type``'s layout, when given)."""
     from kappatune.integrations.lora import peft_targets
 
-    return json.dumps(peft_targets(selection), indent=2) + "\n"
+    return json.dumps(peft_targets(selection, model_type=model_type), indent=2) + "\n"
 
 
 EXPORTERS: dict[str, Exporter] = {"json": manifest_json, "axolotl": axolotl_yaml, "peft": peft_json}
 
 
-def render(selection: Selection, fmt: str) -> str:
+def render(selection: Selection, fmt: str, model_type: str | None = None) -> str:
+    """``selection`` as ``fmt``; ``model_type`` (config.json's) names the loaded model's layout."""
     try:
         exporter = EXPORTERS[fmt]
     except KeyError:
         raise KappaTuneError(
             f"unknown export format {fmt!r} (known: {', '.join(EXPORTERS)})"
         ) from None
-    return exporter(selection)
+    return exporter(selection, model_type)
 
 
-def write_export(selection: Selection, fmt: str, path: str | os.PathLike[str]) -> None:
+def write_export(
+    selection: Selection, fmt: str, path: str | os.PathLike[str], model_type: str | None = None
+) -> None:
     """Render ``selection`` as ``fmt`` and write it atomically to ``path``."""
-    text = render(selection, fmt)
+    text = render(selection, fmt, model_type)
     atomic_write_text(path, text)

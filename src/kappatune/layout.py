@@ -13,9 +13,12 @@ selected rows of exactly the selected experts.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -72,6 +75,34 @@ def _conversions(model: nn.Module) -> list[Any]:
     return copy.deepcopy(list(transforms))  # rename_source_key marks transforms as used
 
 
+def model_type_of(source: str | os.PathLike[str]) -> str | None:
+    """``model_type`` from the ``config.json`` beside a checkpoint (file or directory), if any."""
+    path = Path(source)
+    if not path.exists():  # a built-in name or a hub id: no files of the user's to read
+        return None
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def conversions_for_type(model_type: str | None) -> list[Any]:
+    """The load-time transforms transformers applies to checkpoints of ``model_type``."""
+    if not model_type:
+        return []
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return []
+    try:
+        transforms = get_checkpoint_conversion_mapping(model_type)
+    except Exception:
+        return []
+    return copy.deepcopy(list(transforms or []))
+
+
 def _expert_of(key: str, transform: Any, pattern: str) -> tuple[int, int, int] | str:
     """(expert, source position, number of sources) of a key that a WeightConverter fuses."""
     ops = [(type(op).__name__, getattr(op, "dim", None)) for op in transform.operations]
@@ -86,15 +117,16 @@ def _expert_of(key: str, transform: Any, pattern: str) -> tuple[int, int, int] |
     return int(found.group(1)), transform.source_patterns.index(pattern), sources
 
 
-def _through_conversions(
-    entry: SelectionEntry,
-    transforms: Sequence[Any],
-    params: Sequence[str],
-    index: dict[str, list[str]],
-    shapes: dict[str, tuple[int, ...]],
-) -> Part | str:
-    """Follow the model's load-time renamings and fusions from a checkpoint name."""
-    key = entry.name
+Followed = tuple[str, tuple[int, int, int] | None]  # model-side name, (expert, position, sources)
+
+
+def follow(name: str, transforms: Sequence[Any]) -> Followed | str:
+    """Where transformers' load-time renamings and fusions take the checkpoint tensor ``name``.
+
+    Returns the model-side name and, for a fused tensor, (expert, position among the fused
+    sources, number of sources); or why kappatune cannot map it.
+    """
+    key = name
     for transform in transforms:
         renamed, pattern = transform.rename_source_key(key)
         if pattern is None:
@@ -102,23 +134,54 @@ def _through_conversions(
         if type(transform).__name__ != "WeightConverter":
             key = renamed
             continue
-        found = _expert_of(key, transform, pattern)
-        if isinstance(found, str):
-            return found
-        expert, position, sources = found
-        param = match_param(renamed, params, index)
-        if param is None:
-            return f"transformers puts it in {renamed!r}, which the model does not have"
-        shape = shapes[param]
-        if len(shape) != 3 or not 0 <= expert < shape[0] or shape[1] % sources:
-            return f"it would be expert {expert} of {param!r}, whose shape is {shape}"
-        height = shape[1] // sources
-        if entry.shape and tuple(entry.shape) != (height, shape[2]):
-            return f"its shape {tuple(entry.shape)} does not fit {param!r} of shape {shape}"
-        rows = None if sources == 1 else (position * height, (position + 1) * height)
-        return Part(param, expert, rows)
-    param = match_param(key, params, index)  # renamed only (legacy names)
-    return Part(param, entry.expert) if param is not None else "not a parameter of the model"
+        fused = _expert_of(key, transform, pattern)
+        return fused if isinstance(fused, str) else (renamed, fused)
+    return key, None
+
+
+def _through_conversions(
+    entry: SelectionEntry,
+    transforms: Sequence[Any],
+    params: Sequence[str],
+    index: dict[str, list[str]],
+    shapes: dict[str, tuple[int, ...]],
+) -> Part | str:
+    """The model parameter (and expert rows) a checkpoint tensor became at load time."""
+    followed = follow(entry.name, transforms)
+    if isinstance(followed, str):
+        return followed
+    key, fused = followed
+    param = match_param(key, params, index)
+    if fused is None:  # renamed only (legacy names)
+        return Part(param, entry.expert) if param is not None else "not a parameter of the model"
+    if param is None:
+        return f"transformers puts it in {key!r}, which the model does not have"
+    expert, position, sources = fused
+    shape = shapes[param]
+    if len(shape) != 3 or not 0 <= expert < shape[0] or shape[1] % sources:
+        return f"it would be expert {expert} of {param!r}, whose shape is {shape}"
+    height = shape[1] // sources
+    if entry.shape and tuple(entry.shape) != (height, shape[2]):
+        return f"its shape {tuple(entry.shape)} does not fit {param!r} of shape {shape}"
+    rows = None if sources == 1 else (position * height, (position + 1) * height)
+    return Part(param, expert, rows)
+
+
+def locate_by_type(model_type: str | None, selection: Selection) -> dict[RowKey, Part]:
+    """:func:`locate` without a model: the names a model of ``model_type`` will have.
+
+    For exports made from the files alone. Fused experts get their expert but no rows (the
+    shapes are the model's); names no conversion touches are kept.
+    """
+    transforms = conversions_for_type(model_type)
+    out: dict[RowKey, Part] = {}
+    for entry in selection.entries:
+        followed = follow(entry.name, transforms) if transforms else (entry.name, None)
+        if isinstance(followed, str):
+            raise KappaTuneError(f"cannot export {entry.name!r}: {followed}")
+        key, fused = followed
+        out[entry.key] = Part(key, entry.expert) if fused is None else Part(key, fused[0])
+    return out
 
 
 def locate(model: nn.Module, selection: Selection) -> dict[RowKey, Part]:

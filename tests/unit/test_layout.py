@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from kappatune.errors import KappaTuneError
 from kappatune.freezing import apply_selection, trainable_parameters
 from kappatune.integrations.lora import peft_targets
-from kappatune.layout import Part, locate
+from kappatune.layout import Part, locate, locate_by_type
 from kappatune.selection import Selection, SelectionEntry
 from kappatune.spectra import analyze
 
@@ -171,10 +171,9 @@ def test_names_the_model_lacks_still_fail_in_one_line(loaded: tuple[Path, Any]) 
     assert "\n" not in message
 
 
-def test_mixtral_names_are_renamed_then_fused(tmp_path: Path) -> None:
-    """Mixtral's files say block_sparse_moe.experts.E.w1/w3/w2; transformers renames, then fuses."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+def save_mixtral(path: Path) -> Path:
+    """Mixtral's files say block_sparse_moe.experts.E.w1/w3/w2 (gate, up, down)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     config = MixtralConfig(
@@ -194,10 +193,17 @@ def test_mixtral_names_are_renamed_then_fused(tmp_path: Path) -> None:
                 tensors[old.replace("down_proj", f"{e}.w2.weight")] = p[e].clone()
         else:
             tensors[old] = p.clone().contiguous()
-    path = tmp_path / "mixtral"
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def test_mixtral_names_are_renamed_then_fused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = save_mixtral(tmp_path / "mixtral")
     model = AutoModelForCausalLM.from_pretrained(path)
     sel = manual(
         "model.layers.0.block_sparse_moe.experts.1.w3.weight",
@@ -215,3 +221,53 @@ def test_mixtral_names_are_renamed_then_fused(tmp_path: Path) -> None:
     assert torch.equal(params[FUSED.format(0)][1, MOE:], files[sel.entries[0].name])
     assert torch.equal(params[DOWN.format(0)][2], files[sel.entries[1].name])
     assert torch.equal(params["model.layers.0.mlp.gate.weight"], files[sel.entries[2].name])
+    assert locate_by_type("mixtral", sel) == {
+        sel.entries[0].key: Part(FUSED.format(0), 1, None),
+        sel.entries[1].key: Part(DOWN.format(0), 2, None),
+        sel.entries[2].key: Part("model.layers.0.mlp.gate.weight", None, None),
+    }
+
+
+def test_select_exports_speak_the_loaded_models_names(tmp_path: Path) -> None:
+    from kappatune.cli.main import main
+    from kappatune.selection import Selection as Sel
+
+    path = save_mixtral(tmp_path / "mixtral")
+    argv = ["select", str(path), "--include", r"experts\.(1|2)\.w[13]|block_sparse_moe\.gate"]
+    assert main([*argv, "--budget-tensors", "5", "-o", str(tmp_path / "sel.json")]) == 0
+    order = [e.name for e in Sel.load(tmp_path / "sel.json").entries]
+    assert sorted(order) == sorted(
+        ["model.layers.0.block_sparse_moe.gate.weight"]
+        + [
+            f"model.layers.0.block_sparse_moe.experts.{e}.w{w}.weight"
+            for e in (1, 2)
+            for w in (1, 3)
+        ]
+    )
+    assert (
+        main([*argv, "--budget-tensors", "5", "--format", "peft", "-o", str(tmp_path / "p.json")])
+        == 0
+    )
+    assert json.loads((tmp_path / "p.json").read_text()) == {
+        "target_modules": ["model.layers.0.mlp.gate"],
+        "target_parameters": [FUSED.format(0)],
+    }
+    assert (
+        main(
+            [*argv, "--budget-tensors", "5", "--format", "axolotl", "-o", str(tmp_path / "a.yaml")]
+        )
+        == 0
+    )
+    text = (tmp_path / "a.yaml").read_text()
+    assert (
+        f"# note: {FUSED.format(0)} is unfrozen whole; the selection chose experts [1, 2]" in text
+    )
+    import yaml
+
+    regexes = yaml.safe_load(text)["unfrozen_parameters"]
+    assert sorted(regexes) == sorted(
+        [
+            r"^model\.layers\.0\.mlp\.gate\.weight$",
+            r"^model\.layers\.0\.mlp\.experts\.gate_up_proj$",
+        ]
+    )

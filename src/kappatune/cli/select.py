@@ -282,7 +282,10 @@ def run(args: argparse.Namespace) -> int:
     selection = selection_from_args(
         args, analysis, model_spec=None if args.source.endswith(".json") else args.source
     )
-    text = render(selection, args.format)
+    from kappatune.layout import model_type_of
+
+    model_type = None if args.source.endswith(".json") else model_type_of(args.source)
+    text = render(selection, args.format, model_type)
     console = Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 140)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.layout import locate
+from kappatune.layout import locate, locate_by_type
 from kappatune.selection import Selection
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,20 @@ Targets = dict[str, list[str] | None]
 _WEIGHT_SUFFIX = ".weight"
 
 
-def _ordered_targets(selection: Selection, model: nn.Module | None) -> list[tuple[str, bool]]:
+def _ordered_targets(
+    selection: Selection, model: nn.Module | None, model_type: str | None = None
+) -> list[tuple[str, bool]]:
     """(target, is a fused parameter) in selection order, each target once.
 
-    With ``model``, names go through :func:`kappatune.layout.locate`, so checkpoint experts
-    that transformers fused at load time become their fused parameter.
+    With ``model`` (or, without one, its ``model_type``), names go through
+    :func:`kappatune.layout.locate`, so checkpoint experts that transformers fuses at load
+    time become their fused parameter.
     """
     experts = selection.experts()
-    parts = locate(model, selection) if model is not None else {}
+    if model is not None:
+        parts = locate(model, selection)
+    else:
+        parts = locate_by_type(model_type, selection) if model_type else {}
     out: dict[str, bool] = {}
     for entry in selection.entries:
         part = parts.get(entry.key)
@@ -57,13 +63,15 @@ def _ordered_targets(selection: Selection, model: nn.Module | None) -> list[tupl
     return list(out.items())
 
 
-def peft_targets(selection: Selection, model: nn.Module | None = None) -> Targets:
+def peft_targets(
+    selection: Selection, model: nn.Module | None = None, *, model_type: str | None = None
+) -> Targets:
     """``{"target_modules": [...], "target_parameters": [...] or None}`` in selection order.
 
-    Give ``model`` to name its own modules and parameters (needed where transformers fuses
-    a checkpoint's per-expert tensors at load time).
+    Give ``model`` (or its ``model_type``) to name the modules and parameters the loaded
+    model has (they differ where transformers fuses a checkpoint's per-expert tensors).
     """
-    ordered = _ordered_targets(selection, model)
+    ordered = _ordered_targets(selection, model, model_type)
     modules = [n for n, fused in ordered if not fused]
     parameters = [n for n, fused in ordered if fused]
     if parameters:
