@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -288,20 +289,29 @@ def check_run(model: Path, out: Path, run: Any) -> Selection:
     return sel
 
 
-def test_two_process_selective_training_and_resume(launch: Any, tmp_path: Path) -> None:
-    model, run = launch
+def deepspeed_launch(stage: int) -> list[str]:
+    """accelerate launch with DeepSpeed ZeRO-``stage`` on two CPU processes (a fresh port)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
+            "--main_process_port", str(_free_port())]  # fmt: skip
+
+
+def check_resume_is_exact(
+    model: Path, run: Any, tmp_path: Path, launcher: Callable[[], list[str]]
+) -> Selection:
+    """A straight run, and one interrupted right after its step-2 checkpoint and resumed by
+    rerunning the command, end with the same weights and the same losses."""
     straight = tmp_path / "straight"
-    sel = check_run(model, straight, run(straight))
-    assert sel.entry_count == 3
-    # interrupted right after the step-2 checkpoint, then resumed by rerunning the command
+    sel = check_run(model, straight, run(straight, *launcher()))
     resumed = tmp_path / "resumed"
     stopper = tmp_path / "stop_after_checkpoint.py"
     stopper.write_text(STOP_AFTER_CHECKPOINT)
-    first = run(resumed, script=[str(stopper)])
+    first = run(resumed, *launcher(), script=[str(stopper)])
     assert first.returncode != 0
     assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint", "run.json", "selection.json"]
     assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == ["accelerate", "loop.pt"]
-    second = run(resumed)
+    second = run(resumed, *launcher())
     assert "resuming from step 2 of 4" in second.stdout
     check_run(model, resumed, second)
     a = load_file(str(straight / "model" / "model.safetensors"))
@@ -309,6 +319,13 @@ def test_two_process_selective_training_and_resume(launch: Any, tmp_path: Path) 
     assert all(torch.equal(a[n], b[n]) for n in a)
     losses = [json.loads((d / "result.json").read_text())["losses"] for d in (straight, resumed)]
     assert losses[0] == losses[1]
+    return sel
+
+
+def test_two_process_selective_training_and_resume(launch: Any, tmp_path: Path) -> None:
+    model, run = launch
+    sel = check_resume_is_exact(model, run, tmp_path, list)  # no launcher: torchrun
+    assert sel.entry_count == 3
 
 
 @pytest.mark.parametrize(("stage", "partitioned"), [(2, "0"), (3, "21")])
@@ -319,11 +336,7 @@ def test_two_process_deepspeed_freezes_by_name(
     pytest.importorskip("deepspeed")
     model, run = launch
     out = tmp_path / f"zero{stage}"
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
-                  "--main_process_port", str(_free_port())]  # fmt: skip
-    result = run(out, *accelerate)
+    result = run(out, *deepspeed_launch(stage))
     check_run(model, out, result)
     assert "on 2 processes (DEEPSPEED" in result.stdout
     counts = re.findall(r"rank (\d): (\d+) parameters partitioned by ZeRO-3", result.stderr)
@@ -363,29 +376,7 @@ def test_two_process_deepspeed_resume_is_exact(launch: Any, tmp_path: Path, stag
     """An interrupted ZeRO run resumes from its collective checkpoint to the same weights."""
     pytest.importorskip("deepspeed")
     model, run = launch
-
-    def accelerate() -> list[str]:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
-                "--main_process_port", str(_free_port())]  # fmt: skip
-
-    straight = tmp_path / "straight"
-    check_run(model, straight, run(straight, *accelerate()))
-    resumed = tmp_path / "resumed"
-    stopper = tmp_path / "stop_after_checkpoint.py"
-    stopper.write_text(STOP_AFTER_CHECKPOINT)
-    first = run(resumed, *accelerate(), script=[str(stopper)])
-    assert first.returncode != 0
-    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint", "run.json", "selection.json"]
-    second = run(resumed, *accelerate())
-    assert "resuming from step 2 of 4" in second.stdout
-    check_run(model, resumed, second)
-    a = load_file(str(straight / "model" / "model.safetensors"))
-    b = load_file(str(resumed / "model" / "model.safetensors"))
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    losses = [json.loads((d / "result.json").read_text())["losses"] for d in (straight, resumed)]
-    assert losses[0] == losses[1]
+    check_resume_is_exact(model, run, tmp_path, lambda: deepspeed_launch(stage))
 
 
 def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Path) -> None:
@@ -395,11 +386,7 @@ def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Pat
     adapters = []
     for stage in (2, 3):
         out = tmp_path / f"zero{stage}"
-        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "--use_deepspeed", "--zero_stage", str(stage), "--zero3_init_flag", "true",
-                      "--main_process_port", str(_free_port())]  # fmt: skip
-        result = run(out, *accelerate, method="kappa-lora")
+        result = run(out, *deepspeed_launch(stage), method="kappa-lora")
         assert result.returncode == 0, result.stderr[-3000:]
         assert sorted(p.name for p in out.iterdir()) == [
             "adapter",
