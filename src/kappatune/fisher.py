@@ -37,13 +37,17 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from kappatune import names
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import decode_float, encode_float
+
+if TYPE_CHECKING:
+    from kappatune.layout import Part
+    from kappatune.spectra import SpectrumRow
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +547,39 @@ def compute_fisher(
     return summarize(diagonals)
 
 
+def _measure_of(f: torch.Tensor, measure: str, damping: float) -> float:
+    if measure == "sum":
+        return float(torch.sum(f, dtype=torch.float64))
+    if measure == "mean":
+        return float(torch.mean(f, dtype=torch.float64))
+    return _log_volume(f, damping)
+
+
+def row_scores(
+    parts: Mapping[Key, Part],
+    diagonals: Mapping[str, torch.Tensor],
+    rows: Sequence[SpectrumRow],
+    measure: str,
+    damping: float,
+) -> dict[Key, float]:
+    """The Fisher measure of each analysed matrix, keyed like ``SpectrumRow.key``.
+
+    ``parts`` (from :func:`kappatune.layout.locate_entries`) place each row, named as in the
+    checkpoint, in a model parameter: the tensor, one expert, or an expert's gate or up rows
+    where transformers fused them at load time.
+    """
+    out: dict[Key, float] = {}
+    for r in rows:
+        part = parts[r.key]
+        f = diagonals[part.param]
+        if part.expert is not None:
+            f = f[part.expert]
+        if part.rows is not None:
+            f = f[part.rows[0] : part.rows[1]]
+        out[r.key] = _measure_of(f, measure, damping)
+    return out
+
+
 def fisher_scores(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -554,16 +591,31 @@ def fisher_scores(
     damping: float = 1e-8,
     objective: Objective | None = None,
     only: Collection[str] | None = None,
+    rows: Sequence[SpectrumRow] | None = None,
     progress: ProgressHook | None = None,
 ) -> dict[Key, float]:
-    """``{(name, expert or -1): Fisher measure}`` for the ``fisher`` selection policy."""
+    """``{(name, expert or -1): Fisher measure}`` for the ``fisher`` selection policy.
+
+    With ``rows`` (an analysis of the checkpoint files), the scores are those rows' (see
+    :func:`row_scores`) and only the parameters they live in are measured.
+    """
     if measure not in MEASURES:
         raise KappaTuneError(f"unknown Fisher measure {measure!r} (known: {', '.join(MEASURES)})")
     options = FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
-    result = compute_fisher(
-        model, examples, options, objective=objective, only=only, progress=progress
+    if rows is None:
+        result = compute_fisher(
+            model, examples, options, objective=objective, only=only, progress=progress
+        )
+        return result[kind].scores(measure)
+    from kappatune.layout import locate_entries
+    from kappatune.selection import SelectionEntry
+
+    parts = locate_entries(model, [SelectionEntry.of(r) for r in rows])
+    params = sorted({p.param for p in parts.values()})
+    diagonals = fisher_diagonals(
+        model, examples, options, objective=objective, only=params, progress=progress
     )
-    return result[kind].scores(measure)
+    return row_scores(parts, diagonals.tensors[kind], rows, measure, damping)
 
 
 def examples_from_tokenized(data: Any) -> list[dict[str, torch.Tensor]]:
@@ -611,6 +663,7 @@ def fisher_scores_for(
     seq_len: int = 128,
     seed: int = 0,
     damping: float = 1e-8,
+    rows: Sequence[SpectrumRow] | None = None,
     progress: ProgressHook | None = None,
 ) -> dict[Key, float]:
     """Fisher scores of a causal LM (built-in name, .gguf, directory, cached HF id) on data files.
@@ -625,5 +678,5 @@ def fisher_scores_for(
     model, examples, _ = load_model_and_examples(model_spec, data_files, seq_len=seq_len)
     return fisher_scores(
         model, examples, kind=kind, measure=measure, tokens=tokens, seed=seed, damping=damping,
-        progress=progress,
+        rows=rows, progress=progress,
     )  # fmt: skip

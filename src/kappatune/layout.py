@@ -186,6 +186,11 @@ def locate_by_type(model_type: str | None, selection: Selection) -> dict[RowKey,
 
 def locate(model: nn.Module, selection: Selection) -> dict[RowKey, Part]:
     """Each selected matrix's place in ``model``; raises naming what the model lacks."""
+    return locate_entries(model, selection.entries)
+
+
+def locate_entries(model: nn.Module, entries: Iterable[SelectionEntry]) -> dict[RowKey, Part]:
+    """:func:`locate` for any matrices (e.g. every row of an analysis)."""
     named = list(model.named_parameters(remove_duplicate=False))
     params = [n for n, _ in named]
     shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in named}
@@ -193,7 +198,7 @@ def locate(model: nn.Module, selection: Selection) -> dict[RowKey, Part]:
     transforms: list[Any] | None = None
     out: dict[RowKey, Part] = {}
     problems: list[tuple[str, str]] = []
-    for entry in selection.entries:
+    for entry in entries:
         direct = match_param(entry.name, params, index)
         if direct is not None:
             out[entry.key] = Part(direct, entry.expert)

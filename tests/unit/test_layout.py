@@ -271,3 +271,31 @@ def test_select_exports_speak_the_loaded_models_names(tmp_path: Path) -> None:
             r"^model\.layers\.0\.mlp\.experts\.gate_up_proj$",
         ]
     )
+
+
+def test_fisher_scores_follow_the_files_rows(loaded: tuple[Path, Any]) -> None:
+    """The fisher policy scores the files' per-expert rows from the fused diagonal's parts."""
+    from kappatune.fisher import FisherOptions, examples_from_ids, fisher_diagonals, fisher_scores
+
+    path, model = loaded
+    rows = [
+        r
+        for r in analyze(str(path)).tensors
+        if r.name.startswith("model.layers.1.mlp.experts.2.")
+        or r.name.endswith("1.self_attn.q_proj.weight")
+    ]
+    assert len(rows) == 4
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    examples = examples_from_ids(ids)
+    scores = fisher_scores(model, examples, kind="empirical", tokens=40, rows=rows)
+    diag = fisher_diagonals(model, examples, FisherOptions(kinds=("empirical",), tokens=40))
+    f = diag.tensors["empirical"]
+    expected = {
+        ("model.layers.1.mlp.experts.2.gate_proj.weight", -1): f[FUSED.format(1)][2, :MOE],
+        ("model.layers.1.mlp.experts.2.up_proj.weight", -1): f[FUSED.format(1)][2, MOE:],
+        ("model.layers.1.mlp.experts.2.down_proj.weight", -1): f[DOWN.format(1)][2],
+        ("model.layers.1.self_attn.q_proj.weight", -1): f["model.layers.1.self_attn.q_proj.weight"],
+    }
+    assert sorted(scores) == sorted(expected)
+    for key, part in expected.items():
+        assert scores[key] == pytest.approx(float(part.double().mean()), rel=1e-12)

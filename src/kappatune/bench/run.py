@@ -383,12 +383,11 @@ def train_one(
 def _fisher_scores(loaded: Loaded, prepared: Prepared, settings: BenchSettings) -> Any:
     from kappatune.fisher import examples_from_tokenized, fisher_scores
 
-    names = [r.name for r in loaded.rows]
     return fisher_scores(
         loaded.model,
         examples_from_tokenized(prepared.train),
         tokens=settings.fisher_tokens,
-        only=names,
+        rows=loaded.rows,
     )
 
 

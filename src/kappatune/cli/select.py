@@ -186,7 +186,7 @@ def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
         bar.close()
 
 
-def _fisher_scores(args: argparse.Namespace, model_spec: str) -> Any:
+def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
     from kappatune import fisher
 
     if args.fisher_scores:
@@ -198,7 +198,7 @@ def _fisher_scores(args: argparse.Namespace, model_spec: str) -> Any:
             raise KappaTuneError(f"{args.fisher_scores} is not a Fisher result JSON object")
         return fisher.FisherResult.from_json(data).scores("mean")
     return fisher.fisher_scores_for(
-        model_spec, args.fisher_data, tokens=args.fisher_tokens, seed=args.seed
+        model_spec, args.fisher_data, tokens=args.fisher_tokens, seed=args.seed, rows=rows
     )
 
 
@@ -210,7 +210,7 @@ def selection_from_args(
     scores = None
     if args.policy == "fisher":
         spec = model_spec or analysis.source
-        scores = _fisher_scores(args, spec)
+        scores = _fisher_scores(args, spec, analysis.tensors)
     return select(
         analysis, args.policy, budget_from_args(args), options_from_args(args), scores=scores
     )
