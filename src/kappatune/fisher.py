@@ -428,6 +428,14 @@ def _log_volume(f: torch.Tensor, damping: float, chunk: int = 1 << 22) -> float:
     return 0.5 * total
 
 
+def _measure_of(f: torch.Tensor, measure: str, damping: float) -> float:
+    if measure == "sum":
+        return float(torch.sum(f, dtype=torch.float64))
+    if measure == "mean":
+        return float(torch.mean(f, dtype=torch.float64))
+    return _log_volume(f, damping)
+
+
 def _rows_of(name: str, diag: torch.Tensor, damping: float) -> list[FisherRow]:
     if names.is_fused_experts(name, diag.ndim):
         parts: list[tuple[int | None, torch.Tensor]] = [(e, diag[e]) for e in range(diag.shape[0])]
@@ -440,9 +448,9 @@ def _rows_of(name: str, diag: torch.Tensor, damping: float) -> list[FisherRow]:
                 name=name,
                 expert=expert,
                 numel=int(part.numel()),
-                sum=float(torch.sum(part, dtype=torch.float64)),
-                mean=float(torch.mean(part, dtype=torch.float64)),
-                logvol=_log_volume(part, damping),
+                sum=_measure_of(part, "sum", damping),
+                mean=_measure_of(part, "mean", damping),
+                logvol=_measure_of(part, "logvol", damping),
                 layer=names.layer_index(name),
                 module_type=names.module_type(name),
             )
@@ -545,14 +553,6 @@ def compute_fisher(
         model, examples, options, objective=objective, only=only, progress=progress
     )
     return summarize(diagonals)
-
-
-def _measure_of(f: torch.Tensor, measure: str, damping: float) -> float:
-    if measure == "sum":
-        return float(torch.sum(f, dtype=torch.float64))
-    if measure == "mean":
-        return float(torch.mean(f, dtype=torch.float64))
-    return _log_volume(f, damping)
 
 
 def row_scores(

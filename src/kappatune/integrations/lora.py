@@ -40,21 +40,15 @@ def _ordered_targets(
     :func:`kappatune.layout.locate`, so checkpoint experts that transformers fuses at load
     time become their fused parameter.
     """
-    experts = selection.experts()
-    if model is not None:
-        parts = locate(model, selection)
-    else:
-        parts = locate_by_type(model_type, selection) if model_type else {}
+    # without a model or a model_type the names stay the files'
+    parts = locate(model, selection) if model is not None else locate_by_type(model_type, selection)
     out: dict[str, bool] = {}
     for entry in selection.entries:
-        part = parts.get(entry.key)
-        if part is not None and not part.whole:
+        part = parts[entry.key]
+        if not part.whole:  # one expert (or its rows) of a fused tensor
             out.setdefault(part.param, True)
             continue
-        name = part.param if part is not None else entry.name
-        if experts[entry.name] is not None:
-            out.setdefault(name, True)
-            continue
+        name = part.param
         if not name.endswith(_WEIGHT_SUFFIX):
             raise KappaTuneError(
                 f"cannot target {name!r} with LoRA: only '.weight' tensors of modules can be adapted"
@@ -71,7 +65,10 @@ def peft_targets(
     Give ``model`` (or its ``model_type``) to name the modules and parameters the loaded
     model has (they differ where transformers fuses a checkpoint's per-expert tensors).
     """
-    ordered = _ordered_targets(selection, model, model_type)
+    return _as_targets(_ordered_targets(selection, model, model_type))
+
+
+def _as_targets(ordered: Sequence[tuple[str, bool]]) -> Targets:
     modules = [n for n, fused in ordered if not fused]
     parameters = [n for n, fused in ordered if fused]
     if parameters:
@@ -175,25 +172,20 @@ def modules_for_budget(model: nn.Module, selection: Selection, r: int, budget: i
     """
     if r < 1:
         raise KappaTuneError(f"LoRA rank must be at least 1, got {r}")
-    targets = peft_targets(selection, model)
-    costs = dict(rank_costs(model, targets))
-    chosen: list[str] = []
+    ordered = _ordered_targets(selection, model)
+    costs = dict(rank_costs(model, _as_targets(ordered)))
+    chosen: list[tuple[str, bool]] = []
     used = 0
-    for name, _ in _ordered_targets(selection, model):
+    for name, fused in ordered:
         if used + r * costs[name] <= budget:
-            chosen.append(name)
+            chosen.append((name, fused))
             used += r * costs[name]
     if not chosen:
         smallest = min(costs.values()) * r
         raise KappaTuneError(
             f"LoRA budget {budget:,} is below the smallest rank-{r} adapter ({smallest:,} parameters)"
         )
-    fused = set(targets["target_parameters"] or ())
-    picked: Targets = {
-        "target_modules": [n for n in chosen if n not in fused],
-        "target_parameters": [n for n in chosen if n in fused] or None,
-    }
-    return LoraPlan(picked, r, used, budget)
+    return LoraPlan(_as_targets(chosen), r, used, budget)
 
 
 def all_linear_targets(model: nn.Module, exclude: Sequence[str] = ("lm_head",)) -> Targets:
