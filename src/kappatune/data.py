@@ -1,8 +1,10 @@
 """Training and evaluation text: read, tokenize, pack into fixed-length chunks.
 
 Sources: plain text files (one document per file), JSONL or JSON-list files whose records
-hold a ``text`` field or ``prompt`` + ``completion`` (loss on the completion only), and
-Hugging Face datasets by name (``NAME[:CONFIG][@SPLIT]``) when the hub is reachable.
+hold a ``text`` field, ``prompt`` + ``completion`` (loss on the completion only) or a chat
+``messages`` list of ``{"role", "content"}`` (rendered with the tokenizer's chat template;
+loss on the assistant turns only), and Hugging Face datasets by name
+(``NAME[:CONFIG][@SPLIT]``) when the hub is reachable.
 
 Packing concatenates documents (each followed by EOS when the tokenizer has one) and cuts
 the stream into chunks that each start with the tokens the tokenizer itself puts in front
@@ -45,6 +47,19 @@ class Example:
     @classmethod
     def text(cls, text: str) -> Example:
         return cls("", text)
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One conversation: (role, content) turns; the loss covers the assistant turns only."""
+
+    messages: tuple[tuple[str, str], ...]
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+AnyExample = Example | ChatExample
 
 
 @dataclass(frozen=True)
@@ -145,10 +160,28 @@ class TokenizedData:
 # --------------------------------------------------------------------------- reading
 
 
-def _record_example(record: Any, where: str) -> Example | None:
-    """An Example from one record; None for a record whose text is empty."""
+def _chat_example(messages: Any, where: str) -> ChatExample | None:
+    """A ChatExample from a ``messages`` list; None when no assistant turn has text."""
+    if not isinstance(messages, list):
+        raise KappaTuneError(f"{where}: 'messages' must be a list, got {type(messages).__name__}")
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str)):
+            raise KappaTuneError(f"{where}: message {i} needs a string 'role'")
+        if not isinstance(m.get("content"), str):
+            raise KappaTuneError(f"{where}: message {i} needs a string 'content'")
+        turns.append((m["role"], m["content"]))
+    if not any(r == "assistant" and c.strip() for r, c in turns):
+        return None
+    return ChatExample(tuple(turns))
+
+
+def _record_example(record: Any, where: str) -> AnyExample | None:
+    """An example from one record; None for a record with nothing to learn (empty text)."""
     if not isinstance(record, Mapping):
         raise KappaTuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return _chat_example(record["messages"], where)
     if "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -161,12 +194,13 @@ def _record_example(record: Any, where: str) -> Example | None:
         return Example.text(text) if text.strip() else None
     keys = ", ".join(sorted(map(str, record))[:6]) or "none"
     raise KappaTuneError(
-        f"{where}: a record needs a 'text' field or 'prompt' and 'completion' (its fields: {keys})"
+        f"{where}: a record needs a 'text' field, 'prompt' and 'completion', or 'messages'"
+        f" (its fields: {keys})"
     )
 
 
-def _examples_from_records(records: Iterable[tuple[str, Any]], label: str) -> list[Example]:
-    out: list[Example] = []
+def _examples_from_records(records: Iterable[tuple[str, Any]], label: str) -> list[AnyExample]:
+    out: list[AnyExample] = []
     total = 0
     for where, record in records:
         total += 1
@@ -203,7 +237,7 @@ def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             raise KappaTuneError(f"{path} line {lineno} is not valid JSON: {exc.msg}") from None
 
 
-def read_file(path: str | os.PathLike[str]) -> list[Example]:
+def read_file(path: str | os.PathLike[str]) -> list[AnyExample]:
     """Examples from one .txt/.jsonl/.json file (other suffixes are read as plain text)."""
     p = Path(path)
     text = _read_text(p)
@@ -225,7 +259,7 @@ def read_file(path: str | os.PathLike[str]) -> list[Example]:
     return [Example.text(text)]
 
 
-def read_hf_dataset(spec: str) -> list[Example]:
+def read_hf_dataset(spec: str) -> list[AnyExample]:
     """Examples from a Hugging Face dataset ``NAME[:CONFIG][@SPLIT]`` (split defaults to train)."""
     m = _HF_NAME.match(spec)
     if not m:
@@ -247,11 +281,11 @@ def read_hf_dataset(spec: str) -> list[Example]:
     return _examples_from_records(((f"{spec} row {i}", r) for i, r in enumerate(ds)), spec)
 
 
-def load_examples(specs: Sequence[str | os.PathLike[str]]) -> list[Example]:
+def load_examples(specs: Sequence[str | os.PathLike[str]]) -> list[AnyExample]:
     """Examples from files and dataset names, in the order given."""
     if not specs:
         raise KappaTuneError("no training data given")
-    out: list[Example] = []
+    out: list[AnyExample] = []
     for spec in specs:
         text = os.fspath(spec)
         path = Path(text).expanduser()
@@ -301,7 +335,60 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _example_tokens(tokenizer: Any, ex: Example, eos: int | None) -> tuple[list[int], list[int]]:
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    text: str = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and text.startswith(bos) else text  # the packer adds BOS
+
+
+def chat_segments(tokenizer: Any, ex: ChatExample) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, labelled) pieces: each assistant turn, as the
+    template writes it after the generation prompt (end-of-turn marker included), is labelled."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise KappaTuneError(
+            "chat data ('messages' records) needs a tokenizer with a chat template;"
+            " this model's tokenizer has none"
+        )
+    messages = ex.as_dicts()
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, (role, _) in enumerate(ex.messages):
+        if role != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not (before.startswith(done) and upto.startswith(before)):
+            raise KappaTuneError(
+                "the tokenizer's chat template does not render a conversation as a prefix of its"
+                " continuation, so the assistant turns cannot be located"
+            )
+        segments += [(before[len(done) :], False), (upto[len(before) :], True)]
+        done = upto
+    full = _render(tokenizer, messages, False)
+    if not full.startswith(done):
+        raise KappaTuneError("the tokenizer's chat template renders turns inconsistently")
+    segments.append((full[len(done) :], False))
+    return [(t, lab) for t, lab in segments if t]
+
+
+def _chat_tokens(tokenizer: Any, ex: ChatExample, eos: int | None) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, labelled in chat_segments(tokenizer, ex):
+        piece = _encode(tokenizer, text)
+        ids += piece
+        labels += piece if labelled else [IGNORE_INDEX] * len(piece)
+    if eos is not None:  # a document separator for packing; the template ends the turns
+        ids.append(eos)
+        labels.append(IGNORE_INDEX)
+    return ids, labels
+
+
+def _example_tokens(tokenizer: Any, ex: AnyExample, eos: int | None) -> tuple[list[int], list[int]]:
+    if isinstance(ex, ChatExample):
+        return _chat_tokens(tokenizer, ex, eos)
     prompt = _encode(tokenizer, ex.prompt)
     completion = _encode(tokenizer, ex.completion)
     if eos is not None:
@@ -325,7 +412,7 @@ def _rows_to_data(rows: list[tuple[list[int], list[int]]], seq_len: int, pad: in
 
 
 def tokenize(
-    tokenizer: Any, examples: Sequence[Example], config: PackConfig | None = None
+    tokenizer: Any, examples: Sequence[AnyExample], config: PackConfig | None = None
 ) -> TokenizedData:
     """Tokenize ``examples`` into fixed-length rows (packed unless ``config.pack`` is False)."""
     config = config or PackConfig()

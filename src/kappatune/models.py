@@ -233,3 +233,36 @@ def parameter_names(model: torch.nn.Module) -> list[str]:
 def total_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameter elements (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def portable_name(spec: str | os.PathLike[str]) -> str:
+    """How to name the model outside this machine: the built-in name or the hub id as given,
+    else the name the user gave (a local directory or .gguf file), never a cache path."""
+    resolved = resolve_model(spec)
+    return resolved.spec
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(spec: str | os.PathLike[str]) -> torch.dtype:
+    """The dtype the model's checkpoint stores (``dtype``/``torch_dtype`` of its config.json);
+    float32 for GGUF models (dequantized to float32) and when the config names none."""
+    resolved = resolve_model(spec)
+    if resolved.kind == "gguf":
+        return torch.float32
+    where = resolved.path if resolved.kind == "dir" else _hub_snapshot(resolved.spec)
+    assert where is not None
+    try:
+        config = json.loads((where / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(str(name), torch.float32)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` as a torch dtype."""
+    if name not in _DTYPES:
+        raise KappaTuneError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]

@@ -339,6 +339,25 @@ class LoopState:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """What one optimizer step did, for observers (logs, progress lines, trackers)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float  # the learning rate this step used (of the first parameter group)
+    tokens: int  # input tokens this step processed, all ranks together
+    seconds: float  # wall time of this step
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+StepObserver = Callable[[StepRecord], None]
+
+
+@dataclass(frozen=True)
 class TrainResult:
     steps: int
     total_steps: int
@@ -463,13 +482,15 @@ def train_loop(
     on_step: Callable[[LoopState], None] | None = None,
     device: torch.device | str | None = None,
     engine: Engine | None = None,
+    observer: StepObserver | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with AdamW; returns per-step losses and times.
 
     ``param_groups`` default to the trainable parameters (decay / no-decay). ``resume`` is a
     :meth:`LoopState.state_dict` from an earlier run with the same config and data; the run
     continues at the next step with the same batches it would have seen. ``on_step`` is
-    called after every optimizer step (e.g. to checkpoint or report progress). ``engine``
+    called after every optimizer step (e.g. to checkpoint); ``observer`` gets a
+    :class:`StepRecord` of every step just before ``on_step`` (to log it). ``engine``
     (default: one process on ``device``) prepares, and takes the backward pass of, the model
     that trains: read the prepared model from the engine, not from ``model``.
     """
@@ -501,6 +522,7 @@ def train_loop(
         weights = [_label_tokens(b) for b in group]
         denom = max(1, sum(weights))
         step_loss = 0.0
+        step_tokens = 0
         for b, w in list(zip(group, weights, strict=True))[engine.rank :: engine.world]:
             if w == 0 and not engine.collective:
                 continue
@@ -510,8 +532,11 @@ def train_loop(
                 loss = out.loss * (w / denom) if w else out.logits.sum() * 0.0
                 engine.backward(loss)
             step_loss += float(out.loss.detach()) * w / denom if w else 0.0
-            tokens += int(b.attention_mask.sum())
+            step_tokens += int(b.attention_mask.sum())
         step_loss = engine.total(step_loss)
+        step_tokens = int(engine.total(float(step_tokens)))
+        tokens += step_tokens
+        lr = float(optimizer.param_groups[0]["lr"])
         if config.max_grad_norm is not None:
             engine.clip(model, trainable, config.max_grad_norm)
         optimizer.step()
@@ -525,6 +550,9 @@ def train_loop(
             raise KappaTuneError(
                 f"training diverged: loss {step_loss} at step {state.step} (lower --lr?)"
             )
+        if observer is not None:
+            seconds = state.step_times[-1]
+            observer(StepRecord(state.step, limit, step_loss, lr, step_tokens, seconds))
         if on_step is not None:
             on_step(state)
         if _reached(stop, state):
@@ -539,7 +567,7 @@ def train_loop(
         ema_loss=ema_corrected(state, stop.ema_decay),
         stopped_by=stopped_by,
         trainable_params=trainable_params,
-        tokens=int(engine.total(float(tokens))),
+        tokens=tokens,
     )
 
 

@@ -2,9 +2,10 @@
 
 Everything is validated (flags, data files, selection, model names) before anything is
 written to DIR. DIR then holds ``run.json`` (the resolved configuration), ``selection.json``
-(selective and kappa-lora), a ``checkpoint/`` every ``--checkpoint-every`` steps, and at
-the end ``model/`` (selective, full) or ``adapter/`` (lora, kappa-lora) plus ``result.json``.
-Rerunning the same command with the same DIR resumes from the last checkpoint.
+(selective and kappa-lora), ``log.jsonl`` (one line per step), a ``checkpoint/`` every
+``--checkpoint-every`` steps, and at the end ``model/`` (selective, full) or ``adapter/``
+(lora, kappa-lora), each with a model card, plus ``result.json``. Rerunning the same command
+with the same DIR resumes from the last checkpoint. Flags can come from ``--config run.yaml``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kappatune.cli.select import add_selection_flags, validate_selection_args
+from kappatune.cli.train_publish import add_publish_flags, validate_publish
+from kappatune.cli.train_watch import add_watch_flags, validate_watch
 from kappatune.errors import KappaTuneError
 
 METHODS = ("selective", "kappa-lora", "lora", "full")
@@ -28,8 +32,11 @@ EPILOG = """examples:
   kappatune train ./my-model --data train.jsonl --method kappa-lora --selection sel.json --lora-r 16 -o runs/kl
   kappatune train gemma-3-270m --data train.jsonl --method lora --lora-r 8 --epochs 2 -o runs/lora
   kappatune train ./my-model --data a.txt b.txt --method full --lr 2e-5 --warmup 10 --steps 200 -o runs/full
+  kappatune train --config run.yaml --lr 5e-5      (YAML keys are the flag names; flags override)
 
-JSONL records hold "text", or "prompt" and "completion" (loss on the completion only).
+JSONL records hold "text", "prompt" and "completion" (loss on the completion only), or
+"messages" (chat turns, rendered with the model's chat template; loss on assistant turns only).
+Each step is appended to DIR/log.jsonl; without a terminal it is also printed as a line.
 Rerun the same command to resume an interrupted run from its last checkpoint.
 Multi-process (DDP, FSDP with fsdp_use_orig_params, DeepSpeed ZeRO-2/3):
   accelerate launch --config_file fsdp.yaml -m kappatune.cli.main train ./my-model --data t.txt --method selective -o runs/d
@@ -68,7 +75,13 @@ def add_parser(sub: Any) -> None:
     length.add_argument("--epochs", type=float, help="passes over the data")
     t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     t.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
-    t.add_argument("--scheduler", default="constant", choices=("constant", "linear", "cosine"))
+    t.add_argument(
+        "--scheduler",
+        default="constant",
+        choices=("constant", "linear", "cosine"),
+        help="learning rate after warm-up: constant, or decaying linearly / along a cosine"
+        " to 0 at the last step (default: constant)",
+    )
     t.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default: 4)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
     t.add_argument("--seq-len", type=int, default=128, help="tokens per row (default: 128)")
@@ -92,13 +105,27 @@ def add_parser(sub: Any) -> None:
     lora = p.add_argument_group("LoRA (lora, kappa-lora)")
     lora.add_argument("--lora-r", type=int, default=8, help="rank (default: 8)")
     lora.add_argument("--lora-alpha", type=int, help="alpha (default: 2 x rank)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        help="dropout on the LoRA input, in [0, 1) (default: 0)",
+    )
     lora.add_argument(
         "--lora-budget",
         metavar="N|P%",
         help="LoRA parameter budget: fit the rank (with --lora-r 0) or the module count",
     )
+    add_watch_flags(p)
+    add_publish_flags(p)
+    add_config_flag(p)
     p.set_defaults(run=run)
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    from kappatune.train_config import add_config_flag as add
+
+    add(p)
 
 
 # --------------------------------------------------------------------------- validation
@@ -168,6 +195,8 @@ def _validate(args: argparse.Namespace) -> None:
         validate_selection_args(args)
     if args.output.exists() and not args.output.is_dir():
         raise KappaTuneError(f"--output {args.output} exists and is not a directory")
+    validate_watch(args)
+    validate_publish(args)
 
 
 def _resolved(args: argparse.Namespace, selection: Any, lora: Any) -> dict[str, Any]:
@@ -193,6 +222,7 @@ def _resolved(args: argparse.Namespace, selection: Any, lora: Any) -> dict[str, 
             "names": list(selection.names),
         },
         "checkpoint_every": args.checkpoint_every,
+        "eval_data": None if args.eval_data is None else [str(d) for d in args.eval_data],
     }
 
 
@@ -288,6 +318,13 @@ def _selection(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kappatune.cli.quiet import quiet_third_party
+
+    with quiet_third_party():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kappatune.data import PackConfig, load_examples, tokenize
@@ -298,7 +335,6 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.models import load_causal_lm, total_parameters
 
     _validate(args)
-    _quiet_transformers()
     if launched():  # accelerate launch / torchrun: kappatune.cli.train_launched
         from kappatune.cli.train_launched import run_launched
 
@@ -306,9 +342,12 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False, stderr=False)
     device = resolve_device(args.device)
     examples = load_examples(args.data)
+    eval_examples = None if args.eval_data is None else load_examples(args.eval_data)
     selection = _selection(args)
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
-    data = tokenize(tokenizer, examples, PackConfig(seq_len=args.seq_len, pack=not args.no_pack))
+    pack = PackConfig(seq_len=args.seq_len, pack=not args.no_pack)
+    data = tokenize(tokenizer, examples, pack)
+    eval_data = None if eval_examples is None else tokenize(tokenizer, eval_examples, pack)
     if selection is not None:
         locate(model, selection)
     lora = (
@@ -327,15 +366,8 @@ def run(args: argparse.Namespace) -> int:
     )
     prepared = _prepare(model, args, selection, lora)
     _write_run_files(args.output, resolved, selection, atomic_write_json)
-    return _train(args, console, prepared, tokenizer, data, device, status)
-
-
-def _quiet_transformers() -> None:
-    """The command reports progress itself; transformers' own bars and notices would interleave."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    run = _Run(args, console, prepared, tokenizer, data, eval_data, selection, resolved)
+    return _train(run, device, status)
 
 
 def _prepare(model: Any, args: argparse.Namespace, selection: Any, lora: Any) -> Any:
@@ -368,52 +400,93 @@ def announce_start(
     return start
 
 
-def _train(
-    args: argparse.Namespace,
-    console: Any,
-    prepared: Any,
-    tokenizer: Any,
-    data: Any,
-    device: Any,
-    status: str,
-) -> int:
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class _Run:
+    """Everything a single-process training session works with."""
 
+    args: argparse.Namespace
+    console: Any
+    prepared: Any
+    tokenizer: Any
+    data: Any
+    eval_data: Any
+    selection: Any
+    resolved: dict[str, Any]
+
+
+def _watch(run: _Run, model: Any, total: int, start: int) -> Any:
+    from kappatune.cli.train_watch import open_watch
+    from kappatune.training import evaluate_loss
+
+    evaluate = None
+    if run.eval_data is not None:
+        eval_data, batch = run.eval_data, run.args.batch_size
+
+        def evaluate() -> float:
+            return evaluate_loss(model, eval_data, batch_size=batch)
+
+    return open_watch(
+        run.args, total=total, start=start, evaluate=evaluate,
+        print_line=run.console.print, resolved=run.resolved,
+    )  # fmt: skip
+
+
+def _train(run: _Run, device: Any, status: str) -> int:
+    from kappatune.cli.train_watch import eval_summary
     from kappatune.jsonio import atomic_write_json
     from kappatune.training import StopRule, train_loop
 
+    args, prepared = run.args, run.prepared
     model = prepared.model.to(device)
     resume = _load_checkpoint(args.output, model) if status == "resume" else None
     config = _train_config(args)
-    total = config.total_steps(len(data))
-    start = announce_start(console, args, prepared, resume, total)
-    bar = tqdm(total=total, initial=start, unit="step", desc="training", disable=None)
+    total = config.total_steps(len(run.data))
+    start = announce_start(run.console, args, prepared, resume, total)
+    watch = _watch(run, model, total, start)
 
     def on_step(state: Any) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
         if state.step % args.checkpoint_every == 0 and state.step < total:
             _save_checkpoint(args.output, model, state)
 
     try:
         result = train_loop(
-            model, data, config, StopRule(), param_groups=prepared.param_groups, resume=resume,
-            on_step=on_step, device=device,
+            model, run.data, config, StopRule(), param_groups=prepared.param_groups,
+            resume=resume, on_step=on_step, device=device, observer=watch,
         )  # fmt: skip
     finally:
-        bar.close()
-    _save_final(args.output, args.method, model, tokenizer)
-    report = result.to_json() | {
-        "method": args.method,
-        "trainable_params": prepared.trainable_params,
-    }
+        watch.close()
+    evals = eval_summary(watch)
+    target = _finish_output(run, model, result, evals.get("final_eval_loss"))
+    report = (
+        result.to_json()
+        | evals
+        | {
+            "method": args.method,
+            "trainable_params": prepared.trainable_params,
+        }
+    )
     atomic_write_json(args.output / "result.json", report)
     shutil.rmtree(args.output / "checkpoint", ignore_errors=True)
-    console.print(
+    run.console.print(
         f"done: {result.steps} steps, final loss {result.final_loss:.4f},"
         f" {result.mean_step_time:.2f} s/step; saved to {args.output}"
     )
+    from kappatune.cli.train_publish import push
+
+    push(target, args, run.console)
     return 0
+
+
+def _finish_output(run: _Run, model: Any, result: Any, final_eval: float | None) -> Path:
+    """Save model/ or adapter/ (portable base name, dtype to keep) with its model card."""
+    from kappatune.cli.train_publish import is_adapter, prepare_for_save, write_model_card
+
+    args = run.args
+    prepare_for_save(model, args)
+    _save_final(args.output, args.method, model, run.tokenizer)
+    target = args.output / ("adapter" if is_adapter(args.method) else "model")
+    write_model_card(target, args, result, run.prepared, run.selection, final_eval)
+    return target
 
 
 def _save_final(out: Path, method: str, model: Any, tokenizer: Any) -> None:

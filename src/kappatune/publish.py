@@ -1,0 +1,46 @@
+"""Upload a trained output folder (``model/`` or ``adapter/``) to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from kappatune.errors import KappaTuneError
+
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise KappaTuneError(f"--push-to-hub: {repo_id!r} is not a hub repository id (owner/name)")
+
+
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool = False, message: str = "", api: Any = None
+) -> str:
+    """Create ``repo_id`` (a model repository; kept if it exists) and upload ``folder``.
+
+    Returns the repository URL. Network and permission failures become one-line errors.
+    """
+    check_repo_id(repo_id)
+    if api is None:
+        try:
+            from huggingface_hub import HfApi
+        except ImportError:
+            raise KappaTuneError(
+                "--push-to-hub needs the 'huggingface_hub' package: pip install huggingface_hub"
+            ) from None
+        api = HfApi()
+    try:
+        url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            commit_message=message or f"Upload {Path(folder).name} trained with kappatune",
+        )
+    except Exception as exc:  # HTTP, auth and connection errors: all for the user to fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KappaTuneError(f"--push-to-hub {repo_id}: {first}") from None
+    return str(url)
