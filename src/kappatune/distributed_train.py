@@ -251,14 +251,17 @@ class AccelerateEngine:
             shutil.rmtree(old, ignore_errors=True)
         self.wait()
 
-    def save_model(self, target: Path, tokenizer: Any) -> None:
-        """Collective: gather the full state dict (FSDP, ZeRO-3); rank 0 writes ``target``."""
+    def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
+        """Collective: gather the full state dict (FSDP, ZeRO-3); rank 0 writes ``target``
+        (floating-point tensors cast to ``dtype`` when given)."""
         assert self.model is not None, "prepare() first"
         unwrapped = self.accelerator.unwrap_model(self.model)
         if any(is_partitioned(p) for p in unwrapped.parameters()):
             state = _gathered_state(unwrapped, self.is_main)
         else:
             state = self.accelerator.get_state_dict(self.model)
+        if self.is_main and dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if self.is_main:
             tmp = target.parent / f".{target.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import shutil
 from typing import Any
 
 from kappatune.cli import train as single
+from kappatune.errors import KappaTuneError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ def run_launched(args: argparse.Namespace) -> int:
     from kappatune.layout import locate
     from kappatune.models import load_causal_lm
 
+    if args.eval_data is not None:
+        raise KappaTuneError(
+            "--eval-data runs in a single process only (not under accelerate launch or torchrun)"
+        )
     accelerator = make_accelerator(args.grad_accum, args.device)
     engine = AccelerateEngine(accelerator, args.batch_size, args.max_grad_norm)
     console = Console(highlight=False, stderr=False, quiet=not engine.is_main)
@@ -69,54 +74,41 @@ def run_launched(args: argparse.Namespace) -> int:
 
         single._write_run_files(args.output, resolved, selection, atomic_write_json)
     engine.wait()
-    return _train(args, console, engine, prepared, tokenizer, data, status)
+    run = single._Run(args, console, prepared, tokenizer, data, None, selection, resolved)
+    return _train(run, engine, status)
 
 
-def _train(
-    args: argparse.Namespace,
-    console: Any,
-    engine: Any,
-    prepared: Any,
-    tokenizer: Any,
-    data: Any,
-    status: str,
-) -> int:
-    from tqdm import tqdm
-
+def _train(run: Any, engine: Any, status: str) -> int:
+    from kappatune.cli import train_publish
     from kappatune.distributed_train import loop_meta, resume_point
     from kappatune.jsonio import atomic_write_json
     from kappatune.training import StopRule, train_loop
 
+    args, prepared, console = run.args, run.prepared, run.console
     resume = None
     if status == "resume" and (point := resume_point(args.output)) is not None:
         engine.resume_from, resume = point
     config = single._train_config(args)
-    total = config.total_steps(len(data), engine.world)
+    total = config.total_steps(len(run.data), engine.world)
     start = single.announce_start(console, args, prepared, resume, total)
-    bar = tqdm(
-        total=total,
-        initial=start,
-        unit="step",
-        desc="training",
-        disable=None if engine.is_main else True,
-    )
+    watch = single._watch(run, prepared.model, total, start) if engine.is_main else None
 
     def on_step(state: Any) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
         if state.step % args.checkpoint_every == 0 and state.step < total:
             engine.save_checkpoint(args.output, loop_meta(state))
 
     try:
         result = train_loop(
-            prepared.model, data, config, StopRule(), param_groups=prepared.param_groups,
-            resume=resume, on_step=on_step, engine=engine,
+            prepared.model, run.data, config, StopRule(), param_groups=prepared.param_groups,
+            resume=resume, on_step=on_step, engine=engine, observer=watch,
         )  # fmt: skip
     finally:
-        bar.close()
-    lora = args.method in ("lora", "kappa-lora")
-    engine.save_model(args.output / ("adapter" if lora else "model"), tokenizer)
+        if watch is not None:
+            watch.close()
+    target = args.output / ("adapter" if train_publish.is_adapter(args.method) else "model")
+    engine.save_model(target, run.tokenizer, dtype=_save_dtype(args, prepared.model))
     if engine.is_main:
+        train_publish.write_model_card(target, args, result, prepared, run.selection, None)
         report = result.to_json() | {
             "method": args.method,
             "trainable_params": prepared.trainable_params,
@@ -129,4 +121,20 @@ def _train(
         f"done: {result.steps} steps on {engine.world} processes, final loss"
         f" {result.final_loss:.4f}, {result.mean_step_time:.2f} s/step; saved to {args.output}"
     )
+    if engine.is_main:
+        train_publish.push(target, args, console)
     return 0
+
+
+def _save_dtype(args: argparse.Namespace, model: Any) -> Any:
+    """The dtype to save a model in (None: adapters, saved as trained); names the base
+    model portably in an adapter's config."""
+    from kappatune.cli.train_publish import is_adapter, save_dtype
+
+    if is_adapter(args.method):
+        from kappatune.models import portable_name
+
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = portable_name(args.model)
+        return None
+    return save_dtype(args)

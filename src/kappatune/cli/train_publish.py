@@ -50,16 +50,22 @@ def is_adapter(method: str) -> bool:
 
 def prepare_for_save(model: Any, args: argparse.Namespace) -> None:
     """Name the base model portably (adapters) or cast to the dtype to save (models)."""
-    from kappatune.models import checkpoint_dtype, parse_dtype, portable_name
+    from kappatune.models import portable_name
 
     if is_adapter(args.method):
         for config in model.peft_config.values():
             config.base_model_name_or_path = portable_name(args.model)
         return
-    dtype = (
-        checkpoint_dtype(args.model) if args.save_dtype == "auto" else parse_dtype(args.save_dtype)
-    )
-    model.to(dtype)
+    model.to(save_dtype(args))
+
+
+def save_dtype(args: argparse.Namespace) -> Any:
+    """The torch dtype a model is saved in: ``--save-dtype``, or the checkpoint's own."""
+    from kappatune.models import checkpoint_dtype, parse_dtype
+
+    if args.save_dtype == "auto":
+        return checkpoint_dtype(args.model)
+    return parse_dtype(args.save_dtype)
 
 
 def write_model_card(
