@@ -2,7 +2,7 @@
 
 DeepSpeed announces "Setting accelerator to CPU" through its own stdout handler whenever
 something imports it; transformers, PEFT and accelerate emit deprecation warnings about each
-other's APIs and advisory log lines. None of it is about the user's run. :func:`quiet_third_party`
+other's APIs, advisory warnings (PEFT's save_embedding_layers) and advisory log lines. None of it is about the user's run. :func:`quiet_third_party`
 filters exactly those, for the duration of a command, and restores everything afterwards.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 _DEEPSPEED_LOGGER = "DeepSpeed"
 _DEEPSPEED_NOISE = re.compile(r"^Setting (ds_)?accelerator to ")
 _LIBRARIES = r"(transformers|peft|accelerate|deepspeed|torch)(\.|$)"
+_ADVISORIES = (r"Setting `save_embedding_layers` to `True`",)  # PEFT, saving an embedding LoRA
 
 
 class _DropMatching(logging.Filter):
@@ -38,6 +39,8 @@ def quiet_third_party() -> Iterator[None]:
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category, module=_LIBRARIES)
+            for message in _ADVISORIES:
+                warnings.filterwarnings("ignore", message=message, module=_LIBRARIES)
             _quiet_transformers()
             yield
     finally:

@@ -427,8 +427,12 @@ def _watch(run: _Run, model: Any, total: int, start: int) -> Any:
 
     return open_watch(
         run.args, total=total, start=start, evaluate=evaluate,
-        print_line=run.console.print, resolved=run.resolved,
+        print_line=_print_line, resolved=run.resolved,
     )  # fmt: skip
+
+
+def _print_line(text: str) -> None:
+    print(text, flush=True)  # plain and unwrapped, flushed at once for nohup and schedulers
 
 
 def _train(run: _Run, device: Any, status: str) -> int:
