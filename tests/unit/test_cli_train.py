@@ -48,6 +48,7 @@ def test_train_selective_saves_model_selection_config(
     )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
+        "log.jsonl",
         "model",
         "result.json",
         "run.json",
