@@ -266,11 +266,14 @@ def rank_selections(stderr: str) -> dict[int, str]:
 def check_run(model: Path, out: Path, run: Any) -> Selection:
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
+        "log.jsonl",
         "model",
         "result.json",
         "run.json",
         "selection.json",
     ]
+    logged = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # rank 0 alone writes the log; a resumed run repeats no step
     sel = Selection.load(out / "selection.json")
     assert rank_selections(run.stderr) == {0: ",".join(sel.names), 1: ",".join(sel.names)}
     before = load_file(str(model / "model.safetensors"))
@@ -309,7 +312,12 @@ def check_resume_is_exact(
     stopper.write_text(STOP_AFTER_CHECKPOINT)
     first = run(resumed, *launcher(), script=[str(stopper)])
     assert first.returncode != 0
-    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint", "run.json", "selection.json"]
+    assert sorted(p.name for p in resumed.iterdir()) == [
+        "checkpoint",
+        "log.jsonl",
+        "run.json",
+        "selection.json",
+    ]
     assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == ["accelerate", "loop.pt"]
     second = run(resumed, *launcher())
     assert "resuming from step 2 of 4" in second.stdout
@@ -382,7 +390,7 @@ def test_two_process_deepspeed_resume_is_exact(launch: Any, tmp_path: Path, stag
 def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Path) -> None:
     """KappaTune-LoRA under DeepSpeed: ZeRO-3 saves the gathered adapter, equal to ZeRO-2's."""
     pytest.importorskip("deepspeed")
-    _, run = launch
+    model, run = launch
     adapters = []
     for stage in (2, 3):
         out = tmp_path / f"zero{stage}"
@@ -390,6 +398,7 @@ def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Pat
         assert result.returncode == 0, result.stderr[-3000:]
         assert sorted(p.name for p in out.iterdir()) == [
             "adapter",
+            "log.jsonl",
             "result.json",
             "run.json",
             "selection.json",
@@ -400,5 +409,9 @@ def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Pat
     modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in lora})
     assert modules == sorted(n.removesuffix(".weight") for n in sel.names)
     assert all(adapters[1][k].numel() > 0 for k in lora)  # gathered, not ZeRO-3's shape [0]
+    card = (tmp_path / "zero3" / "adapter" / "README.md").read_text()
+    config = json.loads((tmp_path / "zero3" / "adapter" / "adapter_config.json").read_text())
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
+    assert config["base_model_name_or_path"] == str(model)  # as named, the launch's own path
     assert sorted(adapters[0]) == sorted(adapters[1])
     assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[0])

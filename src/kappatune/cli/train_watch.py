@@ -25,9 +25,9 @@ def add_watch_flags(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["none"],
         choices=REPORTERS,
-        metavar="{tensorboard,wandb,none}",
-        help="also send the step log to TensorBoard (DIR/tensorboard) and/or Weights & Biases"
-        " (WANDB_MODE=offline works) (default: none; DIR/log.jsonl is always written)",
+        metavar="NAME",
+        help="also send the step log to tensorboard (DIR/tensorboard) and/or wandb"
+        " (WANDB_MODE=offline works), or none (default: none; DIR/log.jsonl is always written)",
     )
     g.add_argument(
         "--log-every",
