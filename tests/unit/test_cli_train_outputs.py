@@ -309,3 +309,32 @@ def test_quiet_third_party_is_scoped() -> None:
         ds.removeHandler(handler)
     assert seen == ["a real DeepSpeed problem", "Setting accelerator to CPU again"]
     assert [str(w.message) for w in caught] == ["user's own", "old API"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_watch_bar_in_a_terminal_lines_otherwise(tmp_path: Path, terminal: bool) -> None:
+    from kappatune.cli.train_watch import Watch
+    from kappatune.training import StepRecord
+
+    printed: list[str] = []
+    evals = iter([2.5, 2.25])
+    watch = Watch(
+        RunLog(tmp_path),
+        total=5,
+        start=0,
+        log_every=2,
+        evaluate=lambda: next(evals),
+        eval_every=3,
+        print_line=printed.append,
+        terminal=terminal,
+    )
+    for s in range(1, 6):
+        watch(StepRecord(s, 5, 3.0, 1e-3, 10, 0.1))
+    if terminal:
+        assert watch.bar is not None and watch.bar.n == 5 and printed == []
+    else:
+        # every 2nd step, the eval steps (3 and the last) and the last step
+        assert [x.split("/")[0] for x in printed] == ["step 2", "step 3", "step 4", "step 5"]
+        assert printed[1].endswith("eval loss 2.5000") and printed[3].endswith("eval loss 2.2500")
+    watch.close()
+    assert watch.log.evals() == [{"step": 3, "eval_loss": 2.5}, {"step": 5, "eval_loss": 2.25}]
