@@ -17,10 +17,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kappatune.errors import KappaTuneError
-from kappatune.training import StepRecord
+
+if TYPE_CHECKING:
+    from kappatune.training import StepRecord
 
 LOG_NAME = "log.jsonl"
 REPORTERS = ("tensorboard", "wandb", "none")

@@ -11,11 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
 from kappatune.run_log import REPORTERS, LogLine, RunLog, check_reporters, format_line
-from kappatune.training import StepRecord
+
+if TYPE_CHECKING:
+    from kappatune.training import StepRecord
 
 
 def add_watch_flags(p: argparse.ArgumentParser) -> None:
