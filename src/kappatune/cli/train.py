@@ -22,6 +22,7 @@ from kappatune.cli.select import add_selection_flags, validate_selection_args
 from kappatune.cli.train_publish import add_publish_flags, validate_publish
 from kappatune.cli.train_watch import add_watch_flags, validate_watch
 from kappatune.errors import KappaTuneError
+from kappatune.train_config import add_config_flag
 
 METHODS = ("selective", "kappa-lora", "lora", "full")
 RUN_FORMAT = 1
@@ -120,12 +121,6 @@ def add_parser(sub: Any) -> None:
     add_publish_flags(p)
     add_config_flag(p)
     p.set_defaults(run=run)
-
-
-def add_config_flag(p: argparse.ArgumentParser) -> None:
-    from kappatune.train_config import add_config_flag as add
-
-    add(p)
 
 
 # --------------------------------------------------------------------------- validation
