@@ -65,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="kappatune: %(levelname)s: %(message)s",
     )
+    from kappatune.cli.quiet import quiet_third_party
+
     try:
-        return int(args.run(args) or 0)
+        with quiet_third_party():  # third-party start-up noise, for this command only
+            return int(args.run(args) or 0)
     except KappaTuneError as exc:
         print(f"kappatune: error: {exc}", file=sys.stderr)
         return 2

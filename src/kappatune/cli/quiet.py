@@ -41,17 +41,15 @@ def quiet_third_party() -> Iterator[None]:
                 warnings.filterwarnings("ignore", category=category, module=_LIBRARIES)
             for message in _ADVISORIES:
                 warnings.filterwarnings("ignore", message=message, module=_LIBRARIES)
-            _quiet_transformers()
             yield
     finally:
         ds_logger.removeFilter(ds_filter)
 
 
-def _quiet_transformers() -> None:
-    """The command reports progress itself; transformers' bars and notices would interleave."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
+def quiet_transformers() -> None:
+    """For commands that report progress themselves: transformers' bars and advisory log lines
+    would interleave (imports transformers; call it from a command that uses it anyway)."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

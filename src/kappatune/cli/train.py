@@ -313,15 +313,9 @@ def _selection(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kappatune.cli.quiet import quiet_third_party
-
-    with quiet_third_party():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from kappatune.cli.quiet import quiet_transformers
     from kappatune.data import PackConfig, load_examples, tokenize
     from kappatune.devices import resolve_device
     from kappatune.distributed_train import launched
@@ -330,6 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     from kappatune.models import load_causal_lm, total_parameters
 
     _validate(args)
+    quiet_transformers()
     if launched():  # accelerate launch / torchrun: kappatune.cli.train_launched
         from kappatune.cli.train_launched import run_launched
 
