@@ -213,6 +213,8 @@ def _skip_reason(entry: TensorEntry, options: AnalyzeOptions) -> str | None:
         return f"not a matrix ({len(entry.shape)}-D)"
     if entry.numel == 0:
         return "empty tensor (0 elements; a ZeRO-3 partitioned parameter?)"
+    if entry.unreadable:
+        return entry.unreadable
     if _NON_FLOAT_DTYPES.match(entry.dtype):
         if (
             names.module_type(entry.name) != entry.name.rsplit(".", 1)[-1]
