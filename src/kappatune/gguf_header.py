@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kappatune.errors import KappaTuneError
-from kappatune.safetensors_header import short
+from kappatune.errtext import short
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 4  # arrays of arrays; llama.cpp itself reads none

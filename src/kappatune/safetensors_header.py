@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import torch
 
 from kappatune.errors import KappaTuneError
+from kappatune.errtext import clip, short
 
 MAX_HEADER = 100_000_000  # the safetensors library's limit
 _U64 = 1 << 64
@@ -69,21 +70,6 @@ def torch_dtype_name(st_dtype: str) -> str | None:
     return (
         name if name is not None and isinstance(getattr(torch, name, None), torch.dtype) else None
     )
-
-
-def clip(text: str, limit: int = 48) -> str:
-    """``text`` cut to ``limit`` characters for an error line."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown(name: str, limit: int = 80) -> str:
-    """A file name for an error line: as it is when printable, else its repr; shortened."""
-    return clip(name, limit) if name.isprintable() else short(name, limit)
-
-
-def short(name: str, limit: int = 80) -> str:
-    """A name for an error line: repr (so control characters stay on one line), shortened."""
-    return clip(repr(name), limit)
 
 
 class _Bad(Exception):

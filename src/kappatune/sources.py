@@ -26,9 +26,10 @@ import torch
 import xxhash
 
 from kappatune.errors import KappaTuneError
+from kappatune.errtext import clip, short, shown
 from kappatune.gguf_header import GGUFHeader
 from kappatune.gguf_header import read_header as read_gguf_header
-from kappatune.safetensors_header import clip, read_header, short, shown
+from kappatune.safetensors_header import read_header
 
 BUILTIN_MODELS = ("gemma-3-270m", "all-minilm-l6-v2")
 
