@@ -89,7 +89,7 @@ class _Reader:
         """A u64 count of items of at least ``each`` bytes that must fit in the rest of the file."""
         (n,) = self.unpack("<Q")
         if n * each > self.size - self.pos:
-            _fail(f"{what} count {n} does not fit in the {self.size}-byte file")
+            _fail(f"{what} {n} does not fit in the {self.size}-byte file")
         return int(n)
 
     def skip(self, n: int) -> None:
@@ -132,7 +132,7 @@ class _Reader:
         (etype,) = self.unpack("<I")
         if etype not in _MIN_VALUE:
             _fail(f"unknown metadata value type {etype}")
-        n = self.count("metadata array", _MIN_VALUE[etype])
+        n = self.count("metadata array length", _MIN_VALUE[etype])
         if etype in _SCALAR:
             self.skip(n * _MIN_VALUE[etype])
         elif etype == _STRING:
@@ -216,7 +216,7 @@ def _parse(r: _Reader) -> GGUFHeader:
     (n_tensors,) = r.unpack("<Q")
     if n_tensors * _MIN_TENSOR > r.left():
         _fail(f"tensor count {n_tensors} does not fit in the {r.size}-byte file")
-    n_kv = r.count("metadata key", _MIN_KV)
+    n_kv = r.count("metadata key count", _MIN_KV)
     meta: dict[str, Any] = {}
     keys: set[str] = set()
     for _ in range(n_kv):
