@@ -113,9 +113,18 @@ class SpectrumCache:
 
     def file_digests(self, file: Path, stat: Sequence[int] | None = None) -> dict[str, str]:
         """Digests recorded for ``file`` when it had ``stat`` (default: its current stat key)."""
-        index = self._stat_path(file)
+        digests = self._recorded(file, stat)
+        if digests is None:
+            log.warning(
+                "ignoring cache index %s for %s: it fails its checksum", self._stat_path(file), file
+            )
+            return {}
+        return digests
+
+    def _recorded(self, file: Path, stat: Sequence[int] | None) -> dict[str, str] | None:
+        """The recorded digests ({} if none apply), or None if the record fails its checksum."""
         try:
-            payload = json.loads(index.read_text(encoding="utf-8"))
+            payload = json.loads(self._stat_path(file).read_text(encoding="utf-8"))
             current = list(stat if stat is not None else self.stat_key(file))
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             return {}
@@ -132,8 +141,7 @@ class SpectrumCache:
             or not all(isinstance(v, str) and _DIGEST.fullmatch(v) for v in digests.values())
             or payload.get("seal") != self._seal(payload["path"], current, digests)
         ):
-            log.warning("ignoring cache index %s for %s: it fails its checksum", index, file)
-            return {}
+            return None
         return dict(digests)
 
     def put_file_digests(
@@ -149,7 +157,7 @@ class SpectrumCache:
         if stat is not None and list(stat) != current:
             log.warning("%s changed during the analysis; its digests are not recorded", file)
             return
-        merged = {**self.file_digests(file, current), **digests}
+        merged = {**(self._recorded(file, current) or {}), **digests}
         path = str(file.resolve())
         record = {
             "format": _INDEX_FORMAT,
