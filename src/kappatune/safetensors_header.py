@@ -84,9 +84,19 @@ def _u64(x: Any) -> bool:
     return type(x) is int and 0 <= x < _U64
 
 
+def _text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail("header holds a lone surrogate escape (not valid Unicode)")
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
+        _text(key)
+        if isinstance(value, str):
+            _text(value)
         if key in out:
             _fail(f"header names {short(key)} twice")
         out[key] = value

@@ -360,6 +360,8 @@ class GGUFSource:
 
         kind = entry.locator[3]
         shape = entry.shape if rows is None else (rows, *entry.shape[1:])
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=torch.float32)
         raw = np.frombuffer(buf, dtype=np.uint8)
         if kind.name in _GGUF_PLAIN:
             return torch.from_numpy(raw.view(_GGUF_PLAIN[kind.name]).reshape(shape).copy())
@@ -477,6 +479,12 @@ def _shard(root: Path, index: Path, name: Any) -> Path:
         raise KappaTuneError(
             f"corrupt shard index {index}: shard name {clip(repr(name))} is not a string"
         )
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise KappaTuneError(
+            f"corrupt shard index {index}: shard name {short(name)} is not a valid file name"
+        ) from None
     parts = PurePosixPath(name).parts
     if not name or "\\" in name or "\x00" in name or name.startswith("/") or ".." in parts:
         raise KappaTuneError(
