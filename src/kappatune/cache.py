@@ -77,8 +77,9 @@ class SpectrumCache:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            log.warning("ignoring corrupt cache entry %s (%s); recomputing", path, exc)
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            log.warning("ignoring corrupt cache entry %s (%s); recomputing", path, reason)
             return None
         if (
             not isinstance(payload, dict)

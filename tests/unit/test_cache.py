@@ -188,6 +188,19 @@ def test_entry_that_does_not_fit_the_tensor_is_recomputed_with_a_warning(
     assert rows_problem(json.loads(entry.read_text())["rows"], [(None, (30, 10))]) is None
 
 
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000, '{"format": 1, "key": 5, "rows": {}}', "\udcff", '"rows"']
+)
+def test_unreadable_entry_text_is_recomputed(
+    text: str, tmp_path: Path, checkpoint: Path, counter: list[int]
+) -> None:
+    a = analyze(checkpoint, opts(tmp_path))
+    entry = _entry_of(tmp_path, checkpoint, "layers.1.w.weight")
+    entry.write_text(text, errors="surrogateescape")
+    assert analyze(checkpoint, opts(tmp_path)) == a
+    assert len(counter) == 5
+
+
 def test_experts_entry_with_a_missing_expert_is_recomputed(
     tmp_path: Path, counter: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
