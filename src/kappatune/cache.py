@@ -3,8 +3,12 @@
 Entries are keyed by the digest of a tensor's raw bytes (plus the algorithm version and
 how the tensor is split into matrices), never by a file name. Each tensor's entry is
 written as soon as it is computed, by rename, so an interrupted run keeps its work and
-concurrent processes never see half a file. A per-file stat index (size, mtime, inode)
-remembers the digests of unchanged files, so a second run reads no weights at all.
+concurrent processes never see half a file. A per-file stat index remembers the digests of
+unchanged files, so a second run reads no weights at all: a file counts as unchanged while its
+device, inode, size, modification time and status-change time (ctime) are all the same, and
+the index carries a checksum of what it records. Every entry read back is checked against the
+row schema and the tensor it is used for (see ``rows_problem``); anything that does not fit
+is ignored with a warning and recomputed.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,20 @@ log = logging.getLogger(__name__)
 
 ALGORITHM_VERSION = 2  # 2: xxh3-128 content digests
 _FORMAT = 1
+_INDEX_FORMAT = 2  # 2: device, inode, size, mtime, ctime; checksum over the record
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+_FLOATS = (
+    "kappa",
+    "sigma_max",
+    "sigma_min",
+    "log_volume",
+    "entropy_deficit",
+    "stable_rank",
+    "effective_rank",
+)
+_ROW_KEYS = (*_FLOATS, "expert", "shape", "numel", "method")
+Matrix = tuple[int | None, tuple[int, int]]  # (expert index or None, matrix shape)
+RowCheck = Callable[[list[Any]], str | None]
 
 
 def default_cache_dir() -> Path:
@@ -49,14 +70,16 @@ class SpectrumCache:
     def key(digest: str, layout: str) -> str:
         return f"{digest}-v{ALGORITHM_VERSION}-{layout}"
 
-    def get(self, key: str) -> list[dict[str, Any]] | None:
+    def get(self, key: str, check: RowCheck | None = None) -> list[dict[str, Any]] | None:
+        """The rows stored under ``key``, or None; rows that ``check`` faults are ignored."""
         path = self._row_path(key)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            log.warning("ignoring corrupt cache entry %s (%s); recomputing", path, exc)
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            log.warning("ignoring corrupt cache entry %s (%s); recomputing", path, reason)
             return None
         if (
             not isinstance(payload, dict)
@@ -65,6 +88,10 @@ class SpectrumCache:
             or not isinstance(payload.get("rows"), list)
         ):
             log.warning("ignoring corrupt cache entry %s; recomputing", path)
+            return None
+        problem = check(payload["rows"]) if check is not None else None
+        if problem:
+            log.warning("ignoring corrupt cache entry %s (%s); recomputing", path, problem)
             return None
         return payload["rows"]
 
@@ -75,30 +102,122 @@ class SpectrumCache:
             log.warning("could not write cache entry for %s: %s", key, exc)
 
     @staticmethod
-    def _stat_of(file: Path) -> list[int]:
+    def stat_key(file: Path) -> tuple[int, ...]:
+        """What the stat shortcut compares: device, inode, size, mtime and ctime (ns)."""
         st = file.stat()
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def file_digests(self, file: Path) -> dict[str, str]:
-        """Digests recorded for ``file`` if it is unchanged since they were recorded."""
+    @staticmethod
+    def _seal(path: str, stat: Sequence[int], digests: dict[str, str]) -> str:
+        record = json.dumps([path, list(stat), digests], sort_keys=True)
+        return hashlib.blake2b(record.encode(), digest_size=16).hexdigest()
+
+    def file_digests(self, file: Path, stat: Sequence[int] | None = None) -> dict[str, str]:
+        """Digests recorded for ``file`` when it had ``stat`` (default: its current stat key)."""
+        digests = self._recorded(file, stat)
+        if digests is None:
+            log.warning(
+                "ignoring cache index %s for %s: it fails its checksum", self._stat_path(file), file
+            )
+            return {}
+        return digests
+
+    def _recorded(self, file: Path, stat: Sequence[int] | None) -> dict[str, str] | None:
+        """The recorded digests ({} if none apply), or None if the record fails its checksum."""
         try:
             payload = json.loads(self._stat_path(file).read_text(encoding="utf-8"))
-            if payload.get("stat") == self._stat_of(file) and payload.get("path") == str(
-                file.resolve()
-            ):
-                return {str(k): str(v) for k, v in payload["digests"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
-        return {}
+            current = list(stat if stat is not None else self.stat_key(file))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return {}
+        if (
+            not isinstance(payload, dict)
+            or payload.get("format") != _INDEX_FORMAT
+            or payload.get("path") != str(file.resolve())
+            or payload.get("stat") != current
+        ):
+            return {}  # another file, an older format, or the file changed since
+        digests = payload.get("digests")
+        if (
+            not isinstance(digests, dict)
+            or not all(isinstance(v, str) and _DIGEST.fullmatch(v) for v in digests.values())
+            or payload.get("seal") != self._seal(payload["path"], current, digests)
+        ):
+            return None
+        return dict(digests)
 
-    def put_file_digests(self, file: Path, digests: dict[str, str]) -> None:
+    def put_file_digests(
+        self, file: Path, digests: dict[str, str], stat: Sequence[int] | None = None
+    ) -> None:
+        """Record ``digests`` for ``file``, unless it changed since it had ``stat``."""
         if not digests:
             return
-        merged = {**self.file_digests(file), **digests}
         try:
-            atomic_write_json(
-                self._stat_path(file),
-                {"path": str(file.resolve()), "stat": self._stat_of(file), "digests": merged},
-            )
+            current = list(self.stat_key(file))
+        except OSError:
+            return
+        if stat is not None and list(stat) != current:
+            log.warning("%s changed during the analysis; its digests are not recorded", file)
+            return
+        merged = {**(self._recorded(file, current) or {}), **digests}
+        path = str(file.resolve())
+        record = {
+            "format": _INDEX_FORMAT,
+            "path": path,
+            "stat": current,
+            "digests": merged,
+            "seal": self._seal(path, current, merged),
+        }
+        try:
+            atomic_write_json(self._stat_path(file), record)
         except OSError as exc:
             log.warning("could not write cache index for %s: %s", file, exc)
+
+
+def _number(value: Any) -> float | None:
+    """A metric as stored (number, "inf", "-inf" or null for nan); None if malformed."""
+    if value is None:
+        return math.nan
+    if value in ("inf", "-inf"):
+        return float(value)
+    if type(value) in (int, float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _row_problem(row: Any, expert: int | None, shape: tuple[int, int]) -> str | None:
+    if not isinstance(row, dict):
+        return "a row is not an object"
+    missing = [k for k in _ROW_KEYS if k not in row]
+    if missing:
+        return f"a row lacks {', '.join(missing)}"
+    got = row["expert"]
+    if not (got is None if expert is None else type(got) is int and got == expert):
+        return f"expert {got!r} where {expert!r} was expected"
+    if not (isinstance(row["shape"], list) and all(type(d) is int for d in row["shape"])):
+        return "a row's shape is not a list of integers"
+    if tuple(row["shape"]) != shape or row["numel"] != shape[0] * shape[1]:
+        return f"shape {row['shape']} where {list(shape)} was expected"
+    if type(row["numel"]) is not int or not isinstance(row["method"], str):
+        return "a row's numel or method has the wrong type"
+    values = {k: _number(row[k]) for k in _FLOATS}
+    if any(v is None for v in values.values()):
+        return "a metric is not a number"
+    kappa, smax, smin = values["kappa"], values["sigma_max"], values["sigma_min"]
+    assert kappa is not None and smax is not None and smin is not None
+    if not (math.isfinite(smax) and 0.0 <= smin <= smax):
+        return "singular values out of order"
+    expected = math.inf if smin == 0.0 else smax / smin
+    if not math.isclose(kappa, expected, rel_tol=1e-9):
+        return "kappa differs from sigma_max / sigma_min"
+    return None
+
+
+def rows_problem(rows: list[Any], matrices: Sequence[Matrix]) -> str | None:
+    """Why ``rows`` are not the cached metrics of exactly ``matrices``, or None if they are."""
+    if len(rows) != len(matrices):
+        return f"{len(rows)} rows for {len(matrices)} matrices"
+    for row, (expert, shape) in zip(rows, matrices, strict=True):
+        problem = _row_problem(row, expert, shape)
+        if problem:
+            return problem
+    return None

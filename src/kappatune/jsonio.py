@@ -62,6 +62,8 @@ def read_json_object(path: str | os.PathLike[str], what: str, missing: str) -> d
         raise KappaTuneError(f"{missing}: {path}") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise KappaTuneError(f"cannot read {what} {path}: {exc}") from None
+    except RecursionError:
+        raise KappaTuneError(f"cannot read {what} {path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise KappaTuneError(f"cannot read {what} {path}: not a JSON object")
     return data

@@ -10,13 +10,15 @@ and, from Python, an ``nn.Module`` or a state dict.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
-import struct
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -24,24 +26,12 @@ import torch
 import xxhash
 
 from kappatune.errors import KappaTuneError
+from kappatune.errtext import clip, short, shown
+from kappatune.gguf_header import GGUFHeader
+from kappatune.gguf_header import read_header as read_gguf_header
+from kappatune.safetensors_header import read_header
 
 BUILTIN_MODELS = ("gemma-3-270m", "all-minilm-l6-v2")
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,10 +42,11 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: str
     locator: Any = field(default=None, compare=False, repr=False)
+    unreadable: str | None = field(default=None, compare=False)  # why it cannot be decoded
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 @runtime_checkable
@@ -134,45 +125,6 @@ def _tensor_digest(t: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- safetensors
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise KappaTuneError(f"corrupt safetensors file {path}: shorter than its header")
-            (n,) = struct.unpack("<Q", head)
-            if n <= 0 or n > min(_MAX_HEADER, size - 8):
-                raise KappaTuneError(
-                    f"corrupt safetensors file {path}: header length {n} is invalid"
-                )
-            header = json.loads(fh.read(n))
-    except OSError as exc:
-        raise KappaTuneError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise KappaTuneError(f"corrupt safetensors file {path}: header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise KappaTuneError(f"corrupt safetensors file {path}: header is not a JSON object")
-    data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            dtype = _ST_DTYPES[info["dtype"]]
-            numel = int(np.prod(info["shape"], dtype=np.int64)) if info["shape"] else 1
-        except (KeyError, TypeError, ValueError):
-            raise KappaTuneError(
-                f"corrupt safetensors file {path}: bad entry for tensor {name!r}"
-            ) from None
-        if end < begin or data_start + end > size or end - begin != numel * dtype.itemsize:
-            raise KappaTuneError(
-                f"corrupt safetensors file {path}: tensor {name!r} lies outside the file"
-                " or has the wrong size (truncated download?)"
-            )
-    return header, data_start
-
-
 class SafetensorsSource:
     """One or more safetensors files (a shard set); tensors read with positioned reads."""
 
@@ -185,20 +137,17 @@ class SafetensorsSource:
 
     def entries(self) -> list[TensorEntry]:
         out: list[TensorEntry] = []
-        seen: set[str] = set()
+        seen: dict[str, Path] = {}
         for path in self._paths:
-            header, start = _read_safetensors_header(path)
-            for name, info in header.items():
-                if name == "__metadata__" or name in seen:
-                    continue
-                seen.add(name)
-                begin, end = info["data_offsets"]
-                dtype = str(_ST_DTYPES[info["dtype"]]).removeprefix("torch.")
-                out.append(
-                    TensorEntry(
-                        name, tuple(info["shape"]), dtype, (path, start + begin, end - begin)
+            for t in read_header(path):
+                if t.name in seen:
+                    raise KappaTuneError(
+                        f"tensor {short(t.name)} is in two shards: {seen[t.name].name}"
+                        f" and {path.name}"
                     )
-                )
+                seen[t.name] = path
+                locator = (path, t.offset, t.nbytes)
+                out.append(TensorEntry(t.name, t.shape, t.dtype, locator, t.unreadable))
         return out
 
     def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
@@ -337,83 +286,23 @@ def gguf_to_hf_name(name: str, arch: str) -> str:
     return f"model.layers.{m.group(1)}.{kind}.{suffix}" if kind else name
 
 
-_GGUF_SCALAR = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
+_GGUF_INTEGER = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+_GGUF_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
-class _GGUFHeader:
-    """Minimal GGUF header parser: metadata scalars and the tensor table, arrays skipped.
+@functools.cache
+def _gguf_decodable(kind: Any) -> bool:
+    """Whether gguf-py can dequantize this type (tried on one zero block)."""
+    import gguf
 
-    gguf-py's reader decodes every metadata array (a 262k-token vocabulary takes ~15 s
-    here); the analysis needs only the tensor table, the architecture and the alignment.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.meta: dict[str, Any] = {}
-        self.tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, ne, type, offset
-        with path.open("rb") as fh:
-            self._fh = fh
-            if fh.read(4) != b"GGUF":
-                raise ValueError("bad magic (not a GGUF file)")
-            (version,) = self._unpack("<I")
-            if version not in (2, 3):
-                raise ValueError(f"unsupported GGUF version {version}")
-            n_tensors, n_kv = self._unpack("<QQ")
-            for _ in range(n_kv):
-                key = self._string()
-                (vtype,) = self._unpack("<I")
-                value = self._value(vtype)
-                if value is not None:
-                    self.meta[key] = value
-            for _ in range(n_tensors):
-                name = self._string()
-                (n_dims,) = self._unpack("<I")
-                ne = self._unpack("<" + "Q" * n_dims)
-                qtype, offset = self._unpack("<IQ")
-                self.tensors.append((name, tuple(int(x) for x in ne), int(qtype), int(offset)))
-            align = int(self.meta.get("general.alignment", 32))
-            pos = fh.tell()
-            self.data_start = pos + (-pos % align)
-
-    def _unpack(self, fmt: str) -> tuple[Any, ...]:
-        size = struct.calcsize(fmt)
-        buf = self._fh.read(size)
-        if len(buf) != size:
-            raise ValueError("truncated header")
-        return struct.unpack(fmt, buf)
-
-    def _string(self) -> str:
-        (n,) = self._unpack("<Q")
-        if n > 1 << 24:
-            raise ValueError("implausible string length")
-        return self._fh.read(n).decode("utf-8", errors="replace")
-
-    def _value(self, vtype: int) -> Any:
-        if vtype in _GGUF_SCALAR:
-            return self._unpack(_GGUF_SCALAR[vtype])[0]
-        if vtype == 8:
-            return self._string()
-        if vtype == 9:
-            etype, count = self._unpack("<IQ")
-            if etype in _GGUF_SCALAR:
-                self._fh.seek(struct.calcsize(_GGUF_SCALAR[etype]) * count, 1)
-            else:
-                for _ in range(count):
-                    self._value(etype)
-            return None
-        raise ValueError(f"unknown metadata value type {vtype}")
+    if kind.name in _GGUF_PLAIN or kind.name == "BF16":
+        return True
+    block_bytes = gguf.constants.GGML_QUANT_SIZES[kind][1]
+    try:
+        gguf.quants.dequantize(np.zeros((1, block_bytes), dtype=np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
 
 
 class GGUFSource:
@@ -423,48 +312,35 @@ class GGUFSource:
         self._path = path
         self.description = description or str(path)
         self._hf_names = hf_names
-        self._header: _GGUFHeader | None = None
+        self._header: GGUFHeader | None = None
 
     def files(self) -> list[Path]:
         return [self._path]
 
-    def _open(self) -> _GGUFHeader:
+    def _open(self) -> GGUFHeader:
         if self._header is None:
-            try:
-                self._header = _GGUFHeader(self._path)
-            except OSError as exc:
-                raise KappaTuneError(f"cannot read {self._path}: {exc.strerror or exc}") from None
-            except (ValueError, UnicodeDecodeError, struct.error) as exc:
-                raise KappaTuneError(f"corrupt GGUF file {self._path}: {exc}") from None
+            self._header = read_gguf_header(self._path)
         return self._header
 
     def entries(self) -> list[TensorEntry]:
-        try:
-            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-        except ImportError:
-            raise KappaTuneError(
-                "reading GGUF files needs the 'gguf' package: pip install gguf"
-            ) from None
         header = self._open()
         arch = str(header.meta.get("general.architecture", ""))
-        size = self._path.stat().st_size
-        out = []
-        for name, ne, qtype, offset in header.tensors:
-            try:
-                kind = GGMLQuantizationType(qtype)
-            except ValueError:
-                raise KappaTuneError(f"GGUF tensor {name!r} has unknown type {qtype}") from None
-            block, type_size = GGML_QUANT_SIZES[kind]
-            numel = int(np.prod(ne, dtype=np.int64))
-            nbytes = numel // block * type_size
-            start = header.data_start + offset
-            if start + nbytes > size:
+        out, seen = [], set()
+        for t in header.tensors:
+            hf = gguf_to_hf_name(t.name, arch) if self._hf_names else t.name
+            if hf in seen:
                 raise KappaTuneError(
-                    f"corrupt GGUF file {self._path}: tensor {name!r} lies outside the file"
+                    f"corrupt GGUF file {self._path}: two tensors are named {short(hf)}"
                 )
-            hf = gguf_to_hf_name(name, arch) if self._hf_names else name
-            shape = tuple(reversed(ne))
-            out.append(TensorEntry(hf, shape, kind.name, (self._path, start, nbytes, kind)))
+            seen.add(hf)
+            unreadable = (
+                None
+                if t.qtype.name in _GGUF_INTEGER or _gguf_decodable(t.qtype)
+                else f"unsupported GGUF type {t.qtype.name} (gguf cannot dequantize it)"
+            )
+            dtype = _GGUF_INTEGER.get(t.qtype.name, t.qtype.name)
+            locator = (self._path, t.offset, t.nbytes, t.qtype)
+            out.append(TensorEntry(hf, tuple(reversed(t.ne)), dtype, locator, unreadable))
         return out
 
     def read(self, entry: TensorEntry) -> tuple[torch.Tensor, str]:
@@ -484,13 +360,14 @@ class GGUFSource:
 
         kind = entry.locator[3]
         shape = entry.shape if rows is None else (rows, *entry.shape[1:])
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=torch.float32)
         raw = np.frombuffer(buf, dtype=np.uint8)
-        plain = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-        if kind.name in plain:
-            return torch.from_numpy(raw.view(plain[kind.name]).reshape(shape).copy())
+        if kind.name in _GGUF_PLAIN:
+            return torch.from_numpy(raw.view(_GGUF_PLAIN[kind.name]).reshape(shape).copy())
         if kind.name == "BF16":
             return torch.frombuffer(bytearray(buf), dtype=torch.bfloat16).reshape(shape)
-        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        n_rows = math.prod(shape[:-1])
         values = gguf.quants.dequantize(raw.reshape(n_rows, -1), kind)
         return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
 
@@ -589,18 +466,57 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _shard(root: Path, index: Path, name: Any) -> Path:
+    """The shard an index names, refused unless it is a relative path inside ``root``."""
+    if not isinstance(name, str):
+        raise KappaTuneError(
+            f"corrupt shard index {index}: shard name {clip(repr(name))} is not a string"
+        )
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise KappaTuneError(
+            f"corrupt shard index {index}: shard name {short(name)} is not a valid file name"
+        ) from None
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or "\x00" in name or name.startswith("/") or ".." in parts:
+        raise KappaTuneError(
+            f"shard index {index} names {shown(name)}: shard names must be relative paths"
+            " inside the checkpoint directory"
+        )
+    return root / name
+
+
+def _index_source(path: Path, index: Path) -> Source:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise KappaTuneError(f"corrupt shard index {index}") from None
+    if not isinstance(weight_map, dict):
+        raise KappaTuneError(f"corrupt shard index {index}: weight_map is not a JSON object")
+    shards = sorted({_shard(path, index, f) for f in weight_map.values()})
+    missing = [shown(str(s.relative_to(path))) for s in shards if not s.exists()]
+    if missing:
+        raise KappaTuneError(f"shard index {index} names missing files: {', '.join(missing)}")
+    odd = [shown(str(s.relative_to(path))) for s in shards if not _is_regular(s)]
+    if odd:
+        raise KappaTuneError(
+            f"shard index {index} names files that are not regular files: {', '.join(odd)}"
+        )
+    return SafetensorsSource(shards, str(path))
+
+
 def _directory_source(path: Path) -> Source:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise KappaTuneError(f"corrupt shard index {index}") from None
-        shards = sorted({path / f for f in weight_map.values()})
-        missing = [str(s.name) for s in shards if not s.is_file()]
-        if missing:
-            raise KappaTuneError(f"shard index {index} names missing files: {', '.join(missing)}")
-        return SafetensorsSource(shards, str(path))
+        return _index_source(path, index)
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.gguf"):
         found = sorted(p for p in path.glob(pattern) if p.is_file())
         if not found:
@@ -632,6 +548,11 @@ def open_source(
     if path.is_dir():
         return _directory_source(path)
     if path.exists():
+        if not _is_regular(path):
+            raise KappaTuneError(
+                f"{path} is not a regular file (a FIFO, socket or device?): give a weights file,"
+                " a checkpoint directory or a model name"
+            )
         if not os.access(path, os.R_OK):
             raise KappaTuneError(f"cannot read {path}: permission denied")
         suffix = path.suffix.lower()

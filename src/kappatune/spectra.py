@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from kappatune import linalg, metrics, names
-from kappatune.cache import SpectrumCache
+from kappatune.cache import Matrix, SpectrumCache, rows_problem
 from kappatune.devices import DEVICES, resolve_device
 from kappatune.errors import KappaTuneError
+from kappatune.errtext import one_line
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
 from kappatune.sources import (
     RowStreamingSource,
@@ -58,6 +59,7 @@ class AnalyzeOptions:
     workers: int = 0  # 0: one per CPU core (at most 4) on CPU, 1 on GPU
     use_cache: bool = True
     cache_dir: Path | None = None
+    verify_cache: bool = False  # hash every tensor, never trusting the file-stat shortcut
     block_rows: int = linalg.DEFAULT_BLOCK_ROWS
     memory_budget_mb: int = 768
 
@@ -188,8 +190,8 @@ class Analysis:
                 tensors=tuple(SpectrumRow.from_json(r) for r in d["tensors"]),
                 skipped=tuple(SkippedRow.from_json(s) for s in d["skipped"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise KappaTuneError(f"malformed analysis JSON: {exc}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise KappaTuneError(f"malformed analysis JSON: {one_line(str(exc))}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_json(path, self.to_json())
@@ -213,6 +215,8 @@ def _skip_reason(entry: TensorEntry, options: AnalyzeOptions) -> str | None:
         return f"not a matrix ({len(entry.shape)}-D)"
     if entry.numel == 0:
         return "empty tensor (0 elements; a ZeRO-3 partitioned parameter?)"
+    if entry.unreadable:
+        return entry.unreadable
     if _NON_FLOAT_DTYPES.match(entry.dtype):
         if (
             names.module_type(entry.name) != entry.name.rsplit(".", 1)[-1]
@@ -358,6 +362,7 @@ class Plan:
     entries: tuple[TensorEntry, ...]
     candidates: tuple[TensorEntry, ...]
     skipped: tuple[SkippedRow, ...]
+    stats: Mapping[Path, tuple[int, ...]] = field(default_factory=dict)  # before any read
 
 
 Payload = list[dict[str, Any]] | str  # metric rows of one tensor, or the reason it was skipped
@@ -377,7 +382,35 @@ def plan(
             skipped.append(SkippedRow(e.name, e.shape, reason))
         else:
             candidates.append(e)
-    return Plan(src, entries, tuple(candidates), tuple(skipped))
+    return Plan(src, entries, tuple(candidates), tuple(skipped), _stats(src.files()))
+
+
+def _stats(files: Sequence[Path]) -> dict[Path, tuple[int, ...]]:
+    out = {}
+    for f in files:
+        try:
+            out[f] = SpectrumCache.stat_key(f)
+        except OSError:
+            continue
+    return out
+
+
+def _expected_matrices(entry: TensorEntry) -> list[Matrix]:
+    """The matrices an entry's cached rows describe, in order."""
+    if _layout(entry) == "experts":
+        rows, cols = entry.shape[-2:]
+        return [(e, (rows, cols)) for e in range(entry.shape[0])]
+    return [(None, linalg_shape(entry.shape))]
+
+
+def _lookup(cache: SpectrumCache | None, digest: str, entry: TensorEntry) -> Payload | None:
+    """Cached rows of ``entry`` whose content digest is ``digest``, if they fit the entry."""
+    if cache is None:
+        return None
+    matrices = _expected_matrices(entry)
+    return cache.get(
+        SpectrumCache.key(digest, _layout(entry)), lambda rows: rows_problem(rows, matrices)
+    )
 
 
 def matrix_cost(entry: TensorEntry) -> float:
@@ -412,9 +445,9 @@ def compute(
     workers = options.worker_count(device)
     cache = SpectrumCache(options.cache_dir) if options.use_cache else None
     known: dict[str, str] = {}
-    if cache is not None:
+    if cache is not None and not options.verify_cache:
         for f in src.files():
-            known.update(cache.file_digests(f))
+            known.update(cache.file_digests(f, the_plan.stats.get(f)))
     budget = _ByteBudget(options.memory_budget_mb * 1024 * 1024)
     out: Computed = {}
     lock = threading.Lock()
@@ -423,15 +456,14 @@ def compute(
         layout = _layout(entry)
         payload: Payload | None = None
         digest = known.get(entry.name)
-        if cache is not None and digest is not None:
-            payload = cache.get(SpectrumCache.key(digest, layout))
+        if digest is not None:
+            payload = _lookup(cache, digest, entry)
         if payload is None and _streamable(src, entry):
             assert isinstance(src, RowStreamingSource)
             with budget.hold(options.block_rows * entry.shape[1] * 16):
                 if digest is None:
                     digest = streamed_digest(src, entry, options.block_rows)
-                    if cache is not None:
-                        payload = cache.get(SpectrumCache.key(digest, layout))
+                    payload = _lookup(cache, digest, entry)
                 if payload is None:
                     payload = _streamed_rows(src, entry, device, options.block_rows)
                     if cache is not None and isinstance(payload, list):
@@ -439,8 +471,8 @@ def compute(
         elif payload is None:
             with budget.hold(entry.numel * 8):
                 t, fresh = src.read(entry)
-                if cache is not None and fresh != digest:
-                    payload = cache.get(SpectrumCache.key(fresh, layout))
+                if fresh != digest:
+                    payload = _lookup(cache, fresh, entry)
                 digest = fresh
                 if payload is None:
                     payload = _metric_rows(entry, t, device, options.block_rows)
@@ -481,7 +513,7 @@ def assemble(the_plan: Plan, computed: Computed, options: AnalyzeOptions) -> Ana
             if f is not None:
                 per_file.setdefault(f, {})[e.name] = computed[e.name][0]
         for f, d in per_file.items():
-            cache.put_file_digests(f, d)
+            cache.put_file_digests(f, d, the_plan.stats.get(f))
     rows: list[SpectrumRow] = []
     skipped = {s.name: s for s in the_plan.skipped}
     for e in the_plan.candidates:

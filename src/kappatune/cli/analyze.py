@@ -49,6 +49,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--cache-dir", type=Path, help="cache directory (default: ~/.cache/kappatune)")
     p.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="hash every tensor instead of trusting unchanged file stats (slower second runs)",
+    )
+    p.add_argument(
         "--top", type=int, default=10, help="rows in the lowest/highest tables (default: 10)"
     )
     p.set_defaults(run=run)
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
+        verify_cache=args.verify_cache,
     )
     from kappatune.distributed import launched_world
 

@@ -1,0 +1,23 @@
+"""Pieces of untrusted text (names, values, messages) made safe for a one-line error."""
+
+from __future__ import annotations
+
+
+def clip(text: str, limit: int = 48) -> str:
+    """``text`` cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(name: str, limit: int = 80) -> str:
+    """A name as its repr (control characters stay on one line), shortened."""
+    return clip(repr(name), limit)
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A file name as it is when printable, else as its repr; shortened."""
+    return clip(name, limit) if name.isprintable() else short(name, limit)
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """Any message flattened to one shortened line."""
+    return clip(" ".join(text.split()), limit)
