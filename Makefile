@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed>=0.15
+AXOLOTL ?= axolotl==0.19.0
 
 .PHONY: setup demo test lint format bench
 
@@ -21,10 +22,16 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"
 	touch $@
 
+# Axolotl, for the test that feeds the axolotl export to Axolotl's own freeze_layers_except:
+# without its dependencies (its matcher needs only torch, transformers and accelerate).
+$(VENV)/.axolotl: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps "$(AXOLOTL)"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/kappatune analyze gemma-3-270m
 
-test: setup $(VENV)/.deepspeed
+test: setup $(VENV)/.deepspeed $(VENV)/.axolotl
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q

@@ -2,8 +2,9 @@
 
 * ``json``: the Selection itself (loadable with ``Selection.load`` and by ``kappatune train
   --selection``) plus a plain ``parameters`` list of names for any training loop;
-* ``axolotl``: ``unfrozen_parameters:`` with anchored, escaped regexes
-  (``^model\\.layers\\.3\\.self_attn\\.v_proj\\.weight$``);
+* ``axolotl``: ``unfrozen_parameters:`` with anchored names in Axolotl's own pattern syntax
+  (``^model.layers.3.self_attn.v_proj.weight$``: Axolotl's ``freeze_layers_except`` turns
+  every ``.`` into a literal dot itself, so an escaped ``\\.`` would never match);
 * ``peft``: PEFT's ``{"target_modules": [...], "target_parameters": [...] or None}``.
 
 Each format is one function in :data:`EXPORTERS`; :func:`write_export` renders first and
@@ -35,7 +36,14 @@ def manifest_json(selection: Selection, model_type: str | None = None) -> str:
 
 
 def axolotl_regex(name: str) -> str:
-    return f"^{re.escape(name)}$"
+    """``name`` as one of Axolotl's ``unfrozen_parameters`` patterns, matching it exactly.
+
+    Axolotl (``axolotl.utils.freeze.LayerNamePattern``) rewrites each ``.`` not followed by
+    ``+`` into ``\\.`` before compiling, and reads a trailing ``[a:b]`` as a row range. So
+    dots stay bare (``re.escape`` turns ``+`` into ``\\+``, so no ``.+`` can appear), every
+    other regex character is escaped, and the pattern ends in ``$``, never in a range.
+    """
+    return "^" + re.escape(name).replace(r"\.", ".") + "$"
 
 
 def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
