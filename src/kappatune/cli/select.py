@@ -27,7 +27,7 @@ the other policies keep the first 20% of the candidates (PEFT's default).
 """
 
 
-def add_selection_flags(p: argparse.ArgumentParser) -> None:
+def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> None:
     """Policy, budget and filter flags shared by ``select`` and ``train``."""
     g = p.add_argument_group("selection policy")
     g.add_argument(
@@ -64,7 +64,8 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--budget-params",
         metavar="N|P%",
-        help="trainable parameters: a count (5M, 300k) or a percentage",
+        help="trainable parameters: a count (5M, 300k) or a percentage of the model"
+        + ("; with lora/kappa-lora, the adapter's size (see below)" if lora_note else ""),
     )
     b.add_argument(
         "--kappa-max", type=float, metavar="K", help="train every candidate with kappa <= K"
@@ -219,17 +220,17 @@ def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
 
 
 def selection_from_args(
-    args: argparse.Namespace, analysis: Any, model_spec: str | None = None
+    args: argparse.Namespace, analysis: Any, model_spec: str | None = None, budget: Any = None
 ) -> Any:
+    """The selection the flags ask for; ``budget`` (a Budget) replaces the budget flags."""
     from kappatune.selection import select
 
     scores = None
     if args.policy == "fisher":
         spec = model_spec or analysis.source
         scores = _fisher_scores(args, spec, analysis.tensors)
-    return select(
-        analysis, args.policy, budget_from_args(args), options_from_args(args), scores=scores
-    )
+    budget = budget if budget is not None else budget_from_args(args)
+    return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
 
 
 def print_selection(console: Any, selection: Any, top: int) -> None:
