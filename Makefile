@@ -29,7 +29,7 @@ $(VENV)/.axolotl: $(VENV)/.installed
 	touch $@
 
 demo: setup
-	$(VENV)/bin/kappatune analyze gemma-3-270m
+	$(VENV)/bin/kappatune demo
 
 test: setup $(VENV)/.deepspeed $(VENV)/.axolotl
 	$(VENV)/bin/ruff check src tests benchmarks

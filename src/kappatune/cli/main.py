@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from kappatune.errors import KappaTuneError
 
-COMMANDS = ("analyze", "select", "train", "bench", "probe", "env")
+COMMANDS = ("demo", "analyze", "select", "train", "bench", "probe", "env")
 
 EPILOG = """examples:
   kappatune analyze gemma-3-270m
