@@ -14,14 +14,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget, Selection
+
+if TYPE_CHECKING:  # importing this module stays light: `kappatune --help` reads the defaults
+    import torch
+    from torch import nn
+
+    from kappatune.selection import Budget, Selection
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -53,7 +55,14 @@ class DemoSettings:
         self.budget_spec()
 
     def budget_spec(self) -> Budget:
+        from kappatune.selection import Budget
+
         return Budget.parse_params(self.budget)
+
+
+def default_settings() -> dict[str, Any]:
+    """The defaults of :class:`DemoSettings`, without building one (no heavy imports)."""
+    return {f.name: f.default for f in fields(DemoSettings)}
 
 
 @dataclass(frozen=True)

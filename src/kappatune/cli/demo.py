@@ -21,17 +21,19 @@ what the model already knew. Everything runs offline.
 
 
 def add_parser(sub: Any) -> None:
-    from kappatune.demo import DEFAULT_MODEL, DemoSettings
+    from types import SimpleNamespace
 
-    d = DemoSettings()
+    from kappatune.demo import DEFAULT_MODEL, default_settings
+
+    d = SimpleNamespace(**default_settings())
     p = sub.add_parser(
         "demo",
         help="the whole path on built-in data: analyze, select, fine-tune, task and control"
         " perplexity before and after",
-        description="Analyze a causal LM, select its lowest-kappa linear layers under a parameter"
-        " budget, fine-tune only those on Python source for a few steps, and report the"
-        " perplexity on unseen Python code (the task) and on English prose (the control)"
-        " before and after.",
+        description="Analyze a causal LM, select its lowest-kappa linear layers under a parameter\n"
+        "budget, fine-tune only those on Python source for a few steps, and report the\n"
+        "perplexity on unseen Python code (the task) and on English prose (the control)\n"
+        "before and after.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,7 +47,8 @@ def add_parser(sub: Any) -> None:
         "--budget-params",
         default=d.budget,
         metavar="N|P%",
-        help=f"parameters to train: a count or a percentage of the model (default: {d.budget})",
+        help="parameters to train: a count or a percentage of the model"
+        f" (default: {d.budget.replace('%', '%%')})",
     )
     p.add_argument(
         "--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})"
