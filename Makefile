@@ -23,9 +23,10 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	touch $@
 
 # Axolotl, for the test that feeds the axolotl export to Axolotl's own freeze_layers_except:
-# without its dependencies (its matcher needs only torch, transformers and accelerate).
+# without its dependencies (its matcher and plugin manager need only torch, transformers,
+# accelerate, pydantic and the small addict package).
 $(VENV)/.axolotl: $(VENV)/.installed
-	$(PY) -m pip install --quiet --no-deps "$(AXOLOTL)"
+	$(PY) -m pip install --quiet --no-deps "$(AXOLOTL)" addict
 	touch $@
 
 demo: setup

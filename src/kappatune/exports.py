@@ -46,6 +46,13 @@ def axolotl_regex(name: str) -> str:
     return "^" + re.escape(name).replace(r"\.", ".") + "$"
 
 
+def axolotl_patterns(selection: Selection, model_type: str | None = None) -> list[str]:
+    """Axolotl ``unfrozen_parameters`` for ``selection``, in the loaded model's names."""
+    parts = locate_by_type(model_type, selection)
+    names = dict.fromkeys(parts[e.key].param for e in selection.entries)
+    return [axolotl_regex(n) for n in names]
+
+
 def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
     """Axolotl config fragment in the loaded model's names (``model_type``'s layout);
     fused expert tensors are unfrozen whole (noted in a comment)."""
@@ -63,9 +70,8 @@ def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
             f"# note: {name} is unfrozen whole; the selection chose experts {sorted(chosen)}"
             " (use kappatune's freezing to train only those)"
         )
-    names = dict.fromkeys(parts[e.key].param for e in selection.entries)
     body = yaml.safe_dump(
-        {"unfrozen_parameters": [axolotl_regex(n) for n in names]},
+        {"unfrozen_parameters": axolotl_patterns(selection, model_type)},
         sort_keys=False,
         default_flow_style=False,
         width=1000,
