@@ -59,6 +59,7 @@ def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
     header = [
         f"# kappatune selection: {selection.describe()}",
         f"# source: {selection.source} (fingerprint {selection.fingerprint or 'n/a'})",
+        f"# order: {selection.describe_order()}",
     ]
     parts = locate_by_type(model_type, selection)
     experts: dict[str, set[int]] = {}

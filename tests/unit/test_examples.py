@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_trl_sft_example_trains_exactly_the_selection(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # about 10 s in a fresh process, mostly importing TRL: the one run of the SFTTrainer path
+    # about 3 s in the suite (10 s alone, mostly importing TRL): the one run of SFTTrainer
     pytest.importorskip("trl")
     spec = importlib.util.spec_from_file_location("trl_sft", EXAMPLES / "trl_sft_callback.py")
     assert spec is not None and spec.loader is not None
