@@ -30,11 +30,11 @@ DEFAULT_MODEL = "gemma-3-270m"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo trains and measures (the defaults take about 3 minutes on 2 CPU cores)."""
+    """What the demo trains and measures (see the README for how long the defaults take)."""
 
     model: str = DEFAULT_MODEL
     budget: str = "2%"
-    steps: int = 40
+    steps: int = 60
     lr: float = 1e-4
     batch_size: int = 2
     seq_len: int = 64

@@ -10,7 +10,7 @@ from typing import Any
 from kappatune.errors import KappaTuneError
 
 EPILOG = """examples:
-  kappatune demo                                  # Gemma 3 270M, about 3 minutes on 2 CPU cores
+  kappatune demo                                  # Gemma 3 270M, the built-in default
   kappatune demo --steps 100 --budget-params 5% -o demo.json
   kappatune demo ./my-causal-lm
 
