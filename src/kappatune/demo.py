@@ -87,8 +87,10 @@ class DemoResult:
     selection: Selection
     total_params: int
     steps: int
-    first_loss: float
-    final_loss: float
+    first_loss: (
+        float  # mean training loss of the first tenth of the steps (single batches are noisy)
+    )
+    final_loss: float  # and of the last tenth
     before: Perplexities
     after: Perplexities
     frozen_changed: tuple[str, ...]
@@ -255,6 +257,15 @@ def fine_tune(
     return result, tuple(check_frozen(model, before))
 
 
+def loss_window(steps: int) -> int:
+    """Steps averaged for the first and last training loss: a tenth of the run, at least one."""
+    return max(1, steps // 10)
+
+
+def _mean(xs: Any) -> float:
+    return sum(xs) / len(xs)
+
+
 def run_demo(settings: DemoSettings, reporter: DemoReporter | None = None) -> DemoResult:
     """Load, analyze, select, measure, fine-tune, measure again."""
     from kappatune.devices import resolve_device
@@ -300,8 +311,8 @@ def run_demo(settings: DemoSettings, reporter: DemoReporter | None = None) -> De
         selection=selection,
         total_params=total_parameters(model),
         steps=result.steps,
-        first_loss=result.losses[0],
-        final_loss=result.final_loss,
+        first_loss=_mean(result.losses[: loss_window(result.steps)]),
+        final_loss=_mean(result.losses[-loss_window(result.steps) :]),
         before=before,
         after=after,
         frozen_changed=changed,

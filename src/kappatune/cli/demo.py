@@ -115,6 +115,8 @@ class ConsoleReporter:
 def _summary(console: Any, result: Any) -> None:
     from rich.table import Table
 
+    from kappatune.demo import loss_window
+
     t = Table(title="perplexity (lower is better)", title_justify="left")
     for col in ("", "before", "after", "change"):
         t.add_column(col, justify="left" if not col else "right")
@@ -137,8 +139,10 @@ def _summary(console: Any, result: Any) -> None:
         )
     else:
         console.print("every frozen tensor is bit-identical to the original")
+    k = loss_window(result.steps)
     console.print(
-        f"training loss {result.first_loss:.3f} -> {result.final_loss:.3f};"
+        f"training loss, mean of the first and last {k} step(s): {result.first_loss:.3f} ->"
+        f" {result.final_loss:.3f};"
         f" {result.seconds['total']:.0f} s in all ({result.seconds['load']:.0f} s loading,"
         f" {result.seconds['train']:.0f} s training)"
     )
