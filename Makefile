@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed>=0.15
+AXOLOTL ?= axolotl==0.19.0
 
 .PHONY: setup demo test lint format bench
 
@@ -21,10 +22,17 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"
 	touch $@
 
-demo: setup
-	$(VENV)/bin/kappatune analyze gemma-3-270m
+# Axolotl, for the test that feeds the axolotl export to Axolotl's own freeze_layers_except:
+# without its dependencies (its matcher and plugin manager need only torch, transformers,
+# accelerate, pydantic and the small addict package).
+$(VENV)/.axolotl: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps "$(AXOLOTL)" addict
+	touch $@
 
-test: setup $(VENV)/.deepspeed
+demo: setup
+	$(VENV)/bin/kappatune demo
+
+test: setup $(VENV)/.deepspeed $(VENV)/.axolotl
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q

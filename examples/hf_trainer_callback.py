@@ -1,4 +1,4 @@
-"""KappaTune with the Hugging Face Trainer (TRL's SFTTrainer works the same way).
+"""KappaTune with the Hugging Face Trainer (TRL's SFTTrainer: examples/trl_sft_callback.py).
 
     python examples/hf_trainer_callback.py [MODEL] [--steps 10]
 

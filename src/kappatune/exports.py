@@ -2,8 +2,9 @@
 
 * ``json``: the Selection itself (loadable with ``Selection.load`` and by ``kappatune train
   --selection``) plus a plain ``parameters`` list of names for any training loop;
-* ``axolotl``: ``unfrozen_parameters:`` with anchored, escaped regexes
-  (``^model\\.layers\\.3\\.self_attn\\.v_proj\\.weight$``);
+* ``axolotl``: ``unfrozen_parameters:`` with anchored names in Axolotl's own pattern syntax
+  (``^model.layers.3.self_attn.v_proj.weight$``: Axolotl's ``freeze_layers_except`` turns
+  every ``.`` into a literal dot itself, so an escaped ``\\.`` would never match);
 * ``peft``: PEFT's ``{"target_modules": [...], "target_parameters": [...] or None}``.
 
 Each format is one function in :data:`EXPORTERS`; :func:`write_export` renders first and
@@ -35,7 +36,21 @@ def manifest_json(selection: Selection, model_type: str | None = None) -> str:
 
 
 def axolotl_regex(name: str) -> str:
-    return f"^{re.escape(name)}$"
+    """``name`` as one of Axolotl's ``unfrozen_parameters`` patterns, matching it exactly.
+
+    Axolotl (``axolotl.utils.freeze.LayerNamePattern``) rewrites each ``.`` not followed by
+    ``+`` into ``\\.`` before compiling, and reads a trailing ``[a:b]`` as a row range. So
+    dots stay bare (``re.escape`` turns ``+`` into ``\\+``, so no ``.+`` can appear), every
+    other regex character is escaped, and the pattern ends in ``$``, never in a range.
+    """
+    return "^" + re.escape(name).replace(r"\.", ".") + "$"
+
+
+def axolotl_patterns(selection: Selection, model_type: str | None = None) -> list[str]:
+    """Axolotl ``unfrozen_parameters`` for ``selection``, in the loaded model's names."""
+    parts = locate_by_type(model_type, selection)
+    names = dict.fromkeys(parts[e.key].param for e in selection.entries)
+    return [axolotl_regex(n) for n in names]
 
 
 def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
@@ -44,6 +59,7 @@ def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
     header = [
         f"# kappatune selection: {selection.describe()}",
         f"# source: {selection.source} (fingerprint {selection.fingerprint or 'n/a'})",
+        f"# order: {selection.describe_order()}",
     ]
     parts = locate_by_type(model_type, selection)
     experts: dict[str, set[int]] = {}
@@ -55,9 +71,8 @@ def axolotl_yaml(selection: Selection, model_type: str | None = None) -> str:
             f"# note: {name} is unfrozen whole; the selection chose experts {sorted(chosen)}"
             " (use kappatune's freezing to train only those)"
         )
-    names = dict.fromkeys(parts[e.key].param for e in selection.entries)
     body = yaml.safe_dump(
-        {"unfrozen_parameters": [axolotl_regex(n) for n in names]},
+        {"unfrozen_parameters": axolotl_patterns(selection, model_type)},
         sort_keys=False,
         default_flow_style=False,
         width=1000,

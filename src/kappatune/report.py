@@ -89,6 +89,44 @@ def write_csv(analysis: Analysis, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, to_csv(analysis))
 
 
+NO_LAYER = "no layer"
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """Mean log10 kappa per (module type, layer); matrices without a layer index (embeddings,
+    the output head) get their own last column."""
+
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    values: tuple[tuple[float, ...], ...]  # NaN where no matrix of that type is in that layer
+    title: str
+
+
+def kappa_heatmap(analysis: Analysis) -> Heatmap:
+    finite = [r for r in analysis.tensors if math.isfinite(r.kappa)]
+    layers = sorted({r.layer for r in finite if r.layer is not None})
+    columns = [str(x) for x in layers] + (
+        [NO_LAYER] if any(r.layer is None for r in finite) else []
+    )
+    present = {r.module_type for r in finite}
+    mtypes = [s.module_type for s in module_summary(analysis) if s.module_type in present]
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in finite:
+        column = NO_LAYER if r.layer is None else str(r.layer)
+        cells[(r.module_type, column)].append(math.log10(r.kappa))
+    values = tuple(
+        tuple(
+            sum(cells[(m, c)]) / len(cells[(m, c)]) if cells[(m, c)] else math.nan for c in columns
+        )
+        for m in mtypes
+    )
+    title = "log10 kappa by layer and module type"
+    if any(r.expert is not None for r in finite):
+        title += " (experts averaged)"
+    return Heatmap(tuple(mtypes), tuple(columns), values, title)
+
+
 def plot_png(analysis: Analysis) -> bytes:
     """PNG bytes: log10 kappa over layer x module type, and its distribution."""
     import matplotlib
@@ -98,25 +136,16 @@ def plot_png(analysis: Analysis) -> bytes:
     import numpy as np
 
     rows = [r for r in analysis.tensors if math.isfinite(r.kappa)]
-    layers = sorted({r.layer for r in rows if r.layer is not None})
-    layered = {r.module_type for r in rows if r.layer is not None}
-    mtypes = [s.module_type for s in module_summary(analysis) if s.module_type in layered]
-    grid = np.full((len(mtypes), max(len(layers), 1)), np.nan)
-    counts = np.zeros_like(grid)
-    for r in rows:
-        if r.layer is None:
-            continue
-        i, j = mtypes.index(r.module_type), layers.index(r.layer)
-        grid[i, j] = np.nansum([grid[i, j] * counts[i, j], math.log10(r.kappa)]) / (
-            counts[i, j] + 1
-        )
-        counts[i, j] += 1
+    heat = kappa_heatmap(analysis)
+    grid = np.array(heat.values, dtype=float).reshape(len(heat.rows), len(heat.columns))
+    if grid.size == 0:  # no finite kappa at all: an empty panel
+        grid = np.full((1, 1), np.nan)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
     im = ax1.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax1.set_yticks(range(len(mtypes)), mtypes)
-    ax1.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax1.set_yticks(range(len(heat.rows)), heat.rows)
+    ax1.set_xticks(range(len(heat.columns)), heat.columns, fontsize=7)
     ax1.set_xlabel("layer")
-    ax1.set_title("log10 kappa by layer and module type (experts averaged)")
+    ax1.set_title(heat.title)
     fig.colorbar(im, ax=ax1, label="log10 kappa")
     finite = np.log10([r.kappa for r in rows]) if rows else np.array([])
     ax2.hist(finite, bins=40, color="#4c72b0")

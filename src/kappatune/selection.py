@@ -7,7 +7,11 @@ in the order they should be trained (most wanted first), registered by name with
 
 A :class:`Budget` says how many of the ordered candidates to keep (exactly one kind: a
 number of tensors, a fraction of the candidates, a trainable-parameter count or percentage
-of the model, or a kappa threshold). The result is a :class:`Selection`, a value object with
+of the model, or a kappa threshold). A parameter budget takes a *prefix* of the policy order:
+candidates in order until the next one does not fit, the rest of the budget reported as the
+shortfall. ``SelectOptions(fill="greedy")`` opts into skipping what does not fit and filling
+on with later (smaller) candidates, which leaves earlier ones out. Every policy follows the
+same rule, so selections of different policies stay comparable. The result is a :class:`Selection`, a value object with
 a versioned JSON round trip.
 """
 
@@ -236,6 +240,9 @@ _BUDGET_FIELDS = ("tensors", "fraction", "params", "params_percent", "kappa_max"
 # --------------------------------------------------------------------------- options
 
 
+FILL_MODES = ("prefix", "greedy")
+
+
 @dataclass(frozen=True)
 class SelectOptions:
     """Filters and per-module-type quotas applied around the policy."""
@@ -246,8 +253,13 @@ class SelectOptions:
     quotas: tuple[tuple[str, int], ...] = ()  # (module type, count), Spectrum style
     seed: int = 0
     last_layers: int | None = None
+    fill: str = "prefix"  # parameter budgets: "prefix" of the order, or "greedy" filling
 
     def __post_init__(self) -> None:
+        if self.fill not in FILL_MODES:
+            raise KappaTuneError(
+                f"unknown fill mode {self.fill!r} (known: {', '.join(FILL_MODES)})"
+            )
         for label, pattern in (("include", self.include), ("exclude", self.exclude)):
             if pattern is not None:
                 try:
@@ -270,6 +282,7 @@ class SelectOptions:
             "quotas": {k: v for k, v in self.quotas},
             "seed": self.seed,
             "last_layers": self.last_layers,
+            "fill": self.fill,
         }
 
     @classmethod
@@ -281,6 +294,7 @@ class SelectOptions:
             quotas=tuple((str(k), int(v)) for k, v in (d.get("quotas") or {}).items()),
             seed=int(d.get("seed", 0)),
             last_layers=d.get("last_layers"),
+            fill=str(d.get("fill", "prefix")),
         )
 
 
@@ -360,6 +374,7 @@ class Selection:
     total_params: int
     options: SelectOptions = SelectOptions()
     budget_params: int | None = None  # resolved parameter target, for parameter budgets
+    skipped_in_order: int = 0  # candidates before the last entry in policy order left out
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -393,6 +408,11 @@ class Selection:
         return sum(e.numel for e in self.entries)
 
     @property
+    def is_prefix(self) -> bool:
+        """True when the entries are the first ones of the policy order, none left out between."""
+        return self.skipped_in_order == 0
+
+    @property
     def shortfall(self) -> int | None:
         """Parameters below a parameter budget (0 when met exactly); None for other budgets."""
         return None if self.budget_params is None else self.budget_params - self.param_count
@@ -420,6 +440,22 @@ class Selection:
             text += f", {self.shortfall:,} short of the {self.budget_params:,}-parameter budget"
         return text
 
+    def describe_order(self) -> str:
+        """Whether the entries are a prefix of the policy order, in words."""
+        if self.is_prefix:
+            return f"a prefix of the {self.policy} order: its first {self.entry_count} candidates"
+        return (
+            f"NOT a prefix of the {self.policy} order: {self.skipped_in_order} earlier"
+            f" candidate(s) left out ({self._why_not_prefix()})"
+        )
+
+    def _why_not_prefix(self) -> str:
+        if self.options.quotas:
+            return "per-type quotas"
+        if self.options.fill == "greedy" and self.budget_params is not None:
+            return "greedy filling"
+        return "kappa threshold on another order"
+
     # ---- JSON
     def to_json(self) -> dict[str, Any]:
         return {
@@ -438,6 +474,8 @@ class Selection:
             "tensor_count": self.tensor_count,
             "param_count": self.param_count,
             "shortfall": self.shortfall,
+            "skipped_in_order": self.skipped_in_order,
+            "is_prefix": self.is_prefix,
             "entries": [e.to_json() for e in self.entries],
         }
 
@@ -460,6 +498,7 @@ class Selection:
                 total_params=int(d["total_params"]),
                 options=SelectOptions.from_json(d.get("options") or {}),
                 budget_params=None if d.get("budget_params") is None else int(d["budget_params"]),
+                skipped_in_order=int(d.get("skipped_in_order", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, KappaTuneError):
@@ -524,7 +563,7 @@ def apply_quotas(
 
 
 def _take(
-    ordered: list[SpectrumRow], budget: Budget | None, total_params: int, policy: str
+    ordered: list[SpectrumRow], budget: Budget | None, total_params: int, fill: str
 ) -> tuple[list[SpectrumRow], int | None]:
     n = len(ordered)
     available = sum(r.numel for r in ordered)
@@ -557,17 +596,36 @@ def _take(
         raise KappaTuneError(
             f"parameter budget {target:,} exceeds the {available:,} parameters of the {n} candidates"
         )
+    chosen = _fill(ordered, target, greedy=fill == "greedy")
+    if not chosen:
+        first = ordered[0]
+        what = (
+            f"the smallest candidate ({min(r.numel for r in ordered):,} parameters)"
+            if fill == "greedy"
+            else f"the first candidate in order, {first.name} ({first.numel:,} parameters);"
+            " --fill greedy skips to smaller ones"
+        )
+        raise KappaTuneError(f"parameter budget {target:,} is smaller than {what}")
+    return chosen, target
+
+
+def _fill(ordered: Sequence[SpectrumRow], target: int, greedy: bool) -> list[SpectrumRow]:
+    """Rows in order while they fit ``target``; ``greedy`` skips a misfit and goes on."""
     chosen, used = [], 0
-    for r in ordered:  # greedy in policy order: skip what does not fit, keep filling
+    for r in ordered:
         if used + r.numel <= target:
             chosen.append(r)
             used += r.numel
-    if not chosen:
-        smallest = min(r.numel for r in ordered)
-        raise KappaTuneError(
-            f"parameter budget {target:,} is smaller than the smallest candidate ({smallest:,} parameters)"
-        )
-    return chosen, target
+        elif not greedy:
+            break
+    return chosen
+
+
+def skipped_before_last(order: Sequence[SpectrumRow], chosen: Sequence[SpectrumRow]) -> int:
+    """How many rows of ``order`` before the last chosen one were not chosen."""
+    keys = {r.key for r in chosen}
+    last = max((i for i, r in enumerate(order) if r.key in keys), default=-1)
+    return sum(1 for r in order[: last + 1] if r.key not in keys)
 
 
 def _total_params(analysis: Analysis) -> int:
@@ -610,14 +668,14 @@ def select(
             f" module types={list(options.module_types)}) leave 0 of {len(rows)} candidates"
         )
     ctx = PolicyContext(seed=options.seed, last_layers=options.last_layers, scores=scores)
-    ordered = fn(candidates, ctx)
+    policy_order = ordered = fn(candidates, ctx)
     if options.quotas:
         ordered = apply_quotas(ordered, options.quotas)
     if not ordered:
         raise KappaTuneError(
             f"empty selection: policy {policy!r} kept 0 of {len(candidates)} candidates"
         )
-    chosen, target = _take(ordered, budget, total, policy)
+    chosen, target = _take(ordered, budget, total, options.fill)
     return Selection(
         entries=tuple(SelectionEntry.of(r) for r in chosen),
         policy=policy,
@@ -629,4 +687,5 @@ def select(
         total_params=total,
         options=options,
         budget_params=target,
+        skipped_in_order=skipped_before_last(policy_order, chosen),
     )

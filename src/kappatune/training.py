@@ -127,15 +127,19 @@ class StopRule:
             raise KappaTuneError(f"min steps must be at least 1, got {self.min_steps}")
 
 
+DEFAULT_LORA_R = 8
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA for the ``lora`` and ``kappa-lora`` methods; with ``budget_params`` the rank
     (``r=None``) or the module count (``r`` given) is chosen to fit the budget."""
 
-    r: int | None = 8
+    r: int | None = DEFAULT_LORA_R
     alpha: int | None = None
     dropout: float = 0.0
     budget_params: int | None = None
+    greedy: bool = False  # module count fitting: skip a misfit and fill on (else a prefix)
 
     def __post_init__(self) -> None:
         if self.r is None and self.budget_params is None:
@@ -247,7 +251,9 @@ def lora_plan(
     if lora.r is None:
         plan = kl.rank_for_budget(model, selection, lora.budget_params)
     else:
-        plan = kl.modules_for_budget(model, selection, lora.r, lora.budget_params)
+        plan = kl.modules_for_budget(
+            model, selection, lora.r, lora.budget_params, greedy=lora.greedy
+        )
     return plan.targets, plan.r
 
 

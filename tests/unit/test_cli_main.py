@@ -25,3 +25,26 @@ def test_lazy_api_attributes() -> None:
 def test_no_command_prints_help_and_exits_2(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def _help(argv: list[str], capsys) -> str:  # type: ignore[no-untyped-def]
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_every_help_text_prints_plain_percent_signs(capsys) -> None:  # type: ignore[no-untyped-def]
+    from kappatune.cli.main import COMMANDS
+
+    texts = {"": _help([], capsys)} | {c: _help([c], capsys) for c in COMMANDS}
+    assert set(texts) == {"", "demo", "analyze", "select", "train", "bench", "probe", "env"}
+    for command, text in texts.items():
+        assert "%%" not in text, command
+    assert "--budget-params 10% --format peft" in texts[""]
+    assert "--target-loss 15%" in texts["bench"]
+
+
+def test_version(capsys) -> None:  # type: ignore[no-untyped-def]
+    import kappatune
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"kappatune {kappatune.__version__}\n"

@@ -76,8 +76,8 @@ def test_select_axolotl_and_peft_with_filters(
     )
     assert code == 0, err
     assert yaml.safe_load(ax.read_text())["unfrozen_parameters"] == [
-        r"^model\.layers\.1\.mlp\.up_proj\.weight$",
-        r"^model\.layers\.0\.self_attn\.q_proj\.weight$",
+        "^model.layers.1.mlp.up_proj.weight$",
+        "^model.layers.0.self_attn.q_proj.weight$",
     ]
     peft = tmp_path / "targets.json"
     code, _, err = run(
@@ -120,10 +120,49 @@ def test_select_default_budget_and_random(
         capsys,
     )
     assert Selection.load(out_file) == first
-    code, out, _ = run(
+    code, out, err = run(
         ["select", str(analysis_json), "--policy", "last-layers", "--last-layers", "1"], capsys
     )
-    assert code == 0 and "nothing written" in out and "5 of 5 candidates" in out
+    assert code == 0 and "5 of 5 candidates" in err
+    assert [e["name"] for e in json.loads(out)["entries"]][:1] == [
+        "model.layers.1.self_attn.v_proj.weight"
+    ]
+
+
+@pytest.mark.parametrize("output", [[], ["-o", "-"], ["--output", "-"]])
+def test_select_export_to_stdout_alone(
+    analysis_json: Path, output: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        ["select", str(analysis_json), "--budget-tensors", "2", "--format", "peft", *output], capsys
+    )
+    assert code == 0, err
+    assert json.loads(out) == {  # stdout holds the export and nothing else
+        "target_modules": ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"],
+        "target_parameters": None,
+    }
+    assert "lowest-kappa, 2 tensors" in err and "wrote" not in err
+
+
+def test_select_table_says_what_it_hides_and_whether_a_prefix(
+    analysis_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "s.json"
+    argv = ["select", str(analysis_json), "--budget-params", "250", "-o", str(out_file)]
+    code, out, err = run([*argv, "--top", "1"], capsys)
+    assert code == 0, err
+    # 40 + 40 + 30 + 30 = 140; the next, up_proj0 (200), does not fit
+    assert "the selection is a prefix of the lowest-kappa order: its first 4 candidates" in out
+    assert "1 of 4 rows (3 more not shown; --top 4 shows all)" in out
+    assert "140 parameters" in out and "110 short of the 250-parameter budget" in out
+    code, out, err = run([*argv, "--fill", "greedy"], capsys)
+    assert code == 0, err
+    # greedy skips up_proj0 and the embedding, then takes q_proj0 (100)
+    assert "NOT a prefix of the lowest-kappa order: 2 earlier candidate(s) left out" in out
+    assert "5 of 5 rows" in out and "not shown" not in out
+    assert [e.name for e in Selection.load(out_file).entries][-1] == (
+        "model.layers.0.self_attn.q_proj.weight"
+    )
 
 
 def test_select_computes_analysis_from_model_dir(
@@ -132,13 +171,20 @@ def test_select_computes_analysis_from_model_dir(
     model_dir = save_tiny_model(tmp_path / "tiny")
     out_file = tmp_path / "sel.json"
     code, _, err = run(
-        ["select", str(model_dir), "--budget-params", "5%", "-o", str(out_file)], capsys
+        ["select", str(model_dir), "--budget-params", "20%", "-o", str(out_file)], capsys
     )
     assert code == 0, err
     sel = Selection.load(out_file)
     total = 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3) + 2 * 128 * 32 + 2 * 2 * 32 + 32
-    assert sel.total_params == total and sel.budget_params == total * 5 // 100
-    assert 0 < sel.param_count <= sel.budget_params and sel.source == str(model_dir)
+    assert sel.total_params == total and sel.budget_params == total * 20 // 100
+    # the embedding has the lowest kappa (2.7); the head (4,096) would overshoot the 5,356 budget
+    assert sel.names == ("model.embed_tokens.weight",) and sel.shortfall == 5356 - 4096
+    assert sel.source == str(model_dir)
+    code, _, err = run(["select", str(model_dir), "--budget-params", "5%"], capsys)
+    assert code == 2 and err.strip() == (
+        "kappatune: error: parameter budget 1,339 is smaller than the first candidate in order,"
+        " model.embed_tokens.weight (4,096 parameters); --fill greedy skips to smaller ones"
+    )
 
 
 @pytest.mark.parametrize(

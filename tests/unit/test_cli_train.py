@@ -268,3 +268,60 @@ def test_train_bad_input(
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+ONE_STEP = ("--steps", 1, "--checkpoint-every", 1)
+
+
+def _adapter(out: Path) -> tuple[dict, int]:
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    return cfg, json.loads((out / "result.json").read_text())["trainable_params"]
+
+
+def test_kappa_lora_budget_params_is_what_is_trained(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--budget-params sizes the adapter: the rank is fitted, or with --lora-r the module count."""
+    model, data = setup
+    # lowest kappa first on the tiny model: embed_tokens, lm_head, layers.1.v_proj, 0.k, 1.k, 1.down
+    # rank fitted on the first 20% (3 of 16): per rank 160 + 160 + 48 = 368; 3000 // 368 = 8
+    out = tmp_path / "rank"
+    code, stdout, err = run(
+        base(model, data, out, "--method", "kappa-lora", "--budget-params", 3000, *ONE_STEP),
+        capsys,
+    )
+    assert code == 0, err
+    cfg, trained = _adapter(out)
+    assert cfg["r"] == 8 and trained == 8 * 368 and "LoRA rank 8" in stdout
+    assert sorted(cfg["target_modules"]) == [
+        "lm_head", "model.embed_tokens", "model.layers.1.self_attn.v_proj"
+    ]  # fmt: skip
+    # with --lora-r 2 the modules are a prefix of the order: 320, 640, 736, 832, 928; + 192 > 1000
+    out = tmp_path / "modules"
+    code, _, err = run(
+        base(
+            model,
+            data,
+            out,
+            "--method",
+            "kappa-lora",
+            "--budget-params",
+            1000,
+            "--lora-r",
+            2,
+            *ONE_STEP,
+        ),
+        capsys,
+    )
+    assert code == 0, err
+    cfg, trained = _adapter(out)
+    assert cfg["r"] == 2 and trained == 928 and len(cfg["target_modules"]) == 5
+    assert "model.layers.1.mlp.down_proj" not in cfg["target_modules"]
+    # plain LoRA: the rank is fitted on every linear layer (per rank 2 * (64 + 64 + 48 + 48 + 3 * 96))
+    out = tmp_path / "lora"
+    code, _, err = run(
+        base(model, data, out, "--method", "lora", "--budget-params", 3000, *ONE_STEP), capsys
+    )
+    assert code == 0, err
+    cfg, trained = _adapter(out)
+    assert (cfg["r"], trained) == (2, 2 * 1024)

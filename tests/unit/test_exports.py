@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -10,6 +10,8 @@ import yaml
 from kappatune.errors import KappaTuneError
 from kappatune.exports import axolotl_regex, render, write_export
 from kappatune.selection import Budget, Selection, select
+from kappatune.spectra import AnalyzeOptions, analyze
+from tests.unit._tiny_models import tiny_llama
 from tests.unit.test_selection import ROWS
 
 L1 = "model.layers.1."
@@ -32,29 +34,51 @@ def test_manifest_round_trips_and_lists_names(tmp_path: Path) -> None:
     assert data["param_count"] == 140 and data["tensor_count"] == 3
 
 
-def test_axolotl_yaml_anchored_escaped_regexes() -> None:
+def test_axolotl_yaml_anchored_patterns_in_axolotls_syntax() -> None:
     sel = selection()
     text = render(sel, "axolotl")
     data = yaml.safe_load(text)
-    assert data == {
+    assert data == {  # bare dots: Axolotl escapes them itself
         "unfrozen_parameters": [
-            r"^model\.layers\.0\.self_attn\.v_proj\.weight$",
-            r"^model\.layers\.1\.self_attn\.v_proj\.weight$",
-            r"^model\.layers\.1\.mlp\.experts\.down_proj$",
+            "^model.layers.0.self_attn.v_proj.weight$",
+            "^model.layers.1.self_attn.v_proj.weight$",
+            "^model.layers.1.mlp.experts.down_proj$",
         ]
     }
     assert "experts [0, 1]" in text and text.startswith(
         "# kappatune selection: lowest-kappa, 4 tensors"
     )
-    pattern = axolotl_regex(L1 + "self_attn.v_proj.weight")
-    assert re.search(pattern, L1 + "self_attn.v_proj.weight")
+    assert axolotl_regex("a.b(c)+d") == r"^a.b\(c\)\+d$"
+
+
+def _axolotl_freeze() -> Any:
+    try:
+        from axolotl.utils import freeze
+    except ImportError as exc:  # the Makefile installs it; say why when it is missing
+        print(f"axolotl not importable ({exc}); `pip install --no-deps axolotl` to run this test")
+        pytest.skip(f"axolotl not importable: {exc}")
+    return freeze
+
+
+def test_axolotl_export_unfreezes_exactly_the_selection_in_axolotl() -> None:
+    """Axolotl's own freeze_layers_except, fed the exported YAML, trains exactly the selection."""
+    freeze = _axolotl_freeze()
+    model = tiny_llama(seed=1)
+    sel = select(analyze(model, AnalyzeOptions(workers=1)), "lowest-kappa", Budget(tensors=5))
+    patterns = yaml.safe_load(render(sel, "axolotl"))["unfrozen_parameters"]
+    freeze.freeze_layers_except(model, patterns)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(sel.names) and len(trainable) == 5
+    # no pattern reaches a neighbour: layer 1 vs 11, weight vs weight_scale, a prefix
+    pattern = freeze.LayerNamePattern(axolotl_regex(L1 + "self_attn.v_proj.weight"))
+    assert pattern.match(L1 + "self_attn.v_proj.weight")
     for other in (
         "model.layers.11.self_attn.v_proj.weight",
         "modelXlayers.1.self_attn.v_proj.weight",
         "base.model.layers.1.self_attn.v_proj.weight",
         L1 + "self_attn.v_proj.weight_scale",
     ):
-        assert not re.search(pattern, other)
+        assert not pattern.match(other)
 
 
 def test_peft_targets_json() -> None:

@@ -101,25 +101,34 @@ def test_rank_for_budget() -> None:
         rank_for_budget(model, sel, 159)
 
 
-def test_modules_for_budget_greedy_in_order() -> None:
+def test_modules_for_budget_prefix_of_the_order_greedy_on_request() -> None:
     model = tiny_llama()
     sel = manual(
         ("model.layers.0.self_attn.v_proj.weight", None),  # 32 + 16 per rank
         ("model.embed_tokens.weight", None),  # 128 + 32
         ("model.layers.1.self_attn.k_proj.weight", None),  # 32 + 16
     )
-    plan = modules_for_budget(model, sel, r=2, budget=200)
+    plan = modules_for_budget(model, sel, r=2, budget=200)  # the embedding (320) does not fit
     assert plan.targets == {
-        "target_modules": ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.k_proj"],
+        "target_modules": ["model.layers.0.self_attn.v_proj"],
         "target_parameters": None,
     }
-    assert plan.params == 2 * 48 * 2 and plan.shortfall == 200 - 192
+    assert plan.params == 96 and plan.shortfall == 200 - 96
+    greedy = modules_for_budget(model, sel, r=2, budget=200, greedy=True)
+    assert greedy.targets["target_modules"] == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.k_proj",
+    ]
+    assert greedy.params == 2 * 48 * 2 and greedy.shortfall == 200 - 192
     plan = modules_for_budget(model, sel, r=1, budget=208)
     assert (
         plan.targets["target_modules"] == ["model.layers.0.self_attn.v_proj", "model.embed_tokens"]
         and plan.params == 208
     )
-    with pytest.raises(KappaTuneError, match=r"smallest rank-2 adapter \(96 parameters\)"):
+    with pytest.raises(
+        KappaTuneError,
+        match=r"below the first module's rank-2 adapter \(model.layers.0.self_attn.v_proj, 96 parameters\)",
+    ):
         modules_for_budget(model, sel, r=2, budget=95)
 
 

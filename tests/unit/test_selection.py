@@ -203,17 +203,51 @@ def test_tensor_and_fraction_budgets() -> None:
         select(ROWS, "lowest-kappa", Budget(tensors=11))
 
 
-def test_parameter_budget_exact_and_shortfall() -> None:
+def test_parameter_budget_is_a_prefix_of_the_order_with_shortfall() -> None:
+    # lowest-kappa order: v_proj0 40, v_proj1 40, down_proj1[0] 30, down_proj1[1] 30, up_proj0 200, ...
     exact = select(ROWS, "lowest-kappa", Budget(params=110))
     assert [short(e) for e in exact.entries] == ["v_proj0", "v_proj1", "down_proj1[0]"]
-    assert exact.param_count == 110 and exact.shortfall == 0
+    assert exact.param_count == 110 and exact.shortfall == 0 and exact.is_prefix
     short_sel = select(ROWS, "lowest-kappa", Budget(params=100))
-    # 40 + 40 fit, the 30-element experts and the larger tensors do not, the 10-element one does
-    assert [short(e) for e in short_sel.entries] == ["v_proj0", "v_proj1", "down_proj0"]
-    assert short_sel.param_count == 90 and short_sel.shortfall == 10
-    assert "10 short of the 100-parameter budget" in short_sel.describe()
+    # 40 + 40 fit, the next (a 30-element expert) does not: stop there, the later 10 is not taken
+    assert [short(e) for e in short_sel.entries] == ["v_proj0", "v_proj1"]
+    assert short_sel.param_count == 80 and short_sel.shortfall == 20 and short_sel.is_prefix
+    assert "20 short of the 100-parameter budget" in short_sel.describe()
+    assert short_sel.describe_order() == (
+        "a prefix of the lowest-kappa order: its first 2 candidates"
+    )
     pct = select(ROWS, "lowest-kappa", Budget(params_percent=20))  # 20% of 1250 = 250
-    assert pct.budget_params == 250 and pct.param_count == 250 and pct.shortfall == 0
+    assert pct.budget_params == 250 and pct.param_count == 140 and pct.shortfall == 110
+    assert [short(e) for e in pct.entries] == [
+        "v_proj0",
+        "v_proj1",
+        "down_proj1[0]",
+        "down_proj1[1]",
+    ]
+    with pytest.raises(
+        KappaTuneError,
+        match="parameter budget 1,251 exceeds the 1,250 parameters of the 10 candidates",
+    ):
+        select(ROWS, "lowest-kappa", Budget(params=1251))
+    with pytest.raises(
+        KappaTuneError,
+        match=r"smaller than the first candidate in order, model.layers.0.self_attn.v_proj.weight"
+        r" \(40 parameters\); --fill greedy",
+    ):
+        select(ROWS, "lowest-kappa", Budget(params=39))
+
+
+def test_greedy_fill_is_opt_in_and_says_it_is_not_a_prefix() -> None:
+    greedy = SelectOptions(fill="greedy")
+    sel = select(ROWS, "lowest-kappa", Budget(params=100), greedy)
+    # skips the 30-element experts, up_proj0, embed and q_proj, then takes the 10-element one
+    assert [short(e) for e in sel.entries] == ["v_proj0", "v_proj1", "down_proj0"]
+    assert sel.param_count == 90 and sel.shortfall == 10
+    assert sel.skipped_in_order == 7 and not sel.is_prefix
+    assert sel.describe_order() == (
+        "NOT a prefix of the lowest-kappa order: 7 earlier candidate(s) left out (greedy filling)"
+    )
+    pct = select(ROWS, "lowest-kappa", Budget(params_percent=20), greedy)
     assert [short(e) for e in pct.entries] == [
         "v_proj0",
         "v_proj1",
@@ -222,15 +256,47 @@ def test_parameter_budget_exact_and_shortfall() -> None:
         "q_proj0",
         "down_proj0",
     ]
-    with pytest.raises(
-        KappaTuneError,
-        match="parameter budget 1,251 exceeds the 1,250 parameters of the 10 candidates",
-    ):
-        select(ROWS, "lowest-kappa", Budget(params=1251))
+    assert (
+        pct.param_count == 250 and pct.skipped_in_order == 4
+    )  # up_proj0, embed, q_proj1, up_proj1
+    assert Selection.from_json(json.loads(json.dumps(sel.to_json()))) == sel
+    assert sel.to_json()["options"]["fill"] == "greedy" and sel.to_json()["is_prefix"] is False
     with pytest.raises(
         KappaTuneError, match=r"smaller than the smallest candidate \(10 parameters\)"
     ):
-        select(ROWS, "lowest-kappa", Budget(params=9))
+        select(ROWS, "lowest-kappa", Budget(params=9), greedy)
+    with pytest.raises(KappaTuneError, match=r"unknown fill mode 'best' \(known: prefix, greedy\)"):
+        SelectOptions(fill="best")
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("highest-kappa", ["up_proj1", "q_proj0"]),  # 300; q_proj1 would make 400
+        ("random", ["up_proj1", "q_proj1", "down_proj0"]),  # seed 0: 310; down_proj1[0] makes 340
+        ("all", []),  # the embedding (500) comes first and does not fit
+    ],
+)
+def test_every_policy_takes_a_prefix_of_its_own_order(policy: str, expected: list[str]) -> None:
+    budget = Budget(params=310)
+    if not expected:
+        with pytest.raises(KappaTuneError, match="smaller than the first candidate in order"):
+            select(ROWS, policy, budget)
+        return
+    sel = select(ROWS, policy, budget)
+    assert [short(e) for e in sel.entries] == expected and sel.is_prefix
+    assert [short(e) for e in sel.entries] == order(policy)[: len(expected)]
+
+
+def test_quotas_and_thresholds_on_other_orders_are_not_prefixes() -> None:
+    quota = select(ROWS, "lowest-kappa", None, SelectOptions(quotas=(("q_proj", 1),)))
+    assert [short(e) for e in quota.entries] == ["q_proj0"] and quota.skipped_in_order == 6
+    assert quota.describe_order().endswith("(per-type quotas)")
+    high = select(ROWS, "highest-kappa", Budget(kappa_max=10))
+    assert not high.is_prefix and high.describe_order().endswith(
+        "(kappa threshold on another order)"
+    )
+    assert select(ROWS, "lowest-kappa", Budget(kappa_max=10)).is_prefix
 
 
 def test_percent_budget_uses_whole_model() -> None:

@@ -13,7 +13,7 @@ from kappatune.errors import KappaTuneError
 
 EPILOG = """examples:
   kappatune bench                                  # code + digits on gemma-3-270m (~45 min, 2-core CPU)
-  kappatune bench code --seeds 0 1 2 3 4 --stop loss --target-loss 15%%
+  kappatune bench code --seeds 0 1 2 3 4 --stop loss --target-loss 15%
   kappatune bench --config configs/bench-example.yaml --model ./my-model
   kappatune bench --train train.jsonl --heldout test.jsonl --control builtin:python-docs-prose \\
       --task-metric accuracy --options negative positive --template "{text}\\nSentiment: "

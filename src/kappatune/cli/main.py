@@ -16,12 +16,13 @@ from typing import NoReturn
 
 from kappatune.errors import KappaTuneError
 
-COMMANDS = ("analyze", "select", "train", "bench", "probe", "env")
+COMMANDS = ("demo", "analyze", "select", "train", "bench", "probe", "env")
 
 EPILOG = """examples:
+  kappatune demo
   kappatune analyze gemma-3-270m
   kappatune analyze ./my-checkpoint --output spectra.json --plot kappa.png
-  kappatune select gemma-3-270m --policy lowest-kappa --budget-params 10%% --format peft
+  kappatune select gemma-3-270m --policy lowest-kappa --budget-params 10% --format peft
   kappatune env
 """
 
@@ -31,12 +32,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kappatune: error: {message}\n")
 
 
+def _version() -> str:
+    from kappatune import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kappatune",
         description="Condition-number guided fine-tuning that forgets less.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ the other policies keep the first 20% of the candidates (PEFT's default).
 """
 
 
-def add_selection_flags(p: argparse.ArgumentParser) -> None:
+def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> None:
     """Policy, budget and filter flags shared by ``select`` and ``train``."""
     g = p.add_argument_group("selection policy")
     g.add_argument(
@@ -63,10 +64,19 @@ def add_selection_flags(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--budget-params",
         metavar="N|P%",
-        help="trainable parameters: a count (5M, 300k) or a percentage",
+        help="trainable parameters: a count (5M, 300k) or a percentage of the model"
+        + ("; with lora/kappa-lora, the adapter's size (see below)" if lora_note else ""),
     )
     b.add_argument(
         "--kappa-max", type=float, metavar="K", help="train every candidate with kappa <= K"
+    )
+    p.add_argument_group("budget filling").add_argument(
+        "--fill",
+        choices=("prefix", "greedy"),
+        default="prefix",
+        help="for --budget-params: 'prefix' (default) takes the policy order until the next "
+        "matrix does not fit and reports the shortfall; 'greedy' skips a matrix that does not "
+        "fit and fills on with later, smaller ones (earlier ones are then left out)",
     )
     f = p.add_argument_group("filters")
     f.add_argument("--include", metavar="RE", help="candidates whose name matches this regex")
@@ -102,7 +112,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--format", default="json", choices=tuple(FORMATS), help="output format (default: json)"
     )
-    p.add_argument("--output", "-o", type=Path, help="write the export here (atomically)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="write the export here (atomically); '-' or no --output: standard output, with the"
+        " summary on standard error",
+    )
     p.add_argument("--top", type=int, default=25, help="rows of the selection table (default: 25)")
     p.set_defaults(run=run)
 
@@ -136,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         quotas=tuple(parse_quota(q) for q in args.quota),
         seed=args.seed,
         last_layers=args.last_layers,
+        fill=args.fill,
     )
 
 
@@ -203,29 +220,34 @@ def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
 
 
 def selection_from_args(
-    args: argparse.Namespace, analysis: Any, model_spec: str | None = None
+    args: argparse.Namespace, analysis: Any, model_spec: str | None = None, budget: Any = None
 ) -> Any:
+    """The selection the flags ask for; ``budget`` (a Budget) replaces the budget flags."""
     from kappatune.selection import select
 
     scores = None
     if args.policy == "fisher":
         spec = model_spec or analysis.source
         scores = _fisher_scores(args, spec, analysis.tensors)
-    return select(
-        analysis, args.policy, budget_from_args(args), options_from_args(args), scores=scores
-    )
+    budget = budget if budget is not None else budget_from_args(args)
+    return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
 
 
 def print_selection(console: Any, selection: Any, top: int) -> None:
     from rich.table import Table
 
     console.print(f"[bold]{selection.source}[/bold]  {selection.describe()}")
-    if top <= 0:
+    console.print(f"the selection is {selection.describe_order()}")
+    shown = max(0, min(top, selection.entry_count))
+    hidden = selection.entry_count - shown
+    if shown == 0:
+        console.print(f"({hidden} selected rows not shown; --top N shows them)")
         return
-    t = Table(
-        title=f"selected, in training priority order (first {min(top, selection.entry_count)})",
-        title_justify="left",
+    title = f"selected, in training priority order: {shown} of {selection.entry_count} rows"
+    title += (
+        f" ({hidden} more not shown; --top {selection.entry_count} shows all)" if hidden else ""
     )
+    t = Table(title=title, title_justify="left")
     for col in ("#", "name", "expert", "type", "layer", "kappa", "params", "cum. %"):
         t.add_column(col, justify="left" if col in ("name", "type") else "right")
     cum = 0
@@ -255,8 +277,12 @@ def print_selection(console: Any, selection: Any, top: int) -> None:
     console.print(s)
 
 
+def to_stdout(path: Path | None) -> bool:
+    return path is None or str(path) == "-"
+
+
 def check_output(path: Path | None, fmt: str) -> None:
-    if path is None:
+    if path is None or to_stdout(path):
         return
     if path.is_dir():
         raise KappaTuneError(f"--output {path} is a directory; give a file name")
@@ -286,13 +312,15 @@ def run(args: argparse.Namespace) -> int:
 
     model_type = None if args.source.endswith(".json") else model_type_of(args.source)
     text = render(selection, args.format, model_type)
-    console = Console(highlight=False)
+    stdout = to_stdout(args.output)
+    console = Console(highlight=False, stderr=stdout)  # the export alone on stdout
     if not console.is_terminal:
         console.width = max(console.width, 140)
     print_selection(console, selection, args.top)
-    if args.output:
+    if stdout:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
         atomic_write_text(args.output, text)
         console.print(f"wrote {args.format}: {args.output}")
-    else:
-        console.print("(no --output given: nothing written)")
     return 0

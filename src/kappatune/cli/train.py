@@ -37,6 +37,11 @@ EPILOG = """examples:
 
 JSONL records hold "text", "prompt" and "completion" (loss on the completion only), or
 "messages" (chat turns, rendered with the model's chat template; loss on assistant turns only).
+--budget-params is always what is trained. With --method lora or kappa-lora it sizes the
+adapter: without --lora-r the rank is fitted (the largest rank whose adapters fit the budget;
+kappa-lora adapts the policy's first 20% of the candidates, or --selection's modules); with
+--lora-r the module count is fitted (the policy order's modules until the next adapter does
+not fit; --fill greedy skips it and fills on).
 Each step is appended to DIR/log.jsonl; without a terminal it is also printed as a line.
 Rerun the same command to resume an interrupted run from its last checkpoint.
 Multi-process (DDP, FSDP with fsdp_use_orig_params, DeepSpeed ZeRO-2/3):
@@ -69,7 +74,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--selection", type=Path, metavar="FILE", help="selection JSON from 'kappatune select'"
     )
-    add_selection_flags(p)
+    add_selection_flags(p, lora_note=True)
     t = p.add_argument_group("training")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
@@ -104,18 +109,15 @@ def add_parser(sub: Any) -> None:
         "--trust-remote-code", action="store_true", help="allow the model's own Python code"
     )
     lora = p.add_argument_group("LoRA (lora, kappa-lora)")
-    lora.add_argument("--lora-r", type=int, default=8, help="rank (default: 8)")
+    lora.add_argument(
+        "--lora-r",
+        type=int,
+        help="rank (default: 8; with --budget-params, fitted to it unless given, and then the"
+        " module count is fitted)",
+    )
     lora.add_argument("--lora-alpha", type=int, help="alpha (default: 2 x rank)")
     lora.add_argument(
-        "--lora-dropout",
-        type=float,
-        default=0.0,
-        help="dropout on the LoRA input, in [0, 1) (default: 0)",
-    )
-    lora.add_argument(
-        "--lora-budget",
-        metavar="N|P%",
-        help="LoRA parameter budget: fit the rank (with --lora-r 0) or the module count",
+        "--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)"
     )
     add_watch_flags(p)
     add_publish_flags(p)
@@ -144,12 +146,13 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _lora_settings(args: argparse.Namespace, total_params: int | None) -> Any:
+    """LoRA settings; ``--budget-params`` sizes the adapter (rank, or module count with --lora-r)."""
     from kappatune.selection import Budget
-    from kappatune.training import LoraSettings
+    from kappatune.training import DEFAULT_LORA_R, LoraSettings
 
     budget = None
-    if args.lora_budget is not None:
-        b = Budget.parse_params(args.lora_budget)
+    if args.budget_params is not None:
+        b = Budget.parse_params(args.budget_params)
         if b.params is not None:
             budget = b.params
         else:
@@ -157,8 +160,14 @@ def _lora_settings(args: argparse.Namespace, total_params: int | None) -> Any:
                 return None  # resolved once the model is loaded
             assert b.params_percent is not None
             budget = max(1, int(total_params * b.params_percent / 100))
-    r = None if args.lora_r == 0 else args.lora_r
-    return LoraSettings(r=r, alpha=args.lora_alpha, dropout=args.lora_dropout, budget_params=budget)
+    r = args.lora_r if args.lora_r is not None or budget is not None else DEFAULT_LORA_R
+    return LoraSettings(
+        r=r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        budget_params=budget,
+        greedy=args.fill == "greedy",
+    )
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -170,12 +179,8 @@ def _validate(args: argparse.Namespace) -> None:
     PackConfig(seq_len=args.seq_len, pack=not args.no_pack)
     if args.checkpoint_every < 1:
         raise KappaTuneError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-    if args.lora_r < 0:
-        raise KappaTuneError(
-            f"--lora-r must be at least 1 (or 0 with --lora-budget), got {args.lora_r}"
-        )
-    if args.lora_r == 0 and args.lora_budget is None:
-        raise KappaTuneError("--lora-r 0 (fit the rank) needs --lora-budget")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise KappaTuneError(f"--lora-r must be at least 1, got {args.lora_r}")
     if args.method in ("lora", "kappa-lora"):
         _lora_settings(args, None)
     needs_selection = args.method in ("selective", "kappa-lora")
@@ -309,7 +314,21 @@ def _selection(args: argparse.Namespace) -> Any:
     if args.selection is not None:
         return Selection.load(args.selection)
     analysis = load_analysis(analysis_source(args.model))
-    return selection_from_args(args, analysis, model_spec=args.model)
+    return selection_from_args(args, analysis, model_spec=args.model, budget=_modules_budget(args))
+
+
+def _modules_budget(args: argparse.Namespace) -> Any:
+    """kappa-lora with --budget-params: the budget sizes the adapter, not the module list.
+
+    The rank is fitted on the policy's first 20% (as the bench's KappaTune-LoRA arm), or,
+    with --lora-r, the module count is fitted along the whole policy order.
+    """
+    from kappatune.cli.select import DEFAULT_FRACTION
+    from kappatune.selection import Budget
+
+    if args.method != "kappa-lora" or args.budget_params is None:
+        return None
+    return Budget(fraction=1.0 if args.lora_r is not None else DEFAULT_FRACTION)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -164,11 +164,13 @@ def rank_for_budget(
     return LoraPlan(targets, r, r * per_rank, budget)
 
 
-def modules_for_budget(model: nn.Module, selection: Selection, r: int, budget: int) -> LoraPlan:
-    """The selected modules, in selection order, that fit ``budget`` at rank ``r``.
+def modules_for_budget(
+    model: nn.Module, selection: Selection, r: int, budget: int, greedy: bool = False
+) -> LoraPlan:
+    """The selected modules that fit ``budget`` at rank ``r``: a prefix of the selection order.
 
-    Greedy in order: a module whose adapter would overshoot is skipped and later (smaller)
-    ones still fill the budget, as parameter budgets of :func:`kappatune.selection.select` do.
+    As parameter budgets of :func:`kappatune.selection.select`: modules in order until the next
+    adapter would overshoot; ``greedy`` skips that one and fills on with later, smaller ones.
     """
     if r < 1:
         raise KappaTuneError(f"LoRA rank must be at least 1, got {r}")
@@ -180,10 +182,13 @@ def modules_for_budget(model: nn.Module, selection: Selection, r: int, budget: i
         if used + r * costs[name] <= budget:
             chosen.append((name, fused))
             used += r * costs[name]
+        elif not greedy:
+            break
     if not chosen:
-        smallest = min(costs.values()) * r
+        first = r * costs[ordered[0][0]]
         raise KappaTuneError(
-            f"LoRA budget {budget:,} is below the smallest rank-{r} adapter ({smallest:,} parameters)"
+            f"LoRA budget {budget:,} is below the first module's rank-{r} adapter"
+            f" ({ordered[0][0]}, {first:,} parameters)"
         )
     return LoraPlan(_as_targets(chosen), r, used, budget)
 
