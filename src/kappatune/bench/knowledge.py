@@ -109,6 +109,8 @@ def _choices(
     rng: random.Random, correct: str, pool: Sequence[str], k: int
 ) -> tuple[tuple[str, ...], int]:
     others = sorted({p for p in pool if p != correct})
+    if len(others) < k - 1:
+        raise KappaTuneError(f"too few distinct answers ({len(others) + 1}) for {k} options")
     picked = [*rng.sample(others, k - 1), correct]
     rng.shuffle(picked)
     return tuple(picked), picked.index(correct)
@@ -167,7 +169,7 @@ def gcide_questions(entries: dict[str, str], rng: random.Random, k: int, n: int)
             defs[got[0]] = got[1]
     words = sorted(defs)
     chosen = sorted(rng.sample(words, min(n, len(words))))
-    pool = [" " + w for w in chosen]
+    pool = [" " + w for w in words]
     out = []
     for w in chosen:
         opts, ans = _choices(rng, " " + w, pool, k)
