@@ -110,7 +110,7 @@ def test_user_question_file_is_validated(tmp_path: Path) -> None:
         with pytest.raises(KappaTuneError, match=message):
             K.read_questions(path)
     path.write_text("{not json\n")
-    with pytest.raises(KappaTuneError, match="mc.jsonl:1: not a JSON object"):
+    with pytest.raises(KappaTuneError, match=r"mc\.jsonl:1: not a JSON object"):
         K.read_questions(path)
 
 

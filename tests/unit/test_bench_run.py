@@ -226,3 +226,19 @@ def test_bad_settings_fail_before_anything_is_written(
     with pytest.raises(KappaTuneError, match="option 'é' of 'q' does not tokenize"):
         run_bench([scenario], _settings(model, bad), tmp_path)
     assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dict_packages_skip_the_knowledge_control_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run_mod, "missing_packages", lambda: ["dict-gcide"])
+    questions, why = run_mod.knowledge_questions(BenchSettings(arms=("kappa",)))
+    assert questions == ()
+    assert why == (
+        "knowledge control skipped: dict-gcide not installed"
+        " (apt-get install -y dict-gcide, or `make setup`)"
+    )
+    assert run_mod.knowledge_questions(BenchSettings(arms=("kappa",), knowledge="none")) == (
+        (),
+        None,
+    )

@@ -37,6 +37,7 @@ from kappatune.bench.knowledge import (
     TokenizedQuestion,
     builtin_questions,
     mc_accuracy,
+    missing_packages,
     read_questions,
     tokenize_questions,
 )
@@ -495,13 +496,19 @@ def _fisher_scores(loaded: Loaded, prepared: Prepared, settings: BenchSettings) 
     )
 
 
-def knowledge_questions(settings: BenchSettings) -> tuple[Question, ...]:
-    """The knowledge control's questions (none when ``settings.knowledge`` is "none")."""
+def knowledge_questions(settings: BenchSettings) -> tuple[tuple[Question, ...], str | None]:
+    """The knowledge control's questions, and why there are none when there are none."""
     if settings.knowledge == "none":
-        return ()
+        return (), None
     if settings.knowledge == BUILTIN_KNOWLEDGE:
-        return builtin_questions(settings.sizes.knowledge_questions, settings.knowledge_seed)
-    return read_questions(Path(settings.knowledge).expanduser())
+        missing = missing_packages()
+        if missing:
+            return (), (
+                f"knowledge control skipped: {', '.join(missing)} not installed"
+                f" (apt-get install -y {' '.join(missing)}, or `make setup`)"
+            )
+        return builtin_questions(settings.sizes.knowledge_questions, settings.knowledge_seed), None
+    return read_questions(Path(settings.knowledge).expanduser()), None
 
 
 def run_bench(
@@ -516,13 +523,15 @@ def run_bench(
         raise KappaTuneError("no scenario to run")
     store = ResultStore(out_dir)
     loaded_data: dict[str, ScenarioData] = {s.name: s.load() for s in scenarios}  # fail fast
-    questions = knowledge_questions(settings)
+    questions, skipped = knowledge_questions(settings)
+    if skipped:
+        reporter.message(skipped)
     by_model: dict[str, list[Scenario]] = {}
     for s in scenarios:
         by_model.setdefault(s.model or settings.model, []).append(s)
     bases: dict[str, BaseResult] = {}
     runs: list[RunResult] = []
-    notes: list[str] = []
+    notes: list[str] = [skipped] if skipped else []
     for spec, group in by_model.items():
         reporter.message(f"loading {spec}")
         loaded = load_model(spec, settings)
