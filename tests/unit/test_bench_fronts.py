@@ -14,6 +14,7 @@ from kappatune.bench.fronts import (
     mean_points,
     pareto_front,
     percentile,
+    paired_ppl_noise,
     ppl_noise_floor,
 )
 
@@ -92,3 +93,15 @@ def test_noise_floors() -> None:
     assert change == pytest.approx(-10.0)
     half = 1.96 * math.sqrt((0.25 + 0.24) / 100) * 100
     assert (lo, hi) == (pytest.approx(-10.0 - half), pytest.approx(-10.0 + half))
+
+
+def test_paired_noise_of_a_change() -> None:
+    base = [1.0, 3.0] * 10
+    tokens = [10] * 20
+    # a model that shifts every sequence's NLL by the same amount: every resample agrees
+    assert paired_ppl_noise(base, [x + 0.5 for x in base], tokens, 200) == pytest.approx(
+        0, abs=1e-9
+    )
+    # the base model's own floor on the same texts is wide; a shift that varies is noisy
+    assert ppl_noise_floor(base, tokens, 200) > 4.0
+    assert paired_ppl_noise(base, [x + (i % 3) for i, x in enumerate(base)], tokens, 200) > 0.5

@@ -16,7 +16,7 @@ BASES = {
     "code": BaseResult(
         "code", "b", Metrics({"perplexity": 10.0, "nll": 2.3}, {"perplexity": 20.0, "kl": 0.0},
                              KNOW),
-        100, floors={"control_ppl": 1.0, "task_gain": 0.5, "knowledge": 4.0},
+        100, floors={"control_ppl": 9.0, "task_gain": 0.5, "knowledge": 4.0},
     ),
     "digits": BaseResult(
         "digits", "b", Metrics({"accuracy": 0.1, "label_nll": 3.0}, {"perplexity": 20.0}), 100
@@ -104,7 +104,10 @@ def test_verdict_at_matched_gain() -> None:
 def test_reports_hold_the_numbers(tmp_path: Path) -> None:
     points = seed_points(RUNS, BASES, METRICS)
     rows = summarize(points, BASES, METRICS, ["lora", "kappa"])
-    floors = {n: dict(b.floors) for n, b in BASES.items()}
+    floors = verdict.with_change_floors(points, {n: dict(b.floors) for n, b in BASES.items()})
+    assert floors["code"]["knowledge_n"] == 100.0
+    assert "control_ppl_change" not in floors["code"]  # no per-sequence NLLs in these runs
+    floors["code"]["control_ppl_change"] = 1.0
     vs = verdict.verdicts(points, floors, ["kappa", "lora"], 1.0, 100, "kappa")
     curves = {("code", "kappa"): [[3.0, 2.5]], ("code", "lora"): [[3.0, 2.9]]}
     meta = {"command": "kappatune bench code", "settings": {"steps": 5}}
@@ -122,7 +125,10 @@ def test_reports_hold_the_numbers(tmp_path: Path) -> None:
     assert "+15.0% ± 7.1%" in md and "+7.50% ± 3.54%" in md
     assert "+0.00% ± 0.00% (within noise)" in md  # lora at step 2: below the 1 % floor
     assert "+1.00% ± 0.71% |" in md  # lora at step 4: not below it
-    assert "noise floors control perplexity ±1.00 %" in md
+    assert "noise floors control perplexity ±9.00 % (base model, which text)" in md
+    assert "control perplexity change ±1.00 % (paired" in md
+    # knowledge unchanged (80 % of 100): binomial interval ±1.96 sqrt(2 * 0.16 / 100) = ±11.1 pp
+    assert "+0.0 pp [-11.1, +11.1] (within noise)" in md
     assert "- a note" in md and "kappatune bench code" in md
     html = (tmp_path / "report.html").read_text()
     png = (tmp_path / "pareto.png").read_bytes()

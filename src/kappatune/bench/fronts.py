@@ -202,6 +202,28 @@ def ppl_noise_floor(
     return percentile(devs, 0.95)
 
 
+def paired_ppl_noise(
+    base_nlls: Sequence[float],
+    nlls: Sequence[float],
+    tokens: Sequence[int],
+    resamples: int = 1000,
+    rng_seed: int = 0,
+) -> float:
+    """Half-width, in % of perplexity, of the 95 % band of a model's perplexity change against
+    the base model over bootstrap resamples of the control sequences, both models scored on the
+    same resample (paired): the evaluation noise of that change."""
+    import numpy as np
+
+    b = np.asarray(base_nlls, dtype=np.float64)
+    t = np.asarray(nlls, dtype=np.float64)
+    n = np.asarray(tokens, dtype=np.float64)
+    full = math.expm1((t.sum() - b.sum()) / n.sum())
+    idx = np.random.default_rng(rng_seed).integers(0, len(b), size=(resamples, len(b)))
+    changes = np.expm1((t[idx].sum(1) - b[idx].sum(1)) / n[idx].sum(1))
+    devs = sorted(float(x) for x in np.abs(changes - full) * 100)
+    return percentile(devs, 0.95)
+
+
 def accuracy_noise_floor(
     correct: Sequence[bool], resamples: int = 1000, rng_seed: int = 0
 ) -> float:

@@ -83,12 +83,26 @@ def cells(row: ArmSummary, floors: Mapping[str, float] | None = None) -> list[st
         _noise(_pm(row.task_gain, ".1f", " pp" if acc else "%", signed=True),
                nan if base else row.task_gain[0], floors.get("task_gain", nan)),
         _pm(row.control_ppl, ".2f"),
-        _noise(_pm(row.forgetting, ".2f", "%", signed=True),
-               nan if base else row.forgetting[0], floors.get("control_ppl", nan)),
+        _noise(_pm(row.forgetting, ".2f", "%", signed=True), nan if base else row.forgetting[0],
+               _first_finite(row.forgetting_noise[0], floors.get("control_ppl_change", nan))),
         _pm(row.kl, ".4f"),
-        _noise(_pm(row.knowledge_change, ".1f", " pp", signed=True),
-               nan if base else row.knowledge_change[0], floors.get("knowledge", nan)),
+        "-" if base else _knowledge(row, floors.get("knowledge_n", nan)),
     ]  # fmt: skip
+
+
+def _first_finite(*xs: float) -> float:
+    return next((x for x in xs if math.isfinite(x)), math.nan)
+
+
+def _knowledge(row: ArmSummary, n: float) -> str:
+    """Accuracy change with its binomial 95 % interval; "within noise" when it covers zero."""
+    change, p1 = row.knowledge_change[0], row.knowledge[0]
+    if not (math.isfinite(change) and math.isfinite(p1) and math.isfinite(n) and n > 0):
+        return _pm(row.knowledge_change, ".1f", " pp", signed=True)
+    p0 = p1 - change / 100
+    half = 196 * math.sqrt(max(0.0, p0 * (1 - p0) + p1 * (1 - p1)) / n)
+    text = f"{change:+.1f} pp [{change - half:+.1f}, {change + half:+.1f}]"
+    return text + WITHIN_NOISE if abs(change) < half else text
 
 
 def rich_table(
@@ -332,8 +346,11 @@ EXPLAIN = (
     " next-token distribution on the control text; change of accuracy on general-knowledge"
     " multiple-choice questions (Δ, ↑ better). Every (arm, learning rate, seed, checkpoint) is"
     " one point; tables show mean ± sample std over seeds. Fronts pool each arm's learning rates"
-    " and checkpoints; intervals are 95 % bootstrap intervals over seeds. Numbers smaller than"
-    " the base model's noise floor (95 % bootstrap band over the evaluation texts) are marked"
+    " and checkpoints; intervals are 95 % bootstrap intervals over seeds. Noise floors: the base"
+    " model's 95 % bootstrap band over resamples of each evaluation set (how much the number"
+    " moves with the text drawn), and for a control perplexity change the same band with the"
+    " base and the tuned model scored on each resample (paired). A change inside its floor (or,"
+    " for knowledge questions, whose binomial 95 % interval covers zero) is marked"
     " 'within noise'."
 )
 
@@ -341,7 +358,14 @@ EXPLAIN = (
 def floor_lines(floors: Mapping[str, Mapping[str, float]]) -> list[str]:
     out = []
     for scenario, f in sorted(floors.items()):
-        bits = [f"control perplexity ±{f['control_ppl']:.2f} %"] if "control_ppl" in f else []
+        bits = []
+        if "control_ppl" in f:
+            bits.append(f"control perplexity ±{f['control_ppl']:.2f} % (base model, which text)")
+        if "control_ppl_change" in f:
+            bits.append(
+                f"control perplexity change ±{f['control_ppl_change']:.2f} % (paired, median"
+                " over the points; used for 'within noise')"
+            )
         if "task_gain" in f:
             bits.append(f"task ±{f['task_gain']:.2f}")
         if "knowledge" in f:

@@ -322,7 +322,7 @@ def _metrics(task: dict[str, float], ctl: ControlResult, mc: McResult | None) ->
             "correct": float(sum(mc.correct)),
             "total": float(len(mc.correct)),
         }
-    return Metrics(task=task, control=control, knowledge=knowledge)
+    return Metrics(task=task, control=control, knowledge=knowledge, control_nlls=ctl.nll_sums)
 
 
 def reference_loss(model: nn.Module, prepared: Prepared, batch_size: int, rows: int = 16) -> float:
@@ -632,6 +632,7 @@ def _base(
         train_loss=reference_loss(model, prepared, settings.eval_batch_size),
         floors=floors,
         knowledge_correct=mc.correct if mc is not None else (),
+        control_tokens=ctl.tokens,
     )
     store.save_base(base)
     return base

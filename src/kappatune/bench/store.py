@@ -53,17 +53,20 @@ class Metrics:
     Task: ``perplexity``/``nll``/``tokens`` or ``accuracy``/``label_nll``/``examples``;
     control: ``perplexity``/``nll``/``tokens``/``kl`` (mean per-token KL from the base model);
     knowledge (empty when there is no knowledge control): ``accuracy``/``correct``/``total``.
+    ``control_nlls``: the summed token NLL of each control sequence (for paired bootstraps).
     """
 
     task: dict[str, float]
     control: dict[str, float]
     knowledge: dict[str, float] = field(default_factory=dict)
+    control_nlls: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "task": _floats(self.task),
             "control": _floats(self.control),
             "knowledge": _floats(self.knowledge),
+            "control_nlls": [encode_float(x) for x in self.control_nlls],
         }
 
     @classmethod
@@ -72,6 +75,7 @@ class Metrics:
             task=_unfloats(d["task"]),
             control=_unfloats(d["control"]),
             knowledge=_unfloats(d.get("knowledge") or {}),
+            control_nlls=tuple(decode_float(x) for x in d.get("control_nlls") or ()),
         )
 
 
@@ -175,6 +179,7 @@ class BaseResult:
     # half-widths of 95 % bootstrap bands: control ppl (%), task gain, knowledge accuracy (pp)
     floors: dict[str, float] = field(default_factory=dict)
     knowledge_correct: tuple[bool, ...] = ()
+    control_tokens: tuple[int, ...] = ()  # scored tokens per control sequence
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -189,6 +194,7 @@ class BaseResult:
             "seconds": round(self.seconds, 3),
             "floors": _floats(self.floors),
             "knowledge_correct": [int(c) for c in self.knowledge_correct],
+            "control_tokens": list(self.control_tokens),
         }
 
     @classmethod
@@ -204,6 +210,7 @@ class BaseResult:
             train_loss=decode_float(d.get("train_loss")),
             floors=_unfloats(d.get("floors") or {}),
             knowledge_correct=tuple(bool(c) for c in d.get("knowledge_correct") or ()),
+            control_tokens=tuple(int(t) for t in d.get("control_tokens") or ()),
         )
 
 

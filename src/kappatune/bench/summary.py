@@ -64,6 +64,7 @@ class SeedPoint:
     task_nll: float  # perplexity tasks: mean token NLL; accuracy tasks: mean label NLL
     control_ppl: float
     forgetting: float  # control perplexity rise, %
+    forgetting_noise: float  # paired bootstrap half-width of that rise, % (NaN: not measured)
     kl: float  # mean per-token KL(base || tuned) on the control data, nats
     knowledge: float  # knowledge accuracy, 0-1 (NaN without a knowledge control)
     knowledge_change: float  # percentage points
@@ -73,7 +74,7 @@ class SeedPoint:
 
 MEASURED = (
     "steps", "train_loss", "task_value", "task_gain", "task_nll", "control_ppl", "forgetting",
-    "kl", "knowledge", "knowledge_change",
+    "forgetting_noise", "kl", "knowledge", "knowledge_change",
 )  # fmt: skip
 
 
@@ -95,6 +96,7 @@ class ArmSummary:
     task_nll: tuple[float, float]
     control_ppl: tuple[float, float]
     forgetting: tuple[float, float]
+    forgetting_noise: tuple[float, float]
     kl: tuple[float, float]
     knowledge: tuple[float, float]
     knowledge_change: tuple[float, float]
@@ -135,12 +137,22 @@ def seed_point(run: RunResult, point: Point, base: BaseResult, metric: str) -> S
         task_nll=_nll(task, metric),
         control_ppl=control["perplexity"],
         forgetting=forgetting(control, base.metrics.control),
+        forgetting_noise=_paired_noise(point, base),
         kl=control.get("kl", math.nan),
         knowledge=know.get("accuracy", math.nan),
         knowledge_change=knowledge_change(know, base.metrics.knowledge),
         knowledge_correct=int(know.get("correct", 0)),
         knowledge_total=int(know.get("total", 0)),
     )
+
+
+def _paired_noise(point: Point, base: BaseResult, resamples: int = 1000) -> float:
+    from kappatune.bench.fronts import paired_ppl_noise
+
+    nlls, ref, tokens = point.metrics.control_nlls, base.metrics.control_nlls, base.control_tokens
+    if not nlls or len(nlls) != len(ref) or len(tokens) != len(ref):
+        return math.nan
+    return paired_ppl_noise(ref, nlls, tokens, resamples)
 
 
 def seed_points(
@@ -173,6 +185,7 @@ def base_summary(base: BaseResult, metric: str) -> ArmSummary:
         task_nll=(_nll(task, metric), math.nan),
         control_ppl=(control["perplexity"], math.nan),
         forgetting=(0.0, math.nan),
+        forgetting_noise=nan2,
         kl=(0.0, math.nan),
         knowledge=(know.get("accuracy", math.nan), math.nan),
         knowledge_change=(0.0, math.nan) if know else nan2,

@@ -31,7 +31,7 @@ from kappatune.jsonio import encode_float
 # measure -> (SeedPoint field, unit, floor key in BaseResult.floors, sign: +1 when the field
 # rises with forgetting, -1 when it falls)
 MEASURES: dict[str, tuple[str, str, str, int]] = {
-    "control ppl": ("forgetting", "%", "control_ppl", 1),
+    "control ppl": ("forgetting", "%", "control_ppl_change", 1),
     "KL from base": ("kl", " nats/token", "", 1),
     "knowledge": ("knowledge_change", " pp lost", "knowledge", -1),
 }
@@ -163,6 +163,28 @@ def measure_verdict(
         scenario, measure, unit, floor, level, tuple(heads), joint_front(fronts), ref,
         tuple(comparisons),
     )  # fmt: skip
+
+
+def with_change_floors(
+    points: Sequence[SeedPoint], floors: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """``floors`` plus, per scenario, ``control_ppl_change``: the median over its points of the
+    paired bootstrap half-width of the control perplexity change (the evaluation noise of a
+    change; the base model's own floor is far wider, as it also counts which text was drawn),
+    and ``knowledge_n``, the number of knowledge questions."""
+    import statistics
+
+    out = {k: dict(v) for k, v in floors.items()}
+    for scenario in sorted({p.scenario for p in points}):
+        mine = [p for p in points if p.scenario == scenario]
+        noise = [p.forgetting_noise for p in mine if math.isfinite(p.forgetting_noise)]
+        entry = out.setdefault(scenario, {})
+        if noise:
+            entry["control_ppl_change"] = statistics.median(noise)
+        totals = {p.knowledge_total for p in mine if p.knowledge_total}
+        if totals:
+            entry["knowledge_n"] = float(max(totals))
+    return out
 
 
 def verdicts(

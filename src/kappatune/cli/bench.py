@@ -387,7 +387,9 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_bench(scenarios, settings, out, reporter)
     points = summary.seed_points(outcome.runs, outcome.bases, outcome.metrics)
     rows = summary.summarize(points, outcome.bases, outcome.metrics, settings.arms)
-    floors = {name: dict(b.floors) for name, b in outcome.bases.items()}
+    floors = verdict.with_change_floors(
+        points, {name: dict(b.floors) for name, b in outcome.bases.items()}
+    )
     reference = "kappa" if "kappa" in settings.arms else settings.arms[0]
     vs = verdict.verdicts(points, floors, settings.arms, settings.forgetting_budget,
                           settings.bootstrap, reference)  # fmt: skip
