@@ -12,9 +12,9 @@ from kappatune.bench.fronts import (
     joint_front,
     matched_gain,
     mean_points,
+    paired_ppl_noise,
     pareto_front,
     percentile,
-    paired_ppl_noise,
     ppl_noise_floor,
 )
 
