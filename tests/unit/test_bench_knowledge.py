@@ -164,3 +164,13 @@ def test_mc_scoring_on_a_known_answer() -> None:
     assert by[(0, -1)] == pytest.approx([miss, hit, miss], abs=1e-5)
     assert by[(1, 0)] == pytest.approx([2 * hit], abs=1e-5)
     assert by[(1, 1)] == pytest.approx([hit + miss], abs=1e-5)
+
+
+def test_answers_can_be_limited_to_single_tokens(dictd: Path) -> None:
+    from tests.unit._tiny_models import char_tokenizer
+
+    accept = K.single_token(char_tokenizer())
+    assert accept("a") and not accept(" S1") and not accept("é")
+    short = K.builtin_questions(n=4, root=dictd, accept=lambda a: a in {" S1", " S2", " S3", " S4"})
+    assert [q.options[q.answer] for q in short] == [" S1", " S2", " S3", " S4"]
+    assert all(set(q.options) == {" S1", " S2", " S3", " S4"} for q in short)

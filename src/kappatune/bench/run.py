@@ -39,6 +39,7 @@ from kappatune.bench.knowledge import (
     mc_accuracy,
     missing_packages,
     read_questions,
+    single_token,
     tokenize_questions,
 )
 from kappatune.bench.scenarios import Scenario, ScenarioData
@@ -496,8 +497,12 @@ def _fisher_scores(loaded: Loaded, prepared: Prepared, settings: BenchSettings) 
     )
 
 
-def knowledge_questions(settings: BenchSettings) -> tuple[tuple[Question, ...], str | None]:
-    """The knowledge control's questions, and why there are none when there are none."""
+def knowledge_questions(
+    settings: BenchSettings, tokenizer: Any = None
+) -> tuple[tuple[Question, ...], str | None]:
+    """The knowledge control's questions, and why there are none when there are none.
+
+    Built-in questions keep answers that are one token for ``tokenizer`` (when given)."""
     if settings.knowledge == "none":
         return (), None
     if settings.knowledge == BUILTIN_KNOWLEDGE:
@@ -507,7 +512,12 @@ def knowledge_questions(settings: BenchSettings) -> tuple[tuple[Question, ...], 
                 f"knowledge control skipped: {', '.join(missing)} not installed"
                 f" (apt-get install -y {' '.join(missing)}, or `make setup`)"
             )
-        return builtin_questions(settings.sizes.knowledge_questions, settings.knowledge_seed), None
+        questions = builtin_questions(
+            settings.sizes.knowledge_questions,
+            settings.knowledge_seed,
+            accept=single_token(tokenizer) if tokenizer is not None else lambda _: True,
+        )
+        return questions, None
     return read_questions(Path(settings.knowledge).expanduser()), None
 
 
@@ -523,15 +533,14 @@ def run_bench(
         raise KappaTuneError("no scenario to run")
     store = ResultStore(out_dir)
     loaded_data: dict[str, ScenarioData] = {s.name: s.load() for s in scenarios}  # fail fast
-    questions, skipped = knowledge_questions(settings)
-    if skipped:
-        reporter.message(skipped)
+    if settings.knowledge not in ("none", BUILTIN_KNOWLEDGE):
+        knowledge_questions(settings)  # a user's file: fail fast, before loading the model
     by_model: dict[str, list[Scenario]] = {}
     for s in scenarios:
         by_model.setdefault(s.model or settings.model, []).append(s)
     bases: dict[str, BaseResult] = {}
     runs: list[RunResult] = []
-    notes: list[str] = [skipped] if skipped else []
+    notes: list[str] = []
     for spec, group in by_model.items():
         reporter.message(f"loading {spec}")
         loaded = load_model(spec, settings)
@@ -539,6 +548,10 @@ def run_bench(
         prepared = {
             s.name: prepare(s, loaded_data[s.name], loaded.tokenizer, settings.sizes) for s in group
         }
+        questions, skipped = knowledge_questions(settings, loaded.tokenizer)
+        if skipped and skipped not in notes:
+            reporter.message(skipped)
+            notes.append(skipped)
         items = tokenize_questions(
             loaded.tokenizer, questions, special_tokens(loaded.tokenizer).prefix
         )
