@@ -62,7 +62,11 @@ def main() -> int:
     loaded, t_load = timed(lambda: load_model("gemma-3-270m", settings))
     scenario = builtin_scenario("code")
     prepared = prepare(scenario, scenario.load(), loaded.tokenizer, sizes)
-    questions, t_questions = timed(lambda: knowledge.builtin_questions(args.questions))
+    questions, t_questions = timed(
+        lambda: knowledge.builtin_questions(
+            args.questions, accept=knowledge.single_token(loaded.tokenizer)
+        )
+    )
     items = knowledge.tokenize_questions(
         loaded.tokenizer, questions, special_tokens(loaded.tokenizer).prefix
     )
