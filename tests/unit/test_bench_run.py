@@ -171,28 +171,30 @@ def test_interrupted_sweep_resumes_without_recomputing(
         run_bench([scenario], _settings(model, mc), tmp_path)
     runs = tmp_path / "runs" / "toy"
     assert sorted(p.name for p in runs.iterdir()) == [
-        "base.json", "kappa-lr0.0001-seed0.json", "kappa-lr0.0001-seed1.json",
+        "base.json", "kappa-lr0.0001-seed0.json", "random-lr0.0001-seed0.json",
     ]  # fmt: skip
-    partial = json.loads((runs / "kappa-lr0.0001-seed1.json").read_text())
+    partial = json.loads((runs / "random-lr0.0001-seed0.json").read_text())
     assert [p["step"] for p in partial["points"]] == [2]  # the checkpoint evaluated before Ctrl-C
     finished = (runs / "kappa-lr0.0001-seed0.json").read_bytes()
 
     evaluated.clear()
     outcome = run_bench([scenario], _settings(model, mc), tmp_path)
-    # the interrupted run re-trains but evaluates only its missing checkpoint; the rest is new
-    assert evaluated == [("kappa", 1e-4, 1)] + [
-        ("random", lr, seed) for lr in (1e-4, 3e-4) for seed in (0, 1) for _ in (2, 4)
-    ]
+    # the interrupted run re-trains but evaluates only its missing checkpoint; the rest is new,
+    # seed by seed
+    twice = [("random", 3e-4, 0)] * 2 + [("kappa", 1e-4, 1)] * 2
+    twice += [("random", 1e-4, 1)] * 2 + [("random", 3e-4, 1)] * 2
+    assert evaluated == [("random", 1e-4, 0), *twice]
     assert (runs / "kappa-lr0.0001-seed0.json").read_bytes() == finished
     assert len(outcome.runs) == 6
     assert all([p.step for p in r.points] == [2, 4] for r in outcome.runs)
-    resumed = next(r for r in outcome.runs if (r.arm, r.seed) == ("kappa", 1))
+    resumed = next(r for r in outcome.runs if (r.arm, r.lr, r.seed) == ("random", 1e-4, 0))
     assert resumed.points[0].to_json() == partial["points"][0]
 
     evaluated.clear()
     changed = _settings(model, mc, lr_grid=(("kappa", (1e-4,)), ("random", (1e-4, 2e-4))))
     run_bench([scenario], changed, tmp_path)
     assert evaluated == [("random", 2e-4, s) for s in (0, 1) for _ in (2, 4)]  # only new runs
+    assert (runs / "random-lr0.0003-seed0.json").is_file()  # other results stay on disk
 
     base = outcome.bases["toy"]
     assert base.metrics.control["kl"] == 0.0 and base.metrics.knowledge["total"] == 12.0

@@ -664,10 +664,12 @@ def _scenario_runs(
     prepared = evaluator.prepared
     name = prepared.scenario.name
     want_steps = set(settings.checkpoint_steps())
-    for arm_name in settings.arms:
-        for lr in settings.lrs_for(arm_name):
-            arm = settings.arm(arm_name, lr)
-            for seed in settings.seeds:
+    # seed by seed, so an interrupted sweep leaves whole seeds behind (rerun with --seeds to
+    # report on them from the stored runs)
+    for seed in settings.seeds:
+        for arm_name in settings.arms:
+            for lr in settings.lrs_for(arm_name):
+                arm = settings.arm(arm_name, lr)
                 want = run_key(base.config_hash, arm, lr, seed, settings)
                 done = store.load_run(name, arm.name, lr, seed, want)
                 if done is not None and {p.step for p in done.points} >= want_steps and done.losses:
