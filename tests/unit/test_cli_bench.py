@@ -64,6 +64,8 @@ def _common(files: dict[str, Path], out: Path) -> list[str]:
 def test_end_to_end_text_and_label_scenarios(
     files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The tiny end-to-end sweep CI runs (about 10 s on 2 cores): two scenarios (text and label)
+    x 3 (arm, lr) x 2 seeds x 2 checkpoints, every report file, then a rerun that reuses all."""
     config = tmp_path / "bench.yaml"
     config.write_text(
         "scenarios:\n"
