@@ -261,7 +261,8 @@ def test_presets_resolve_and_flags_win() -> None:
     assert args.scenarios == ["code"] and s.model == "gemma-3-270m"
     assert s.arms == ("full", "lora", "kappa", "random") and s.seeds == (7, 8, 9)
     assert [len(s.lrs_for(a)) for a in s.arms] == [3, 3, 3, 3]
-    assert s.steps == 12 and s.sizes.control_sequences == 48 and s.knowledge == "builtin:dictd"
+    assert s.steps == 8 and s.checkpoints == 2 and s.sizes.control_sequences == 24
+    assert s.knowledge == "builtin:dictd" and s.sizes.knowledge_questions == 400
     gpu = cli_bench.settings_from_args(
         cli_bench.resolve(parser.parse_args(["bench", "--preset", "gpu"]))
     )

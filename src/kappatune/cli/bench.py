@@ -40,11 +40,13 @@ DEFAULTS: dict[str, Any] = {
     "bootstrap": 1000, "kl_cache_mb": 1024.0,
 }  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
-    # sized to finish within an hour on a 2-core CPU (benchmarks/results/bench_cpu holds a run)
+    # sized for about 45 min on a 2-core CPU (benchmarks/results/bench_cpu holds a run and its
+    # timing): 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice
     "cpu": {
         "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
-        "seeds": [0, 1, 2], "steps": 12, "checkpoints": 4, "lr_count": 3, "seq_len": 64,
-        "batch_size": 4, "task_sequences": 24, "control_sequences": 48, "knowledge_questions": 400,
+        "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
+        "batch_size": 4, "eval_batch_size": 8, "task_sequences": 12, "control_sequences": 24,
+        "knowledge_questions": 400, "kl_cache_mb": 2048.0,
     },
     # one GPU: every arm, 5 learning rates over 30x, longer runs, larger evaluation sets
     "gpu": {
