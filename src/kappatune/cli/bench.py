@@ -12,7 +12,7 @@ from typing import Any
 from kappatune.errors import KappaTuneError
 
 EPILOG = """examples:
-  kappatune bench --preset cpu                     # gemma-3-270m, core arms, 3 lrs x 3 seeds, code scenario
+  kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~45 min, 2 cores)
   kappatune bench --preset gpu --device cuda       # every arm, 5 lrs, longer runs, larger evaluations
   kappatune bench code --lr-grid full=1e-5,3e-5,1e-4 kappa=3e-5,1e-4,3e-4 --checkpoints 4
   kappatune bench --config configs/bench-example.yaml --model ./my-model --knowledge my-mc.jsonl
