@@ -117,7 +117,7 @@ def add_parser(sub: Any) -> None:
     add(
         "--preset",
         choices=tuple(PRESETS),
-        help="cpu: 1 h on a 2-core CPU; gpu: the full grid on one GPU",
+        help="cpu: about 45 min on a 2-core CPU; gpu: the full grid on one GPU",
     )
     add("--config", type=Path, help="YAML/JSON file describing scenarios")
     add(
