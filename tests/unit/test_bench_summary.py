@@ -99,6 +99,10 @@ def test_verdict_at_matched_gain() -> None:
     )
     text = " ".join(verdict.sentences(ppl, " %"))
     assert "arms on the joint front" in text and "kappa forgets more than lora" in text
+    assert (
+        "Matched task gain: 15.00 %, the best gain of the arm that learned least (kappa, lora)"
+        in text
+    )
 
 
 def test_reports_hold_the_numbers(tmp_path: Path) -> None:

@@ -233,9 +233,10 @@ def sentences(v: MeasureVerdict, gain_unit: str) -> list[str]:
             " at a matched gain."
         )
         return out
+    weakest = [a.arm for a in v.arms if a.front and a.front[-1].gain == v.matched_gain]
     out.append(
-        f"Matched task gain: {v.matched_gain:.2f}{gain_unit} (the best gain the weakest arm"
-        " reaches; each arm's forgetting is read off its front there)."
+        f"Matched task gain: {v.matched_gain:.2f}{gain_unit}, the best gain of the arm that"
+        f" learned least ({', '.join(weakest)}); each arm's forgetting is read off its front there."
     )
     for c in v.comparisons:
         text = interval_text(c.diff, v.unit)
