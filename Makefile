@@ -5,9 +5,20 @@ TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed>=0.15
 AXOLOTL ?= axolotl==0.19.0
 
-.PHONY: setup demo test lint format bench
+.PHONY: setup demo test lint format bench dictd
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed dictd
+
+# Offline reference data for the bench's knowledge-retention questions (Debian's dictd
+# databases); installed with apt-get when missing, skipped (the bench says so) without apt-get.
+DICTD_PACKAGES := dict-elements dict-gcide
+dictd:
+	@if [ -f /usr/share/dictd/elements.index ] && [ -f /usr/share/dictd/gcide.index ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(DICTD_PACKAGES) >/dev/null \
+		|| echo "warning: could not install $(DICTD_PACKAGES): the bench skips its knowledge control"; \
+	else echo "note: no apt-get: the bench's knowledge control needs $(DICTD_PACKAGES)"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -169,3 +169,36 @@ def test_tokenize_options_rejects_bad_options() -> None:
         tokenize_options(_Tok(), ["a", "a~"])
     with pytest.raises(KappaTuneError, match="at least 2 options"):
         tokenize_options(_Tok(), ["a"])
+
+
+# --------------------------------------------------------------------------- control: KL
+
+
+def test_kl_is_zero_for_the_base_model_and_matches_a_hand_computation() -> None:
+    from kappatune.bench.evaluate import BaseReference, control_eval
+
+    base = tiny_llama(0)
+    res = control_eval(base, SEQS, pad_id=0, batch_size=2, base=BaseReference(base, pad_id=0))
+    assert res.kl == 0.0
+    assert res.tokens == (6, 2, 4)
+    nll, count = _by_hand(base, SEQS)
+    assert sum(res.nll_sums) == pytest.approx(nll, rel=1e-6) and sum(res.tokens) == count
+
+    tuned = tiny_llama(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    expected, n = 0.0, 0
+    with torch.no_grad():
+        for s in SEQS:
+            ids = torch.tensor([s.ids])
+            lp = torch.log_softmax(base(ids).logits[0, :-1].double(), -1)
+            lq = torch.log_softmax(tuned(ids).logits[0, :-1].double(), -1)
+            expected += float((lp.exp() * (lp - lq)).sum())
+            n += len(s.ids) - 1
+    for cache_mb in (1024.0, 0.0):  # cached base log-probs or recomputed: the same numbers
+        ref = BaseReference(base, pad_id=0, cache_mb=cache_mb)
+        got = control_eval(tuned, SEQS, pad_id=0, batch_size=2, base=ref)
+        assert got.kl == pytest.approx(expected / n, rel=1e-4)
+        assert got.kl > 0
+    assert math.isnan(control_eval(tuned, SEQS, pad_id=0).kl)

@@ -1,12 +1,22 @@
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from kappatune.bench import arms as arms_mod
 from kappatune.bench import run as run_mod
 from kappatune.bench.inputs import EvalSizes
-from kappatune.bench.run import BenchSettings, run_bench
+from kappatune.bench.run import (
+    NOT_IN_KEY,
+    BenchSettings,
+    lr_grid_around,
+    run_bench,
+    run_key,
+    run_key_fields,
+)
 from kappatune.bench.scenarios import DataSpec, Scenario
 from kappatune.errors import KappaTuneError
 from tests.unit._tiny_models import save_tiny_model
@@ -21,103 +31,219 @@ def _one_thread() -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scenario]:
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scenario, Path]:
     root = tmp_path_factory.mktemp("bench")
     model = save_tiny_model(root / "tiny", seed=0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "the", "big", "red", "dog"]
     text = " ".join(words[(i * 7) % len(words)] for i in range(600))
     (root / "train.txt").write_text(text)
     (root / "held.txt").write_text(text[::-1])
-    (root / "control.txt").write_text("x = 1 + 2\n" * 40)
+    (root / "control.txt").write_text("".join(f"x = {i} + {3 * i}\n" for i in range(120)))
+    mc = root / "mc.jsonl"
+    rows = [{"question": f"{i} then", "options": [f" {i + 1}", f" {i + 2}"], "answer": f" {i + 1}"}
+            for i in range(12)]  # fmt: skip
+    mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
     scenario = Scenario(
         "toy",
         DataSpec(str(root / "train.txt")),
         DataSpec(str(root / "held.txt")),
         DataSpec(str(root / "control.txt")),
     )
-    return model, scenario
+    return model, scenario, mc
 
 
-def _settings(model: Path, **kw: object) -> BenchSettings:
-    base = dict(
+def _settings(model: Path, mc: Path, **kw: Any) -> BenchSettings:
+    base: dict[str, Any] = dict(
         model=str(model),
         arms=("kappa", "random"),
         seeds=(0, 1),
-        stop="both",
-        steps=2,
-        max_steps=3,
+        steps=4,
+        checkpoints=2,
+        lr_grid=(("kappa", (1e-4,)), ("random", (1e-4, 3e-4))),
         budget="3072",
         batch_size=2,
-        sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=3),
+        sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=10),
+        knowledge=str(mc),
+        bootstrap=20,
     )
     base.update(kw)
-    return BenchSettings(**base)  # type: ignore[arg-type]
+    return BenchSettings(**base)
 
 
-def test_interrupted_bench_resumes_without_recomputing(
-    setup: tuple[Path, Scenario], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# one changed value per field that is in the run key
+CHANGED: dict[str, Any] = {
+    "model": "other-model",
+    "steps": 6,
+    "checkpoints": 3,
+    "warmups": (("kappa", 3),),
+    "budget": "4096",
+    "batch_size": 3,
+    "eval_batch_size": 2,
+    "sizes": EvalSizes(seq_len=16, task_sequences=3, control_sequences=11),
+    "knowledge": "none",
+    "knowledge_seed": 1,
+    "lora_fraction": 0.5,
+    "fisher_tokens": 2048,
+    "weight_decay": 0.1,
+    "max_grad_norm": 0.5,
+    "dtype": "bfloat16",
+    "autocast": True,
+    "device": "cpu",
+}
+SIZES_CHANGED = {
+    "seq_len": 32,
+    "task_sequences": 4,
+    "task_examples": 7,
+    "control_sequences": 12,
+    "max_row_len": 600,
+    "knowledge_questions": 401,
+}
+
+
+def test_every_setting_changes_the_run_key(setup: tuple[Path, Scenario, Path]) -> None:
+    model, _, mc = setup
+    names = {f.name for f in dataclasses.fields(BenchSettings)}
+    assert set(CHANGED) | set(NOT_IN_KEY) == names  # a new field must be listed in one of them
+    assert {f.name for f in dataclasses.fields(EvalSizes)} == set(SIZES_CHANGED)
+    s = _settings(model, mc)
+    arm = s.arm("kappa", 1e-4)
+    key = run_key("b", arm, 1e-4, 0, s)
+    seen = {key}
+    for name, value in CHANGED.items():
+        changed = dataclasses.replace(s, **{name: value})
+        other = run_key("b", arm, 1e-4, 0, changed)
+        assert other not in seen, name
+        seen.add(other)
+    for name, value in SIZES_CHANGED.items():
+        sizes = dataclasses.replace(s.sizes, **{name: value})
+        other = run_key("b", arm, 1e-4, 0, dataclasses.replace(s, sizes=sizes))
+        assert other not in seen, name
+        seen.add(other)
+    # settings that do not change this run's result leave the key alone
+    for name, value in {
+        "arms": ("kappa", "random", "full"),
+        "seeds": (0, 5),
+        "lr_grid": (("kappa", (1e-4, 2e-4)),),
+        "lr_count": 5,
+        "forgetting_budget": 2.0,
+        "bootstrap": 50,
+        "kl_cache_mb": 0.0,
+    }.items():
+        assert run_key("b", arm, 1e-4, 0, dataclasses.replace(s, **{name: value})) == key, name
+    assert run_key("b", arm, 2e-4, 0, s) != key
+    assert run_key("b", arm, 1e-4, 1, s) != key
+    assert run_key("c", arm, 1e-4, 0, s) != key
+    assert "fisher_tokens" in run_key_fields(s, "kappa")  # the field issue 12 found missing
+
+
+def test_default_grid_spans_ten_times_around_the_usual_rate() -> None:
+    assert lr_grid_around(1e-4) == (3.16e-05, 1e-4, 0.000316)
+    assert lr_grid_around(1e-5, count=1) == (1e-5,)
+    s = BenchSettings(arms=("full", "kappa"), lr_grid=(("full", (1e-5, 3e-5)),))
+    assert s.lrs_for("full") == (1e-5, 3e-5)
+    assert s.lrs_for("kappa") == lr_grid_around(arms_mod.get_arm("kappa").lr)
+
+
+def test_interrupted_sweep_resumes_without_recomputing(
+    setup: tuple[Path, Scenario, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, scenario = setup
-    calls: list[tuple[str, int]] = []
-    real = run_mod.train_one
+    model, scenario, mc = setup
+    evaluated: list[tuple[str, float, int, int]] = []
+    real = run_mod.Evaluator.__call__
+    current: dict[str, Any] = {"interrupt": True}
 
-    def flaky(loaded, prepared, arm, seed, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append((arm.name, seed))
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third run
-        return real(loaded, prepared, arm, seed, *args, **kwargs)
+    def counting(self: Any, m: Any) -> Any:
+        evaluated.append(current["run"])
+        if current["interrupt"] and len(evaluated) == 4:  # Ctrl-C in the 2nd run's 2nd checkpoint
+            current["interrupt"] = False
+            raise KeyboardInterrupt
+        return real(self, m)
 
-    monkeypatch.setattr(run_mod, "train_one", flaky)
+    real_train = run_mod.train_one
+
+    def tracking(loaded, evaluator, arm, seed, *args, **kwargs):  # type: ignore[no-untyped-def]
+        current["run"] = (arm.name, arm.lr, seed)
+        return real_train(loaded, evaluator, arm, seed, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod.Evaluator, "__call__", counting)
+    monkeypatch.setattr(run_mod, "train_one", tracking)
     with pytest.raises(KeyboardInterrupt):
-        run_bench([scenario], _settings(model), tmp_path)
+        run_bench([scenario], _settings(model, mc), tmp_path)
     runs = tmp_path / "runs" / "toy"
     assert sorted(p.name for p in runs.iterdir()) == [
-        "base.json",
-        "kappa-seed0.json",
-        "kappa-seed1.json",
-    ]
-    before = {p.name: p.read_bytes() for p in runs.iterdir()}
+        "base.json", "kappa-lr0.0001-seed0.json", "random-lr0.0001-seed0.json",
+    ]  # fmt: skip
+    partial = json.loads((runs / "random-lr0.0001-seed0.json").read_text())
+    assert [p["step"] for p in partial["points"]] == [2]  # the checkpoint evaluated before Ctrl-C
+    finished = (runs / "kappa-lr0.0001-seed0.json").read_bytes()
 
-    calls.clear()
-    outcome = run_bench([scenario], _settings(model), tmp_path)
-    assert calls == [("random", 0), ("random", 1)]  # finished runs were not recomputed
-    assert len(outcome.runs) == 4
-    for name, data in before.items():
-        assert (runs / name).read_bytes() == data
+    evaluated.clear()
+    outcome = run_bench([scenario], _settings(model, mc), tmp_path)
+    # the interrupted run re-trains but evaluates only its missing checkpoint; the rest is new,
+    # seed by seed
+    twice = [("random", 3e-4, 0)] * 2 + [("kappa", 1e-4, 1)] * 2
+    twice += [("random", 1e-4, 1)] * 2 + [("random", 3e-4, 1)] * 2
+    assert evaluated == [("random", 1e-4, 0), *twice]
+    assert (runs / "kappa-lr0.0001-seed0.json").read_bytes() == finished
+    assert len(outcome.runs) == 6
+    assert all([p.step for p in r.points] == [2, 4] for r in outcome.runs)
+    resumed = next(r for r in outcome.runs if (r.arm, r.lr, r.seed) == ("random", 1e-4, 0))
+    assert resumed.points[0].to_json() == partial["points"][0]
 
-    calls.clear()
-    changed = _settings(model, lrs=(("random", 5e-4),))
+    evaluated.clear()
+    changed = _settings(model, mc, lr_grid=(("kappa", (1e-4,)), ("random", (1e-4, 2e-4))))
     run_bench([scenario], changed, tmp_path)
-    assert calls == [("random", 0), ("random", 1)]  # only the changed arm is stale
-    assert json.loads((runs / "random-seed0.json").read_text())["details"]["lr"] == 5e-4
+    assert evaluated == [("random", 2e-4, s) for s in (0, 1) for _ in (2, 4)]  # only new runs
+    assert (runs / "random-lr0.0003-seed0.json").is_file()  # other results stay on disk
 
-
-def test_results_hold_both_points_and_equal_budgets(
-    setup: tuple[Path, Scenario], tmp_path: Path
-) -> None:
-    model, scenario = setup
-    outcome = run_bench([scenario], _settings(model, seeds=(0,)), tmp_path)
-    assert {r.arm for r in outcome.runs} == {"kappa", "random"}
-    for r in outcome.runs:
-        assert [p.rule for p in r.points] == ["steps", "loss"]
-        assert r.points[0].step == 2
-        # each arm trains a prefix of its own order: kappa 1.v, 0.k, 1.k (512 each; the next,
-        # 2048, overshoots 3072); random (seed 0) 0.gate (2048) and 1.k (512)
-        assert r.trainable_params == {"kappa": 1536, "random": 2560}[r.arm]
     base = outcome.bases["toy"]
-    assert base.metrics.task["tokens"] > 0 and base.train_loss > 0
+    assert base.metrics.control["kl"] == 0.0 and base.metrics.knowledge["total"] == 12.0
+    assert set(base.floors) == {"control_ppl", "task_gain", "knowledge"}
+    for r in outcome.runs:
+        assert r.points[-1].metrics.control["kl"] > 0
+        # each arm trains a prefix of its own order: kappa 1.v, 0.k, 1.k (512 each; the next,
+        # 2048, overshoots 3072); random's order depends on the seed: 2560 for seed 0, 3072 for 1
+        expected = {("kappa", 0): 1536, ("kappa", 1): 1536, ("random", 0): 2560, ("random", 1): 3072}
+        assert r.trainable_params == expected[(r.arm, r.seed)]
 
 
-def test_bad_settings_fail_before_training(setup: tuple[Path, Scenario], tmp_path: Path) -> None:
-    model, scenario = setup
-    with pytest.raises(KappaTuneError, match="exceeds the"):
-        run_bench([scenario], _settings(model, budget="10M"), tmp_path)
-    assert not (tmp_path / "runs").exists()
+def test_bad_settings_fail_before_anything_is_written(
+    setup: tuple[Path, Scenario, Path], tmp_path: Path
+) -> None:
+    model, scenario, mc = setup
+    with pytest.raises(KappaTuneError, match="every learning rate must be positive"):
+        _settings(model, mc, lr_grid=(("kappa", (1e-4, 0.0)),))
+    with pytest.raises(KappaTuneError, match="--checkpoints 5 must be between 1 and --steps 4"):
+        _settings(model, mc, checkpoints=5)
     with pytest.raises(KappaTuneError, match="'base' is always measured"):
-        _settings(model, arms=("base",))
+        _settings(model, mc, arms=("base",))
     with pytest.raises(KappaTuneError, match="'full' is not among --arms"):
-        _settings(model, lrs=(("full", 1e-5),))
-    with pytest.raises(KappaTuneError, match="cannot read --target-loss"):
-        _settings(model, target_loss="lots")
+        _settings(model, mc, lr_grid=(("full", (1e-5,)),))
     with pytest.raises(KappaTuneError, match="cannot read parameter budget"):
-        _settings(model, budget="many")
+        _settings(model, mc, budget="many")
+    small = _settings(model, mc, sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=4))
+    with pytest.raises(KappaTuneError, match="4 control sequences are too few for a noise floor"):
+        run_bench([scenario], small, tmp_path)
+    with pytest.raises(KappaTuneError, match="exceeds the"):
+        run_bench([scenario], _settings(model, mc, budget="10M"), tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "options": [" a", "é"], "answer": " a"}) + "\n")
+    with pytest.raises(KappaTuneError, match="option 'é' of 'q' does not tokenize"):
+        run_bench([scenario], _settings(model, bad), tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dict_packages_skip_the_knowledge_control_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run_mod, "missing_packages", lambda: ["dict-gcide"])
+    questions, why = run_mod.knowledge_questions(BenchSettings(arms=("kappa",)))
+    assert questions == ()
+    assert why == (
+        "knowledge control skipped: dict-gcide not installed"
+        " (apt-get install -y dict-gcide, or `make setup`)"
+    )
+    assert run_mod.knowledge_questions(BenchSettings(arms=("kappa",), knowledge="none")) == (
+        (),
+        None,
+    )

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from kappatune.bench.store import Metrics
-from kappatune.bench.trainer import SparseLossLM, StopPlan, train_and_evaluate
+from kappatune.bench.store import Metrics, Point
+from kappatune.bench.trainer import SparseLossLM, checkpoint_steps, train_with_checkpoints
 from kappatune.data import TokenizedData
 from kappatune.errors import KappaTuneError
 from kappatune.training import TrainConfig
@@ -67,65 +67,63 @@ class _Counter:
         return Metrics(task={"perplexity": float(self.calls)}, control={"perplexity": 1.0})
 
 
-def _train(plan: StopPlan) -> tuple:
+def _train(checkpoints: tuple[int, ...], done: dict | None = None, autocast: bool = False) -> tuple:
     model = tiny_llama(seed=0)
     data = _rows(8, 12, label_last_only=False)
     groups = [{"params": list(model.parameters()), "names": [], "weight_decay": 0.0}]
-    config = TrainConfig(steps=plan.horizon, lr=1e-3, batch_size=2, seed=0)
+    config = TrainConfig(steps=max(checkpoints), lr=1e-3, batch_size=2, seed=0)
     counter = _Counter()
     steps: list[int] = []
-    trained = train_and_evaluate(
-        model, groups, data, config, plan, counter, lambda s, _: steps.append(s)
-    )
-    return trained, counter, steps
+    stored: list[Point] = []
+    trained = train_with_checkpoints(
+        model, groups, data, config, checkpoints, counter, done=done, on_point=stored.append,
+        on_step=lambda s, _: steps.append(s), autocast=autocast,
+    )  # fmt: skip
+    return trained, counter, steps, stored
 
 
-def test_both_rules_share_one_trajectory_when_the_target_comes_first() -> None:
-    trained, counter, steps = _train(StopPlan("both", steps=4, target=100.0, cap=6, min_steps=1))
-    loss_pt = next(p for p in trained.points if p.rule == "loss")
-    steps_pt = next(p for p in trained.points if p.rule == "steps")
-    assert loss_pt.step == 1 and loss_pt.reached  # any loss is below 100
-    assert steps_pt.step == 4 and steps_pt.reached
-    assert len(trained.losses) == 4 and steps == [1, 2, 3, 4]  # resumed, not restarted
-    assert counter.calls == 2
+def test_checkpoints_are_evaluated_inside_one_run() -> None:
+    trained, counter, steps, stored = _train((2, 4, 6))
+    assert [p.step for p in trained.points] == [2, 4, 6]
+    assert [p.metrics.task["perplexity"] for p in trained.points] == [1.0, 2.0, 3.0]
+    assert steps == [1, 2, 3, 4, 5, 6] and counter.calls == 3 and stored == list(trained.points)
+    assert len(trained.losses) == 6 and all(math.isfinite(p.train_loss) for p in trained.points)
 
 
-def test_unreached_target_stops_at_the_cap_and_says_so() -> None:
-    trained, counter, steps = _train(StopPlan("both", steps=2, target=1e-6, cap=3))
-    loss_pt = next(p for p in trained.points if p.rule == "loss")
-    assert loss_pt.step == 3 and not loss_pt.reached
-    assert [p.rule for p in trained.points] == ["steps", "loss"]
-    assert steps == [1, 2, 3] and counter.calls == 2
-    assert math.isfinite(loss_pt.train_loss)
+def test_stored_checkpoints_are_not_evaluated_again() -> None:
+    first, _, _, _ = _train((2, 4))
+    again, counter, _, stored = _train((2, 4), done={2: first.points[0]})
+    assert counter.calls == 1 and [p.step for p in stored] == [4]
+    assert again.points[0] == first.points[0]
+    assert again.losses == first.losses  # the same deterministic trajectory
 
 
-def test_steps_rule_alone_and_shared_evaluation_at_the_same_step() -> None:
-    trained, counter, _ = _train(StopPlan("steps", steps=2, target=None, cap=0))
-    assert [(p.rule, p.step) for p in trained.points] == [("steps", 2)] and counter.calls == 1
-    trained, counter, _ = _train(StopPlan("both", steps=3, target=1e-6, cap=3))
-    assert [(p.rule, p.step) for p in trained.points] == [("steps", 3), ("loss", 3)]
-    assert counter.calls == 1  # same model state: evaluated once
+def test_autocast_trains_in_bfloat16_and_evaluates_in_full_precision() -> None:
+    seen: list[bool] = []
+
+    class Probe(_Counter):
+        def __call__(self, model: torch.nn.Module) -> Metrics:
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().__call__(model)
+
+    model = tiny_llama(seed=0)
+    data = _rows(8, 12, label_last_only=False)
+    groups = [{"params": list(model.parameters()), "names": [], "weight_decay": 0.0}]
+    trained = train_with_checkpoints(
+        model, groups, data, TrainConfig(steps=2, lr=1e-3, batch_size=2, seed=0), (2,), Probe(),
+        autocast=True,
+    )  # fmt: skip
+    assert seen == [False] and len(trained.losses) == 2
+    plain, _, _, _ = _train((2,))
+    assert trained.losses[0] != plain.losses[0]  # bf16 matmuls change the numbers a little
+    assert trained.losses[0] == pytest.approx(plain.losses[0], rel=2e-2)
 
 
-def test_stop_plan_validation() -> None:
-    with pytest.raises(KappaTuneError, match="--stop must be one of"):
-        StopPlan("never", 1, None, 1)
-    with pytest.raises(KappaTuneError, match="needs a finite --target-loss"):
-        StopPlan("loss", 1, None, 5)
-    with pytest.raises(KappaTuneError, match="--max-steps 2 is below --steps 5"):
-        StopPlan("both", 5, 1.0, 2)
-    assert StopPlan("both", 5, 1.0, 9).horizon == 9
-    assert StopPlan("loss", 5, 1.0, 3).horizon == 3
-    with pytest.raises(KappaTuneError, match="minimum steps must be at least 1, got 0"):
-        StopPlan("loss", 1, 1.0, 5, min_steps=0)
-
-
-def test_loss_rule_waits_for_the_ema_window() -> None:
-    assert StopPlan("loss", 1, 1.0, 16, ema_decay=0.8).floor == 5
-    assert StopPlan("loss", 1, 1.0, 16, ema_decay=0.9).floor == 10
-    assert StopPlan("loss", 1, 1.0, 16, ema_decay=0.0).floor == 1
-    assert StopPlan("loss", 1, 1.0, 3, ema_decay=0.9).floor == 3  # never past the cap
-    trained, _, steps = _train(StopPlan("both", steps=2, target=100.0, cap=6, ema_decay=0.75))
-    loss_pt = next(p for p in trained.points if p.rule == "loss")
-    assert loss_pt.step == 4 and loss_pt.reached  # reachable at step 1, held to the window
-    assert steps == [1, 2, 3, 4]
+def test_checkpoint_steps() -> None:
+    assert checkpoint_steps(16, 4) == (4, 8, 12, 16)
+    assert checkpoint_steps(10, 3) == (3, 7, 10)
+    assert checkpoint_steps(5, 1) == (5,)
+    with pytest.raises(KappaTuneError, match="--checkpoints 6 must be between 1 and --steps 5"):
+        checkpoint_steps(5, 6)
+    with pytest.raises(KappaTuneError, match="--checkpoints 0 must be between 1"):
+        checkpoint_steps(5, 0)

@@ -32,7 +32,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     paths["train"].write_text(text)
     paths["held"].write_text(text[::-1])
-    paths["control"].write_text("x = 1 + 2\n" * 40)
+    paths["control"].write_text("".join(f"x = {i} + {2 * i}\n" for i in range(120)))
+    paths["mc"] = root / "mc.jsonl"
+    paths["mc"].write_text(
+        "".join(
+            json.dumps({"question": f"{i} then", "options": [f" {i + 1}", f" {i + 3}"],
+                        "answer": f" {i + 1}"}) + "\n"
+            for i in range(12)
+        )
+    )  # fmt: skip
     paths["empty"].write_text("\n")
     for name, n in (("lab_train", 20), ("lab_test", 6)):
         rows = [
@@ -46,15 +54,18 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _common(files: dict[str, Path], out: Path) -> list[str]:
     return [
         "bench", "--model", str(files["model"]), "--arms", "kappa", "lora", "--seeds", "0", "1",
-        "--steps", "2", "--max-steps", "3", "--seq-len", "16", "--budget-params", "2500",
-        "--task-sequences", "3", "--control-sequences", "3", "--task-examples", "6",
-        "--output", str(out),
+        "--steps", "2", "--checkpoints", "2", "--lr-grid", "kappa=1e-4", "lora=3e-4,1e-3",
+        "--seq-len", "16", "--budget-params", "2500", "--task-sequences", "3",
+        "--control-sequences", "10", "--task-examples", "6", "--knowledge", str(files["mc"]),
+        "--bootstrap", "20", "--output", str(out),
     ]  # fmt: skip
 
 
 def test_end_to_end_text_and_label_scenarios(
     files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The tiny end-to-end sweep CI runs (about 10 s on 2 cores): two scenarios (text and label)
+    x 3 (arm, lr) x 2 seeds x 2 checkpoints, every report file, then a rerun that reuses all."""
     config = tmp_path / "bench.yaml"
     config.write_text(
         "scenarios:\n"
@@ -67,23 +78,35 @@ def test_end_to_end_text_and_label_scenarios(
     assert main([*_common(files, out), "--config", str(config)]) == 0
     text = capsys.readouterr().out
     assert "kappatune bench" in text and "sentiment" in text and "words" in text
+    assert text.strip().splitlines()[-1].startswith("conclusion: sentiment: ")
     for name in (
         "report.md",
         "report.html",
         "summary.csv",
         "summary.json",
         "seeds.csv",
+        "pareto.png",
         "gain_vs_forgetting.png",
         "bench.json",
     ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    arms = {(a["scenario"], a["rule"], a["arm"]) for a in summary["arms"]}
+    arms = {(a["scenario"], a["arm"], a["lr"], a["step"]) for a in summary["arms"]}
     for sc in ("words", "sentiment"):
-        for rule in ("steps", "loss"):
-            assert {(sc, rule, a) for a in ("base", "kappa", "lora")} <= arms
-    assert len(summary["seeds"]) == 2 * 2 * 2 * 2  # scenarios x arms x seeds x rules
+        assert (sc, "base", 0.0, 0) in arms
+        assert {(sc, "kappa", 1e-4, s) for s in (1, 2)} <= arms
+        assert {(sc, "lora", lr, s) for lr in (3e-4, 1e-3) for s in (1, 2)} <= arms
+    # scenarios x (1 + 2 learning rates) x seeds x checkpoints
+    assert len(summary["seeds"]) == 2 * 3 * 2 * 2
     assert summary["meta"]["command"].startswith("kappatune bench --config")
+    measures = {(v["scenario"], v["measure"]) for v in summary["verdicts"]}
+    assert measures == {
+        (sc, m)
+        for sc in ("words", "sentiment")
+        for m in ("control ppl", "KL from base", "knowledge")
+    }
+    report_md = (out / "report.md").read_text()
+    assert report_md.splitlines()[2].startswith("**Verdict.** sentiment: ")
     acc = [a for a in summary["arms"] if a["scenario"] == "sentiment" and a["arm"] == "kappa"]
     assert all(0 <= a["task_value_mean"] <= 1 for a in acc)
     # a second identical command reuses every stored run
@@ -139,10 +162,51 @@ def test_end_to_end_text_and_label_scenarios(
                 "{held}",
                 "--control",
                 "{control}",
-                "--lr",
+                "--lr-grid",
                 "kappa=fast",
             ],
-            "cannot read --lr",
+            "cannot read --lr-grid",
+        ),
+        (["code", "--lr-grid", "kappa=1e-4,-1e-4"], "every learning rate must be positive"),
+        (["code", "--checkpoints", "3"], "--checkpoints 3 must be between 1 and --steps 2"),
+        (
+            [
+                "--train",
+                "{train}",
+                "--heldout",
+                "{held}",
+                "--control",
+                "{control}",
+                "--control-sequences",
+                "5",
+            ],
+            "5 control sequences are too few for a noise floor",
+        ),
+        (
+            [
+                "--train",
+                "{train}",
+                "--heldout",
+                "{held}",
+                "--control",
+                "{control}",
+                "--knowledge",
+                "{bad_mc}",
+            ],
+            "answer ' 9' is not among the options",
+        ),
+        (
+            [
+                "--train",
+                "{train}",
+                "--heldout",
+                "{held}",
+                "--control",
+                "{control}",
+                "--knowledge",
+                "{unk_mc}",
+            ],
+            "option 'é' of 'q' does not tokenize",
         ),
     ],
 )
@@ -153,14 +217,19 @@ def test_bad_input_is_one_line_and_exit_2(
     extra: list[str],
     message: str,
 ) -> None:
-    mapping = {k: str(v) for k, v in files.items()} | {"missing": str(tmp_path / "nope.txt")}
+    bad_mc, unk_mc = tmp_path / "bad_mc.jsonl", tmp_path / "unk_mc.jsonl"
+    bad_mc.write_text(json.dumps({"question": "q", "options": [" 1", " 2"], "answer": " 9"}))
+    unk_mc.write_text(json.dumps({"question": "q", "options": [" 1", "é"], "answer": " 1"}))
+    mapping = {k: str(v) for k, v in files.items()} | {
+        "missing": str(tmp_path / "nope.txt"), "bad_mc": str(bad_mc), "unk_mc": str(unk_mc),
+    }  # fmt: skip
     argv = _common(files, tmp_path / "out") + [e.format(**mapping) for e in extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     last = err.splitlines()[-1]  # progress lines (model loading) may come first
     assert last.startswith("kappatune: error:") and message in last
     assert "Traceback" not in err
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_options_that_do_not_tokenize(
@@ -176,3 +245,49 @@ def test_options_that_do_not_tokenize(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "label option '\u00e9' tokenizes to the unknown token" in err
+
+
+def test_presets_resolve_and_flags_win() -> None:
+    import argparse
+
+    from kappatune.cli import bench as cli_bench
+    from kappatune.cli.main import build_parser
+
+    parser = build_parser()
+    args = cli_bench.resolve(
+        parser.parse_args(["bench", "--preset", "cpu", "--seeds", "7", "8", "9"])
+    )
+    s = cli_bench.settings_from_args(args)
+    assert args.scenarios == ["code"] and s.model == "gemma-3-270m"
+    assert s.arms == ("full", "lora", "kappa", "random") and s.seeds == (7, 8, 9)
+    assert [len(s.lrs_for(a)) for a in s.arms] == [3, 3, 3, 3]
+    assert s.steps == 8 and s.checkpoints == 2 and s.sizes.control_sequences == 24
+    assert s.knowledge == "builtin:dictd" and s.sizes.knowledge_questions == 400
+    gpu = cli_bench.settings_from_args(
+        cli_bench.resolve(parser.parse_args(["bench", "--preset", "gpu"]))
+    )
+    assert gpu.device == "cuda" and gpu.steps == 200 and len(gpu.arms) == 7
+    assert all(len(gpu.lrs_for(a)) == 5 for a in gpu.arms) and gpu.sizes.control_sequences == 512
+    plain = cli_bench.resolve(parser.parse_args(["bench"]))
+    assert plain.scenarios == [] and plain.steps == 16 and plain.arms is None
+    assert isinstance(plain, argparse.Namespace)
+
+
+def test_gpu_preset_runs_a_tiny_sweep_on_cpu(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The gpu preset's code path with a tiny model: every knob it sets, shrunk by flags."""
+    argv = [
+        "bench", "--preset", "gpu", "--device", "cpu", "--model", str(files["model"]),
+        "--arms", "kappa", "--seeds", "0", "--steps", "2", "--checkpoints", "1",
+        "--lr-grid", "1e-4", "--seq-len", "16", "--batch-size", "2", "--eval-batch-size", "4",
+        "--budget-params", "2500", "--task-sequences", "3", "--control-sequences", "10",
+        "--knowledge", str(files["mc"]), "--bootstrap", "20",
+        "--train", str(files["train"]), "--heldout", str(files["held"]),
+        "--control", str(files["control"]), "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    meta = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert meta["preset"] == "gpu" and meta["settings"]["device"] == "cpu"
+    assert meta["settings"]["fisher_tokens"] == 16384  # from the preset
+    assert "--preset" not in meta["command"] and "--fisher-tokens 16384" in meta["command"]

@@ -322,3 +322,98 @@ def label_accuracy(
     correct = sum(int(p == ex.label) for p, ex in zip(preds, examples, strict=True))
     nll = -sum(table[i][ex.label] for i, ex in enumerate(examples))
     return LabelResult(correct=correct, total=len(examples), label_nll_sum=nll, predictions=preds)
+
+
+# --------------------------------------------------------------------------- control: ppl + KL
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    """Per-sequence NLL sums and scored-token counts, and the summed per-token
+    KL(base || model) over the full vocabulary (NaN when no base reference was given)."""
+
+    nll_sums: tuple[float, ...]
+    tokens: tuple[int, ...]
+    kl_sum: float
+
+    @property
+    def perplexity(self) -> PerplexityResult:
+        return PerplexityResult(sum(self.nll_sums), sum(self.tokens))
+
+    @property
+    def kl(self) -> float:
+        n = sum(self.tokens)
+        return self.kl_sum / n if n else math.nan
+
+
+class BaseReference:
+    """The base model's log-probabilities at the scored control positions, batch by batch.
+
+    Kept in memory (float32) when they fit ``cache_mb``; otherwise recomputed from the base
+    model for every batch (it stays loaded anyway: every arm trains a copy of it).
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, cache_mb: float = 1024.0) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.cache_mb = cache_mb
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._used = 0.0
+
+    def log_probs(self, batch: Sequence[EvalSequence]) -> torch.Tensor:
+        key = tuple(hash(s.ids) for s in batch)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        with torch.inference_mode():
+            logits, target = _logits_and_targets(self.model, batch, self.pad_id)
+            out = torch.log_softmax(logits[target != IGNORE].float(), dim=-1)
+        size = out.numel() * 4 / 2**20
+        if self._used + size <= self.cache_mb:
+            self._cache[key] = out
+            self._used += size
+        return out
+
+
+def _logits_and_targets(
+    model: torch.nn.Module, batch: Sequence[EvalSequence], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    device = model_device(model)
+    ids, mask = _pad([s.ids for s in batch], pad_id)
+    labels = _labels(batch, ids.shape[1])
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    return logits[:, :-1], labels[:, 1:].to(device)
+
+
+def control_eval(
+    model: torch.nn.Module,
+    sequences: Sequence[EvalSequence],
+    *,
+    pad_id: int,
+    batch_size: int = 4,
+    base: BaseReference | None = None,
+) -> ControlResult:
+    """Per-sequence token NLL and, against ``base``, the summed per-token KL(base || model)."""
+    if not sequences:
+        raise KappaTuneError("control evaluation needs at least one sequence")
+    was = model.training
+    model.eval()
+    nlls: list[float] = []
+    counts: list[int] = []
+    kl = 0.0 if base is not None else math.nan
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(sequences), batch_size):
+                batch = sequences[start : start + batch_size]
+                logits, target = _logits_and_targets(model, batch, pad_id)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                scored = target != IGNORE
+                nlls.extend(float(-(picked[i] * scored[i]).sum()) for i in range(len(batch)))
+                counts.extend(int(scored[i].sum()) for i in range(len(batch)))
+                if base is not None:
+                    ref = base.log_probs(batch).to(logp.device)
+                    kl += float((ref.exp() * (ref - logp[scored])).sum())
+    finally:
+        model.train(was)
+    return ControlResult(tuple(nlls), tuple(counts), kl)

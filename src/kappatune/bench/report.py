@@ -16,23 +16,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kappatune.bench.summary import ArmSummary, Paired, SeedPoint
+from kappatune.bench.summary import ArmSummary, SeedPoint
+from kappatune.bench.verdict import MeasureVerdict, interval_text, sentences
 from kappatune.jsonio import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_float
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COLUMNS = (
     "scenario",
-    "stop",
     "arm",
+    "lr",
+    "step",
     "trainable",
-    "steps",
     "train loss",
     "task",
-    "task gain",
+    "task gain ↑",
     "control ppl",
-    "forgetting",
-    "reached",
+    "forgetting ↓",
+    "KL ↓",
+    "knowledge Δ ↑",
 )
+WITHIN_NOISE = " (within noise)"
 
 
 def _pm(mean_std: tuple[float, float], fmt: str, unit: str = "", signed: bool = False) -> str:
@@ -53,59 +56,129 @@ def _params(n: int) -> str:
     return str(n)
 
 
-def cells(row: ArmSummary) -> list[str]:
+def _noise(text: str, value: float, floor: float) -> str:
+    if text == "-" or not math.isfinite(floor) or not math.isfinite(value):
+        return text
+    return text + WITHIN_NOISE if abs(value) < floor else text
+
+
+def cells(row: ArmSummary, floors: Mapping[str, float] | None = None) -> list[str]:
+    floors = floors or {}
     acc = row.task_metric == "accuracy"
     task = (
         _pm((100 * row.task_value[0], 100 * row.task_value[1]), ".1f", "%")
         if acc
         else "ppl " + _pm(row.task_value, ".2f")
     )
+    base = row.arm == "base"
+    nan = math.nan
     return [
         row.scenario,
-        row.rule,
         row.arm,
-        _params(row.trainable_params) if row.arm != "base" else "0",
-        _pm(row.steps, ".0f") if row.arm != "base" else "0",
+        "-" if base else f"{row.lr:g}",
+        str(row.step),
+        _params(row.trainable_params) if not base else "0",
         _pm(row.train_loss, ".3f"),
         task,
-        _pm(row.task_gain, ".1f", " pp" if acc else "%", signed=True),
+        _noise(_pm(row.task_gain, ".1f", " pp" if acc else "%", signed=True),
+               nan if base else row.task_gain[0], floors.get("task_gain", nan)),
         _pm(row.control_ppl, ".2f"),
-        _pm(row.forgetting, ".2f", "%", signed=True),
-        "-" if row.arm == "base" or row.rule == "steps" else f"{row.reached}/{row.seeds}",
-    ]
+        _noise(_pm(row.forgetting, ".2f", "%", signed=True), nan if base else row.forgetting[0],
+               _first_finite(row.forgetting_noise[0], floors.get("control_ppl_change", nan))),
+        _pm(row.kl, ".4f"),
+        "-" if base else _knowledge(row, floors.get("knowledge_n", nan)),
+    ]  # fmt: skip
 
 
-def rich_table(rows: Sequence[ArmSummary], title: str) -> Any:
+def _first_finite(*xs: float) -> float:
+    return next((x for x in xs if math.isfinite(x)), math.nan)
+
+
+def _knowledge(row: ArmSummary, n: float) -> str:
+    """Accuracy change with its binomial 95 % interval; "within noise" when it covers zero."""
+    change, p1 = row.knowledge_change[0], row.knowledge[0]
+    if not (math.isfinite(change) and math.isfinite(p1) and math.isfinite(n) and n > 0):
+        return _pm(row.knowledge_change, ".1f", " pp", signed=True)
+    p0 = p1 - change / 100
+    half = 196 * math.sqrt(max(0.0, p0 * (1 - p0) + p1 * (1 - p1)) / n)
+    text = f"{change:+.1f} pp [{change - half:+.1f}, {change + half:+.1f}]"
+    return text + WITHIN_NOISE if abs(change) < half else text
+
+
+def rich_table(
+    rows: Sequence[ArmSummary], title: str, floors: Mapping[str, Mapping[str, float]] | None = None
+) -> Any:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("scenario", "stop", "arm") else "right")
+        table.add_column(col, justify="left" if col in ("scenario", "arm") else "right")
     previous: tuple[str, str] | None = None
     for row in rows:
-        if previous is not None and previous != (row.scenario, row.rule):
+        if previous is not None and previous != (row.scenario, row.arm):
             table.add_section()
-        previous = (row.scenario, row.rule)
-        table.add_row(*cells(row))
+        previous = (row.scenario, row.arm)
+        table.add_row(*cells(row, (floors or {}).get(row.scenario)))
     return table
 
 
-def markdown_table(rows: Sequence[ArmSummary]) -> str:
+def markdown_table(
+    rows: Sequence[ArmSummary], floors: Mapping[str, Mapping[str, float]] | None = None
+) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(cells(r, (floors or {}).get(r.scenario))) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def paired_markdown(pairs: Sequence[Paired]) -> str:
-    if not pairs:
-        return ""
-    head = "| scenario | stop | arm | seeds | gain − ref | forgetting − ref | ref forgot less |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for p in pairs:
-        lines.append(
-            f"| {p.scenario} | {p.rule} | {p.arm} | {p.seeds} | {_pm(p.gain_diff, '.2f', signed=True)}"
-            f" | {_pm(p.forgetting_diff, '.2f', '%', signed=True)} | {p.less_forgetting}/{p.seeds} |"
-        )
+HEADLINE_COLUMNS = (
+    "scenario", "forgetting measure", "arm", "on joint front", "forgetting at matched gain",
+    "best gain within budget",
+)  # fmt: skip
+
+
+def headline_rows(vs: Sequence[MeasureVerdict], gain_units: Mapping[str, str]) -> list[list[str]]:
+    rows = []
+    for v in vs:
+        unit = gain_units.get(v.scenario, "")
+        for a in v.arms:
+            within = "-"
+            if v.measure == "control ppl":
+                within = (
+                    "not reached" if a.within_budget is None else f"{a.within_budget:+.2f}{unit}"
+                )
+            rows.append([
+                v.scenario, v.measure, a.arm, "yes" if a.arm in v.joint else "no",
+                interval_text(a.at_matched, v.unit), within,
+            ])  # fmt: skip
+    return rows
+
+
+COMPARISON_COLUMNS = (
+    "scenario",
+    "forgetting measure",
+    "compared",
+    "difference at matched gain",
+    "reading",
+)
+
+
+def comparison_rows(vs: Sequence[MeasureVerdict]) -> list[list[str]]:
+    rows = []
+    for v in vs:
+        for c in v.comparisons:
+            reading = {
+                "forgets less": f"{v.reference} forgets less",
+                "forgets more": f"{v.reference} forgets more",
+                "within noise": "within noise",
+            }.get(c.verdict, c.verdict)
+            rows.append([v.scenario, v.measure, f"{v.reference} − {c.arm}",
+                         interval_text(c.diff, v.unit), reading])  # fmt: skip
+    return rows
+
+
+def _md(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +208,7 @@ def seeds_csv(points: Sequence[SeedPoint]) -> str:
 def summary_json(
     rows: Sequence[ArmSummary],
     points: Sequence[SeedPoint],
-    pairs: Sequence[Paired],
+    vs: Sequence[MeasureVerdict],
     meta: Mapping[str, Any],
 ) -> dict[str, Any]:
     return {
@@ -147,7 +220,7 @@ def summary_json(
             {k: (encode_float(v) if isinstance(v, float) else v) for k, v in asdict(p).items()}
             for p in points
         ],
-        "paired": [p.to_json() for p in pairs],
+        "verdicts": [v.to_json() for v in vs],
     }
 
 
@@ -156,46 +229,81 @@ def summary_json(
 _MARKERS = "os^vD<>Pp*hX"
 
 
-def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str]) -> bytes:
-    """Task gain (x) against forgetting (y), one point per arm and seed; one panel per scenario x rule."""
+def _gain_unit(metric: str | None) -> str:
+    return "accuracy change, pp" if metric == "accuracy" else "held-out ppl drop, %"
+
+
+def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> bytes:
+    """One panel per (scenario, forgetting measure): every arm's mean points, its front as a
+    line; arrows mark the better direction on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(p.scenario, p.rule) for p in points})
+    cols = max(1, min(len(vs), 3))
+    rows = max(1, math.ceil(len(vs) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.6 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    arms = list(dict.fromkeys(a.arm for v in vs for a in v.arms))
+    for ax, v in zip(axes.flat, vs, strict=False):
+        for a in v.arms:
+            i = arms.index(a.arm)
+            xs = [p.gain for p in a.front]
+            ys = [p.forgetting for p in a.front]
+            ax.plot(xs, ys, color=cmap(i % 10), marker=_MARKERS[i % len(_MARKERS)], lw=1.5,
+                    label=a.arm)  # fmt: skip
+        if v.matched_gain is not None:
+            ax.axvline(v.matched_gain, color="0.4", ls="--", lw=0.8, label="matched gain")
+        if math.isfinite(v.floor):
+            ax.axhspan(-v.floor, v.floor, color="0.9", zorder=0, label="noise floor")
+        ax.axhline(0.0, color="0.6", lw=0.6)
+        ax.set_xlabel(f"task gain ({_gain_unit(metrics.get(v.scenario))})  → better")
+        ax.set_ylabel(f"forgetting: {v.measure} ({v.unit.strip()})  ↓ better")
+        ax.set_title(f"{v.scenario}: fronts, {v.measure}")
+        ax.annotate("better", xy=(0.97, 0.05), xytext=(0.75, 0.25), xycoords="axes fraction",
+                    arrowprops={"arrowstyle": "->", "color": "green"}, color="green",
+                    fontsize=9)  # fmt: skip
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(vs) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str]) -> bytes:
+    """Every (arm, lr, seed, checkpoint) point: task gain (x) against control ppl rise (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({p.scenario for p in points})
     arms = list(dict.fromkeys(p.arm for p in points))
     cols = max(1, min(len(panels), 2))
-    rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(1, cols, figsize=(6 * cols, 4.5), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, (scenario, rule) in zip(axes.flat, panels, strict=False):
+    for ax, scenario in zip(axes.flat, panels, strict=False):
         for i, arm in enumerate(arms):
-            sel = [p for p in points if (p.scenario, p.rule, p.arm) == (scenario, rule, arm)]
+            sel = [p for p in points if (p.scenario, p.arm) == (scenario, arm)]
             if sel:
-                ax.scatter(
-                    [p.task_gain for p in sel],
-                    [p.forgetting for p in sel],
-                    label=arm,
-                    color=cmap(i % 10),
-                    marker=_MARKERS[i % len(_MARKERS)],
-                    s=45,
-                    alpha=0.85,
-                )
+                ax.scatter([p.task_gain for p in sel], [p.forgetting for p in sel], label=arm,
+                           color=cmap(i % 10), marker=_MARKERS[i % len(_MARKERS)], s=20,
+                           alpha=0.7)  # fmt: skip
         ax.axhline(0.0, color="0.6", lw=0.8)
         ax.axvline(0.0, color="0.6", lw=0.8)
-        unit = (
-            "accuracy change, pp" if metrics.get(scenario) == "accuracy" else "held-out ppl drop, %"
-        )
-        ax.set_xlabel(f"task gain ({unit})")
-        ax.set_ylabel("forgetting (control ppl rise, %)")
-        ax.set_title(f"{scenario}, stop at equal {rule}")
+        ax.set_xlabel(f"task gain ({_gain_unit(metrics.get(scenario))})  → better")
+        ax.set_ylabel("forgetting (control ppl rise, %)  ↓ better")
+        ax.set_title(f"{scenario}: every seed, lr and checkpoint")
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
 
@@ -231,27 +339,75 @@ def loss_curves_png(curves: Mapping[tuple[str, str], Sequence[Sequence[float]]])
 
 # --------------------------------------------------------------------------- documents
 
+EXPLAIN = (
+    "Task gain (↑ better): held-out perplexity drop in % (perplexity tasks) or accuracy change in"
+    " percentage points (label tasks). Forgetting (↓ better), each against the base model:"
+    " control perplexity rise in %; mean per-token KL divergence from the base model's"
+    " next-token distribution on the control text; change of accuracy on general-knowledge"
+    " multiple-choice questions (Δ, ↑ better). Every (arm, learning rate, seed, checkpoint) is"
+    " one point; tables show mean ± sample std over seeds. Fronts pool each arm's learning rates"
+    " and checkpoints; intervals are 95 % bootstrap intervals over seeds. Noise floors: the base"
+    " model's 95 % bootstrap band over resamples of each evaluation set (how much the number"
+    " moves with the text drawn), and for a control perplexity change the same band with the"
+    " base and the tuned model scored on each resample (paired). A change inside its floor (or,"
+    " for knowledge questions, whose binomial 95 % interval covers zero) is marked"
+    " 'within noise'."
+)
+
+
+def floor_lines(floors: Mapping[str, Mapping[str, float]]) -> list[str]:
+    out = []
+    for scenario, f in sorted(floors.items()):
+        bits = []
+        if "control_ppl" in f:
+            bits.append(f"control perplexity ±{f['control_ppl']:.2f} % (base model, which text)")
+        if "control_ppl_change" in f:
+            bits.append(
+                f"control perplexity change ±{f['control_ppl_change']:.2f} % (paired, median"
+                " over the points; used for 'within noise')"
+            )
+        if "task_gain" in f:
+            bits.append(f"task ±{f['task_gain']:.2f}")
+        if "knowledge" in f:
+            bits.append(f"knowledge accuracy ±{f['knowledge']:.2f} pp")
+        out.append(f"{scenario}: noise floors {', '.join(bits)}")
+    return out
+
+
+def verdict_text(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> list[str]:
+    out: list[str] = []
+    for v in vs:
+        unit = " pp" if metrics.get(v.scenario) == "accuracy" else " %"
+        out.extend(sentences(v, unit))
+    return out
+
 
 def markdown_report(
     rows: Sequence[ArmSummary],
-    pairs: Sequence[Paired],
+    vs: Sequence[MeasureVerdict],
     meta: Mapping[str, Any],
     notes: Sequence[str],
+    metrics: Mapping[str, str],
+    floors: Mapping[str, Mapping[str, float]],
+    conclusion: str,
 ) -> str:
-    parts = ["# kappatune bench\n"]  # blocks, joined by blank lines
+    parts = ["# kappatune bench\n", f"**Verdict.** {conclusion}\n"]
+    parts.append("".join(f"- {s}\n" for s in verdict_text(vs, metrics)))
+    parts.append("![Pareto fronts](pareto.png)\n")
     parts.append(f"Command: `{meta.get('command', '')}`\n")
     setting = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
     parts.append(f"Settings: {setting}\n")
-    parts.append(
-        "Task gain: held-out perplexity drop in % (perplexity tasks) or accuracy change in"
-        " percentage points (label tasks). Forgetting: control perplexity rise in %. Mean ±"
-        " sample std over seeds.\n"
-    )
-    parts.append(markdown_table(rows))
-    if pairs:
-        ref = pairs[0].reference
-        parts.append(f"## Paired against `{ref}` (same seed = same data order)\n")
-        parts.append(paired_markdown(pairs))
+    parts.append(EXPLAIN + "\n")
+    parts.append("".join(f"- {line}\n" for line in floor_lines(floors)))
+    units = {s: (" pp" if m == "accuracy" else " %") for s, m in metrics.items()}
+    parts.append("## Headline numbers\n")
+    parts.append(_md(HEADLINE_COLUMNS, headline_rows(vs, units)))
+    comp = comparison_rows(vs)
+    if comp:
+        parts.append("## Differences at matched gain (negative: the reference forgets less)\n")
+        parts.append(_md(COMPARISON_COLUMNS, comp))
+    parts.append("## Every point (mean over seeds)\n")
+    parts.append(markdown_table(rows, floors))
     if notes:
         parts.append("## Notes\n")
         parts.append("".join(f"- {n}\n" for n in notes))
@@ -268,91 +424,78 @@ def _html_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 def html_report(
     rows: Sequence[ArmSummary],
-    pairs: Sequence[Paired],
+    vs: Sequence[MeasureVerdict],
     meta: Mapping[str, Any],
     notes: Sequence[str],
+    metrics: Mapping[str, str],
+    floors: Mapping[str, Mapping[str, float]],
+    conclusion: str,
     images: Mapping[str, bytes],
 ) -> str:
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-        "text-align:right}td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}"
+        "text-align:right}td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}"
         "code{background:#f4f4f4;padding:2px 4px}"
     )
-    body = [
-        f"<h1>kappatune bench</h1><p>Command: <code>{html.escape(str(meta.get('command', '')))}</code></p>"
-    ]
-    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
-    body.append(f"<p>Settings: {html.escape(settings)}</p>")
-    body.append(
-        "<p>Task gain: held-out perplexity drop in % (perplexity tasks) or accuracy change in"
-        " percentage points (label tasks). Forgetting: control perplexity rise in %."
-        " Mean ± sample std over seeds.</p>"
-    )
-    body.append(_html_table(COLUMNS, [cells(r) for r in rows]))
-    if pairs:
-        body.append(f"<h2>Paired against {html.escape(pairs[0].reference)}</h2>")
-        body.append(
-            _html_table(
-                (
-                    "scenario",
-                    "stop",
-                    "arm",
-                    "seeds",
-                    "gain − ref",
-                    "forgetting − ref",
-                    "ref forgot less",
-                ),
-                [
-                    [
-                        p.scenario,
-                        p.rule,
-                        p.arm,
-                        str(p.seeds),
-                        _pm(p.gain_diff, ".2f", signed=True),
-                        _pm(p.forgetting_diff, ".2f", "%", signed=True),
-                        f"{p.less_forgetting}/{p.seeds}",
-                    ]
-                    for p in pairs
-                ],
-            )
-        )
-    if notes:
-        body.append(
-            "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
-        )
+    esc = html.escape
+    body = [f"<h1>kappatune bench</h1><p><b>Verdict.</b> {esc(conclusion)}</p>"]
+    body.append("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in verdict_text(vs, metrics)) + "</ul>")
     for name, png in images.items():
         data = base64.b64encode(png).decode("ascii")
         body.append(
-            f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f'<h2>{esc(name)}</h2><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
         )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>kappatune bench</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    body.append(f"<p>Command: <code>{esc(str(meta.get('command', '')))}</code></p>")
+    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
+    body.append(f"<p>Settings: {esc(settings)}</p><p>{esc(EXPLAIN)}</p>")
+    body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in floor_lines(floors)) + "</ul>")
+    units = {s: (" pp" if m == "accuracy" else " %") for s, m in metrics.items()}
+    body.append(
+        "<h2>Headline numbers</h2>" + _html_table(HEADLINE_COLUMNS, headline_rows(vs, units))
+    )
+    comp = comparison_rows(vs)
+    if comp:
+        body.append("<h2>Differences at matched gain</h2>" + _html_table(COMPARISON_COLUMNS, comp))
+    body.append("<h2>Every point (mean over seeds)</h2>")
+    body.append(_html_table(COLUMNS, [cells(r, floors.get(r.scenario)) for r in rows]))
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>kappatune bench</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 def write_report(
     out_dir: Path,
     rows: Sequence[ArmSummary],
     points: Sequence[SeedPoint],
-    pairs: Sequence[Paired],
+    vs: Sequence[MeasureVerdict],
     meta: Mapping[str, Any],
     notes: Sequence[str],
     metrics: Mapping[str, str],
+    floors: Mapping[str, Mapping[str, float]],
+    conclusion: str,
     curves: Mapping[tuple[str, str], Sequence[Sequence[float]]],
 ) -> list[Path]:
     """Render everything, then write it; returns the files written."""
     files: dict[str, bytes | str | dict[str, Any]] = {}
     images: dict[str, bytes] = {}
+    if vs:
+        images["Pareto fronts"] = pareto_png(vs, metrics)
+        files["pareto.png"] = images["Pareto fronts"]
     if points:
         images["task gain vs forgetting"] = gain_forgetting_png(points, metrics)
         files["gain_vs_forgetting.png"] = images["task gain vs forgetting"]
     if curves:
         images["training loss"] = loss_curves_png(curves)
         files["loss_curves.png"] = images["training loss"]
-    files["summary.json"] = summary_json(rows, points, pairs, meta)
+    files["summary.json"] = summary_json(rows, points, vs, meta)
     files["summary.csv"] = summary_csv(rows)
     files["seeds.csv"] = seeds_csv(points)
-    files["report.md"] = markdown_report(rows, pairs, meta, notes)
-    files["report.html"] = html_report(rows, pairs, meta, notes, images)
+    files["report.md"] = markdown_report(rows, vs, meta, notes, metrics, floors, conclusion)
+    files["report.html"] = html_report(rows, vs, meta, notes, metrics, floors, conclusion, images)
     written = []
     for name, content in files.items():
         path = out_dir / name

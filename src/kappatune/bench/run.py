@@ -1,14 +1,17 @@
-"""Run the benchmark: scenarios x arms x seeds, each result stored as it finishes.
+"""Run the benchmark: scenarios x arms x learning rates x seeds, evaluated at checkpoints.
 
-Everything the user can get wrong (splits, options, budgets, arm names, learning rates) is
-checked before the first training step. The base model is evaluated once per scenario; each
-(arm, seed) trains a fresh copy of the base weights, and its result file is written
-atomically, so a rerun skips what is done and recomputes what a changed setting made stale.
+Everything the user can get wrong (splits, options, budgets, arm names, learning rates,
+knowledge questions) is checked before the first training step. The base model is evaluated
+once per scenario (its control log-probabilities are shared by every arm's KL); each
+(arm, lr, seed) trains a fresh copy of the base weights and is evaluated in place at each
+checkpoint; its result file is rewritten atomically after each checkpoint, so a rerun skips
+what is done and recomputes what a changed setting made stale.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import math
@@ -24,46 +27,81 @@ from torch import nn
 
 from kappatune.bench import arms as arms_mod
 from kappatune.bench.arms import Arm, ArmContext
-from kappatune.bench.evaluate import label_accuracy, perplexity
+from kappatune.bench.evaluate import BaseReference, ControlResult, control_eval, label_accuracy
+from kappatune.bench.fronts import accuracy_noise_floor, ppl_noise_floor
 from kappatune.bench.inputs import EvalSizes, Prepared, evenly, prepare
+from kappatune.bench.knowledge import BUILTIN as BUILTIN_KNOWLEDGE
+from kappatune.bench.knowledge import (
+    McResult,
+    Question,
+    TokenizedQuestion,
+    builtin_questions,
+    mc_accuracy,
+    missing_packages,
+    read_questions,
+    single_token,
+    tokenize_questions,
+)
 from kappatune.bench.scenarios import Scenario, ScenarioData
-from kappatune.bench.store import BaseResult, Metrics, ResultStore, RunResult, config_hash
-from kappatune.bench.trainer import SparseLossLM, StopPlan, train_and_evaluate
+from kappatune.bench.store import (
+    BaseResult,
+    Metrics,
+    Point,
+    ResultStore,
+    RunResult,
+    config_hash,
+)
+from kappatune.bench.trainer import SparseLossLM, checkpoint_steps, train_with_checkpoints
+from kappatune.data import special_tokens
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.selection import Budget
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_grid_around(lr: float, count: int = 3, span: float = 10.0) -> tuple[float, ...]:
+    """``count`` learning rates spread evenly in log space over ``span`` x, centred on ``lr``
+    (3 significant digits): 1e-4 -> 3.16e-05, 0.0001, 0.000316."""
+    if count == 1:
+        return (lr,)
+    lo = math.log10(lr) - math.log10(span) / 2
+    step = math.log10(span) / (count - 1)
+    return tuple(float(f"{10 ** (lo + i * step):.3g}") for i in range(count))
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Everything but the scenarios. Defaults: Gemma 3 270M, both built-in scenarios, 3 seeds in
-    about 45 min on a 2-core CPU (43.6 min measured; full fine-tuning is 28 % of it)."""
+    """Everything but the scenarios. Every field changes results unless it is listed in
+    :data:`NOT_IN_KEY` (see :func:`run_key`)."""
 
     model: str = "gemma-3-270m"
     arms: tuple[str, ...] = arms_mod.DEFAULT_ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
-    stop: str = "both"
-    steps: int = 8
-    target_loss: str = "5%"
-    max_steps: int = 16
+    steps: int = 16
+    checkpoints: int = 4
+    lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-arm overrides of the default
+    lr_count: int = 3  # default grid: this many rates over 10x around the arm's usual rate
+    warmups: tuple[tuple[str, int], ...] = ()
     budget: str = "2%"
     batch_size: int = 4
     eval_batch_size: int = 4
     sizes: EvalSizes = field(default_factory=EvalSizes)
-    lrs: tuple[tuple[str, float], ...] = ()
-    warmups: tuple[tuple[str, int], ...] = ()
+    knowledge: str = "builtin:dictd"  # builtin:dictd, a JSONL file, or "none"
+    knowledge_seed: int = 0
     lora_fraction: float = 0.2
-    ema_decay: float = 0.8
     fisher_tokens: int = 1024
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     dtype: str = "float32"
+    autocast: bool = False  # bfloat16 autocast of the training steps (evaluation stays full)
     device: str = "auto"
+    forgetting_budget: float = 1.0  # headline 2: control perplexity up at most this many %
+    bootstrap: int = 1000
+    kl_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -75,15 +113,22 @@ class BenchSettings:
             if a == "base":
                 raise KappaTuneError("'base' is always measured; do not list it in --arms")
             arms_mod.get_arm(a)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
             raise KappaTuneError(f"--seeds must be distinct integers, got {list(self.seeds)}")
-        for label, pairs in (("--lr", self.lrs), ("--warmup", self.warmups)):
+        for label, pairs in (("--lr-grid", self.lr_grid), ("--warmup", self.warmups)):
             for arm, value in pairs:
                 if arm not in self.arms:
                     raise KappaTuneError(f"{label} {arm}={value}: {arm!r} is not among --arms")
-        for arm, lr in self.lrs:
-            if not (lr > 0 and math.isfinite(lr)):
-                raise KappaTuneError(f"--lr {arm}={lr}: a learning rate must be positive")
+        for arm, grid in self.lr_grid:
+            if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
+                shown = ",".join(f"{x:g}" for x in grid)
+                raise KappaTuneError(
+                    f"--lr-grid {arm}={shown}: every learning rate must be positive"
+                )
+            if len(set(grid)) != len(grid):
+                raise KappaTuneError(f"--lr-grid {arm}: a learning rate is listed twice")
+        if self.lr_count < 1:
+            raise KappaTuneError(f"--lr-count must be at least 1, got {self.lr_count}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise KappaTuneError("batch sizes must be at least 1")
         if self.dtype not in DTYPES:
@@ -92,68 +137,85 @@ class BenchSettings:
             raise KappaTuneError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.fisher_tokens < 1:
             raise KappaTuneError(f"--fisher-tokens must be at least 1, got {self.fisher_tokens}")
+        if not self.forgetting_budget > 0:
+            raise KappaTuneError("--forgetting-budget must be positive (percent of control ppl)")
+        if self.bootstrap < 10:
+            raise KappaTuneError("--bootstrap needs at least 10 resamples")
+        checkpoint_steps(self.steps, self.checkpoints)
         self.budget_spec()
-        self.target_spec()
-        self.plan(1.0)
 
     def budget_spec(self) -> Budget:
         return Budget.parse_params(self.budget)
 
-    def target_spec(self) -> tuple[str, float]:
-        """("relative", drop fraction) or ("absolute", loss)."""
-        text = self.target_loss.strip()
-        try:
-            if text.endswith("%"):
-                drop = float(text[:-1]) / 100
-                if not 0 < drop < 1:
-                    raise ValueError
-                return "relative", drop
-            value = float(text)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError
-            return "absolute", value
-        except ValueError:
-            raise KappaTuneError(
-                f"cannot read --target-loss {self.target_loss!r}: give a loss (2.1) or a drop"
-                " below the base model's training loss in percent (10%)"
-            ) from None
+    def checkpoint_steps(self) -> tuple[int, ...]:
+        return checkpoint_steps(self.steps, self.checkpoints)
 
-    def target_for(self, reference_loss: float) -> float:
-        kind, value = self.target_spec()
-        return value if kind == "absolute" else (1.0 - value) * reference_loss
+    def lrs_for(self, name: str) -> tuple[float, ...]:
+        given = dict(self.lr_grid)
+        if name in given:
+            return tuple(given[name])
+        return lr_grid_around(arms_mod.get_arm(name).lr, self.lr_count)
 
-    def plan(self, reference_loss: float) -> StopPlan:
-        return StopPlan(
-            self.stop, self.steps, self.target_for(reference_loss), self.max_steps, self.ema_decay
-        )
-
-    def arm(self, name: str) -> Arm:
-        lrs, warm = dict(self.lrs), dict(self.warmups)
-        return arms_mod.with_overrides(arms_mod.get_arm(name), lrs.get(name), warm.get(name))
+    def arm(self, name: str, lr: float | None = None) -> Arm:
+        warm = dict(self.warmups)
+        return arms_mod.with_overrides(arms_mod.get_arm(name), lr, warm.get(name))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "arms": list(self.arms),
-            "seeds": list(self.seeds),
-            "stop": self.stop,
-            "steps": self.steps,
-            "target_loss": self.target_loss,
-            "max_steps": self.max_steps,
-            "budget": self.budget,
-            "batch_size": self.batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "seq_len": self.sizes.seq_len,
-            "task_sequences": self.sizes.task_sequences,
-            "task_examples": self.sizes.task_examples,
-            "control_sequences": self.sizes.control_sequences,
-            "lrs": {a: self.arm(a).lr for a in self.arms},
-            "warmups": {a: self.arm(a).warmup for a in self.arms},
-            "lora_fraction": self.lora_fraction,
-            "ema_decay": self.ema_decay,
-            "dtype": self.dtype,
-            "device": self.device,
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "sizes":
+                out.update(dataclasses.asdict(value))
+            elif f.name == "lr_grid":
+                out["lr_grid"] = {a: list(self.lrs_for(a)) for a in self.arms}
+            elif f.name == "warmups":
+                out["warmups"] = {a: self.arm(a).warmup for a in self.arms}
+            elif isinstance(value, tuple):
+                out[f.name] = list(value)
+            else:
+                out[f.name] = value
+        return out
+
+
+# Settings that do not change one run's result, and why. Everything else is in the run key.
+NOT_IN_KEY = {
+    "arms": "the other arms run do not change this arm's runs (the arm is in the key)",
+    "seeds": "the run's own seed is in the key",
+    "lr_grid": "the run's own learning rate is in the key",
+    "lr_count": "the run's own learning rate is in the key",
+    "forgetting_budget": "read off the stored points when reporting",
+    "bootstrap": "resamples for the reported intervals, computed from the stored points",
+    "kl_cache_mb": "cached or recomputed, the base log-probabilities are the same numbers",
+}
+PER_ARM = {"warmups"}  # only the run's own arm's entry is in the key
+
+
+def run_key_fields(settings: BenchSettings, arm: str) -> dict[str, Any]:
+    """The settings that determine a run of ``arm``: every field but :data:`NOT_IN_KEY`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        if f.name in NOT_IN_KEY:
+            continue
+        value = getattr(settings, f.name)
+        if f.name in PER_ARM:
+            value = dict(value).get(arm)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        out[f.name] = value
+    return out
+
+
+def run_key(base_hash: str, arm: Arm, lr: float, seed: int, settings: BenchSettings) -> str:
+    return config_hash(
+        {
+            "format": RUN_FORMAT,
+            "base": base_hash,
+            "arm": arm.to_json(),
+            "lr": lr,
+            "seed": seed,
+            "settings": run_key_fields(settings, arm.name),
         }
+    )
 
 
 class Reporter(Protocol):
@@ -161,7 +223,7 @@ class Reporter(Protocol):
 
     def message(self, text: str) -> None: ...
 
-    def run_started(self, scenario: str, arm: str, seed: int, horizon: int) -> None: ...
+    def run_started(self, scenario: str, arm: str, lr: float, seed: int, horizon: int) -> None: ...
 
     def step(self, step: int, loss: float) -> None: ...
 
@@ -172,8 +234,8 @@ class QuietReporter:
     def message(self, text: str) -> None:
         log.info("%s", text)
 
-    def run_started(self, scenario: str, arm: str, seed: int, horizon: int) -> None:
-        log.info("training %s / %s / seed %d", scenario, arm, seed)
+    def run_started(self, scenario: str, arm: str, lr: float, seed: int, horizon: int) -> None:
+        log.info("training %s / %s / lr %g / seed %d", scenario, arm, lr, seed)
 
     def step(self, step: int, loss: float) -> None:
         pass
@@ -192,25 +254,76 @@ class Outcome:
 
 # --------------------------------------------------------------------------- evaluation
 
+MIN_CONTROL_SEQUENCES = 10  # fewer cannot give a bootstrap noise floor worth the name
 
-def evaluate_model(model: nn.Module, prepared: Prepared, batch_size: int) -> Metrics:
-    if prepared.metric == "accuracy":
-        res = label_accuracy(
-            model,
-            prepared.task_examples,
-            prepared.options,
-            pad_id=prepared.pad_id,
-            batch_size=batch_size,
-        )
-        task = {"accuracy": res.accuracy, "label_nll": res.label_nll, "examples": float(res.total)}
-    else:
-        ppl = perplexity(
-            model, prepared.task_sequences, pad_id=prepared.pad_id, batch_size=batch_size
-        )
+
+@dataclass
+class Evaluator:
+    """Evaluates a model on one prepared scenario: task, control (ppl + KL against the base
+    model, whose log-probabilities are shared by every arm) and knowledge questions."""
+
+    prepared: Prepared
+    batch_size: int
+    base: BaseReference | None
+    knowledge: tuple[TokenizedQuestion, ...]
+
+    def task(
+        self, model: nn.Module
+    ) -> tuple[dict[str, float], tuple[bool, ...], ControlResult | None]:
+        p = self.prepared
+        if p.metric == "accuracy":
+            res = label_accuracy(
+                model, p.task_examples, p.options, pad_id=p.pad_id, batch_size=self.batch_size
+            )
+            hits = tuple(
+                pred == ex.label for pred, ex in zip(res.predictions, p.task_examples, strict=True)
+            )
+            return (
+                {
+                    "accuracy": res.accuracy,
+                    "label_nll": res.label_nll,
+                    "examples": float(res.total),
+                },
+                hits,
+                None,
+            )
+        ctl = control_eval(model, p.task_sequences, pad_id=p.pad_id, batch_size=self.batch_size)
+        ppl = ctl.perplexity
         task = {"perplexity": ppl.perplexity, "nll": ppl.mean_nll, "tokens": float(ppl.tokens)}
-    ctl = perplexity(model, prepared.control, pad_id=prepared.pad_id, batch_size=batch_size)
-    control = {"perplexity": ctl.perplexity, "nll": ctl.mean_nll, "tokens": float(ctl.tokens)}
-    return Metrics(task=task, control=control)
+        return task, (), ctl
+
+    def control(self, model: nn.Module, with_kl: bool = True) -> ControlResult:
+        p = self.prepared
+        ref = self.base if with_kl else None
+        return control_eval(model, p.control, pad_id=p.pad_id, batch_size=self.batch_size, base=ref)
+
+    def mc(self, model: nn.Module) -> McResult | None:
+        if not self.knowledge:
+            return None
+        return mc_accuracy(model, self.knowledge, pad_id=self.prepared.pad_id,
+                           batch_size=4 * self.batch_size)  # fmt: skip
+
+    def __call__(self, model: nn.Module) -> Metrics:
+        task, _, _ = self.task(model)
+        return _metrics(task, self.control(model), self.mc(model))
+
+
+def _metrics(task: dict[str, float], ctl: ControlResult, mc: McResult | None) -> Metrics:
+    ppl = ctl.perplexity
+    control = {
+        "perplexity": ppl.perplexity,
+        "nll": ppl.mean_nll,
+        "tokens": float(ppl.tokens),
+        "kl": ctl.kl,
+    }
+    knowledge: dict[str, float] = {}
+    if mc is not None:
+        knowledge = {
+            "accuracy": mc.accuracy,
+            "correct": float(sum(mc.correct)),
+            "total": float(len(mc.correct)),
+        }
+    return Metrics(task=task, control=control, knowledge=knowledge, control_nlls=ctl.nll_sums)
 
 
 def reference_loss(model: nn.Module, prepared: Prepared, batch_size: int, rows: int = 16) -> float:
@@ -292,43 +405,31 @@ def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one run
 
 
-def run_hash(base_hash: str, arm: Arm, settings: BenchSettings, plan: StopPlan, seed: int) -> str:
-    return config_hash(
-        {
-            "format": RUN_FORMAT,
-            "base": base_hash,
-            "arm": arm.to_json(),
-            "budget": settings.budget,
-            "lora_fraction": settings.lora_fraction if arm.method == "kappa-lora" else None,
-            "plan": plan.to_json(),
-            "batch_size": settings.batch_size,
-            "weight_decay": settings.weight_decay,
-            "max_grad_norm": settings.max_grad_norm,
-            "seed": seed,
-        }
-    )
-
-
 def train_one(
     loaded: Loaded,
-    prepared: Prepared,
+    evaluator: Evaluator,
     arm: Arm,
     seed: int,
     settings: BenchSettings,
-    plan: StopPlan,
     fisher: Any,
     reporter: Reporter,
-    want_hash: str,
+    store: ResultStore,
+    want: str,
+    done: RunResult | None,
 ) -> RunResult:
+    """Train one (arm, lr, seed), evaluating at every checkpoint; the run file is rewritten
+    after each checkpoint. Checkpoints already in ``done`` (an interrupted run) are not
+    evaluated again (the training itself is deterministic and is repeated)."""
     from kappatune.training import TrainConfig
 
     started = time.perf_counter()
+    prepared = evaluator.prepared
     model = copy.deepcopy(loaded.model)
     torch.manual_seed(seed)  # LoRA initialisation
     ctx = arm_context(loaded, settings, seed, fisher)
     ready = arms_mod.prepare_arm(model, arm, ctx, weight_decay=settings.weight_decay)
     config = TrainConfig(
-        steps=plan.horizon,
+        steps=settings.steps,
         lr=arm.lr,
         warmup_steps=arm.warmup,
         scheduler="constant",
@@ -337,44 +438,49 @@ def train_one(
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
     )
-    reporter.run_started(prepared.scenario.name, arm.name, seed, plan.horizon)
-    trained = train_and_evaluate(
-        ready.model,
-        ready.param_groups,
-        prepared.train,
-        config,
-        plan,
-        lambda m: evaluate_model(m, prepared, settings.eval_batch_size),
-        on_step=reporter.step,
-    )
-    details: dict[str, Any] = {
-        "method": arm.method,
-        "policy": arm.policy,
-        "lr": arm.lr,
-        "warmup": arm.warmup,
-        "seconds_per_step": round(trained.seconds_per_step, 3),
-        "target_loss": plan.target,
-    }
+    trainable = int(ready.trainable_params)
+    details: dict[str, Any] = {"method": arm.method, "policy": arm.policy, "warmup": arm.warmup}
     if ready.lora_r is not None:
         details["lora_r"] = ready.lora_r
         details["lora_modules"] = len((ready.lora_targets or {}).get("target_modules") or [])
     sel = arms_mod.arm_selection(arm, ctx)
     if sel is not None:
         details["selected"] = list(sel.names)
-    result = RunResult(
-        scenario=prepared.scenario.name,
-        arm=arm.name,
-        seed=seed,
-        config_hash=want_hash,
-        trainable_params=int(ready.trainable_params),
-        points=trained.points,
-        losses=trained.losses,
-        seconds=time.perf_counter() - started,
-        details=details,
+    points: list[Point] = []
+
+    def result(losses: tuple[float, ...] = (), per_step: float = math.nan) -> RunResult:
+        extra = {"seconds_per_step": round(per_step, 3)} if math.isfinite(per_step) else {}
+        return RunResult(
+            scenario=prepared.scenario.name, arm=arm.name, lr=arm.lr, seed=seed,
+            config_hash=want, trainable_params=trainable,
+            points=tuple(sorted(points, key=lambda p: p.step)), losses=losses,
+            seconds=time.perf_counter() - started, details={**details, **extra},
+        )  # fmt: skip
+
+    def keep(point: Point) -> None:
+        points.append(point)
+        store.save_run(result())
+
+    previous = {p.step: p for p in done.points} if done is not None else {}
+    points.extend(previous.values())
+    reporter.run_started(prepared.scenario.name, arm.name, arm.lr, seed, settings.steps)
+    trained = train_with_checkpoints(
+        ready.model,
+        ready.param_groups,
+        prepared.train,
+        config,
+        settings.checkpoint_steps(),
+        evaluator,
+        done=previous,
+        on_point=keep,
+        on_step=reporter.step,
+        autocast=settings.autocast,
     )
+    final = result(trained.losses, trained.seconds_per_step)
+    store.save_run(final)
     del model, ready
     gc.collect()
-    return result
+    return final
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -391,6 +497,30 @@ def _fisher_scores(loaded: Loaded, prepared: Prepared, settings: BenchSettings) 
     )
 
 
+def knowledge_questions(
+    settings: BenchSettings, tokenizer: Any = None
+) -> tuple[tuple[Question, ...], str | None]:
+    """The knowledge control's questions, and why there are none when there are none.
+
+    Built-in questions keep answers that are one token for ``tokenizer`` (when given)."""
+    if settings.knowledge == "none":
+        return (), None
+    if settings.knowledge == BUILTIN_KNOWLEDGE:
+        missing = missing_packages()
+        if missing:
+            return (), (
+                f"knowledge control skipped: {', '.join(missing)} not installed"
+                f" (apt-get install -y {' '.join(missing)}, or `make setup`)"
+            )
+        questions = builtin_questions(
+            settings.sizes.knowledge_questions,
+            settings.knowledge_seed,
+            accept=single_token(tokenizer) if tokenizer is not None else lambda _: True,
+        )
+        return questions, None
+    return read_questions(Path(settings.knowledge).expanduser()), None
+
+
 def run_bench(
     scenarios: Sequence[Scenario],
     settings: BenchSettings,
@@ -403,6 +533,8 @@ def run_bench(
         raise KappaTuneError("no scenario to run")
     store = ResultStore(out_dir)
     loaded_data: dict[str, ScenarioData] = {s.name: s.load() for s in scenarios}  # fail fast
+    if settings.knowledge not in ("none", BUILTIN_KNOWLEDGE):
+        knowledge_questions(settings)  # a user's file: fail fast, before loading the model
     by_model: dict[str, list[Scenario]] = {}
     for s in scenarios:
         by_model.setdefault(s.model or settings.model, []).append(s)
@@ -416,13 +548,32 @@ def run_bench(
         prepared = {
             s.name: prepare(s, loaded_data[s.name], loaded.tokenizer, settings.sizes) for s in group
         }
+        questions, skipped = knowledge_questions(settings, loaded.tokenizer)
+        if skipped and skipped not in notes:
+            reporter.message(skipped)
+            notes.append(skipped)
+        items = tokenize_questions(
+            loaded.tokenizer, questions, special_tokens(loaded.tokenizer).prefix
+        )
+        for p in prepared.values():
+            if len(p.control) < MIN_CONTROL_SEQUENCES:
+                raise KappaTuneError(
+                    f"scenario {p.scenario.name}: {len(p.control)} control sequences are too few"
+                    f" for a noise floor (at least {MIN_CONTROL_SEQUENCES}: more control text or"
+                    " --control-sequences)"
+                )
         notes.extend(_arm_notes(info, loaded))
         for s in group:
-            base, plan = _base(loaded, prepared[s.name], settings, store, spec, reporter)
-            bases[s.name] = base
-            runs.extend(
-                _scenario_runs(loaded, prepared[s.name], settings, plan, base, store, reporter)
+            p = prepared[s.name]
+            evaluator = Evaluator(
+                p,
+                settings.eval_batch_size,
+                BaseReference(loaded.model, p.pad_id, settings.kl_cache_mb),
+                items,
             )
+            base = _base(loaded, evaluator, settings, store, spec, reporter)
+            bases[s.name] = base
+            runs.extend(_scenario_runs(loaded, evaluator, settings, base, store, reporter))
         del loaded
         gc.collect()
     metrics = {s.name: s.task_metric for s in scenarios}
@@ -445,68 +596,94 @@ def _arm_notes(info: dict[str, Any], loaded: Loaded) -> list[str]:
 
 def _base(
     loaded: Loaded,
-    prepared: Prepared,
+    evaluator: Evaluator,
     settings: BenchSettings,
     store: ResultStore,
     spec: str,
     reporter: Reporter,
-) -> tuple[BaseResult, StopPlan]:
+) -> BaseResult:
+    prepared = evaluator.prepared
     base_hash = config_hash(
         {
             "format": RUN_FORMAT,
             "model": spec,
             "fingerprint": loaded.fingerprint,
             "dtype": settings.dtype,
+            "device": settings.device,
             "scenario": prepared.scenario.to_json(),
             "data": prepared.digest,
+            "knowledge": [(q.prompt, q.options, q.answer) for q in evaluator.knowledge],
+            "eval_batch_size": settings.eval_batch_size,
         }
     )
     base = store.load_base(prepared.scenario.name, base_hash)
-    if base is None:
-        reporter.message(f"{prepared.scenario.name}: evaluating the base model")
-        started = time.perf_counter()
-        metrics = evaluate_model(loaded.model, prepared, settings.eval_batch_size)
-        ref = reference_loss(loaded.model, prepared, settings.eval_batch_size)
-        base = BaseResult(
-            prepared.scenario.name,
-            base_hash,
-            metrics,
-            loaded.total_params,
-            time.perf_counter() - started,
-            train_loss=ref,
+    if base is not None:
+        return base
+    reporter.message(f"{prepared.scenario.name}: evaluating the base model and its noise floors")
+    started = time.perf_counter()
+    model = loaded.model
+    task, hits, task_ctl = evaluator.task(model)
+    ctl = evaluator.control(model, with_kl=False)
+    mc = evaluator.mc(model)
+    metrics = _metrics(task, ctl, mc)
+    metrics.control["kl"] = 0.0  # the base model against itself
+    floors = {"control_ppl": ppl_noise_floor(ctl.nll_sums, ctl.tokens, settings.bootstrap)}
+    if task_ctl is not None:
+        floors["task_gain"] = ppl_noise_floor(
+            task_ctl.nll_sums, task_ctl.tokens, settings.bootstrap
         )
-        store.save_base(base)
-    return base, settings.plan(base.train_loss)
+    else:
+        floors["task_gain"] = accuracy_noise_floor(hits, settings.bootstrap)
+    if mc is not None:
+        floors["knowledge"] = accuracy_noise_floor(mc.correct, settings.bootstrap)
+    base = BaseResult(
+        prepared.scenario.name,
+        base_hash,
+        metrics,
+        loaded.total_params,
+        time.perf_counter() - started,
+        train_loss=reference_loss(model, prepared, settings.eval_batch_size),
+        floors=floors,
+        knowledge_correct=mc.correct if mc is not None else (),
+        control_tokens=ctl.tokens,
+    )
+    store.save_base(base)
+    return base
 
 
 def _scenario_runs(
     loaded: Loaded,
-    prepared: Prepared,
+    evaluator: Evaluator,
     settings: BenchSettings,
-    plan: StopPlan,
     base: BaseResult,
     store: ResultStore,
     reporter: Reporter,
 ) -> list[RunResult]:
     out: list[RunResult] = []
     fisher: Any = None
+    prepared = evaluator.prepared
     name = prepared.scenario.name
-    for arm_name in settings.arms:
-        arm = settings.arm(arm_name)
-        for seed in settings.seeds:
-            want = run_hash(base.config_hash, arm, settings, plan, seed)
-            done = store.load_run(name, arm.name, seed, want)
-            if done is not None:
-                reporter.run_finished(done, reused=True)
-                out.append(done)
-                continue
-            if arm.needs_fisher and fisher is None:
-                reporter.message(
-                    f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
+    want_steps = set(settings.checkpoint_steps())
+    # seed by seed, so an interrupted sweep leaves whole seeds behind (rerun with --seeds to
+    # report on them from the stored runs)
+    for seed in settings.seeds:
+        for arm_name in settings.arms:
+            for lr in settings.lrs_for(arm_name):
+                arm = settings.arm(arm_name, lr)
+                want = run_key(base.config_hash, arm, lr, seed, settings)
+                done = store.load_run(name, arm.name, lr, seed, want)
+                if done is not None and {p.step for p in done.points} >= want_steps and done.losses:
+                    reporter.run_finished(done, reused=True)
+                    out.append(done)
+                    continue
+                if arm.needs_fisher and fisher is None:
+                    reporter.message(
+                        f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
+                    )
+                    fisher = _fisher_scores(loaded, prepared, settings)
+                result = train_one(
+                    loaded, evaluator, arm, seed, settings, fisher, reporter, store, want, done
                 )
-                fisher = _fisher_scores(loaded, prepared, settings)
-            result = train_one(loaded, prepared, arm, seed, settings, plan, fisher, reporter, want)
-            store.save_run(result)
-            reporter.run_finished(result, reused=False)
-            out.append(result)
+                reporter.run_finished(result, reused=False)
+                out.append(result)
     return out

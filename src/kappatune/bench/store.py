@@ -3,12 +3,13 @@ atomically as each run finishes, so an interrupted benchmark resumes where it st
 
 Layout under the output directory::
 
-    runs/<scenario>/base.json              metrics of the untouched model (computed once)
-    runs/<scenario>/<arm>-seed<k>.json     one trained run, all its stopping points
+    runs/<scenario>/base.json                   the untouched model (computed once)
+    runs/<scenario>/<arm>-lr<lr>-seed<k>.json   one trained run, its checkpoints so far
 
-Every file records the hash of everything that determines it (model, data, arm, training
-and evaluation settings, seed). A file whose hash differs from the current configuration is
-stale: it is never reused, and is recomputed and overwritten.
+Every file records the key of everything that determines it (model, data, arm, learning rate,
+every result-changing setting, seed). A file whose key differs from the current configuration
+is stale: it is never reused, and is recomputed and overwritten. A run file is rewritten after
+each checkpoint, so an interrupted run keeps the checkpoints it had evaluated.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from kappatune.jsonio import atomic_write_json, decode_float, encode_float
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-STOP_RULES = ("steps", "loss")
+SCHEMA_VERSION = 2
+STOP_RULES = ("checkpoint",)
 
 
 def config_hash(obj: Any) -> str:
@@ -50,28 +51,42 @@ class Metrics:
     """Evaluation of one model state: task and control numbers by name.
 
     Task: ``perplexity``/``nll``/``tokens`` or ``accuracy``/``label_nll``/``examples``;
-    control: ``perplexity``/``nll``/``tokens``.
+    control: ``perplexity``/``nll``/``tokens``/``kl`` (mean per-token KL from the base model);
+    knowledge (empty when there is no knowledge control): ``accuracy``/``correct``/``total``.
+    ``control_nlls``: the summed token NLL of each control sequence (for paired bootstraps).
     """
 
     task: dict[str, float]
     control: dict[str, float]
+    knowledge: dict[str, float] = field(default_factory=dict)
+    control_nlls: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": _floats(self.task), "control": _floats(self.control)}
+        return {
+            "task": _floats(self.task),
+            "control": _floats(self.control),
+            "knowledge": _floats(self.knowledge),
+            "control_nlls": [encode_float(x) for x in self.control_nlls],
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Metrics:
-        return cls(task=_unfloats(d["task"]), control=_unfloats(d["control"]))
+        return cls(
+            task=_unfloats(d["task"]),
+            control=_unfloats(d["control"]),
+            knowledge=_unfloats(d.get("knowledge") or {}),
+            control_nlls=tuple(decode_float(x) for x in d.get("control_nlls") or ()),
+        )
 
 
 @dataclass(frozen=True)
 class Point:
-    """The model after training under one stopping rule."""
+    """The model at one checkpoint of a run."""
 
-    rule: str
+    rule: str  # "checkpoint"
     step: int
-    train_loss: float  # the smoothed training loss when training stopped
-    reached: bool  # loss rule: target reached before the cap; steps rule: always True
+    train_loss: float  # the smoothed training loss at this step
+    reached: bool
     metrics: Metrics
 
     def __post_init__(self) -> None:
@@ -100,10 +115,11 @@ class Point:
 
 @dataclass(frozen=True)
 class RunResult:
-    """One (scenario, arm, seed): trainable parameters, losses and metrics at each stop rule."""
+    """One (scenario, arm, lr, seed): trainable parameters, losses, metrics at each checkpoint."""
 
     scenario: str
     arm: str
+    lr: float
     seed: int
     config_hash: str
     trainable_params: int
@@ -113,8 +129,8 @@ class RunResult:
     details: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    def point(self, rule: str) -> Point | None:
-        return next((p for p in self.points if p.rule == rule), None)
+    def point(self, step: int) -> Point | None:
+        return next((p for p in self.points if p.step == step), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -122,6 +138,7 @@ class RunResult:
             "kind": "kappatune.bench.run",
             "scenario": self.scenario,
             "arm": self.arm,
+            "lr": self.lr,
             "seed": self.seed,
             "config_hash": self.config_hash,
             "trainable_params": self.trainable_params,
@@ -134,10 +151,11 @@ class RunResult:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RunResult:
         if d.get("schema_version") != SCHEMA_VERSION or d.get("kind") != "kappatune.bench.run":
-            raise KappaTuneError("not a kappatune bench run file of schema version 1")
+            raise KappaTuneError("not a kappatune bench run file of schema version 2")
         return cls(
             scenario=str(d["scenario"]),
             arm=str(d["arm"]),
+            lr=float(d["lr"]),
             seed=int(d["seed"]),
             config_hash=str(d["config_hash"]),
             trainable_params=int(d["trainable_params"]),
@@ -150,14 +168,18 @@ class RunResult:
 
 @dataclass(frozen=True)
 class BaseResult:
-    """The untouched model's metrics for one scenario."""
+    """The untouched model's metrics for one scenario, and the noise floors measured on it."""
 
     scenario: str
     config_hash: str
     metrics: Metrics
     total_params: int
     seconds: float = 0.0
-    train_loss: float = math.nan  # on a fixed subset of training rows: the loss target's reference
+    train_loss: float = math.nan  # on a fixed subset of training rows
+    # half-widths of 95 % bootstrap bands: control ppl (%), task gain, knowledge accuracy (pp)
+    floors: dict[str, float] = field(default_factory=dict)
+    knowledge_correct: tuple[bool, ...] = ()
+    control_tokens: tuple[int, ...] = ()  # scored tokens per control sequence
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -170,12 +192,15 @@ class BaseResult:
             "metrics": self.metrics.to_json(),
             "total_params": self.total_params,
             "seconds": round(self.seconds, 3),
+            "floors": _floats(self.floors),
+            "knowledge_correct": [int(c) for c in self.knowledge_correct],
+            "control_tokens": list(self.control_tokens),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> BaseResult:
         if d.get("schema_version") != SCHEMA_VERSION or d.get("kind") != "kappatune.bench.base":
-            raise KappaTuneError("not a kappatune bench base file of schema version 1")
+            raise KappaTuneError("not a kappatune bench base file of schema version 2")
         return cls(
             scenario=str(d["scenario"]),
             config_hash=str(d["config_hash"]),
@@ -183,6 +208,9 @@ class BaseResult:
             total_params=int(d["total_params"]),
             seconds=float(d.get("seconds", 0.0)),
             train_loss=decode_float(d.get("train_loss")),
+            floors=_unfloats(d.get("floors") or {}),
+            knowledge_correct=tuple(bool(c) for c in d.get("knowledge_correct") or ()),
+            control_tokens=tuple(int(t) for t in d.get("control_tokens") or ()),
         )
 
 
@@ -195,8 +223,8 @@ class ResultStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def run_path(self, scenario: str, arm: str, seed: int) -> Path:
-        return self.root / "runs" / scenario / f"{arm}-seed{seed}.json"
+    def run_path(self, scenario: str, arm: str, lr: float, seed: int) -> Path:
+        return self.root / "runs" / scenario / f"{arm}-lr{lr:g}-seed{seed}.json"
 
     def base_path(self, scenario: str) -> Path:
         return self.root / "runs" / scenario / "base.json"
@@ -211,8 +239,10 @@ class ResultStore:
             return None
         return data if isinstance(data, dict) else None
 
-    def load_run(self, scenario: str, arm: str, seed: int, want_hash: str) -> RunResult | None:
-        return self._load(self.run_path(scenario, arm, seed), RunResult, want_hash)
+    def load_run(
+        self, scenario: str, arm: str, lr: float, seed: int, want_hash: str
+    ) -> RunResult | None:
+        return self._load(self.run_path(scenario, arm, lr, seed), RunResult, want_hash)
 
     def load_base(self, scenario: str, want_hash: str) -> BaseResult | None:
         return self._load(self.base_path(scenario), BaseResult, want_hash)
@@ -233,7 +263,7 @@ class ResultStore:
         return result
 
     def save_run(self, result: RunResult) -> Path:
-        path = self.run_path(result.scenario, result.arm, result.seed)
+        path = self.run_path(result.scenario, result.arm, result.lr, result.seed)
         atomic_write_json(path, result.to_json())
         return path
 

@@ -4,7 +4,9 @@ Conventions (signs chosen so that "up is good" for gain and "up is bad" for forg
 
 * task gain: for perplexity tasks, the relative drop of held-out perplexity in percent
   (``-100 (ppl - base) / base``); for accuracy tasks, the accuracy change in percentage points;
-* forgetting: the relative rise of control perplexity in percent (``100 (ppl - base) / base``).
+* forgetting: the relative rise of control perplexity in percent (``100 (ppl - base) / base``);
+  also the mean per-token KL divergence from the base model on the control data, and the change
+  of knowledge-question accuracy in percentage points.
 """
 
 from __future__ import annotations
@@ -39,61 +41,77 @@ def forgetting(point_control: Mapping[str, float], base_control: Mapping[str, fl
     return relative_change(point_control["perplexity"], base_control["perplexity"])
 
 
+def knowledge_change(point: Mapping[str, float], base: Mapping[str, float]) -> float:
+    """Knowledge accuracy change in percentage points (NaN without a knowledge control)."""
+    if "accuracy" not in point or "accuracy" not in base:
+        return math.nan
+    return 100.0 * (point["accuracy"] - base["accuracy"])
+
+
 @dataclass(frozen=True)
 class SeedPoint:
-    """One (scenario, rule, arm, seed) against its base."""
+    """One (scenario, arm, lr, seed, checkpoint step) against its base."""
 
     scenario: str
-    rule: str
     arm: str
+    lr: float
     seed: int
-    trainable_params: int
     step: int
+    trainable_params: int
     train_loss: float
-    reached: bool
     task_value: float
     task_gain: float
     task_nll: float  # perplexity tasks: mean token NLL; accuracy tasks: mean label NLL
     control_ppl: float
-    forgetting: float
+    forgetting: float  # control perplexity rise, %
+    forgetting_noise: float  # paired bootstrap half-width of that rise, % (NaN: not measured)
+    kl: float  # mean per-token KL(base || tuned) on the control data, nats
+    knowledge: float  # knowledge accuracy, 0-1 (NaN without a knowledge control)
+    knowledge_change: float  # percentage points
+    knowledge_correct: int
+    knowledge_total: int
+
+
+MEASURED = (
+    "steps", "train_loss", "task_value", "task_gain", "task_nll", "control_ppl", "forgetting",
+    "forgetting_noise", "kl", "knowledge", "knowledge_change",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ArmSummary:
+    """Mean and sample std over seeds of one (scenario, arm, lr, step); the base has lr 0."""
+
     scenario: str
-    rule: str
     arm: str
+    lr: float
+    step: int
     task_metric: str
     seeds: int
     trainable_params: int
     steps: tuple[float, float]
     train_loss: tuple[float, float]
-    reached: int
     task_value: tuple[float, float]
     task_gain: tuple[float, float]
     task_nll: tuple[float, float]
     control_ppl: tuple[float, float]
     forgetting: tuple[float, float]
+    forgetting_noise: tuple[float, float]
+    kl: tuple[float, float]
+    knowledge: tuple[float, float]
+    knowledge_change: tuple[float, float]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "scenario": self.scenario,
-            "rule": self.rule,
             "arm": self.arm,
+            "lr": self.lr,
+            "step": self.step,
             "task_metric": self.task_metric,
             "seeds": self.seeds,
             "trainable_params": self.trainable_params,
-            "reached": self.reached,
         }
-        for name in (
-            "steps",
-            "train_loss",
-            "task_value",
-            "task_gain",
-            "task_nll",
-            "control_ppl",
-            "forgetting",
-        ):
+        for name in MEASURED:
             m, s = getattr(self, name)
             out[f"{name}_mean"] = encode_float(m)
             out[f"{name}_std"] = encode_float(s)
@@ -105,22 +123,36 @@ def _nll(task: Mapping[str, float], metric: str) -> float:
 
 
 def seed_point(run: RunResult, point: Point, base: BaseResult, metric: str) -> SeedPoint:
-    task, control = point.metrics.task, point.metrics.control
+    task, control, know = point.metrics.task, point.metrics.control, point.metrics.knowledge
     return SeedPoint(
         scenario=run.scenario,
-        rule=point.rule,
         arm=run.arm,
+        lr=run.lr,
         seed=run.seed,
-        trainable_params=run.trainable_params,
         step=point.step,
+        trainable_params=run.trainable_params,
         train_loss=point.train_loss,
-        reached=point.reached,
         task_value=task["accuracy" if metric == "accuracy" else "perplexity"],
         task_gain=task_gain(task, base.metrics.task, metric),
         task_nll=_nll(task, metric),
         control_ppl=control["perplexity"],
         forgetting=forgetting(control, base.metrics.control),
+        forgetting_noise=_paired_noise(point, base),
+        kl=control.get("kl", math.nan),
+        knowledge=know.get("accuracy", math.nan),
+        knowledge_change=knowledge_change(know, base.metrics.knowledge),
+        knowledge_correct=int(know.get("correct", 0)),
+        knowledge_total=int(know.get("total", 0)),
     )
+
+
+def _paired_noise(point: Point, base: BaseResult, resamples: int = 1000) -> float:
+    from kappatune.bench.fronts import paired_ppl_noise
+
+    nlls, ref, tokens = point.metrics.control_nlls, base.metrics.control_nlls, base.control_tokens
+    if not nlls or len(nlls) != len(ref) or len(tokens) != len(ref):
+        return math.nan
+    return paired_ppl_noise(ref, nlls, tokens, resamples)
 
 
 def seed_points(
@@ -134,25 +166,29 @@ def seed_points(
     return out
 
 
-def base_summary(base: BaseResult, metric: str, rule: str) -> ArmSummary:
-    task, control = base.metrics.task, base.metrics.control
+def base_summary(base: BaseResult, metric: str) -> ArmSummary:
+    task, control, know = base.metrics.task, base.metrics.control, base.metrics.knowledge
     value = task["accuracy" if metric == "accuracy" else "perplexity"]
     nan2 = (math.nan, math.nan)
     return ArmSummary(
         scenario=base.scenario,
-        rule=rule,
         arm="base",
+        lr=0.0,
+        step=0,
         task_metric=metric,
         seeds=1,
         trainable_params=0,
         steps=(0.0, math.nan),
-        train_loss=nan2,
-        reached=0,
+        train_loss=(base.train_loss, math.nan),
         task_value=(value, math.nan),
         task_gain=(0.0, math.nan),
         task_nll=(_nll(task, metric), math.nan),
         control_ppl=(control["perplexity"], math.nan),
         forgetting=(0.0, math.nan),
+        forgetting_noise=nan2,
+        kl=(0.0, math.nan),
+        knowledge=(know.get("accuracy", math.nan), math.nan),
+        knowledge_change=(0.0, math.nan) if know else nan2,
     )
 
 
@@ -162,92 +198,36 @@ def summarize(
     metrics: Mapping[str, str],
     arm_order: Sequence[str],
 ) -> list[ArmSummary]:
-    """One row per (scenario, rule, arm): the base first, arms in ``arm_order``."""
+    """One row per (scenario, arm, lr, step): the base first, arms in ``arm_order``."""
     out: list[ArmSummary] = []
     order = {a: i for i, a in enumerate(arm_order)}
     keys = sorted(
-        {(p.scenario, p.rule, p.arm) for p in points},
-        key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
+        {(p.scenario, p.arm, p.lr, p.step) for p in points},
+        key=lambda k: (k[0], order.get(k[1], len(order)), k[1], k[2], k[3]),
     )
-    seen_base: set[tuple[str, str]] = set()
-    for scenario, rule, arm in keys:
+    seen_base: set[str] = set()
+    for scenario, arm, lr, step in keys:
         metric = metrics[scenario]
-        if (scenario, rule) not in seen_base and scenario in bases:
-            seen_base.add((scenario, rule))
-            out.append(base_summary(bases[scenario], metric, rule))
-        group = [p for p in points if (p.scenario, p.rule, p.arm) == (scenario, rule, arm)]
+        if scenario not in seen_base and scenario in bases:
+            seen_base.add(scenario)
+            out.append(base_summary(bases[scenario], metric))
+        group = [
+            p for p in points if (p.scenario, p.arm, p.lr, p.step) == (scenario, arm, lr, step)
+        ]
+        stats = {
+            name: mean_std([float(p.step) if name == "steps" else getattr(p, name) for p in group])
+            for name in MEASURED
+        }
         out.append(
             ArmSummary(
                 scenario=scenario,
-                rule=rule,
                 arm=arm,
+                lr=lr,
+                step=step,
                 task_metric=metric,
                 seeds=len(group),
                 trainable_params=max(p.trainable_params for p in group),
-                steps=mean_std([float(p.step) for p in group]),
-                train_loss=mean_std([p.train_loss for p in group]),
-                reached=sum(p.reached for p in group),
-                task_value=mean_std([p.task_value for p in group]),
-                task_gain=mean_std([p.task_gain for p in group]),
-                task_nll=mean_std([p.task_nll for p in group]),
-                control_ppl=mean_std([p.control_ppl for p in group]),
-                forgetting=mean_std([p.forgetting for p in group]),
-            )
-        )
-    return out
-
-
-@dataclass(frozen=True)
-class Paired:
-    """``arm`` minus ``reference`` over the seeds both have (same seed = same data order)."""
-
-    scenario: str
-    rule: str
-    reference: str
-    arm: str
-    seeds: int
-    gain_diff: tuple[float, float]
-    forgetting_diff: tuple[float, float]
-    less_forgetting: int  # seeds where the reference forgot less than ``arm``
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scenario": self.scenario,
-            "rule": self.rule,
-            "reference": self.reference,
-            "arm": self.arm,
-            "seeds": self.seeds,
-            "gain_diff_mean": encode_float(self.gain_diff[0]),
-            "gain_diff_std": encode_float(self.gain_diff[1]),
-            "forgetting_diff_mean": encode_float(self.forgetting_diff[0]),
-            "forgetting_diff_std": encode_float(self.forgetting_diff[1]),
-            "reference_forgot_less": self.less_forgetting,
-        }
-
-
-def paired(points: Sequence[SeedPoint], reference: str) -> list[Paired]:
-    """For every other arm: per-seed differences (arm - reference) in gain and forgetting."""
-    index = {(p.scenario, p.rule, p.arm, p.seed): p for p in points}
-    groups = sorted({(p.scenario, p.rule, p.arm) for p in points if p.arm != reference})
-    out = []
-    for scenario, rule, arm in groups:
-        pairs = [
-            (index[(scenario, rule, arm, s)], ref)
-            for (sc, ru, a, s), ref in sorted(index.items())
-            if (sc, ru, a) == (scenario, rule, reference) and (scenario, rule, arm, s) in index
-        ]
-        if not pairs:
-            continue
-        out.append(
-            Paired(
-                scenario=scenario,
-                rule=rule,
-                reference=reference,
-                arm=arm,
-                seeds=len(pairs),
-                gain_diff=mean_std([p.task_gain - r.task_gain for p, r in pairs]),
-                forgetting_diff=mean_std([p.forgetting - r.forgetting for p, r in pairs]),
-                less_forgetting=sum(r.forgetting < p.forgetting for p, r in pairs),
+                **stats,  # type: ignore[arg-type]
             )
         )
     return out

@@ -1,15 +1,14 @@
-"""Train one arm with :func:`kappatune.training.train_loop` and evaluate it at every stopping rule.
+"""Train one arm with :func:`kappatune.training.train_loop`, evaluating at checkpoints on the way.
 
-Both rules share one trajectory (warm-up, then a constant learning rate, so where training
-stops does not change the steps before it): the run trains until the smoothed training loss
-reaches the target (or the cap), evaluating on the way when it passes the equal-steps point;
-if the target came first, the same run continues (``resume``) to the equal-steps point.
+One run (warm-up, then a constant learning rate) gives several points of the learning/forgetting
+curve: the model is evaluated in place at each checkpoint step, without retraining per length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +23,7 @@ from kappatune.errors import KappaTuneError
 
 Evaluate = Callable[[nn.Module], Metrics]
 StepHook = Callable[[int, float], None]
-STOPS = ("steps", "loss", "both")
+DONE = Mapping[int, Point]
 
 
 class SparseLossLM(nn.Module):
@@ -75,59 +74,15 @@ class SparseLossLM(nn.Module):
         return SimpleNamespace(loss=loss, logits=logits)
 
 
-@dataclass(frozen=True)
-class StopPlan:
-    """Which points to evaluate: equal steps (``steps``), equal loss (``target``, ``cap``)."""
-
-    stop: str
-    steps: int
-    target: float | None
-    cap: int
-    ema_decay: float = 0.8
-    min_steps: int | None = None  # loss rule floor; None: the EMA's window, 1 / (1 - decay)
-
-    def __post_init__(self) -> None:
-        if self.stop not in STOPS:
-            raise KappaTuneError(f"--stop must be one of {', '.join(STOPS)}, got {self.stop!r}")
-        if self.steps < 1:
-            raise KappaTuneError(f"--steps must be at least 1, got {self.steps}")
-        if self.stop != "steps":
-            if self.target is None or not math.isfinite(self.target):
-                raise KappaTuneError("the loss stopping rule needs a finite --target-loss")
-            if self.cap < 1:
-                raise KappaTuneError(f"--max-steps must be at least 1, got {self.cap}")
-        if self.stop == "both" and self.cap < self.steps:
-            raise KappaTuneError(f"--max-steps {self.cap} is below --steps {self.steps}")
-        if not 0 <= self.ema_decay < 1:
-            raise KappaTuneError(f"--ema must be in [0, 1), got {self.ema_decay}")
-        if self.min_steps is not None and self.min_steps < 1:
-            raise KappaTuneError(f"minimum steps must be at least 1, got {self.min_steps}")
-
-    @property
-    def floor(self) -> int:
-        """The loss rule does not stop before this step: a bias-corrected EMA of the first
-        step or two is one batch's loss, so an easy first batch would end the run at once."""
-        window = math.ceil(1 / (1 - self.ema_decay) - 1e-9)
-        wanted = self.min_steps if self.min_steps is not None else window
-        return max(1, min(wanted, self.cap))
-
-    @property
-    def horizon(self) -> int:
-        return (
-            self.steps
-            if self.stop == "steps"
-            else max(self.cap, self.steps if self.stop == "both" else 0)
+def checkpoint_steps(steps: int, count: int) -> tuple[int, ...]:
+    """``count`` steps spread evenly over a run of ``steps``, the last one at the end."""
+    if steps < 1:
+        raise KappaTuneError(f"--steps must be at least 1, got {steps}")
+    if not 1 <= count <= steps:
+        raise KappaTuneError(
+            f"--checkpoints {count} must be between 1 and --steps {steps} (one evaluation per step at most)"
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "stop": self.stop,
-            "steps": self.steps,
-            "target": self.target,
-            "cap": self.cap,
-            "ema_decay": self.ema_decay,
-            "min_steps": self.floor if self.stop != "steps" else None,
-        }
+    return tuple(round(steps * (i + 1) / count) for i in range(count))
 
 
 @dataclass(frozen=True)
@@ -137,7 +92,7 @@ class Trained:
     seconds_per_step: float
 
 
-def _ema(losses: list[float], decay: float) -> float:
+def _ema(losses: Sequence[float], decay: float) -> float:
     """Bias-corrected EMA of ``losses`` (as train_loop computes it)."""
     ema = 0.0
     for x in losses:
@@ -145,61 +100,55 @@ def _ema(losses: list[float], decay: float) -> float:
     return ema / (1 - decay ** len(losses)) if losses else math.nan
 
 
-def train_and_evaluate(
+def train_with_checkpoints(
     model: nn.Module,
     param_groups: list[dict[str, Any]],
     data: TokenizedData,
     config: Any,
-    plan: StopPlan,
+    checkpoints: Sequence[int],
     evaluate: Evaluate,
+    *,
+    done: DONE | None = None,
+    on_point: Callable[[Point], None] | None = None,
     on_step: StepHook | None = None,
+    autocast: bool = False,
+    ema_decay: float = 0.8,
 ) -> Trained:
-    """Run ``train_loop`` once (plus a resumed stretch when needed); evaluate at each point."""
+    """Train ``config.steps`` steps; at each checkpoint evaluate (or take the stored point from
+    ``done``, keyed by step) and hand the point to ``on_point`` (which stores it at once)."""
     from kappatune.training import StopRule, TrainConfig, train_loop
 
-    assert isinstance(config, TrainConfig)
+    assert isinstance(config, TrainConfig) and config.steps == max(checkpoints)
     wrapper = SparseLossLM(model)
-    steps_point: list[Point] = []
-    last: dict[str, Any] = {}
+    points: list[Point] = []
+    stored = dict(done or {})
 
     def hook(state: Any) -> None:
-        last["state"] = state
         if on_step is not None:
             on_step(state.step, state.losses[-1])
-        if plan.stop != "loss" and state.step == plan.steps and not steps_point:
-            ema = _ema(state.losses, plan.ema_decay)
-            steps_point.append(Point("steps", state.step, ema, True, evaluate(model)))
+        if state.step in checkpoints:
+            ema = _ema(state.losses, ema_decay)
+            if state.step in stored:
+                point = stored[state.step]
+            else:
+                with torch.autocast(device, enabled=False):  # evaluate in full precision
+                    metrics = evaluate(model)
+                point = Point("checkpoint", state.step, ema, True, metrics)
+                if on_point is not None:
+                    on_point(point)
+            points.append(point)
 
-    if plan.stop == "steps":
-        rule = StopRule(ema_decay=plan.ema_decay, max_steps=plan.steps)
-    else:
-        rule = StopRule(
-            target_loss=plan.target,
-            ema_decay=plan.ema_decay,
-            min_steps=plan.floor,
-            max_steps=plan.cap,
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    cast = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with cast:
+        result = train_loop(
+            wrapper,
+            data,
+            config,
+            StopRule(ema_decay=ema_decay, max_steps=config.steps),
+            param_groups=param_groups,
+            on_step=hook,
         )
-    result = train_loop(wrapper, data, config, rule, param_groups=param_groups, on_step=hook)
-    points: list[Point] = []
-    if plan.stop != "steps":
-        reached = result.stopped_by == "target_loss"
-        if steps_point and steps_point[0].step == result.steps:
-            metrics = steps_point[0].metrics
-        else:
-            metrics = evaluate(model)
-        points.append(Point("loss", result.steps, result.ema_loss, reached, metrics))
-    losses = list(result.losses)
-    times = list(result.step_times)
-    if plan.stop == "both" and not steps_point:
-        if result.steps >= plan.steps:  # pragma: no cover - the hook evaluates at plan.steps
-            raise KappaTuneError("internal: the equal-steps point was passed without evaluation")
-        rest = StopRule(ema_decay=plan.ema_decay, max_steps=plan.steps)
-        more = train_loop(
-            wrapper, data, config, rest, param_groups=param_groups,
-            resume=last["state"].state_dict(), on_step=hook,
-        )  # fmt: skip
-        losses = list(more.losses)  # the resumed state carries the earlier steps
-        times = list(more.step_times)
-    points = steps_point + points
     model.eval()
-    return Trained(tuple(points), tuple(losses), sum(times) / max(1, len(times)))
+    times = list(result.step_times)
+    return Trained(tuple(points), tuple(result.losses), sum(times) / max(1, len(times)))

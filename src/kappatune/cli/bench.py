@@ -12,144 +12,201 @@ from typing import Any
 from kappatune.errors import KappaTuneError
 
 EPILOG = """examples:
-  kappatune bench                                  # code + digits on gemma-3-270m (~45 min, 2-core CPU)
-  kappatune bench code --seeds 0 1 2 3 4 --stop loss --target-loss 15%
-  kappatune bench --config configs/bench-example.yaml --model ./my-model
+  kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~45 min, 2 cores)
+  kappatune bench --preset gpu --device cuda       # every arm, 5 lrs, longer runs, larger evaluations
+  kappatune bench code --lr-grid full=1e-5,3e-5,1e-4 kappa=3e-5,1e-4,3e-4 --checkpoints 4
+  kappatune bench --config configs/bench-example.yaml --model ./my-model --knowledge my-mc.jsonl
   kappatune bench --train train.jsonl --heldout test.jsonl --control builtin:python-docs-prose \\
       --task-metric accuracy --options negative positive --template "{text}\\nSentiment: "
-  kappatune bench --steps 200 --max-steps 600 --seq-len 256 --batch-size 16 \\
-      --task-sequences 128 --control-sequences 128 --task-examples 360   # on a GPU
 
+Each arm trains at several learning rates (default 3 over 10x around its usual rate) and is
+evaluated at --checkpoints points of each run. Forgetting is measured three ways against the base
+model: control perplexity, KL divergence on the control text, and general-knowledge questions
+(built from Debian's dict-elements and dict-gcide, or --knowledge FILE.jsonl with lines
+{"question": ..., "options": [...], "answer": ...}). The report compares arms on their
+learning/forgetting fronts at a matched task gain.
 arms: full, lora, kappa, kappa-lora, random, highest (default) and fisher (data-dependent).
-Results are saved per (arm, seed) as they finish: rerun the same command to resume.
+Results are saved per (arm, lr, seed) after each checkpoint: rerun the same command to resume.
 """
 
+# Built-in defaults, then presets: a flag given on the command line always wins.
+DEFAULTS: dict[str, Any] = {
+    "model": "gemma-3-270m", "arms": None, "seeds": [0, 1, 2], "steps": 16, "checkpoints": 4,
+    "lr_grid": [], "lr_count": 3, "warmup": [], "budget_params": "2%", "seq_len": 64,
+    "max_row_len": 512, "batch_size": 4, "eval_batch_size": 4, "task_sequences": 32,
+    "task_examples": 100, "control_sequences": 64, "knowledge": "builtin:dictd",
+    "knowledge_questions": 400, "knowledge_seed": 0, "lora_fraction": 0.2, "fisher_tokens": 1024,
+    "dtype": "float32", "autocast": "off", "device": "auto", "forgetting_budget": 1.0,
+    "bootstrap": 1000, "kl_cache_mb": 1024.0,
+}  # fmt: skip
+PRESETS: dict[str, dict[str, Any]] = {
+    # sized for about 45 min on a 2-core CPU (benchmarks/results/bench_cpu holds a run and its
+    # timing): 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice
+    "cpu": {
+        "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
+        "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
+        "batch_size": 4, "eval_batch_size": 8, "task_sequences": 12, "control_sequences": 24,
+        "knowledge_questions": 400, "kl_cache_mb": 2048.0,
+    },
+    # one GPU: every arm, 5 learning rates over 30x, longer runs, larger evaluation sets
+    "gpu": {
+        "scenarios": ["code", "digits"], "model": "gemma-3-270m",
+        "arms": ["full", "lora", "kappa", "kappa-lora", "random", "highest", "fisher"],
+        "seeds": [0, 1, 2], "steps": 200, "checkpoints": 5, "lr_count": 5, "seq_len": 256,
+        "batch_size": 16, "eval_batch_size": 16, "task_sequences": 256, "task_examples": 500,
+        "control_sequences": 512, "knowledge_questions": 1000, "fisher_tokens": 16384,
+        "device": "cuda",
+    },
+}  # fmt: skip
 
-def _keyed(values: Sequence[str], flag: str, cast: Any) -> tuple[str | None, list[tuple[str, Any]]]:
-    """``["3e-4", "full=1e-5"]`` -> (default for all arms, per-arm pairs)."""
-    default: str | None = None
-    pairs: list[tuple[str, Any]] = []
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every unset flag from the preset (if any), then from :data:`DEFAULTS`."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    out = argparse.Namespace(**vars(args))
+    for dest, value in DEFAULTS.items():
+        if getattr(out, dest, None) is None:
+            setattr(out, dest, preset.get(dest, value))
+    if not out.scenarios and not out.config and not out.train and "scenarios" in preset:
+        out.scenarios = list(preset["scenarios"])
+    return out
+
+
+def _grid(values: Sequence[str], arms: Sequence[str]) -> list[tuple[str, tuple[float, ...]]]:
+    """``["1e-4,3e-4", "full=1e-5,3e-5"]`` -> per-arm grids (an unnamed grid is for every arm)."""
+    everyone: tuple[float, ...] | None = None
+    named: list[tuple[str, tuple[float, ...]]] = []
     for v in values:
-        arm, eq, raw = v.partition("=")
+        arm, eq, raw = v.rpartition("=")
         try:
-            if eq:
-                pairs.append((arm.strip(), cast(raw)))
-            else:
-                cast(v)
-                default = v
+            grid = tuple(float(x) for x in raw.split(",") if x.strip())
         except ValueError:
-            raise KappaTuneError(f"cannot read {flag} {v!r}: use VALUE or ARM=VALUE") from None
-    return default, pairs
+            raise KappaTuneError(
+                f"cannot read --lr-grid {v!r}: use ARM=LR,LR,... or LR,LR,..."
+            ) from None
+        if not grid:
+            raise KappaTuneError(f"--lr-grid {v!r}: no learning rate given")
+        if eq:
+            named.append((arm.strip(), grid))
+        else:
+            everyone = grid
+    if everyone is not None:
+        given = {a for a, _ in named}
+        named = [(a, everyone) for a in arms if a not in given] + named
+    return named
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="forgetting benchmark: KappaTune against full FT, LoRA, random and highest-kappa",
-        description="Fine-tune each arm on a new task and measure what it learned (held-out task"
-        " metric) and what it forgot (control perplexity), against the untouched base model.",
+        description="Fine-tune each arm at several learning rates on a new task and measure what it"
+        " learned (held-out task metric) and what it forgot (control perplexity, KL from the base"
+        " model, general-knowledge questions), against the untouched base model; compare arms on"
+        " their learning/forgetting fronts at a matched task gain.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    add = p.add_argument
+    add(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
         help="built-in scenarios: code, digits (default: both)",
     )
-    p.add_argument("--config", type=Path, help="YAML/JSON file describing scenarios")
-    p.add_argument(
-        "--model",
-        default="gemma-3-270m",
-        help="causal LM: built-in name, directory, .gguf, cached hub id",
+    add(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="cpu: about 45 min on a 2-core CPU; gpu: the full grid on one GPU",
     )
-    p.add_argument(
+    add("--config", type=Path, help="YAML/JSON file describing scenarios")
+    add(
+        "--model",
+        help="causal LM: built-in name, directory, .gguf, cached hub id (default gemma-3-270m)",
+    )
+    add(
         "--arms",
         nargs="+",
         help="arms to train (default: full lora kappa kappa-lora random highest)",
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    p.add_argument(
-        "--stop", choices=("steps", "loss", "both"), default="both", help="stopping rule(s)"
+    add("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2); same seed = same data order")
+    add("--steps", type=int, help="training steps per run (default 16)")
+    add(
+        "--checkpoints",
+        type=int,
+        help="evaluations per run, evenly spaced, the last at the end (default 4)",
     )
-    p.add_argument("--steps", type=int, default=8, help="steps of the equal-steps rule (default 8)")
-    p.add_argument(
-        "--target-loss",
-        default="5%",
-        help="loss target: a value, or a drop below the base model's training loss (default 5%%)",
+    add(
+        "--lr-grid",
+        nargs="+",
+        metavar="[ARM=]LR,LR,...",
+        help="learning rates per arm, e.g. full=1e-5,3e-5,1e-4 (default: --lr-count over 10x around each arm's usual rate)",
     )
-    p.add_argument(
-        "--max-steps", type=int, default=16, help="step cap of the equal-loss rule (default 16)"
-    )
-    p.add_argument(
+    add("--lr-count", type=int, help="learning rates in the default grid (default 3)")
+    add("--warmup", nargs="+", metavar="[ARM=]N", help="warm-up steps, e.g. --warmup full=4")
+    add(
         "--budget-params",
-        default="2%",
         help="trainable-parameter budget shared by all arms: N, 2.5M or P%% of the model (default 2%%)",
     )
-    p.add_argument(
-        "--seq-len", type=int, default=64, help="tokens per packed text row (default 64)"
-    )
-    p.add_argument(
-        "--max-row-len",
+    add("--seq-len", type=int, help="tokens per packed text row (default 64)")
+    add("--max-row-len", type=int, help="longest prompt+completion row allowed (default 512)")
+    add("--batch-size", type=int, help="training rows per step (default 4)")
+    add("--eval-batch-size", type=int, help="rows per evaluation forward pass (default 4)")
+    add("--task-sequences", type=int, help="held-out rows for perplexity tasks (default 32)")
+    add("--task-examples", type=int, help="held-out examples for label tasks (default 100)")
+    add(
+        "--control-sequences",
         type=int,
-        default=512,
-        help="longest prompt+completion row allowed (default 512)",
+        help="control rows (default 64; at least 10 for the noise floor)",
     )
-    p.add_argument("--batch-size", type=int, default=4, help="training rows per step (default 4)")
-    p.add_argument(
-        "--eval-batch-size",
+    add(
+        "--knowledge",
+        metavar="builtin:dictd|FILE.jsonl|none",
+        help="knowledge-retention questions (default builtin:dictd: Debian's dict-elements and dict-gcide)",
+    )
+    add("--knowledge-questions", type=int, help="built-in knowledge questions (default 400)")
+    add(
+        "--knowledge-seed",
         type=int,
-        default=4,
-        help="rows per evaluation forward pass (default 4)",
+        help="seed of the built-in questions' choice and distractors (default 0)",
     )
-    p.add_argument(
-        "--task-sequences",
+    add(
+        "--forgetting-budget",
+        type=float,
+        help="headline 2: best gain with control ppl up at most this %% (default 1)",
+    )
+    add(
+        "--bootstrap",
         type=int,
-        default=8,
-        help="held-out rows for perplexity tasks (default 8)",
+        help="bootstrap resamples for intervals and noise floors (default 1000)",
     )
-    p.add_argument(
-        "--task-examples",
-        type=int,
-        default=40,
-        help="held-out examples for label tasks (default 40)",
-    )
-    p.add_argument("--control-sequences", type=int, default=8, help="control rows (default 8)")
-    p.add_argument(
-        "--lr",
-        nargs="+",
-        default=[],
-        metavar="[ARM=]LR",
-        help="learning rates, e.g. --lr full=1e-5 kappa=2e-4",
-    )
-    p.add_argument(
-        "--warmup",
-        nargs="+",
-        default=[],
-        metavar="[ARM=]N",
-        help="warm-up steps, e.g. --warmup full=4",
-    )
-    p.add_argument(
+    add(
         "--lora-fraction",
         type=float,
-        default=0.2,
         help="fraction of linear layers KappaTune-LoRA adapts (default 0.2)",
     )
-    p.add_argument(
-        "--ema",
-        type=float,
-        default=0.8,
-        help="EMA decay of the training loss for the loss rule (default 0.8)",
-    )
-    p.add_argument(
+    add(
         "--fisher-tokens",
         type=int,
-        default=1024,
-        help="training tokens for the fisher arm's scores",
+        help="training tokens for the fisher arm's scores (default 1024)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
+    add(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights' dtype (default float32)",
+    )
+    add(
+        "--autocast",
+        choices=("off", "bf16"),
+        help="bfloat16 autocast of training steps (default off)",
+    )
+    add(
+        "--kl-cache-mb",
+        type=float,
+        help="memory for the base model's control log-probabilities; beyond it they are recomputed (default 1024)",
+    )
+    add("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    add(
         "--output",
         type=Path,
         default=Path("kappatune-bench"),
@@ -211,15 +268,23 @@ def scenarios_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
+    """Settings from resolved arguments (see :func:`resolve`)."""
     from kappatune.bench.arms import DEFAULT_ARMS
     from kappatune.bench.inputs import EvalSizes
     from kappatune.bench.run import BenchSettings
 
     arms = tuple(args.arms) if args.arms else DEFAULT_ARMS
-    lr_all, lrs = _keyed(args.lr, "--lr", float)
-    warm_all, warmups = _keyed(args.warmup, "--warmup", int)
-    if lr_all is not None:
-        lrs = [(a, float(lr_all)) for a in arms if a not in dict(lrs)] + lrs
+    warm_all: str | None = None
+    warmups: list[tuple[str, int]] = []
+    for v in args.warmup:
+        arm, eq, raw = v.rpartition("=")
+        try:
+            if eq:
+                warmups.append((arm.strip(), int(raw)))
+            else:
+                warm_all = str(int(v))
+        except ValueError:
+            raise KappaTuneError(f"cannot read --warmup {v!r}: use N or ARM=N") from None
     if warm_all is not None:
         warmups = [(a, int(warm_all)) for a in arms if a not in dict(warmups)] + warmups
     sizes = EvalSizes(
@@ -228,39 +293,29 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         task_examples=args.task_examples,
         control_sequences=args.control_sequences,
         max_row_len=args.max_row_len,
+        knowledge_questions=args.knowledge_questions,
     )
     return BenchSettings(
-        model=args.model,
-        arms=arms,
-        seeds=tuple(args.seeds),
-        stop=args.stop,
-        steps=args.steps,
-        target_loss=args.target_loss,
-        max_steps=args.max_steps,
-        budget=args.budget_params,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        sizes=sizes,
-        lrs=tuple(lrs),
-        warmups=tuple(warmups),
-        lora_fraction=args.lora_fraction,
-        ema_decay=args.ema,
-        fisher_tokens=args.fisher_tokens,
-        dtype=args.dtype,
-        device=args.device,
-    )
+        model=args.model, arms=arms, seeds=tuple(args.seeds), steps=args.steps,
+        checkpoints=args.checkpoints, lr_grid=tuple(_grid(args.lr_grid, arms)),
+        lr_count=args.lr_count, warmups=tuple(warmups), budget=args.budget_params,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, sizes=sizes,
+        knowledge=args.knowledge, knowledge_seed=args.knowledge_seed,
+        lora_fraction=args.lora_fraction, fisher_tokens=args.fisher_tokens, dtype=args.dtype,
+        autocast=args.autocast == "bf16", device=args.device,
+        forgetting_budget=args.forgetting_budget, bootstrap=args.bootstrap,
+        kl_cache_mb=args.kl_cache_mb,
+    )  # fmt: skip
 
 
 _FLAGS = (
-    "config", "model", "arms", "seeds", "stop", "steps", "target_loss", "max_steps", "budget_params",
-    "seq_len", "max_row_len", "batch_size", "eval_batch_size", "task_sequences", "task_examples",
-    "control_sequences", "lr", "warmup", "lora_fraction", "ema", "fisher_tokens", "dtype", "device",
-    "output", "name", "train", "heldout", "control", "task_metric", "options", "template",
+    "config", *DEFAULTS, "output", "name", "train", "heldout", "control", "task_metric", "options",
+    "template",
 )  # fmt: skip
 
 
 def canonical_command(args: argparse.Namespace) -> str:
-    """The command with every setting spelled out (what reproduces this run)."""
+    """The command with every setting spelled out (what reproduces this run, preset resolved)."""
     words = ["kappatune", "bench", *args.scenarios]
     for dest in _FLAGS:
         value = getattr(args, dest, None)
@@ -287,12 +342,12 @@ class BarReporter:
 
         tqdm.write(f"kappatune: {text}", file=sys.stderr)
 
-    def run_started(self, scenario: str, arm: str, seed: int, horizon: int) -> None:
+    def run_started(self, scenario: str, arm: str, lr: float, seed: int, horizon: int) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(
             total=horizon,
-            desc=f"[{self.done + 1}/{self.total}] {scenario} {arm} seed {seed}",
+            desc=f"[{self.done + 1}/{self.total}] {scenario} {arm} lr {lr:g} seed {seed}",
             unit="step",
             file=sys.stderr,
             leave=False,
@@ -309,34 +364,41 @@ class BarReporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        pts = ", ".join(
-            f"{p.rule}@{p.step}{'' if p.reached else ' (target not reached)'}"
-            for p in result.points
-        )
         how = "reused" if reused else f"{result.seconds:.0f} s"
+        steps = ", ".join(str(p.step) for p in result.points)
         self.message(
-            f"[{self.done}/{self.total}] {result.scenario} {result.arm} seed {result.seed}: {pts} ({how})"
+            f"[{self.done}/{self.total}] {result.scenario} {result.arm} lr {result.lr:g}"
+            f" seed {result.seed}: evaluated at steps {steps} ({how})"
         )
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kappatune.bench import report, summary
+    from kappatune.bench import report, summary, verdict
     from kappatune.bench.run import run_bench
     from kappatune.jsonio import atomic_write_json
 
+    args = resolve(args)
     scenarios = scenarios_from_args(args)
     settings = settings_from_args(args)
     command = canonical_command(args)
     out = Path(args.output)
-    reporter = BarReporter(len(scenarios) * len(settings.arms) * len(settings.seeds))
+    runs = sum(len(settings.lrs_for(a)) for a in settings.arms) * len(settings.seeds)
+    reporter = BarReporter(len(scenarios) * runs)
     outcome = run_bench(scenarios, settings, out, reporter)
     points = summary.seed_points(outcome.runs, outcome.bases, outcome.metrics)
     rows = summary.summarize(points, outcome.bases, outcome.metrics, settings.arms)
-    pairs = summary.paired(points, "kappa") if "kappa" in settings.arms else []
+    floors = verdict.with_change_floors(
+        points, {name: dict(b.floors) for name, b in outcome.bases.items()}
+    )
+    reference = "kappa" if "kappa" in settings.arms else settings.arms[0]
+    vs = verdict.verdicts(points, floors, settings.arms, settings.forgetting_budget,
+                          settings.bootstrap, reference)  # fmt: skip
+    conclusion = verdict.one_line(vs)
     meta = {
         "command": command,
+        "preset": args.preset,
         "settings": settings.to_json(),
         "scenarios": [s.to_json() for s in scenarios],
     }
@@ -345,10 +407,15 @@ def run(args: argparse.Namespace) -> int:
         curves.setdefault((r.scenario, r.arm), []).append(list(r.losses))
     notes = list(outcome.notes)
     atomic_write_json(out / "bench.json", meta)
-    files = report.write_report(out, rows, points, pairs, meta, notes, outcome.metrics, curves)
-    console = Console() if sys.stdout.isatty() else Console(width=180)
-    console.print(report.rich_table(rows, f"kappatune bench: {settings.model}"))
-    for note in notes:
-        console.print(f"  {note}")
+    files = report.write_report(
+        out, rows, points, vs, meta, notes, outcome.metrics, floors, conclusion, curves
+    )
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(report.rich_table(rows, f"kappatune bench: {settings.model}", floors))
+    for line in [*report.floor_lines(floors), *notes]:
+        console.print(f"  {line}")
+    for line in report.verdict_text(vs, outcome.metrics):
+        console.print(f"  {line}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")
+    console.print(f"conclusion: {conclusion}")
     return 0

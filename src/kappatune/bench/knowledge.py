@@ -1,0 +1,383 @@
+"""Knowledge retention: multiple-choice questions scored by the log-likelihood of each option.
+
+Built-in questions come from real reference data installed offline: Debian's dictd databases
+(``dict-elements``: facts about the chemical elements; ``dict-gcide``: the GNU Collaborative
+International Dictionary of English), read from ``/usr/share/dictd`` (``.index`` + ``.dict.dz``).
+Generation is deterministic for a seed. A user may give their own JSONL file instead, one
+question per line: ``{"question": "...", "options": ["...", ...], "answer": "..."}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kappatune.bench.evaluate import _pad, accepts_logits_to_keep, model_device
+from kappatune.errors import KappaTuneError
+
+DICTD_DIR = Path("/usr/share/dictd")
+BUILTIN = "builtin:dictd"
+DICT_PACKAGES = ("dict-elements", "dict-gcide")
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+@dataclass(frozen=True)
+class Question:
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.options) < 2:
+            raise KappaTuneError(f"question {self.prompt!r}: needs at least 2 options")
+        if len(set(self.options)) != len(self.options):
+            raise KappaTuneError(f"question {self.prompt!r}: options repeat")
+        if not 0 <= self.answer < len(self.options):
+            raise KappaTuneError(f"question {self.prompt!r}: answer index out of range")
+
+
+# --------------------------------------------------------------------------- dictd files
+
+
+def b64_number(text: str) -> int:
+    """dictd's base-64 numbers (offsets and lengths in .index files)."""
+    value = 0
+    for ch in text:
+        value = value * 64 + _B64.index(ch)
+    return value
+
+
+def read_dictd(index: Path, data: Path) -> dict[str, str]:
+    """Headword -> definition text of a dictd database (first entry of a repeated headword)."""
+    if data.suffix == ".dz":  # dictzip is gzip with a seek table
+        with gzip.open(data) as fh:
+            raw = fh.read()
+    else:
+        raw = data.read_bytes()
+    out: dict[str, str] = {}
+    for line in index.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3 or parts[0].startswith("00database") or parts[0] in out:
+            continue
+        off, length = b64_number(parts[1]), b64_number(parts[2])
+        out[parts[0]] = raw[off : off + length].decode("utf-8", "replace")
+    return out
+
+
+def dictd_files(root: Path, name: str) -> tuple[Path, Path] | None:
+    index, data = root / f"{name}.index", root / f"{name}.dict.dz"
+    return (index, data) if index.is_file() and data.is_file() else None
+
+
+def missing_packages(root: Path = DICTD_DIR) -> list[str]:
+    return [p for p in DICT_PACKAGES if dictd_files(root, p.removeprefix("dict-")) is None]
+
+
+# --------------------------------------------------------------------------- question forms
+
+
+@dataclass(frozen=True)
+class Element:
+    name: str
+    symbol: str
+    number: int
+
+
+def parse_elements(entries: dict[str, str]) -> list[Element]:
+    out = []
+    for body in entries.values():
+        lines = body.strip().splitlines()
+        sym = re.search(r"^Symbol:\s*(\S+)", body, re.M)
+        num = re.search(r"^Atomic number:\s*(\d+)", body, re.M)
+        if lines and sym and num:
+            out.append(Element(lines[0].strip().lower(), sym[1], int(num[1])))
+    return sorted(out, key=lambda e: e.number)
+
+
+def _choices(
+    rng: random.Random, correct: str, pool: Sequence[str], k: int
+) -> tuple[tuple[str, ...], int]:
+    others = sorted({p for p in pool if p != correct})
+    if len(others) < k - 1:
+        raise KappaTuneError(f"too few distinct answers ({len(others) + 1}) for {k} options")
+    picked = [*rng.sample(others, k - 1), correct]
+    rng.shuffle(picked)
+    return tuple(picked), picked.index(correct)
+
+
+Accept = Callable[[str], bool]
+
+
+def _everything(answer: str) -> bool:
+    return True
+
+
+def element_questions(
+    elements: Sequence[Element], rng: random.Random, k: int, accept: Accept = _everything
+) -> list[Question]:
+    """Name -> symbol, with distractors drawn from the other elements' symbols.
+
+    (Symbol -> name was tried too: Gemma 3 270M scored 47 % on it against 83 % on this form.)
+    """
+    elements = [e for e in elements if accept(" " + e.symbol)]
+    symbols = [" " + e.symbol for e in elements]
+    out = []
+    for e in elements:
+        opts, ans = _choices(rng, " " + e.symbol, symbols, k)
+        out.append(Question(f"The chemical symbol of {e.name} is", opts, ans, "elements"))
+    return out
+
+
+_HEAD = re.compile(r"^([A-Za-z]+) \\[^\\]*\\, (n|v\. t|v\. i|a|adv)\.")
+
+
+def gcide_definition(body: str) -> tuple[str, str] | None:
+    """(headword, first sense) of a plain one-word gcide entry, or None."""
+    m = _HEAD.match(body.strip())
+    if not m:
+        return None
+    word = m[1]
+    text = " ".join(body.strip()[m.end() :].splitlines())
+    text = text.split("[1913 Webster]")[0]
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # etymology
+    text = re.sub(r"\([A-Z][a-z]*\.?\)", " ", text)  # (Anat.) field labels
+    text = re.sub(r"^\s*\d+\.\s*", "", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    sense = re.split(r"[;:.]", text)[0].strip()
+    if not 20 <= len(sense) <= 100 or word.lower() in sense.lower() or "--" in sense:
+        return None
+    if not re.fullmatch(r"[A-Za-z ,'-]+", sense):
+        return None
+    return word.lower(), sense[0].upper() + sense[1:]
+
+
+def common_words(entries: dict[str, str], minimum: int = 20) -> set[str]:
+    """Headwords that occur at least ``minimum`` times in the dictionary's own definitions: a
+    frequency list from the same data, so questions use words a reader (or model) knows."""
+    counts = collections.Counter(re.findall(r"[a-z]+", "\n".join(entries.values())))
+    return {w for w, c in counts.items() if c >= minimum}
+
+
+def gcide_questions(
+    entries: dict[str, str], rng: random.Random, k: int, n: int, accept: Accept = _everything
+) -> list[Question]:
+    """Definition -> word, distractors among the other chosen words."""
+    common = common_words(entries)
+    defs: dict[str, str] = {}
+    for body in entries.values():
+        got = gcide_definition(body)
+        if got and got[0] in common and 4 <= len(got[0]) <= 10 and got[0] not in defs:
+            defs[got[0]] = got[1]
+    words = sorted(w for w in defs if accept(" " + w))
+    chosen = sorted(rng.sample(words, min(n, len(words))))
+    pool = [" " + w for w in words]
+    out = []
+    for w in chosen:
+        opts, ans = _choices(rng, " " + w, pool, k)
+        out.append(Question(f"Definition: {defs[w]}.\nWord:", opts, ans, "gcide"))
+    return out
+
+
+def builtin_questions(
+    n: int = 400, seed: int = 0, k: int = 4, root: Path = DICTD_DIR, accept: Accept = _everything
+) -> tuple[Question, ...]:
+    """Element questions first (all of them), then dictionary questions up to ``n``.
+
+    ``accept`` filters the answers (every option is another question's answer): the bench keeps
+    those that are one token for the model's tokenizer, so each question costs one forward row
+    and one position of logits (4x cheaper than scoring multi-token options one row each).
+    """
+    missing = missing_packages(root)
+    if missing:
+        raise KappaTuneError(
+            f"knowledge control needs {', '.join(missing)} under {root}"
+            f" (apt-get install -y {' '.join(missing)}; `make setup` does it)"
+        )
+    rng = random.Random(seed)
+    el = dictd_files(root, "elements")
+    gc = dictd_files(root, "gcide")
+    assert el is not None and gc is not None
+    out = element_questions(parse_elements(read_dictd(*el)), rng, k, accept)[:n]
+    if len(out) < n:
+        out += gcide_questions(read_dictd(*gc), rng, k, n - len(out), accept)
+    if len(out) < n:
+        raise KappaTuneError(f"only {len(out)} knowledge questions could be built, {n} asked")
+    return tuple(out)
+
+
+def read_questions(path: Path) -> tuple[Question, ...]:
+    """A JSONL file of {"question", "options", "answer"} (answer: one of the options)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KappaTuneError(f"cannot read multiple-choice file {path}: {exc}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec: Any = json.loads(line)
+        except ValueError:
+            raise KappaTuneError(f"{path}:{i}: not a JSON object") from None
+        if not isinstance(rec, dict) or set(rec) != {"question", "options", "answer"}:
+            raise KappaTuneError(f"{path}:{i}: needs exactly question, options, answer")
+        opts = rec["options"]
+        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+            raise KappaTuneError(f"{path}:{i}: options must be a list of strings")
+        if rec["answer"] not in opts:
+            raise KappaTuneError(f"{path}:{i}: answer {rec['answer']!r} is not among the options")
+        try:
+            out.append(Question(str(rec["question"]), tuple(opts), opts.index(rec["answer"])))
+        except KappaTuneError as exc:
+            raise KappaTuneError(f"{path}:{i}: {exc}") from None
+    if not out:
+        raise KappaTuneError(f"{path}: no questions")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class TokenizedQuestion:
+    prompt: tuple[int, ...]  # BOS first
+    options: tuple[tuple[int, ...], ...]
+    answer: int
+
+
+def tokenize_questions(
+    tokenizer: Any, questions: Sequence[Question], prefix: Sequence[int]
+) -> tuple[TokenizedQuestion, ...]:
+    """Prompt (after ``prefix``) and each option as it follows the prompt; every option must
+    tokenize to at least one known token and the options of a question must differ in ids."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    out = []
+    for q in questions:
+        prompt = tuple(prefix) + tuple(tokenizer.encode(q.prompt, add_special_tokens=False))
+        opts = []
+        for o in q.options:
+            ids = tuple(int(t) for t in tokenizer.encode(o, add_special_tokens=False))
+            if not ids or (unk is not None and unk in ids):
+                raise KappaTuneError(
+                    f"multiple-choice option {o!r} of {q.prompt!r} does not tokenize"
+                    + (" (unknown token)" if ids else " (no tokens)")
+                )
+            opts.append(ids)
+        if len(set(opts)) != len(opts):
+            raise KappaTuneError(f"options of {q.prompt!r} tokenize to the same ids")
+        out.append(TokenizedQuestion(prompt, tuple(opts), q.answer))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _McRow:
+    ids: tuple[int, ...]
+    question: int
+    option: int  # -1: every option is one token; the prompt row scores them all
+
+
+def _mc_rows(items: Sequence[TokenizedQuestion]) -> list[_McRow]:
+    rows = []
+    for i, q in enumerate(items):
+        if all(len(o) == 1 for o in q.options):
+            rows.append(_McRow(q.prompt, i, -1))
+        else:
+            rows.extend(_McRow(q.prompt + o, i, j) for j, o in enumerate(q.options))
+    # rows that need the same positions share a batch: logits are kept for the union of them
+    return sorted(
+        rows, key=lambda r: (len(items[r.question].prompt), len(r.ids), r.question, r.option)
+    )
+
+
+def _score_rows(
+    model: torch.nn.Module, rows: Sequence[_McRow], items: Sequence[TokenizedQuestion], pad: int
+) -> list[list[float]]:
+    device = model_device(model)
+    ids, mask = _pad([r.ids for r in rows], pad)
+    spans = []
+    for r in rows:
+        p = len(items[r.question].prompt)
+        n = 1 if r.option < 0 else len(items[r.question].options[r.option])
+        spans.append(range(p - 1, p - 1 + n))
+    keep = sorted({pos for s in spans for pos in s})
+    kwargs: dict[str, Any] = {}
+    index = {pos: pos for pos in keep}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
+        index = {pos: k for k, pos in enumerate(keep)}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                   **kwargs).logits  # fmt: skip
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for b, (r, span) in enumerate(zip(rows, spans, strict=True)):
+        q = items[r.question]
+        if r.option < 0:
+            at = logp[b, index[span[0]]]
+            out.append([float(at[o[0]]) for o in q.options])
+        else:
+            toks = q.options[r.option]
+            out.append([sum(float(logp[b, index[p], t]) for p, t in zip(span, toks, strict=True))])
+    return out
+
+
+@dataclass(frozen=True)
+class McResult:
+    correct: tuple[bool, ...]  # per question, in input order
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct) if self.correct else math.nan
+
+
+def mc_accuracy(
+    model: torch.nn.Module,
+    items: Sequence[TokenizedQuestion],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+) -> McResult:
+    """Argmax over options of the summed option-token log-likelihood (ties: lowest index)."""
+    if not items:
+        raise KappaTuneError("no multiple-choice questions to score")
+    table = [[-math.inf] * len(q.options) for q in items]
+    rows = _mc_rows(items)
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                for r, s in zip(chunk, _score_rows(model, chunk, items, pad_id), strict=True):
+                    if r.option < 0:
+                        table[r.question] = s
+                    else:
+                        table[r.question][r.option] = s[0]
+    finally:
+        model.train(was)
+    correct = []
+    for q, s in zip(items, table, strict=True):
+        best = max(range(len(s)), key=lambda j: (s[j], -j))
+        correct.append(best == q.answer)
+    return McResult(tuple(correct))
+
+
+def single_token(tokenizer: Any) -> Accept:
+    """Accepts an answer that the tokenizer writes as one known token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def accept(answer: str) -> bool:
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        return len(ids) == 1 and ids[0] != unk
+
+    return accept
