@@ -20,7 +20,7 @@ from kappatune.jsonio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-ALGORITHM_VERSION = 2  # 2: xxh3-128 content digests
+ALGORITHM_VERSION = 3  # 2: xxh3-128 content digests; 3: rows carry Spectrum's SNR
 _FORMAT = 1
 
 
