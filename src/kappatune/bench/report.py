@@ -53,6 +53,12 @@ def _params(n: int) -> str:
     return str(n)
 
 
+def _label(arm: str) -> str:
+    from kappatune.bench.arms import arm_label  # marks arms that use data of what to keep
+
+    return arm_label(arm)
+
+
 def cells(row: ArmSummary) -> list[str]:
     acc = row.task_metric == "accuracy"
     task = (
@@ -63,7 +69,7 @@ def cells(row: ArmSummary) -> list[str]:
     return [
         row.scenario,
         row.rule,
-        row.arm,
+        _label(row.arm),
         _params(row.trainable_params) if row.arm != "base" else "0",
         _pm(row.steps, ".0f") if row.arm != "base" else "0",
         _pm(row.train_loss, ".3f"),
@@ -103,7 +109,7 @@ def paired_markdown(pairs: Sequence[Paired]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(
-            f"| {p.scenario} | {p.rule} | {p.arm} | {p.seeds} | {_pm(p.gain_diff, '.2f', signed=True)}"
+            f"| {p.scenario} | {p.rule} | {_label(p.arm)} | {p.seeds} | {_pm(p.gain_diff, '.2f', signed=True)}"
             f" | {_pm(p.forgetting_diff, '.2f', '%', signed=True)} | {p.less_forgetting}/{p.seeds} |"
         )
     return "\n".join(lines) + "\n"
@@ -307,7 +313,7 @@ def html_report(
                     [
                         p.scenario,
                         p.rule,
-                        p.arm,
+                        _label(p.arm),
                         str(p.seeds),
                         _pm(p.gain_diff, ".2f", signed=True),
                         _pm(p.forgetting_diff, ".2f", "%", signed=True),

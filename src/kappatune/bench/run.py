@@ -285,6 +285,7 @@ def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
                 )
                 entry["lora_r"] = r
                 entry["lora_modules"] = len(targets.get("target_modules") or [])
+            entry.update(arms_mod.check_peer(loaded.model, arm, ctx))  # peers: PEFT and budget
             info.setdefault(name, {})[seed] = entry
     return info
 
@@ -292,9 +293,18 @@ def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one run
 
 
-def run_hash(base_hash: str, arm: Arm, settings: BenchSettings, plan: StopPlan, seed: int) -> str:
+def run_hash(
+    base_hash: str,
+    arm: Arm,
+    settings: BenchSettings,
+    plan: StopPlan,
+    seed: int,
+    keep_digest: str = "",
+) -> str:
+    extra = {"keep": keep_digest} if arm.uses_keep_data else {}  # others' hashes unchanged
     return config_hash(
         {
+            **extra,
             "format": RUN_FORMAT,
             "base": base_hash,
             "arm": arm.to_json(),
@@ -326,7 +336,9 @@ def train_one(
     model = copy.deepcopy(loaded.model)
     torch.manual_seed(seed)  # LoRA initialisation
     ctx = arm_context(loaded, settings, seed, fisher)
-    ready = arms_mod.prepare_arm(model, arm, ctx, weight_decay=settings.weight_decay)
+    ready = arms_mod.prepare_arm(
+        model, arm, ctx, weight_decay=settings.weight_decay, keep=prepared.keep
+    )
     config = TrainConfig(
         steps=plan.horizon,
         lr=arm.lr,
@@ -416,6 +428,10 @@ def run_bench(
         prepared = {
             s.name: prepare(s, loaded_data[s.name], loaded.tokenizer, settings.sizes) for s in group
         }
+        for s in group:
+            arms_mod.check_keep_data(
+                [settings.arm(a) for a in settings.arms], s.name, prepared[s.name].keep
+            )
         notes.extend(_arm_notes(info, loaded))
         for s in group:
             base, plan = _base(loaded, prepared[s.name], settings, store, spec, reporter)
@@ -433,7 +449,9 @@ def _arm_notes(info: dict[str, Any], loaded: Loaded) -> list[str]:
     out = []
     for arm, per_seed in info.items():
         first = next(iter(per_seed.values()))
-        if "lora_r" in first:
+        if "note" in first:
+            out.append(first["note"])
+        elif "lora_r" in first:
             out.append(f"{arm}: LoRA rank {first['lora_r']} on {first['lora_modules']} modules")
         elif "tensors" in first:
             counts = sorted({v["tensors"] for v in per_seed.values()})
@@ -494,7 +512,7 @@ def _scenario_runs(
     for arm_name in settings.arms:
         arm = settings.arm(arm_name)
         for seed in settings.seeds:
-            want = run_hash(base.config_hash, arm, settings, plan, seed)
+            want = run_hash(base.config_hash, arm, settings, plan, seed, prepared.keep_digest)
             done = store.load_run(name, arm.name, seed, want)
             if done is not None:
                 reporter.run_finished(done, reused=True)
