@@ -106,7 +106,9 @@ def targets(model: nn.Module, method: str) -> list[str]:
 def unit_cost(module: nn.Module, method: str) -> int:
     """Trainable parameters per unit of rank of one module."""
     if not isinstance(module, nn.Linear):
-        raise KappaTuneError(f"arm {method!r} supports nn.Linear layers only, not {type(module).__name__}")
+        raise KappaTuneError(
+            f"arm {method!r} supports nn.Linear layers only, not {type(module).__name__}"
+        )
     out_f, in_f = module.out_features, module.in_features
     if method == "osf":
         return out_f + in_f + 1
@@ -156,7 +158,7 @@ def peft_config(model: nn.Module, the_plan: PeerPlan) -> Any:
         from peft import OSFConfig
 
         modules = dict(model.named_modules())
-        pattern = {
+        pattern: dict[str, int | float] = {
             f"^{re.escape(n)}$": int(min(modules[n].weight.shape)) - the_plan.rank  # type: ignore[union-attr]
             for n in the_plan.targets
         }
