@@ -172,3 +172,26 @@ def test_cli_one_by_n_exits_2_with_one_line(
     names_ = [e["name"] for e in json.loads(out.read_text())["entries"]]
     # up_proj: layer 1 (4.0) at 1/2, then at 1/1 layer 0's up_proj (1/6) before q_proj (1/7)
     assert names_ == ["model.layers.1.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+
+
+def test_train_with_the_snr_policy_trains_spectrums_choice(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from kappatune.selection import Selection
+    from tests.unit._tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", seed=0)
+    data = tmp_path / "train.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog.\n" * 6)
+    out = tmp_path / "run"
+    argv = ["train", str(model), "--data", str(data), "--output", str(out), "--steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--method", "selective",
+            "--policy", "snr", "--budget-fraction", "0.5"]  # fmt: skip
+    assert main(argv) == 0
+    sel = Selection.load(out / "selection.json")
+    rows = analyze(load_file(str(model / "model.safetensors")), AnalyzeOptions(use_cache=False))
+    expected = select(rows, "snr", Budget(fraction=0.5))
+    assert sel.policy == "snr" and sel.names == expected.names
+    # 16 candidates (2 x 7 projections, embed_tokens, lm_head): int(16 x 0.5) = 8, the top one of
+    # each projection type first
+    assert sel.entry_count == 8
