@@ -27,7 +27,7 @@ from kappatune.jsonio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-ALGORITHM_VERSION = 2  # 2: xxh3-128 content digests
+ALGORITHM_VERSION = 3  # 2: xxh3-128 content digests; 3: rows carry Spectrum's SNR
 _FORMAT = 1
 _INDEX_FORMAT = 2  # 2: device, inode, size, mtime, ctime; checksum over the record
 _DIGEST = re.compile(r"[0-9a-f]{32}")

@@ -203,3 +203,33 @@ def _derived_seed(seed: int, label: str, method: str) -> int:
     """A stable child seed (not Python's salted ``hash``)."""
     data = np.frombuffer(f"{label}|{method}".encode(), dtype=np.uint8)
     return int(np.random.SeedSequence([seed, *data.tolist()]).generate_state(1)[0])
+
+
+def pairwise_correlations(
+    groups: Sequence[str],
+    scores: Mapping[str, Sequence[float]],
+    pairs: Sequence[tuple[str, str]] | None = None,
+    *,
+    methods: Sequence[str] = METHODS,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`grouped_correlations` of each pair of named scores (default: every pair, in order).
+
+    Rows: ``{"x": name, "y": name, "group": ..., <RankCorrelation JSON>}``.
+    """
+    names = list(scores)
+    if pairs is None:
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    unknown = sorted({n for p in pairs for n in p} - set(names))
+    if unknown:
+        raise KappaTuneError(f"no score named {', '.join(unknown)} (have: {', '.join(names)})")
+    out: list[dict[str, Any]] = []
+    for a, b in pairs:
+        for g in grouped_correlations(
+            groups, scores[a], scores[b], methods=methods, bootstrap=bootstrap,
+            confidence=confidence, seed=seed,
+        ):  # fmt: skip
+            out.append({"x": a, "y": b, **g.to_json()})
+    return out

@@ -95,3 +95,42 @@ def two_value_entropy_loss(kappa: float) -> float:
     Closed form log(2 kappa / (1 + kappa^2)) from method.md (negative: it is a loss).
     """
     return math.log(2.0 * kappa / (1.0 + kappa * kappa))
+
+
+# Spectrum (cognitivecomputations/spectrum, spectrum.py at commit 0ed1756, April 2025):
+# ModelModifier.calculate_snr_for_layer, marchenko_pastur_threshold, estimate_sigma_with_full_iqr.
+SPECTRUM_COMMIT = "0ed1756bc4a7920249860bcd0a32b551bcdf6d1f"
+_IQR_TO_SIGMA = 1.349  # IQR of a standard normal distribution
+
+
+def marchenko_pastur_edge(s: Spectrum, rows: int, cols: int) -> float:
+    """Spectrum's noise edge: sigma (1 + sqrt(beta)), sigma = IQR(s) / 1.349, beta = min/max dim.
+
+    Quantiles interpolate linearly, as ``torch.quantile`` (and ``numpy.quantile``) do.
+    """
+    q75, q25 = np.quantile(np.asarray(s, dtype=np.float64), [0.75, 0.25])
+    sigma = float(q75 - q25) / _IQR_TO_SIGMA
+    beta = min(rows, cols) / max(rows, cols)
+    return sigma * math.sqrt((1.0 + math.sqrt(beta)) ** 2)
+
+
+def spectrum_snr(s: Spectrum, rows: int, cols: int) -> float:
+    """Spectrum's score of a (rows x cols) matrix: (signal / noise) / s_max.
+
+    signal = sum of the singular values above the Marchenko-Pastur edge, noise = sum of the
+    rest (1 when none is at or below it; ``inf`` when those are all zero), as in Spectrum.
+    ``nan`` where the noise edge is undefined: a 1 x N or N x 1 matrix (one singular value:
+    no spread to estimate the noise from) and the all-zero matrix (Spectrum divides by s_max = 0).
+    """
+    s = np.asarray(s, dtype=np.float64)
+    if min(rows, cols) < 2 or s.size < 2:
+        return math.nan
+    smax = float(np.max(s))
+    if smax == 0.0:
+        return math.nan
+    edge = marchenko_pastur_edge(s, rows, cols)
+    above = s > edge
+    signal = float(np.sum(s[above]))
+    noise = float(np.sum(s[~above])) if bool(np.any(~above)) else 1.0
+    snr = signal / noise if noise != 0.0 else math.inf
+    return snr / smax

@@ -23,11 +23,14 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
-from kappatune.spectra import Analysis, SpectrumRow
+
+if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI choices)
+    from kappatune.spectra import Analysis, SpectrumRow
 
 SCHEMA_VERSION = 1
 RowKey = tuple[str, int]
@@ -45,7 +48,7 @@ class PolicyContext:
     scores: Mapping[RowKey, float] | None = field(default=None, compare=False)
 
 
-Policy = Callable[[Sequence[SpectrumRow], PolicyContext], list[SpectrumRow]]
+Policy = Callable[[Sequence["SpectrumRow"], PolicyContext], list["SpectrumRow"]]
 _POLICIES: dict[str, Policy] = {}
 
 
@@ -142,6 +145,45 @@ def least_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[Spectr
             f"policy 'fisher': {len(missing)} of {len(rows)} candidates have no Fisher score (e.g. {shown})"
         )
     return sorted(rows, key=lambda r: (scores[r.key], *kappa_order_key(r)))
+
+
+def _checked_snr(row: SpectrumRow) -> float:
+    shown = row.name if row.expert is None else f"{row.name}[{row.expert}]"
+    if row.snr is None:
+        raise KappaTuneError(
+            f"policy 'snr': {shown} has no SNR (the analysis predates it): re-run kappatune analyze"
+        )
+    if math.isnan(row.snr):
+        dims = " x ".join(map(str, row.shape[-2:])) or "?"
+        why = "one singular value" if min(row.shape[-2:] or (0,)) < 2 else "an all-zero matrix"
+        raise KappaTuneError(
+            f"policy 'snr': the Marchenko-Pastur noise edge of {shown} ({dims}, {why}) is"
+            " undefined; leave it out with --exclude"
+        )
+    return row.snr
+
+
+@register_policy("snr")
+def spectrum_snr(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Spectrum's rule: highest SNR first within each module type, the types interleaved.
+
+    A row's place is its rank within its module type as a fraction of that type's count
+    ((k + 1) / n), so any budget takes about the same top fraction of every type and a
+    fraction budget F takes exactly Spectrum's top int(n F) of a type whenever n F is whole.
+    Ties: SNR (higher first), name, expert. A row whose noise edge is undefined (1 x N, nan)
+    is an error, as is an analysis without SNR.
+    """
+    by_type: dict[str, list[SpectrumRow]] = {}
+    for r in rows:
+        _checked_snr(r)
+        by_type.setdefault(r.module_type, []).append(r)
+    placed: list[tuple[Fraction, float, str, int, SpectrumRow]] = []
+    for group in by_type.values():
+        group.sort(key=lambda r: (-_checked_snr(r), r.name, r.key[1]))
+        for k, r in enumerate(group):
+            placed.append((Fraction(k + 1, len(group)), -_checked_snr(r), r.name, r.key[1], r))
+    placed.sort(key=lambda p: p[:4])
+    return [p[4] for p in placed]
 
 
 # --------------------------------------------------------------------------- budgets
@@ -649,6 +691,8 @@ def select(
     ``total_params`` (the model's parameter count, for percentage budgets and reports)
     defaults to every tensor of the analysis, matrices and skipped ones alike.
     """
+    from kappatune.spectra import Analysis
+
     options = options or SelectOptions()
     fn = get_policy(policy)
     if isinstance(analysis_or_rows, Analysis):

@@ -33,7 +33,8 @@ from kappatune.sources import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows carry Spectrum's SNR (``snr``); 1 is read with snr None
+READABLE_SCHEMAS = (1, 2)
 STREAM_MIN_BYTES = 64 * 1024 * 1024
 _FLOAT_FIELDS = (
     "kappa",
@@ -113,6 +114,9 @@ class SpectrumRow:
     layer: int | None
     module_type: str
     method: str
+    # Spectrum's SNR (metrics.spectrum_snr): nan where the noise edge is undefined (1 x N),
+    # None where it was not computed (analyses of schema 1, rows built by hand)
+    snr: float | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -124,11 +128,13 @@ class SpectrumRow:
         d["shape"] = list(self.shape)
         for f in _FLOAT_FIELDS:
             d[f] = encode_float(d[f])
+        d["snr"] = None if self.snr is None else encode_float(self.snr)
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> SpectrumRow:
+    def from_json(cls, d: Mapping[str, Any], schema_version: int = SCHEMA_VERSION) -> SpectrumRow:
         name = str(d["name"])
+        snr = None if schema_version < 2 else decode_float(d["snr"])
         return cls(
             name=name,
             shape=tuple(int(x) for x in d["shape"]),
@@ -138,6 +144,7 @@ class SpectrumRow:
             layer=d.get("layer", names.layer_index(name)),
             module_type=str(d.get("module_type") or names.module_type(name)),
             method=str(d.get("method", "")),
+            snr=snr,
             **{f: decode_float(d[f]) for f in _FLOAT_FIELDS},
         )
 
@@ -179,16 +186,18 @@ class Analysis:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Analysis:
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise KappaTuneError(
-                f"unsupported analysis schema_version {version!r} (this kappatune reads {SCHEMA_VERSION})"
+                f"unsupported analysis schema_version {version!r} (this kappatune reads"
+                f" {', '.join(map(str, READABLE_SCHEMAS))})"
             )
         try:
             return cls(
                 source=str(d["source"]),
                 fingerprint=str(d["fingerprint"]),
-                tensors=tuple(SpectrumRow.from_json(r) for r in d["tensors"]),
+                tensors=tuple(SpectrumRow.from_json(r, version) for r in d["tensors"]),
                 skipped=tuple(SkippedRow.from_json(s) for s in d["skipped"]),
+                schema_version=version,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise KappaTuneError(f"malformed analysis JSON: {one_line(str(exc))}") from None
@@ -272,7 +281,9 @@ def _payload_row(
     summary = metrics.summarize(res.singular_values)
     row: dict[str, Any] = {k: encode_float(v) for k, v in asdict(summary).items()}
     numel = int(shape[0]) * int(shape[1])
+    snr = metrics.spectrum_snr(res.singular_values, int(shape[0]), int(shape[1]))
     row.update(expert=expert, shape=list(shape), numel=numel, method=res.method)
+    row["snr"] = encode_float(snr)
     return row
 
 
@@ -316,6 +327,7 @@ def _to_rows(entry: TensorEntry, payload: list[dict[str, Any]]) -> list[Spectrum
                 layer=names.layer_index(entry.name),
                 module_type=names.module_type(entry.name),
                 method=str(p["method"]),
+                snr=decode_float(p["snr"]),
                 **{f: decode_float(p[f]) for f in _FLOAT_FIELDS},
             )
         )

@@ -203,7 +203,12 @@ def test_interrupted_sweep_resumes_without_recomputing(
         assert r.points[-1].metrics.control["kl"] > 0
         # each arm trains a prefix of its own order: kappa 1.v, 0.k, 1.k (512 each; the next,
         # 2048, overshoots 3072); random's order depends on the seed: 2560 for seed 0, 3072 for 1
-        expected = {("kappa", 0): 1536, ("kappa", 1): 1536, ("random", 0): 2560, ("random", 1): 3072}
+        expected = {
+            ("kappa", 0): 1536,
+            ("kappa", 1): 1536,
+            ("random", 0): 2560,
+            ("random", 1): 3072,
+        }
         assert r.trainable_params == expected[(r.arm, r.seed)]
 
 

@@ -197,7 +197,10 @@ def test_select_computes_analysis_from_model_dir(
         ),
         (["--kappa-max", "2"], r"no candidate has kappa <= 2 \(lowest of 9 is 3\)"),
         (["--include", "nothing"], "leave 0 of 9 candidates"),
-        (["--policy", "smallest"], r"unknown selection policy 'smallest' \(known: lowest-kappa"),
+        (
+            ["--policy", "smallest"],
+            r"--policy: invalid choice: 'smallest' \(choose from 'all', 'fisher'",
+        ),
         (["--policy", "fisher"], "--policy fisher needs --fisher-scores"),
         (["--policy", "last-layers"], "--policy last-layers needs --last-layers N"),
         (["--quota", "v_proj"], "cannot read quota 'v_proj': expected TYPE=N"),

@@ -81,6 +81,7 @@ def test_policy_registry() -> None:
         "last-layers",
         "lowest-kappa",
         "random",
+        "snr",
     )
     with pytest.raises(
         KappaTuneError, match=r"unknown selection policy 'nope' \(known: all, fisher"

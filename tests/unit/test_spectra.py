@@ -87,7 +87,7 @@ def test_json_round_trip_keeps_inf(tmp_path: Path) -> None:
     a = analyze(state(), AnalyzeOptions(use_cache=False))
     a.save(tmp_path / "a.json")
     raw = json.loads((tmp_path / "a.json").read_text())
-    assert raw["schema_version"] == 1
+    assert raw["schema_version"] == 2
     assert set(raw) == {"schema_version", "source", "fingerprint", "tensors", "skipped"}
     zero = next(t for t in raw["tensors"] if t["name"] == "model.layers.1.zero.weight")
     assert (
@@ -106,7 +106,9 @@ def test_json_round_trip_keeps_inf(tmp_path: Path) -> None:
         "entropy_deficit",
         "stable_rank",
         "effective_rank",
+        "snr",
     } <= set(zero)
+    assert zero["snr"] is None  # the all-zero matrix: Spectrum's score is undefined (nan)
     b = Analysis.load(tmp_path / "a.json")
     assert (
         b.tensors[:6] == a.tensors[:6] and b.skipped == a.skipped and b.fingerprint == a.fingerprint

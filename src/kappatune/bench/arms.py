@@ -5,6 +5,10 @@ the linear layers chosen by a selection policy under ONE shared trainable-parame
 LoRA arms (``lora`` on every linear layer, ``kappa-lora`` on the lowest-kappa fraction of
 them) get the largest rank whose adapters fit that same budget. ``full`` trains everything.
 The untouched base model is measured once per scenario and is not an arm.
+
+Peers (:mod:`kappatune.bench.peers`, built with PEFT) get the same budget through their own
+knob: ``osf``, ``mica``, ``pissa``, ``corda-kpm`` (uses data of what to keep) and ``mlp-lora``;
+``spectrum`` trains the highest-SNR matrices per module type fully (the ``snr`` policy).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from kappatune.bench import peers
+from kappatune.data import TokenizedData
 from kappatune.errors import KappaTuneError
 from kappatune.selection import Budget, Selection, select
 from kappatune.spectra import SpectrumRow
@@ -34,6 +40,7 @@ class Arm:
     warmup: int
     description: str
     needs_fisher: bool = False
+    uses_keep_data: bool = False  # trained with data of what to keep (marked in every table)
 
     def __post_init__(self) -> None:
         if self.method in ("selective", "kappa-lora") and self.policy is None:
@@ -46,13 +53,16 @@ class Arm:
             raise KappaTuneError(f"arm {self.name!r}: warm-up must be >= 0, got {self.warmup}")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "method": self.method,
             "policy": self.policy,
             "lr": self.lr,
             "warmup": self.warmup,
         }
+        if self.uses_keep_data:  # only then, so the other arms' stored results stay valid
+            d["uses_keep_data"] = True
+        return d
 
 
 _ARMS: dict[str, Arm] = {}
@@ -107,7 +117,42 @@ register_arm(
         needs_fisher=True,
     )
 )
+# Peers. Learning rates from each method's own documentation:
+# OSF 5e-5: PEFT method_comparison/MetaMathQA/experiments/osf/llama-3.2-3B-rank128/training_params.json
+register_arm(Arm("osf", "osf", None, 5e-5, 1, "OSF: orthogonal subspace fine-tuning (PEFT)"))
+# MiCA 1e-4: PEFT method_comparison experiments/lora/llama-3.2-3B-rank32-mica (no override of
+# method_comparison/MetaMathQA/default_training_params.json, lr 1e-4)
+register_arm(Arm("mica", "mica", None, 1e-4, 1, "MiCA: LoRA on the minor singular components"))
+# PiSSA 2e-5: PEFT examples/pissa_finetuning/README.md (--learning_rate 2e-5)
+register_arm(Arm("pissa", "pissa", None, 2e-5, 1, "PiSSA: LoRA on the principal components"))
+# CorDA 2e-5: PEFT examples/corda_finetuning/README.md (--learning_rate 2e-5)
+register_arm(
+    Arm(
+        "corda-kpm",
+        "corda-kpm",
+        None,
+        2e-5,
+        1,
+        "CorDA, knowledge-preserving mode (uses data of what to keep)",
+        uses_keep_data=True,
+    )
+)
+# Spectrum 1e-5: cognitivecomputations/spectrum README.md, Axolotl example (learning_rate: 1e-5)
+register_arm(
+    Arm("spectrum", "selective", "snr", 1e-5, 1, "Spectrum: highest-SNR matrices per module type")
+)
+# MLP-only LoRA 1e-4: PEFT method_comparison experiments/lora/llama-3.2-3B-rank10-target-mlp
+# (default_training_params.json, lr 1e-4)
+register_arm(Arm("mlp-lora", "mlp-lora", None, 1e-4, 1, "LoRA on the MLP (gate/up/down) only"))
 DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
+PEER_ARMS = ("osf", "mica", "pissa", "corda-kpm", "spectrum", "mlp-lora")
+KEEP_DATA_MARK = "uses data of what to keep"
+
+
+def arm_label(name: str) -> str:
+    """The arm's name as tables show it: marked when it trains with data of what to keep."""
+    arm = _ARMS.get(name)
+    return f"{name} ({KEEP_DATA_MARK})" if arm is not None and arm.uses_keep_data else name
 
 
 def with_overrides(arm: Arm, lr: float | None, warmup: int | None) -> Arm:
@@ -119,6 +164,7 @@ def with_overrides(arm: Arm, lr: float | None, warmup: int | None) -> Arm:
         arm.warmup if warmup is None else warmup,
         arm.description,
         arm.needs_fisher,
+        arm.uses_keep_data,
     )
 
 
@@ -186,10 +232,21 @@ def arm_selection(arm: Arm, ctx: ArmContext) -> Selection | None:
     return None
 
 
-def prepare_arm(model: nn.Module, arm: Arm, ctx: ArmContext, weight_decay: float = 0.0) -> Any:
-    """``kappatune.training.prepare_model`` for this arm: a Prepared (model, groups, counts)."""
+def prepare_arm(
+    model: nn.Module,
+    arm: Arm,
+    ctx: ArmContext,
+    weight_decay: float = 0.0,
+    keep: TokenizedData | None = None,
+) -> Any:
+    """``kappatune.training.prepare_model`` for this arm: a Prepared (model, groups, counts).
+
+    ``keep``: the data of what to keep, for arms that use it (CorDA-KPM).
+    """
     from kappatune.training import LoraSettings, prepare_model
 
+    if peers.is_peer(arm.method):
+        return peers.build(model, arm.method, ctx.budget_params(), keep, weight_decay)
     selection = arm_selection(arm, ctx)
     lora = None
     if arm.method in ("lora", "kappa-lora"):
@@ -209,3 +266,23 @@ def check_budget(ctx: ArmContext, arms: Sequence[Arm]) -> dict[str, int]:
         elif arm.method == "kappa-lora":
             arm_selection(arm, ctx)
     return out
+
+
+# --------------------------------------------------------------------------- peers: runner hooks
+
+
+def check_peer(model: nn.Module, arm: Arm, ctx: ArmContext) -> dict[str, Any]:
+    """For ``check_arms``: PEFT has the method and the budget fits; a note for the report."""
+    if not peers.is_peer(arm.method):
+        return {}
+    return dict(peers.check(model, arm.method, ctx.budget_params()))
+
+
+def check_keep_data(arms: Sequence[Arm], scenario: str, keep: TokenizedData | None) -> None:
+    """Before training: an arm that uses data of what to keep needs some (one line otherwise)."""
+    for arm in arms:
+        if arm.uses_keep_data and (keep is None or len(keep) == 0):
+            raise KappaTuneError(
+                f"arm {arm.name!r} uses data of what to keep, and scenario {scenario!r} has none:"
+                " its control split has no rows beyond the control evaluation rows"
+            )

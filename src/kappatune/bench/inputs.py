@@ -53,6 +53,9 @@ class Prepared:
     control: tuple[EvalSequence, ...]
     pad_id: int
     digest: str
+    # data of what to keep (CorDA-KPM): control rows the control evaluation does not use
+    keep: TokenizedData | None = None
+    keep_digest: str = ""
 
     @property
     def metric(self) -> str:
@@ -110,6 +113,13 @@ def eval_sequences(data: TokenizedData, k: int) -> tuple[EvalSequence, ...]:
     return tuple(out)
 
 
+def keep_rows(control_rows: TokenizedData, sizes: EvalSizes) -> TokenizedData | None:
+    """The control rows that :func:`eval_sequences` does not pick (None when it picks them all)."""
+    held = set(evenly(len(control_rows), sizes.control_sequences))
+    rest = [i for i in range(len(control_rows)) if i not in held]
+    return control_rows.subset(rest) if rest else None
+
+
 def label_examples(tokenizer: Any, split: Split, k: int) -> tuple[LabelExample, ...]:
     prefix = special_tokens(tokenizer).prefix
     out = []
@@ -149,6 +159,7 @@ def prepare(scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalS
         held = tokenize_split(tokenizer, data.heldout, sizes)
         task_sequences = eval_sequences(held, sizes.task_sequences)
     pad = special_tokens(tokenizer).pad
+    keep = keep_rows(control_rows, sizes)
     prepared = Prepared(
         scenario=scenario,
         train=train,
@@ -158,6 +169,8 @@ def prepare(scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalS
         control=control,
         pad_id=pad,
         digest=digest([train, task_sequences, task_examples, options, control, pad]),
+        keep=keep,
+        keep_digest="" if keep is None else digest([keep]),
     )
     label_rows_match(prepared)
     return prepared

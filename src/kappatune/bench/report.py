@@ -56,6 +56,12 @@ def _params(n: int) -> str:
     return str(n)
 
 
+def _label(arm: str) -> str:
+    from kappatune.bench.arms import arm_label  # marks arms that use data of what to keep
+
+    return arm_label(arm)
+
+
 def _noise(text: str, value: float, floor: float) -> str:
     if text == "-" or not math.isfinite(floor) or not math.isfinite(value):
         return text
@@ -74,7 +80,7 @@ def cells(row: ArmSummary, floors: Mapping[str, float] | None = None) -> list[st
     nan = math.nan
     return [
         row.scenario,
-        row.arm,
+        _label(row.arm),
         "-" if base else f"{row.lr:g}",
         str(row.step),
         _params(row.trainable_params) if not base else "0",
@@ -147,7 +153,7 @@ def headline_rows(vs: Sequence[MeasureVerdict], gain_units: Mapping[str, str]) -
                     "not reached" if a.within_budget is None else f"{a.within_budget:+.2f}{unit}"
                 )
             rows.append([
-                v.scenario, v.measure, a.arm, "yes" if a.arm in v.joint else "no",
+                v.scenario, v.measure, _label(a.arm), "yes" if a.arm in v.joint else "no",
                 interval_text(a.at_matched, v.unit), within,
             ])  # fmt: skip
     return rows

@@ -205,9 +205,18 @@ def run_key_fields(settings: BenchSettings, arm: str) -> dict[str, Any]:
     return out
 
 
-def run_key(base_hash: str, arm: Arm, lr: float, seed: int, settings: BenchSettings) -> str:
+def run_key(
+    base_hash: str,
+    arm: Arm,
+    lr: float,
+    seed: int,
+    settings: BenchSettings,
+    keep_digest: str = "",
+) -> str:
+    extra = {"keep": keep_digest} if arm.uses_keep_data else {}  # others' keys unchanged
     return config_hash(
         {
+            **extra,
             "format": RUN_FORMAT,
             "base": base_hash,
             "arm": arm.to_json(),
@@ -398,6 +407,7 @@ def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
                 )
                 entry["lora_r"] = r
                 entry["lora_modules"] = len(targets.get("target_modules") or [])
+            entry.update(arms_mod.check_peer(loaded.model, arm, ctx))  # peers: PEFT and budget
             info.setdefault(name, {})[seed] = entry
     return info
 
@@ -427,7 +437,9 @@ def train_one(
     model = copy.deepcopy(loaded.model)
     torch.manual_seed(seed)  # LoRA initialisation
     ctx = arm_context(loaded, settings, seed, fisher)
-    ready = arms_mod.prepare_arm(model, arm, ctx, weight_decay=settings.weight_decay)
+    ready = arms_mod.prepare_arm(
+        model, arm, ctx, weight_decay=settings.weight_decay, keep=prepared.keep
+    )
     config = TrainConfig(
         steps=settings.steps,
         lr=arm.lr,
@@ -548,6 +560,10 @@ def run_bench(
         prepared = {
             s.name: prepare(s, loaded_data[s.name], loaded.tokenizer, settings.sizes) for s in group
         }
+        for s in group:
+            arms_mod.check_keep_data(
+                [settings.arm(a) for a in settings.arms], s.name, prepared[s.name].keep
+            )
         questions, skipped = knowledge_questions(settings, loaded.tokenizer)
         if skipped and skipped not in notes:
             reporter.message(skipped)
@@ -584,7 +600,9 @@ def _arm_notes(info: dict[str, Any], loaded: Loaded) -> list[str]:
     out = []
     for arm, per_seed in info.items():
         first = next(iter(per_seed.values()))
-        if "lora_r" in first:
+        if "note" in first:
+            out.append(first["note"])
+        elif "lora_r" in first:
             out.append(f"{arm}: LoRA rank {first['lora_r']} on {first['lora_modules']} modules")
         elif "tensors" in first:
             counts = sorted({v["tensors"] for v in per_seed.values()})
@@ -670,7 +688,7 @@ def _scenario_runs(
         for arm_name in settings.arms:
             for lr in settings.lrs_for(arm_name):
                 arm = settings.arm(arm_name, lr)
-                want = run_key(base.config_hash, arm, lr, seed, settings)
+                want = run_key(base.config_hash, arm, lr, seed, settings, prepared.keep_digest)
                 done = store.load_run(name, arm.name, lr, seed, want)
                 if done is not None and {p.step for p in done.points} >= want_steps and done.losses:
                     reporter.run_finished(done, reused=True)

@@ -414,6 +414,66 @@ def _print_correlations(
         console.print(t)
 
 
+# --------------------------------------------------------------------------- spectral scores
+
+
+def spectral_scores(
+    analysis: Any, rows: Sequence[ProbeRow], kinds: Sequence[str]
+) -> dict[str, list[float]]:
+    """Per matrix, in ``rows`` order: kappa, Spectrum's SNR and each kind's Fisher mean."""
+    snr = {r.key: r.snr for r in analysis.tensors}
+    keys = [(r.name, -1 if r.expert is None else r.expert) for r in rows]
+    out: dict[str, list[float]] = {
+        "kappa": [r.kappa for r in rows],
+        "snr": [math.nan if snr.get(k) is None else float(snr[k]) for k in keys],  # type: ignore[arg-type]
+    }
+    for kind in kinds:
+        out[f"fisher-{kind}"] = [r.fisher[kind]["mean"] for r in rows]
+    return out
+
+
+def spectral_correlations(
+    analysis: Any, rows: Sequence[ProbeRow], settings: ProbeSettings
+) -> list[dict[str, Any]]:
+    """Rank correlations between kappa, SNR and Fisher (not Fisher with Fisher), all and per type."""
+    from kappatune.correlation import pairwise_correlations
+
+    scores = spectral_scores(analysis, rows, settings.kinds)
+    names = list(scores)
+    pairs = [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if not (a.startswith("fisher") and b.startswith("fisher"))
+    ]
+    return pairwise_correlations(
+        [r.module_type for r in rows], scores, pairs, bootstrap=settings.bootstrap,
+        confidence=settings.confidence, seed=settings.seed,
+    )  # fmt: skip
+
+
+def _print_spectral(console: Any, correlations: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(
+        title="is spectral selection one signal? Spearman \\[bootstrap CI] between the scores",
+        title_justify="left",
+    )
+    t.add_column("group")
+    t.add_column("n", justify="right")
+    pairs = list(dict.fromkeys((c["x"], c["y"]) for c in correlations))
+    for x, y in pairs:
+        t.add_column(f"{x} ~ {y}", justify="right")
+    for g in dict.fromkeys(c["group"] for c in correlations):
+        cells = {
+            (c["x"], c["y"]): c
+            for c in correlations
+            if c["group"] == g and c["method"] == "spearman"
+        }
+        t.add_row(g, str(cells[pairs[0]]["n"]), *[_ci(cells[p]) for p in pairs])
+    console.print(t)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -491,6 +551,8 @@ def run(args: argparse.Namespace) -> int:
     correlations = correlate(rows, settings)
     data = {"files": [_file_info(f) for f in args.data], **stats}
     report = report_json(args.model, data, settings, analysis, results, rows, correlations, timings)
+    spectral = spectral_correlations(analysis, rows, settings)
+    report["spectral_correlations"] = spectral  # kappa, Spectrum's SNR and Fisher, pairwise
     rendered: list[tuple[str, Path, Any]] = []
     if args.output:
         rendered.append(("JSON", args.output, report))
@@ -511,6 +573,7 @@ def run(args: argparse.Namespace) -> int:
     )
     _print_rows(console, rows, settings.kinds, args.top)
     _print_correlations(console, correlations, settings.kinds)
+    _print_spectral(console, spectral)
 
     for label, path, payload in rendered:
         if label == "JSON":

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from kappatune.errors import KappaTuneError
+from kappatune.selection import policy_names  # the registry; importing it loads no torch
 
-POLICIES = ("lowest-kappa", "highest-kappa", "random", "all", "last-layers", "fisher")
 FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
 DEFAULT_FRACTION = 0.2
 
@@ -20,6 +20,7 @@ EPILOG = """examples:
   kappatune select ./ckpt --module-types q_proj v_proj --quota v_proj=4 --quota q_proj=2 -o sel.json
   kappatune select gemma-3-270m --policy random --seed 3 --budget-params 5M -o random.json
   kappatune select gemma-3-270m --policy last-layers --last-layers 2 -o last2.json
+  kappatune select gemma-3-270m --policy snr --budget-fraction 0.5 -o spectrum.json
   kappatune select gemma-3-270m --policy fisher --fisher-data task.txt --budget-tensors 20 -o f.json
 
 Without a budget flag, 'all', 'last-layers' and --quota keep every candidate they pass;
@@ -33,7 +34,9 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
     g.add_argument(
         "--policy",
         default="lowest-kappa",
-        help=f"one of {', '.join(POLICIES)} (default: lowest-kappa)",
+        choices=policy_names(),
+        metavar="POLICY",
+        help=f"one of {', '.join(policy_names())} (default: lowest-kappa)",
     )
     g.add_argument(
         "--seed",
@@ -158,9 +161,9 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 def validate_selection_args(args: argparse.Namespace) -> None:
     """Everything about the selection flags that can be checked without reading weights."""
-    if args.policy not in POLICIES:
+    if args.policy not in policy_names():
         raise KappaTuneError(
-            f"unknown selection policy {args.policy!r} (known: {', '.join(POLICIES)})"
+            f"unknown selection policy {args.policy!r} (known: {', '.join(policy_names())})"
         )
     if args.policy == "fisher" and not (args.fisher_scores or args.fisher_data):
         raise KappaTuneError("--policy fisher needs --fisher-scores FILE or --fisher-data FILE...")
