@@ -43,6 +43,7 @@ import torch
 
 from kappatune import names
 from kappatune.errors import KappaTuneError
+from kappatune.fisher_batched import DEFAULT_BATCH
 from kappatune.jsonio import decode_float, encode_float
 
 if TYPE_CHECKING:
@@ -161,6 +162,25 @@ class CausalLMObjective:
         logits = _logits_of(output)[0, :-1]
         return logits, self._labels(example).to(logits.device)
 
+    def lead(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        """The leading (example, position) dimensions of a batch's activations."""
+        return (len(examples), int(examples[0]["input_ids"].shape[0]))
+
+    def batch_predictions(
+        self, model: torch.nn.Module, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predictions` of equally long examples in one pass: ``(B, P, V)``, ``(B, P)``."""
+        ids = torch.stack([e["input_ids"] for e in examples])
+        masks = [e.get("attention_mask") for e in examples]
+        if any(m is not None and bool((m == 0).any()) for m in masks):
+            mask = torch.stack([torch.ones_like(ids[0]) if m is None else m for m in masks])
+            output = model(ids, attention_mask=mask)
+        else:
+            output = model(ids)
+        logits = _logits_of(output)[:, :-1]
+        labels = torch.stack([self._labels(e) for e in examples]).to(logits.device)
+        return logits, labels
+
 
 @dataclass(frozen=True)
 class ClassifierObjective:
@@ -174,6 +194,16 @@ class ClassifierObjective:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = _logits_of(model(example["inputs"][None]))
         return logits.reshape(1, -1), example["labels"].reshape(1).to(logits.device)
+
+    def lead(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        return (len(examples),)
+
+    def batch_predictions(
+        self, model: torch.nn.Module, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _logits_of(model(torch.stack([e["inputs"] for e in examples])))
+        labels = torch.stack([e["labels"].reshape(1) for e in examples])
+        return logits.reshape(len(examples), 1, -1), labels.to(logits.device)
 
 
 def examples_from_ids(
@@ -476,6 +506,7 @@ def fisher_diagonals(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> FisherDiagonals:
     """The diagonal Fisher estimate of every candidate tensor, for each kind in ``options``.
 
@@ -484,18 +515,23 @@ def fisher_diagonals(
     consumed. ``progress(done, total)`` is called with token counts. Deterministic for a seed
     (on a given device and thread count). The model's gradients, ``requires_grad`` flags and
     train/eval mode are left as they were. Accumulators are float32 (float64 for float64 models).
+
+    ``batch_size`` examples share a forward and backward pass and each one's gradient is rebuilt
+    from the pass (:mod:`kappatune.fisher_batched`); weights that cannot be, and every weight
+    when ``batch_size`` is 1, take one backward pass per example. Both give the same estimate
+    (same labels for a seed) up to floating-point rounding.
     """
     options = options or FisherOptions()
     objective = objective or CausalLMObjective()
+    if batch_size < 1:
+        raise KappaTuneError(f"the Fisher batch size must be at least 1, got {batch_size}")
     named = candidate_parameters(model, only)
     plan = plan_examples(examples, objective, options.tokens)
-    params = [p for _, p in named]
-    device = params[0].device
-    generator = torch.Generator(device=device).manual_seed(options.seed)
     accs = {
-        kind: [
-            torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params
-        ]
+        kind: {
+            n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+            for n, p in named
+        }
         for kind in options.kinds
     }
     log.info(
@@ -505,23 +541,49 @@ def fisher_diagonals(
         options.tokens,
         len(plan),
     )
-    done = 0
     if progress is not None:
         progress(0, options.tokens)
-    with _grad_only_for(model, params):
-        for example, take in plan:
-            ex = {k: v.to(device) for k, v in example.items()}
-            _example_step(model, objective, ex, take, params, accs, options, generator)
-            done += take
-            if progress is not None:
-                progress(done, options.tokens)
+    looped = [n for n, _ in named]
+    with _grad_only_for(model, [p for _, p in named]):
+        if batch_size > 1 and hasattr(objective, "batch_predictions"):
+            from kappatune.fisher_batched import run_batched
+
+            looped = run_batched(
+                model, named, plan, objective, options, accs, batch_size, progress
+            )
+        if looped:
+            rest = [(n, p) for n, p in named if n in set(looped)]
+            whole = len(rest) == len(named)
+            _run_loop(model, rest, plan, objective, options, accs, progress if whole else None)
     tensors = {
-        kind: {
-            name: acc.div_(options.tokens) for (name, _), acc in zip(named, accs[kind], strict=True)
-        }
+        kind: {name: accs[kind][name].div_(options.tokens) for name, _ in named}
         for kind in options.kinds
     }
     return FisherDiagonals(tensors, options.tokens, len(plan), options)
+
+
+def _run_loop(
+    model: torch.nn.Module,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    plan: Sequence[tuple[Example, int]],
+    objective: Objective,
+    options: FisherOptions,
+    accs: Mapping[str, Mapping[str, torch.Tensor]],
+    progress: ProgressHook | None,
+) -> None:
+    """One forward and backward pass per example, for the weights in ``named``."""
+    params = [p for _, p in named]
+    device = params[0].device
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    lists = {kind: [accs[kind][n] for n, _ in named] for kind in options.kinds}
+    done = 0
+    with _grad_only_for(model, params):
+        for example, take in plan:
+            ex = {k: v.to(device) for k, v in example.items()}
+            _example_step(model, objective, ex, take, params, lists, options, generator)
+            done += take
+            if progress is not None:
+                progress(done, options.tokens)
 
 
 def summarize(diagonals: FisherDiagonals) -> dict[str, FisherResult]:
