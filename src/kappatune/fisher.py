@@ -609,11 +609,13 @@ def compute_fisher(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> dict[str, FisherResult]:
     """:func:`fisher_diagonals` summarized per tensor: one :class:`FisherResult` per kind."""
     diagonals = fisher_diagonals(
-        model, examples, options, objective=objective, only=only, progress=progress
-    )
+        model, examples, options, objective=objective, only=only, progress=progress,
+        batch_size=batch_size,
+    )  # fmt: skip
     return summarize(diagonals)
 
 
@@ -655,6 +657,7 @@ def fisher_scores(
     only: Collection[str] | None = None,
     rows: Sequence[SpectrumRow] | None = None,
     progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> dict[Key, float]:
     """``{(name, expert or -1): Fisher measure}`` for the ``fisher`` selection policy.
 
@@ -666,8 +669,9 @@ def fisher_scores(
     options = FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
     if rows is None:
         result = compute_fisher(
-            model, examples, options, objective=objective, only=only, progress=progress
-        )
+            model, examples, options, objective=objective, only=only, progress=progress,
+            batch_size=batch_size,
+        )  # fmt: skip
         return result[kind].scores(measure)
     from kappatune.layout import locate_entries
     from kappatune.selection import SelectionEntry
@@ -675,8 +679,9 @@ def fisher_scores(
     parts = locate_entries(model, [SelectionEntry.of(r) for r in rows])
     params = sorted({p.param for p in parts.values()})
     diagonals = fisher_diagonals(
-        model, examples, options, objective=objective, only=params, progress=progress
-    )
+        model, examples, options, objective=objective, only=params, progress=progress,
+        batch_size=batch_size,
+    )  # fmt: skip
     return row_scores(parts, diagonals.tensors[kind], rows, measure, damping)
 
 
