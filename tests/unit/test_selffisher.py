@@ -133,7 +133,7 @@ def test_select_self_fisher_and_interference_from_the_cli(
         (["MODEL", "--policy", "interference"],
          "--policy interference needs --fisher-scores FILE or --fisher-data FILE"),
         (["MODEL", "--policy", "interference", "--fisher-data", "TEXT", "--fisher-tokens", "500"],
-         "the data has 26 predicted tokens in 1 examples, fewer than the token budget of 500"),
+         "the data has 27 predicted tokens in 1 examples, fewer than the token budget of 500"),
         (["MODEL", "--policy", "self-fisher", "--fisher-data", "TEXT"],
          "--fisher-scores/--fisher-data only apply to --policy fisher or interference"),
     ],
