@@ -150,3 +150,18 @@ def test_select_self_fisher_bad_input_one_line_exit_2(
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_bench_arms_order_by_their_own_scores() -> None:
+    from kappatune.bench.arms import ArmContext, arm_selection, candidate_rows, get_arm
+    from kappatune.spectra import AnalyzeOptions, analyze
+
+    model = _deaf_llama()
+    rows = candidate_rows(analyze(model, AnalyzeOptions(use_cache=False, workers=1)).tensors, model)
+    scores = self_fisher_scores(model, SelfFisherOptions(tokens=16, seq_len=9), rows=rows)
+    ctx = ArmContext(rows=tuple(rows), budget=Budget(tensors=3), total_params=10**6, seed=0,
+                     fisher=scores)  # fmt: skip
+    arm = get_arm("self-fisher")
+    assert arm.needs_fisher and arm.policy == "self-fisher" and get_arm("interference").needs_fisher
+    sel = arm_selection(arm, ctx)
+    assert sel is not None and sorted(e.name for e in sel.entries) == sorted(QKV0)

@@ -107,6 +107,28 @@ register_arm(
         needs_fisher=True,
     )
 )
+register_arm(
+    Arm(
+        "self-fisher",
+        "selective",
+        "self-fisher",
+        1e-4,
+        1,
+        "lowest self-Fisher matrices (the model's own samples, data-free)",
+        needs_fisher=True,
+    )
+)
+register_arm(
+    Arm(
+        "interference",
+        "selective",
+        "interference",
+        1e-4,
+        1,
+        "largest task gradient over self-Fisher (uses the training data)",
+        needs_fisher=True,
+    )
+)
 DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
 
 

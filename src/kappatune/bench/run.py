@@ -380,15 +380,47 @@ def train_one(
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _fisher_scores(loaded: Loaded, prepared: Prepared, settings: BenchSettings) -> Any:
+def _fisher_scores(
+    loaded: Loaded, prepared: Prepared, settings: BenchSettings, policy: str | None = "fisher"
+) -> Any:
     from kappatune.fisher import examples_from_tokenized, fisher_scores
 
+    if policy in ("self-fisher", "interference"):
+        return _self_fisher_scores(loaded, prepared, settings, policy)
     return fisher_scores(
         loaded.model,
         examples_from_tokenized(prepared.train),
         tokens=settings.fisher_tokens,
         rows=loaded.rows,
     )
+
+
+def _scores_message(name: str, policy: str | None, settings: BenchSettings) -> str:
+    if policy == "fisher":
+        return f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
+    from kappatune.selffisher import DEFAULT_TOKENS
+
+    task = f" and {settings.fisher_tokens} training tokens" if policy == "interference" else ""
+    return f"{name}: {policy} scores on {DEFAULT_TOKENS} tokens the model samples{task}"
+
+
+def _self_fisher_scores(
+    loaded: Loaded, prepared: Prepared, settings: BenchSettings, policy: str
+) -> Any:
+    """Scores of the self-fisher (model's own samples, default size) and interference arms."""
+    from kappatune.fisher import examples_from_tokenized, fisher_scores
+    from kappatune.selffisher import bos_of, interference_scores, self_fisher_scores
+
+    own = self_fisher_scores(
+        loaded.model, bos=bos_of(loaded.model, loaded.tokenizer), rows=loaded.rows
+    )
+    if policy == "self-fisher":
+        return own
+    task = fisher_scores(
+        loaded.model, examples_from_tokenized(prepared.train), kind="empirical",
+        tokens=settings.fisher_tokens, rows=loaded.rows,
+    )  # fmt: skip
+    return interference_scores(task, own)
 
 
 def run_bench(
@@ -489,7 +521,7 @@ def _scenario_runs(
     reporter: Reporter,
 ) -> list[RunResult]:
     out: list[RunResult] = []
-    fisher: Any = None
+    fisher: dict[str | None, Any] = {}  # policy -> its scores
     name = prepared.scenario.name
     for arm_name in settings.arms:
         arm = settings.arm(arm_name)
@@ -500,12 +532,11 @@ def _scenario_runs(
                 reporter.run_finished(done, reused=True)
                 out.append(done)
                 continue
-            if arm.needs_fisher and fisher is None:
-                reporter.message(
-                    f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
-                )
-                fisher = _fisher_scores(loaded, prepared, settings)
-            result = train_one(loaded, prepared, arm, seed, settings, plan, fisher, reporter, want)
+            if arm.needs_fisher and arm.policy not in fisher:
+                reporter.message(_scores_message(name, arm.policy, settings))
+                fisher[arm.policy] = _fisher_scores(loaded, prepared, settings, arm.policy)
+            scores = fisher.get(arm.policy)
+            result = train_one(loaded, prepared, arm, seed, settings, plan, scores, reporter, want)
             store.save_run(result)
             reporter.run_finished(result, reused=False)
             out.append(result)

@@ -20,7 +20,8 @@ EPILOG = """examples:
   kappatune bench --steps 200 --max-steps 600 --seq-len 256 --batch-size 16 \\
       --task-sequences 128 --control-sequences 128 --task-examples 360   # on a GPU
 
-arms: full, lora, kappa, kappa-lora, random, highest (default) and fisher (data-dependent).
+arms: full, lora, kappa, kappa-lora, random, highest (default), fisher and interference
+(data-dependent) and self-fisher (data-free).
 Results are saved per (arm, seed) as they finish: rerun the same command to resume.
 """
 
