@@ -49,7 +49,9 @@ def _time(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def _worst_rel(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> float:
+def _worst_rel(
+    a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]
+) -> float:
     worst = 0.0
     for kind, per in a.items():
         for name, x in per.items():
@@ -59,8 +61,12 @@ def _worst_rel(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, tor
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=508, help="predicted tokens (default: 508 = 4 x 127)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tokens", type=int, default=508, help="predicted tokens (default: 508 = 4 x 127)"
+    )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="sequences per batched pass (default: 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         text = _english(Path(tmp) / "english.txt")
-        load_s, (model, examples, stats) = _time(
+        load_s, (model, examples, _stats) = _time(
             lambda: load_model_and_examples(MODEL, [text], seq_len=args.seq_len)
         )
     opts = FisherOptions(kinds=("true", "empirical"), tokens=args.tokens, seed=args.seed)
@@ -80,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     for method, batch in (("batched", args.batch), ("loop", 1)):
         secs, diag = _time(lambda b=batch: fisher_diagonals(model, examples, opts, batch_size=b))
         results[method] = diag.tensors
-        rows.append({"method": method, "batch_size": batch, "seconds": secs, "examples": diag.examples})
+        rows.append(
+            {"method": method, "batch_size": batch, "seconds": secs, "examples": diag.examples}
+        )
         print(f"{method}: {secs:.1f} s", flush=True)
     loop_s = rows[1]["seconds"]
     for r in rows:
@@ -113,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| method | sequences per pass | seconds | speed-up |",
         "|---|---:|---:|---:|",
-        *(f"| {r['method']} | {r['batch_size']} | {r['seconds']:.1f} | {r['speedup']:.2f}x |" for r in rows),
+        *(
+            f"| {r['method']} | {r['batch_size']} | {r['seconds']:.1f} | {r['speedup']:.2f}x |"
+            for r in rows
+        ),
         "",
         f"Largest difference between the two diagonals, relative to each tensor's largest entry: {worst:.1e}.",
     ]

@@ -46,7 +46,9 @@ def _spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
     return float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic)
 
 
-def _chunk_sums(model: Any, ids: torch.Tensor, seed: int, batch: int) -> tuple[dict[str, float], dict[str, int], int]:
+def _chunk_sums(
+    model: Any, ids: torch.Tensor, seed: int, batch: int
+) -> tuple[dict[str, float], dict[str, int], int]:
     """Per-matrix Fisher sums (times tokens) and sizes of a chunk of sampled sequences."""
     from kappatune.fisher import FisherOptions, compute_fisher, examples_from_ids
 
@@ -62,7 +64,9 @@ def _means(sums: Mapping[str, float], numel: Mapping[str, int], tokens: int) -> 
     return {n: s / tokens / numel[n] for n, s in sums.items()}
 
 
-def _measure(model: Any, seqs: int, seq_len: int, seed: int, sizes: Sequence[int], batch: int) -> tuple[dict[int, dict[str, float]], float]:
+def _measure(
+    model: Any, seqs: int, seq_len: int, seed: int, sizes: Sequence[int], batch: int
+) -> tuple[dict[int, dict[str, float]], float]:
     """Self-Fisher means at each size (sequences), from one pool sampled with ``seed``."""
     from kappatune.selffisher import bos_of, sample_sequences
 
@@ -89,10 +93,14 @@ def _probe_fisher(name: str) -> dict[str, float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=MODEL)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="sequences per estimate")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="sequences per estimate"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--reference", type=int, default=16, help="sequences of the reference")
     p.add_argument("--batch", type=int, default=4)
@@ -106,18 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_causal_lm(args.model)
     per_tok = args.seq_len - 1
     ref_seed = 1000
-    ref_runs, ref_s = _measure(model, args.reference, args.seq_len, ref_seed, [args.reference], args.batch)
+    ref_runs, ref_s = _measure(
+        model, args.reference, args.seq_len, ref_seed, [args.reference], args.batch
+    )
     reference = ref_runs[args.reference]
     print(f"reference: {args.reference * per_tok} tokens, {ref_s:.0f} s", flush=True)
     runs: dict[int, dict[int, dict[str, float]]] = {}
     seconds = {}
     for seed in args.seeds:
-        runs[seed], seconds[seed] = _measure(model, max(args.sizes), args.seq_len, seed, args.sizes, args.batch)
+        runs[seed], seconds[seed] = _measure(
+            model, max(args.sizes), args.seq_len, seed, args.sizes, args.batch
+        )
         print(f"seed {seed}: {seconds[seed]:.0f} s", flush=True)
     table = []
     for size in sorted(args.sizes):
         vs_ref = [_spearman(runs[s][size], reference) for s in args.seeds]
-        pairs = [_spearman(runs[a][size], runs[b][size]) for a, b in itertools.combinations(args.seeds, 2)]
+        pairs = [
+            _spearman(runs[a][size], runs[b][size])
+            for a, b in itertools.combinations(args.seeds, 2)
+        ]
         table.append({
             "sequences": size, "tokens": size * per_tok,
             "spearman_vs_reference": vs_ref, "mean_vs_reference": sum(vs_ref) / len(vs_ref),
@@ -172,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out_dir / "self_fisher_stability.md", md)
-    atomic_write_text(args.out_dir / "self_fisher_stability.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(
+        args.out_dir / "self_fisher_stability.json", json.dumps(info, indent=2) + "\n"
+    )
     return 0
 
 

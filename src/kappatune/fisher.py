@@ -548,9 +548,7 @@ def fisher_diagonals(
         if batch_size > 1 and hasattr(objective, "batch_predictions"):
             from kappatune.fisher_batched import run_batched
 
-            looped = run_batched(
-                model, named, plan, objective, options, accs, batch_size, progress
-            )
+            looped = run_batched(model, named, plan, objective, options, accs, batch_size, progress)
         if looped:
             rest = [(n, p) for n, p in named if n in set(looped)]
             whole = len(rest) == len(named)

@@ -108,7 +108,9 @@ class _Capture:
             replaced = output.detach().requires_grad_(True)
             self.leaves.append(replaced)
             output = replaced
-        self.calls.setdefault(id(module), []).append(_Call(module, tuple(args), dict(kwargs), output))
+        self.calls.setdefault(id(module), []).append(
+            _Call(module, tuple(args), dict(kwargs), output)
+        )
         return replaced
 
 
@@ -148,7 +150,7 @@ def _vjp_one(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> to
         return out
 
     assert call.grad is not None
-    _, vjp = torch.func.vjp(f, weight.detach())
+    _, vjp = torch.func.vjp(f, weight.detach())[:2]
     (g,) = vjp(call.grad[b : b + 1].detach())
     return g.detach()  # type: ignore[no-any-return]
 
@@ -174,7 +176,9 @@ def per_example_grads(
     uses = [(m, a, c) for m, a in mods for c in calls.get(id(m), []) if c.grad is not None]
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        total = torch.zeros((hi - lo, *weight.shape), dtype=_acc_dtype(weight), device=weight.device)
+        total = torch.zeros(
+            (hi - lo, *weight.shape), dtype=_acc_dtype(weight), device=weight.device
+        )
         for module, attr, call in uses:
             if _is_linear(module):
                 total += _linear_chunk(call, lo, hi)
@@ -261,10 +265,12 @@ def _run_batch(
     bad = [n for n, mods in job.owned.items() if any(id(m) in capture.bad for m, _ in mods)]
     if bad:
         raise Unbatchable(bad)
-    labels = torch.stack([_limit_labels(lab, take) for lab, (_, take) in zip(labels, batch)])
+    labels = torch.stack(
+        [_limit_labels(lab, take) for lab, (_, take) in zip(labels, batch, strict=True)]
+    )
     calls = [c for cs in capture.calls.values() for c in cs]
     names = list(job.owned)
-    params = [job.named[n] for n in names] if check else []
+    params: list[torch.Tensor] = [job.named[n] for n in names] if check else []
     passes = _passes(logits, labels, job, generator)
     for i, (kind, loss, weight) in enumerate(passes):
         grads = torch.autograd.grad(
@@ -339,9 +345,7 @@ def run_batched(
     return rest
 
 
-def _run_all(
-    job: _Job, plan: Sequence[tuple[Any, int]], batch_size: int, progress: Any
-) -> None:
+def _run_all(job: _Job, plan: Sequence[tuple[Any, int]], batch_size: int, progress: Any) -> None:
     device = next(iter(job.named.values())).device
     generator = torch.Generator(device=device).manual_seed(job.options.seed)
     done = 0

@@ -51,7 +51,9 @@ class SelfFisherOptions:
         if self.tokens < 1:
             raise KappaTuneError(f"--self-fisher-tokens must be at least 1, got {self.tokens}")
         if self.seq_len < 2:
-            raise KappaTuneError(f"the self-Fisher sequence length must be >= 2, got {self.seq_len}")
+            raise KappaTuneError(
+                f"the self-Fisher sequence length must be >= 2, got {self.seq_len}"
+            )
         if self.batch_size < 1:
             raise KappaTuneError(f"the batch size must be at least 1, got {self.batch_size}")
 

@@ -14,7 +14,7 @@ from kappatune.fisher import (
     examples_from_ids,
     fisher_diagonals,
 )
-from tests.unit.test_fisher import SEQS, Bigram, FusedExperts, _classifier_data, LinearSoftmax
+from tests.unit.test_fisher import SEQS, Bigram, FusedExperts, LinearSoftmax, _classifier_data
 
 
 def _llama(tied: bool) -> nn.Module:

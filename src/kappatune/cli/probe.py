@@ -422,9 +422,7 @@ def conclusion(correlations: Sequence[Mapping[str, Any]], kinds: Sequence[str]) 
         if (c["kind"], c["measure"], c["group"], c["method"]) == (kind, "mean", "all", "spearman")
     )  # fmt: skip
     if c["estimate"] is None or c["ci_low"] is None:
-        return (
-            f"Conclusion: too few matrices ({c['n']}) to say whether kappa and Fisher agree."
-        )
+        return f"Conclusion: too few matrices ({c['n']}) to say whether kappa and Fisher agree."
     level = f"{100 * c['confidence']:g} %"
     figure = (
         f"Spearman {c['estimate']:+.2f}, {level} interval [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}],"
