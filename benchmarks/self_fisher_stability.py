@@ -47,16 +47,15 @@ def _spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 
 
 def _chunk_sums(
-    model: Any, ids: torch.Tensor, seed: int, batch: int
+    model: Any, ids: torch.Tensor, seed: int
 ) -> tuple[dict[str, float], dict[str, int], int]:
     """Per-matrix Fisher sums (times tokens) and sizes of a chunk of sampled sequences."""
     from kappatune.fisher import FisherOptions, compute_fisher, examples_from_ids
 
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     res = compute_fisher(
-        model, examples_from_ids(ids), FisherOptions(kinds=("true",), tokens=tokens, seed=seed),
-        batch_size=batch,
-    )["true"]  # fmt: skip
+        model, examples_from_ids(ids), FisherOptions(kinds=("true",), tokens=tokens, seed=seed)
+    )["true"]
     return {r.name: r.sum * tokens for r in res.rows}, {r.name: r.numel for r in res.rows}, tokens
 
 
@@ -76,7 +75,7 @@ def _measure(
     total: dict[str, float] = {}
     tokens, lo = 0, 0
     for i, size in enumerate(sorted(sizes)):
-        sums, numel, t = _chunk_sums(model, pool[lo:size], seed * 1000 + i, batch)
+        sums, numel, t = _chunk_sums(model, pool[lo:size], seed * 1000 + i)
         total = {n: total.get(n, 0.0) + v for n, v in sums.items()}
         tokens += t
         lo = size
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--reference", type=int, default=16, help="sequences of the reference")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="sequences sampled together")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 

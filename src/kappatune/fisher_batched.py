@@ -33,7 +33,16 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 8  # examples per pass on a GPU
+
+
+def auto_batch_size(device: torch.device) -> int:
+    """Examples per pass when none is given: one on a CPU, where batching does the same
+    matrix products with more copying and measured no faster (benchmarks/fisher_speed.py);
+    :data:`DEFAULT_BATCH` on an accelerator, where one example per pass leaves it idle."""
+    return 1 if device.type == "cpu" else DEFAULT_BATCH
+
+
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once, per weight
 
 
@@ -176,16 +185,15 @@ def per_example_grads(
     uses = [(m, a, c) for m, a in mods for c in calls.get(id(m), []) if c.grad is not None]
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        total = torch.zeros(
-            (hi - lo, *weight.shape), dtype=_acc_dtype(weight), device=weight.device
-        )
+        total: torch.Tensor | None = None
         for module, attr, call in uses:
             if _is_linear(module):
-                total += _linear_chunk(call, lo, hi)
+                part = _linear_chunk(call, lo, hi)
             else:
-                for b in range(lo, hi):
-                    total[b - lo] += _vjp_one(call, attr, weight, b, n)
-        yield total
+                part = torch.stack([_vjp_one(call, attr, weight, b, n)[0] for b in range(lo, hi)])
+            total = part if total is None else total + part
+        if total is not None:  # no use at all: every example's gradient is 0
+            yield total.to(_acc_dtype(weight))
 
 
 def _acc_dtype(p: torch.Tensor) -> torch.dtype:
@@ -249,17 +257,18 @@ def _passes(
     return out
 
 
-def _run_batch(
-    job: _Job, batch: Sequence[tuple[Any, int]], generator: torch.Generator, check: bool
-) -> None:
+def _forward(
+    job: _Job, batch: Sequence[tuple[Any, int]], grad: bool
+) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
+    """The batch's logits and labels (cut to each example's budget), its module calls recorded."""
     from kappatune.fisher import _limit_labels
 
     device = next(iter(job.named.values())).device
     examples = [{k: v.to(device) for k, v in ex.items()} for ex, _ in batch]
     modules = list({id(m): m for mods in job.owned.values() for m, _ in mods}.values())
     capture = _Capture(lead=job.objective.lead(examples))
-    for p in job.named.values():
-        p.requires_grad_(check)
+    for name, p in job.named.items():
+        p.requires_grad_(grad and name in job.owned)
     with _hooks(modules, capture):
         logits, labels = job.objective.batch_predictions(job.model, examples)
     bad = [n for n, mods in job.owned.items() if any(id(m) in capture.bad for m, _ in mods)]
@@ -268,51 +277,60 @@ def _run_batch(
     labels = torch.stack(
         [_limit_labels(lab, take) for lab, (_, take) in zip(labels, batch, strict=True)]
     )
+    return capture, logits, labels
+
+
+def _backward(
+    capture: _Capture, loss: torch.Tensor, params: Sequence[torch.Tensor], retain: bool
+) -> list[torch.Tensor | None]:
+    """Set each recorded call's output gradient; return the gradients of ``params``."""
     calls = [c for cs in capture.calls.values() for c in cs]
+    grads = torch.autograd.grad(
+        loss, [c.output for c in calls] + list(params), retain_graph=retain, allow_unused=True
+    )
+    for c, g in zip(calls, grads, strict=False):
+        c.grad = g
+    return list(grads[len(calls) :])
+
+
+def _check(job: _Job, first: tuple[Any, int]) -> None:
+    """On the first example alone, with its data labels: the rebuilt gradient of each weight
+    must equal autograd's (a weight also used outside its module's forward would differ)."""
+    capture, logits, labels = _forward(job, [first], grad=True)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    valid = labels >= 0
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = torch.where(valid, picked, picked.new_zeros(())).sum()
     names = list(job.owned)
-    params: list[torch.Tensor] = [job.named[n] for n in names] if check else []
+    grads = _backward(capture, loss, [job.named[n] for n in names], retain=False)
+    wrong = []
+    for name, want in zip(names, grads, strict=True):
+        got = list(per_example_grads(job.owned[name], capture.calls, job.named[name], 1))
+        if not _agrees(got[0][0] if got else None, want):
+            wrong.append(name)
+    if wrong:
+        raise Unbatchable(wrong)
+
+
+def _run_batch(job: _Job, batch: Sequence[tuple[Any, int]], generator: torch.Generator) -> None:
+    capture, logits, labels = _forward(job, batch, grad=False)
     passes = _passes(logits, labels, job, generator)
     for i, (kind, loss, weight) in enumerate(passes):
-        grads = torch.autograd.grad(
-            loss,
-            [c.output for c in calls] + params,
-            retain_graph=i < len(passes) - 1,
-            allow_unused=True,
-        )
-        for c, g in zip(calls, grads, strict=False):
-            c.grad = g
-        wrong = []
-        for j, name in enumerate(names):
-            summed = _accumulate(job, name, kind, weight, len(batch), capture.calls, check)
-            if check and not _agrees(summed, grads[len(calls) + j]):
-                wrong.append(name)
-        if wrong:
-            raise Unbatchable(wrong)
-
-
-def _accumulate(
-    job: _Job,
-    name: str,
-    kind: str,
-    weight: float,
-    n: int,
-    calls: Mapping[int, list[_Call]],
-    keep_sum: bool,
-) -> torch.Tensor | None:
-    acc = job.accs[kind][name]
-    summed = torch.zeros_like(acc) if keep_sum else None
-    for chunk in per_example_grads(job.owned[name], calls, job.named[name], n):
-        for g in chunk:
-            acc.addcmul_(g, g, value=weight)
-            if summed is not None:
-                summed += g
-    return summed
+        _backward(capture, loss, (), retain=i < len(passes) - 1)
+        for name in job.owned:
+            acc = job.accs[kind][name]
+            for chunk in per_example_grads(
+                job.owned[name], capture.calls, job.named[name], len(batch)
+            ):
+                for g in chunk:
+                    acc.addcmul_(g, g, value=weight)
 
 
 def _agrees(summed: torch.Tensor | None, batch_grad: torch.Tensor | None) -> bool:
-    assert summed is not None
-    if batch_grad is None:
-        return not bool(summed.any())
+    if summed is None or batch_grad is None:
+        return (summed is None or not bool(summed.any())) and (
+            batch_grad is None or not bool(batch_grad.any())
+        )
     scale = float(batch_grad.double().norm()) + float(summed.double().norm())
     return float((summed.double() - batch_grad.double()).norm()) <= 1e-4 * scale + 1e-30
 
@@ -333,6 +351,7 @@ def run_batched(
     while owned:
         job = _Job(model, dict(named), owned, objective, options, accs)
         try:
+            _check(job, plan[0])
             _run_all(job, plan, batch_size, progress)
             break
         except Unbatchable as exc:
@@ -349,8 +368,8 @@ def _run_all(job: _Job, plan: Sequence[tuple[Any, int]], batch_size: int, progre
     device = next(iter(job.named.values())).device
     generator = torch.Generator(device=device).manual_seed(job.options.seed)
     done = 0
-    for i, batch in enumerate(_batches(plan, batch_size)):
-        _run_batch(job, batch, generator, check=i == 0)
+    for batch in _batches(plan, batch_size):
+        _run_batch(job, batch, generator)
         done += sum(take for _, take in batch)
         if progress is not None:
             progress(done, job.options.tokens)

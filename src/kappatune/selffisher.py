@@ -45,7 +45,7 @@ class SelfFisherOptions:
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
     damping: float = 1e-8
-    batch_size: int = DEFAULT_BATCH
+    batch_size: int = DEFAULT_BATCH  # sequences sampled together
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -174,7 +174,6 @@ def self_fisher_scores(
     return fisher_scores(
         model, examples_from_ids(ids), kind="true", measure=measure, tokens=options.tokens,
         seed=options.seed, damping=options.damping, only=only, rows=rows, progress=progress,
-        batch_size=options.batch_size,
     )  # fmt: skip
 
 
@@ -217,7 +216,7 @@ def policy_scores_for(
         )
         task_scores = fisher_scores(
             model, examples, kind="empirical", tokens=task_tokens, seed=options.seed,
-            damping=options.damping, rows=rows, batch_size=options.batch_size,
+            damping=options.damping, rows=rows,
         )  # fmt: skip
         tokenizer = None
     else:

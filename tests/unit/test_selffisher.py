@@ -108,15 +108,15 @@ def test_select_self_fisher_and_interference_from_the_cli(
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
     for policy, extra in (
         ("self-fisher", []),
-        ("interference", ["--fisher-data", str(text), "--fisher-tokens", "40"]),
+        ("interference", ["--fisher-data", str(text), "--fisher-tokens", "20"]),
     ):
         out_file = tmp_path / f"{policy}.json"
-        argv = ["select", str(model_dir), "--policy", policy, "--self-fisher-tokens", "30",
+        argv = ["select", str(model_dir), "--policy", policy, "--self-fisher-tokens", "16",
                 "--budget-tensors", "4", "-o", str(out_file), *extra]  # fmt: skip
         code, _, err = _run(argv, capsys)
         assert code == 0, err
         scores = policy_scores_for(
-            policy, model_dir, SelfFisherOptions(tokens=30), task_files=[text], task_tokens=40
+            policy, model_dir, SelfFisherOptions(tokens=16), task_files=[text], task_tokens=20
         )
         sign = 1 if policy == "self-fisher" else -1
         expected = sorted(scores, key=lambda k: (sign * scores[k], k))[:4]
