@@ -190,7 +190,7 @@ def per_example_grads(
             if _is_linear(module):
                 part = _linear_chunk(call, lo, hi)
             else:
-                part = torch.stack([_vjp_one(call, attr, weight, b, n)[0] for b in range(lo, hi)])
+                part = torch.stack([_vjp_one(call, attr, weight, b, n) for b in range(lo, hi)])
             total = part if total is None else total + part
         if total is not None:  # no use at all: every example's gradient is 0
             yield total.to(_acc_dtype(weight))

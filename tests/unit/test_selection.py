@@ -78,9 +78,11 @@ def test_policy_registry() -> None:
         "all",
         "fisher",
         "highest-kappa",
+        "interference",
         "last-layers",
         "lowest-kappa",
         "random",
+        "self-fisher",
     )
     with pytest.raises(
         KappaTuneError, match=r"unknown selection policy 'nope' \(known: all, fisher"
