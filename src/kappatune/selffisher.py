@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from kappatune.fisher import Key, ProgressHook
     from kappatune.spectra import SpectrumRow
 
-DEFAULT_TOKENS = 1024
+DEFAULT_TOKENS = 508  # 4 sequences of 128: benchmarks/results/self_fisher_stability.md
 DEFAULT_SEQ_LEN = 128
 
 
