@@ -43,6 +43,7 @@ import torch
 
 from kappatune import names
 from kappatune.errors import KappaTuneError
+from kappatune.fisher_batched import DEFAULT_BATCH
 from kappatune.jsonio import decode_float, encode_float
 
 if TYPE_CHECKING:
@@ -505,7 +506,7 @@ def fisher_diagonals(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
-    batch_size: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> FisherDiagonals:
     """The diagonal Fisher estimate of every candidate tensor, for each kind in ``options``.
 
@@ -518,18 +519,13 @@ def fisher_diagonals(
     ``batch_size`` examples share a forward and backward pass and each one's gradient is rebuilt
     from the pass (:mod:`kappatune.fisher_batched`); weights that cannot be, and every weight
     when ``batch_size`` is 1, take one backward pass per example. Both give the same estimate
-    (same labels for a seed) up to floating-point rounding. ``None``: 1 on a CPU, 8 otherwise
-    (:func:`kappatune.fisher_batched.auto_batch_size`).
+    (same labels for a seed) up to floating-point rounding.
     """
     options = options or FisherOptions()
     objective = objective or CausalLMObjective()
-    if batch_size is not None and batch_size < 1:
+    if batch_size < 1:
         raise KappaTuneError(f"the Fisher batch size must be at least 1, got {batch_size}")
     named = candidate_parameters(model, only)
-    if batch_size is None:
-        from kappatune.fisher_batched import auto_batch_size
-
-        batch_size = auto_batch_size(named[0][1].device)
     plan = plan_examples(examples, objective, options.tokens)
     accs = {
         kind: {
@@ -611,7 +607,7 @@ def compute_fisher(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
-    batch_size: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> dict[str, FisherResult]:
     """:func:`fisher_diagonals` summarized per tensor: one :class:`FisherResult` per kind."""
     diagonals = fisher_diagonals(
@@ -659,7 +655,7 @@ def fisher_scores(
     only: Collection[str] | None = None,
     rows: Sequence[SpectrumRow] | None = None,
     progress: ProgressHook | None = None,
-    batch_size: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> dict[Key, float]:
     """``{(name, expert or -1): Fisher measure}`` for the ``fisher`` selection policy.
 

@@ -33,16 +33,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 8  # examples per pass on a GPU
-
-
-def auto_batch_size(device: torch.device) -> int:
-    """Examples per pass when none is given: one on a CPU, where batching does the same
-    matrix products with more copying and measured no faster (benchmarks/fisher_speed.py);
-    :data:`DEFAULT_BATCH` on an accelerator, where one example per pass leaves it idle."""
-    return 1 if device.type == "cpu" else DEFAULT_BATCH
-
-
+DEFAULT_BATCH = 4  # 1.95x the one-example loop on Gemma 3 270M, CPU (fisher_speed.md)
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once, per weight
 
 
