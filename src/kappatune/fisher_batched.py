@@ -13,10 +13,10 @@ what the pass already computes:
   contributions of every use before squaring.
 
 A weight owned by any other kind of module, or whose module sees inputs that are not laid out
-example-first (tokens routed to experts), is left to the one-example-per-pass loop. Before the
-first batch is trusted, the per-example gradients of each weight are summed and checked against
-the ordinary batch gradient; a weight that disagrees (used outside its module's forward) also
-goes to the loop. The labels are drawn in the loop's order from the same generator, so a seed
+example-first (tokens routed to experts), is left to the one-example-per-pass loop. Before any
+batch, the rebuilt gradient of each weight on the first example (its data labels) is checked
+against autograd's; a weight that disagrees (also used outside its module's forward) goes to
+the loop as well. The labels are drawn in the loop's order from the same generator, so a seed
 gives the same samples, and the result equals the loop's within floating-point rounding.
 """
 
