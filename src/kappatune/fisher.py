@@ -43,6 +43,7 @@ import torch
 
 from kappatune import names
 from kappatune.errors import KappaTuneError
+from kappatune.fisher_batched import DEFAULT_BATCH
 from kappatune.jsonio import decode_float, encode_float
 
 if TYPE_CHECKING:
@@ -161,6 +162,25 @@ class CausalLMObjective:
         logits = _logits_of(output)[0, :-1]
         return logits, self._labels(example).to(logits.device)
 
+    def lead(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        """The leading (example, position) dimensions of a batch's activations."""
+        return (len(examples), int(examples[0]["input_ids"].shape[0]))
+
+    def batch_predictions(
+        self, model: torch.nn.Module, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predictions` of equally long examples in one pass: ``(B, P, V)``, ``(B, P)``."""
+        ids = torch.stack([e["input_ids"] for e in examples])
+        masks = [e.get("attention_mask") for e in examples]
+        if any(m is not None and bool((m == 0).any()) for m in masks):
+            mask = torch.stack([torch.ones_like(ids[0]) if m is None else m for m in masks])
+            output = model(ids, attention_mask=mask)
+        else:
+            output = model(ids)
+        logits = _logits_of(output)[:, :-1]
+        labels = torch.stack([self._labels(e) for e in examples]).to(logits.device)
+        return logits, labels
+
 
 @dataclass(frozen=True)
 class ClassifierObjective:
@@ -174,6 +194,16 @@ class ClassifierObjective:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = _logits_of(model(example["inputs"][None]))
         return logits.reshape(1, -1), example["labels"].reshape(1).to(logits.device)
+
+    def lead(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        return (len(examples),)
+
+    def batch_predictions(
+        self, model: torch.nn.Module, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _logits_of(model(torch.stack([e["inputs"] for e in examples])))
+        labels = torch.stack([e["labels"].reshape(1) for e in examples])
+        return logits.reshape(len(examples), 1, -1), labels.to(logits.device)
 
 
 def examples_from_ids(
@@ -476,6 +506,7 @@ def fisher_diagonals(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> FisherDiagonals:
     """The diagonal Fisher estimate of every candidate tensor, for each kind in ``options``.
 
@@ -484,18 +515,23 @@ def fisher_diagonals(
     consumed. ``progress(done, total)`` is called with token counts. Deterministic for a seed
     (on a given device and thread count). The model's gradients, ``requires_grad`` flags and
     train/eval mode are left as they were. Accumulators are float32 (float64 for float64 models).
+
+    ``batch_size`` examples share a forward and backward pass and each one's gradient is rebuilt
+    from the pass (:mod:`kappatune.fisher_batched`); weights that cannot be, and every weight
+    when ``batch_size`` is 1, take one backward pass per example. Both give the same estimate
+    (same labels for a seed) up to floating-point rounding.
     """
     options = options or FisherOptions()
     objective = objective or CausalLMObjective()
+    if batch_size < 1:
+        raise KappaTuneError(f"the Fisher batch size must be at least 1, got {batch_size}")
     named = candidate_parameters(model, only)
     plan = plan_examples(examples, objective, options.tokens)
-    params = [p for _, p in named]
-    device = params[0].device
-    generator = torch.Generator(device=device).manual_seed(options.seed)
     accs = {
-        kind: [
-            torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params
-        ]
+        kind: {
+            n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+            for n, p in named
+        }
         for kind in options.kinds
     }
     log.info(
@@ -505,23 +541,47 @@ def fisher_diagonals(
         options.tokens,
         len(plan),
     )
-    done = 0
     if progress is not None:
         progress(0, options.tokens)
-    with _grad_only_for(model, params):
-        for example, take in plan:
-            ex = {k: v.to(device) for k, v in example.items()}
-            _example_step(model, objective, ex, take, params, accs, options, generator)
-            done += take
-            if progress is not None:
-                progress(done, options.tokens)
+    looped = [n for n, _ in named]
+    with _grad_only_for(model, [p for _, p in named]):
+        if batch_size > 1 and hasattr(objective, "batch_predictions"):
+            from kappatune.fisher_batched import run_batched
+
+            looped = run_batched(model, named, plan, objective, options, accs, batch_size, progress)
+        if looped:
+            rest = [(n, p) for n, p in named if n in set(looped)]
+            whole = len(rest) == len(named)
+            _run_loop(model, rest, plan, objective, options, accs, progress if whole else None)
     tensors = {
-        kind: {
-            name: acc.div_(options.tokens) for (name, _), acc in zip(named, accs[kind], strict=True)
-        }
+        kind: {name: accs[kind][name].div_(options.tokens) for name, _ in named}
         for kind in options.kinds
     }
     return FisherDiagonals(tensors, options.tokens, len(plan), options)
+
+
+def _run_loop(
+    model: torch.nn.Module,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    plan: Sequence[tuple[Example, int]],
+    objective: Objective,
+    options: FisherOptions,
+    accs: Mapping[str, Mapping[str, torch.Tensor]],
+    progress: ProgressHook | None,
+) -> None:
+    """One forward and backward pass per example, for the weights in ``named``."""
+    params = [p for _, p in named]
+    device = params[0].device
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    lists = {kind: [accs[kind][n] for n, _ in named] for kind in options.kinds}
+    done = 0
+    with _grad_only_for(model, params):
+        for example, take in plan:
+            ex = {k: v.to(device) for k, v in example.items()}
+            _example_step(model, objective, ex, take, params, lists, options, generator)
+            done += take
+            if progress is not None:
+                progress(done, options.tokens)
 
 
 def summarize(diagonals: FisherDiagonals) -> dict[str, FisherResult]:
@@ -547,11 +607,13 @@ def compute_fisher(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> dict[str, FisherResult]:
     """:func:`fisher_diagonals` summarized per tensor: one :class:`FisherResult` per kind."""
     diagonals = fisher_diagonals(
-        model, examples, options, objective=objective, only=only, progress=progress
-    )
+        model, examples, options, objective=objective, only=only, progress=progress,
+        batch_size=batch_size,
+    )  # fmt: skip
     return summarize(diagonals)
 
 
@@ -593,6 +655,7 @@ def fisher_scores(
     only: Collection[str] | None = None,
     rows: Sequence[SpectrumRow] | None = None,
     progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
 ) -> dict[Key, float]:
     """``{(name, expert or -1): Fisher measure}`` for the ``fisher`` selection policy.
 
@@ -604,8 +667,9 @@ def fisher_scores(
     options = FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
     if rows is None:
         result = compute_fisher(
-            model, examples, options, objective=objective, only=only, progress=progress
-        )
+            model, examples, options, objective=objective, only=only, progress=progress,
+            batch_size=batch_size,
+        )  # fmt: skip
         return result[kind].scores(measure)
     from kappatune.layout import locate_entries
     from kappatune.selection import SelectionEntry
@@ -613,8 +677,9 @@ def fisher_scores(
     parts = locate_entries(model, [SelectionEntry.of(r) for r in rows])
     params = sorted({p.param for p in parts.values()})
     diagonals = fisher_diagonals(
-        model, examples, options, objective=objective, only=params, progress=progress
-    )
+        model, examples, options, objective=objective, only=params, progress=progress,
+        batch_size=batch_size,
+    )  # fmt: skip
     return row_scores(parts, diagonals.tensors[kind], rows, measure, damping)
 
 

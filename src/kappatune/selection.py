@@ -186,6 +186,39 @@ def spectrum_snr(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[Spectr
     return [p[4] for p in placed]
 
 
+def _scores_for(
+    rows: Sequence[SpectrumRow], ctx: PolicyContext, policy: str, what: str
+) -> Mapping[RowKey, float]:
+    """``ctx.scores``, checked to cover every candidate."""
+    scores = ctx.scores
+    if not scores:
+        raise KappaTuneError(f"policy {policy!r} needs {what} scores (kappatune.selffisher)")
+    missing = [r.key for r in rows if r.key not in scores]
+    if missing:
+        shown = ", ".join(n if e < 0 else f"{n}[{e}]" for n, e in missing[:3])
+        raise KappaTuneError(
+            f"policy {policy!r}: {len(missing)} of {len(rows)} candidates have no {what} score"
+            f" (e.g. {shown})"
+        )
+    return scores
+
+
+@register_policy("self-fisher")
+def least_self_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Data-free: least Fisher information on the model's own samples (per parameter) first."""
+    scores = _scores_for(rows, ctx, "self-fisher", "self-Fisher")
+    return sorted(rows, key=lambda r: (scores[r.key], *kappa_order_key(r)))
+
+
+@register_policy("interference")
+def most_interference(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
+    """Task squared gradient over self-Fisher, largest first: matrices the task needs and the
+    model's own behaviour hardly uses (``ctx.scores`` from
+    :func:`kappatune.selffisher.interference_scores`)."""
+    scores = _scores_for(rows, ctx, "interference", "interference")
+    return sorted(rows, key=lambda r: (-scores[r.key], *kappa_order_key(r)))
+
+
 # --------------------------------------------------------------------------- budgets
 
 _PARAM_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}

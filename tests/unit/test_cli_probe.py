@@ -43,6 +43,7 @@ def test_probe_writes_json_csv_plot_and_prints_tables(
     out = tmp_path / "out"
     assert main(_args(tiny_dir, text_file, out)) == 0
     printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1].startswith("Conclusion: ")
     assert "rank correlation of kappa with true Fisher" in printed
     assert "rank correlation of kappa with empirical Fisher" in printed
     report = json.loads((out / "p.json").read_text())
@@ -161,3 +162,29 @@ def test_too_short_data_names_the_numbers(
         " budget of 200 (lower --tokens or add data)"
     )
     assert not out.exists()
+
+
+def _corr(estimate: float | None, lo: float | None, hi: float | None, n: int = 127) -> dict:
+    return {"kind": "true", "measure": "mean", "group": "all", "method": "spearman", "n": n,
+            "estimate": estimate, "ci_low": lo, "ci_high": hi, "confidence": 0.95}  # fmt: skip
+
+
+def test_probe_conclusion_is_one_plain_line() -> None:
+    from kappatune.cli.probe import conclusion
+
+    other = {**_corr(0.9, 0.8, 0.95), "kind": "empirical"}
+    tail = "95 % interval [-0.64, -0.40], true Fisher per parameter, 127 matrices)."
+    assert conclusion([other, _corr(-0.54, -0.64, -0.40)], ["true", "empirical"]) == (
+        "Conclusion: kappa and Fisher disagree: matrices with a higher kappa carry less"
+        " information, against KappaTune's premise (Spearman -0.54, " + tail
+    )
+    assert conclusion([_corr(0.3, 0.1, 0.5, 16)], ["true"]) == (
+        "Conclusion: kappa and Fisher agree: matrices with a higher kappa carry more information"
+        " (Spearman +0.30, 95 % interval [+0.10, +0.50], true Fisher per parameter, 16 matrices)."
+    )
+    assert conclusion([_corr(0.05, -0.2, 0.3, 16)], ["true"]).startswith(
+        "Conclusion: no clear relation between kappa and Fisher (Spearman +0.05,"
+    )
+    assert conclusion([_corr(None, None, None, 2)], ["true"]) == (
+        "Conclusion: too few matrices (2) to say whether kappa and Fisher agree."
+    )

@@ -78,9 +78,11 @@ def test_policy_registry() -> None:
         "all",
         "fisher",
         "highest-kappa",
+        "interference",
         "last-layers",
         "lowest-kappa",
         "random",
+        "self-fisher",
         "snr",
     )
     with pytest.raises(

@@ -144,6 +144,28 @@ register_arm(
 # MLP-only LoRA 1e-4: PEFT method_comparison experiments/lora/llama-3.2-3B-rank10-target-mlp
 # (default_training_params.json, lr 1e-4)
 register_arm(Arm("mlp-lora", "mlp-lora", None, 1e-4, 1, "LoRA on the MLP (gate/up/down) only"))
+register_arm(
+    Arm(
+        "self-fisher",
+        "selective",
+        "self-fisher",
+        1e-4,
+        1,
+        "lowest self-Fisher matrices (the model's own samples, data-free)",
+        needs_fisher=True,
+    )
+)
+register_arm(
+    Arm(
+        "interference",
+        "selective",
+        "interference",
+        1e-4,
+        1,
+        "largest task gradient over self-Fisher (uses the training data)",
+        needs_fisher=True,
+    )
+)
 DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
 PEER_ARMS = ("osf", "mica", "pissa", "corda-kpm", "spectrum", "mlp-lora")
 KEEP_DATA_MARK = "uses data of what to keep"

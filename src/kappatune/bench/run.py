@@ -498,9 +498,13 @@ def train_one(
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _fisher_scores(loaded: Loaded, prepared: Prepared, settings: BenchSettings) -> Any:
+def _fisher_scores(
+    loaded: Loaded, prepared: Prepared, settings: BenchSettings, policy: str | None = "fisher"
+) -> Any:
     from kappatune.fisher import examples_from_tokenized, fisher_scores
 
+    if policy in ("self-fisher", "interference"):
+        return _self_fisher_scores(loaded, prepared, settings, policy)
     return fisher_scores(
         loaded.model,
         examples_from_tokenized(prepared.train),
@@ -531,6 +535,34 @@ def knowledge_questions(
         )
         return questions, None
     return read_questions(Path(settings.knowledge).expanduser()), None
+
+
+def _scores_message(name: str, policy: str | None, settings: BenchSettings) -> str:
+    if policy == "fisher":
+        return f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
+    from kappatune.selffisher import DEFAULT_TOKENS
+
+    task = f" and {settings.fisher_tokens} training tokens" if policy == "interference" else ""
+    return f"{name}: {policy} scores on {DEFAULT_TOKENS} tokens the model samples{task}"
+
+
+def _self_fisher_scores(
+    loaded: Loaded, prepared: Prepared, settings: BenchSettings, policy: str
+) -> Any:
+    """Scores of the self-fisher (model's own samples, default size) and interference arms."""
+    from kappatune.fisher import examples_from_tokenized, fisher_scores
+    from kappatune.selffisher import bos_of, interference_scores, self_fisher_scores
+
+    own = self_fisher_scores(
+        loaded.model, bos=bos_of(loaded.model, loaded.tokenizer), rows=loaded.rows
+    )
+    if policy == "self-fisher":
+        return own
+    task = fisher_scores(
+        loaded.model, examples_from_tokenized(prepared.train), kind="empirical",
+        tokens=settings.fisher_tokens, rows=loaded.rows,
+    )  # fmt: skip
+    return interference_scores(task, own)
 
 
 def run_bench(
@@ -678,7 +710,7 @@ def _scenario_runs(
     reporter: Reporter,
 ) -> list[RunResult]:
     out: list[RunResult] = []
-    fisher: Any = None
+    fisher: dict[str | None, Any] = {}  # policy -> its scores
     prepared = evaluator.prepared
     name = prepared.scenario.name
     want_steps = set(settings.checkpoint_steps())
@@ -694,13 +726,20 @@ def _scenario_runs(
                     reporter.run_finished(done, reused=True)
                     out.append(done)
                     continue
-                if arm.needs_fisher and fisher is None:
-                    reporter.message(
-                        f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
-                    )
-                    fisher = _fisher_scores(loaded, prepared, settings)
+                if arm.needs_fisher and arm.policy not in fisher:
+                    reporter.message(_scores_message(name, arm.policy, settings))
+                    fisher[arm.policy] = _fisher_scores(loaded, prepared, settings, arm.policy)
                 result = train_one(
-                    loaded, evaluator, arm, seed, settings, fisher, reporter, store, want, done
+                    loaded,
+                    evaluator,
+                    arm,
+                    seed,
+                    settings,
+                    fisher.get(arm.policy),
+                    reporter,
+                    store,
+                    want,
+                    done,
                 )
                 reporter.run_finished(result, reused=False)
                 out.append(result)

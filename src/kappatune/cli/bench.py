@@ -25,7 +25,9 @@ model: control perplexity, KL divergence on the control text, and general-knowle
 (built from Debian's dict-elements and dict-gcide, or --knowledge FILE.jsonl with lines
 {"question": ..., "options": [...], "answer": ...}). The report compares arms on their
 learning/forgetting fronts at a matched task gain.
-arms: full, lora, kappa, kappa-lora, random, highest (default) and fisher (data-dependent).
+arms: full, lora, kappa, kappa-lora, random, highest (default), fisher and interference
+(data-dependent), self-fisher (data-free), and the peers osf, mica, pissa, corda-kpm, spectrum,
+mlp-lora.
 Results are saved per (arm, lr, seed) after each checkpoint: rerun the same command to resume.
 """
 

@@ -474,6 +474,33 @@ def _print_spectral(console: Any, correlations: list[dict[str, Any]]) -> None:
     console.print(t)
 
 
+def conclusion(correlations: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> str:
+    """One plain sentence: do kappa and Fisher (mean per parameter, all matrices) agree?"""
+    kind = "true" if "true" in kinds else kinds[0]
+    c = next(
+        c for c in correlations
+        if (c["kind"], c["measure"], c["group"], c["method"]) == (kind, "mean", "all", "spearman")
+    )  # fmt: skip
+    if c["estimate"] is None or c["ci_low"] is None:
+        return f"Conclusion: too few matrices ({c['n']}) to say whether kappa and Fisher agree."
+    level = f"{100 * c['confidence']:g} %"
+    figure = (
+        f"Spearman {c['estimate']:+.2f}, {level} interval [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}],"
+        f" {kind} Fisher per parameter, {c['n']} matrices"
+    )
+    if c["ci_low"] > 0:
+        return (
+            f"Conclusion: kappa and Fisher agree: matrices with a higher kappa carry more"
+            f" information ({figure})."
+        )
+    if c["ci_high"] < 0:
+        return (
+            f"Conclusion: kappa and Fisher disagree: matrices with a higher kappa carry less"
+            f" information, against KappaTune's premise ({figure})."
+        )
+    return f"Conclusion: no clear relation between kappa and Fisher ({figure})."
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -583,4 +610,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             atomic_write_bytes(path, payload)
         console.print(f"wrote {label}: {path}")
+    console.print(conclusion(correlations, settings.kinds), soft_wrap=True)
     return 0

@@ -11,6 +11,8 @@ from typing import Any
 from kappatune.errors import KappaTuneError
 from kappatune.selection import policy_names  # the registry; importing it loads no torch
 
+SELF_FISHER_POLICIES = ("self-fisher", "interference")
+TASK_FISHER_POLICIES = ("fisher", "interference")
 FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
 DEFAULT_FRACTION = 0.2
 
@@ -22,6 +24,8 @@ EPILOG = """examples:
   kappatune select gemma-3-270m --policy last-layers --last-layers 2 -o last2.json
   kappatune select gemma-3-270m --policy snr --budget-fraction 0.5 -o spectrum.json
   kappatune select gemma-3-270m --policy fisher --fisher-data task.txt --budget-tensors 20 -o f.json
+  kappatune select gemma-3-270m --policy self-fisher --budget-tensors 20 -o self.json
+  kappatune select gemma-3-270m --policy interference --fisher-data task.txt -o inter.json
 
 Without a budget flag, 'all', 'last-layers' and --quota keep every candidate they pass;
 the other policies keep the first 20% of the candidates (PEFT's default).
@@ -58,6 +62,16 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
     )
     g.add_argument(
         "--fisher-tokens", type=int, default=4096, help="tokens for --fisher-data (default: 4096)"
+    )
+    from kappatune.selffisher import DEFAULT_TOKENS
+
+    g.add_argument(
+        "--self-fisher-tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        metavar="N",
+        help="tokens the model samples itself for --policy self-fisher or interference"
+        f" (default: {DEFAULT_TOKENS})",
     )
     b = p.add_argument_group("budget (one of)").add_mutually_exclusive_group()
     b.add_argument("--budget-tensors", type=int, metavar="N", help="train the first N matrices")
@@ -165,10 +179,18 @@ def validate_selection_args(args: argparse.Namespace) -> None:
         raise KappaTuneError(
             f"unknown selection policy {args.policy!r} (known: {', '.join(policy_names())})"
         )
-    if args.policy == "fisher" and not (args.fisher_scores or args.fisher_data):
-        raise KappaTuneError("--policy fisher needs --fisher-scores FILE or --fisher-data FILE...")
-    if args.policy != "fisher" and (args.fisher_scores or args.fisher_data):
-        raise KappaTuneError("--fisher-scores/--fisher-data only apply to --policy fisher")
+    if args.policy in TASK_FISHER_POLICIES and not (args.fisher_scores or args.fisher_data):
+        raise KappaTuneError(
+            f"--policy {args.policy} needs --fisher-scores FILE or --fisher-data FILE..."
+        )
+    if args.policy not in TASK_FISHER_POLICIES and (args.fisher_scores or args.fisher_data):
+        raise KappaTuneError(
+            "--fisher-scores/--fisher-data only apply to --policy fisher or interference"
+        )
+    if args.policy in SELF_FISHER_POLICIES:
+        from kappatune.selffisher import SelfFisherOptions
+
+        SelfFisherOptions(tokens=args.self_fisher_tokens)
     if args.fisher_scores and args.fisher_data:
         raise KappaTuneError("give --fisher-scores or --fisher-data, not both")
     if args.policy == "last-layers" and args.last_layers is None:
@@ -206,17 +228,39 @@ def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
         bar.close()
 
 
+def _read_fisher_scores(path: Path) -> Any:
+    from kappatune import fisher
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KappaTuneError(f"cannot read Fisher file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise KappaTuneError(f"{path} is not a Fisher result JSON object")
+    return fisher.FisherResult.from_json(data).scores("mean")
+
+
+def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
+    from kappatune.cli.probe import _quiet_transformers
+    from kappatune.selffisher import SelfFisherOptions, policy_scores_for
+
+    _quiet_transformers()
+    return policy_scores_for(
+        args.policy,
+        model_spec,
+        SelfFisherOptions(tokens=args.self_fisher_tokens, seed=args.seed),
+        rows=rows,
+        task_files=args.fisher_data or (),
+        task_scores=_read_fisher_scores(args.fisher_scores) if args.fisher_scores else None,
+        task_tokens=args.fisher_tokens,
+    )
+
+
 def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
     from kappatune import fisher
 
     if args.fisher_scores:
-        try:
-            data = json.loads(Path(args.fisher_scores).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise KappaTuneError(f"cannot read Fisher file {args.fisher_scores}: {exc}") from None
-        if not isinstance(data, dict):
-            raise KappaTuneError(f"{args.fisher_scores} is not a Fisher result JSON object")
-        return fisher.FisherResult.from_json(data).scores("mean")
+        return _read_fisher_scores(args.fisher_scores)
     return fisher.fisher_scores_for(
         model_spec, args.fisher_data, tokens=args.fisher_tokens, seed=args.seed, rows=rows
     )
@@ -232,6 +276,8 @@ def selection_from_args(
     if args.policy == "fisher":
         spec = model_spec or analysis.source
         scores = _fisher_scores(args, spec, analysis.tensors)
+    elif args.policy in SELF_FISHER_POLICIES:
+        scores = _self_fisher_scores(args, model_spec or analysis.source, analysis.tensors)
     budget = budget if budget is not None else budget_from_args(args)
     return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
 

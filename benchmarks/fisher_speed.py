@@ -1,0 +1,140 @@
+"""How much faster is the batched per-example Fisher than one backward pass per sequence?
+
+Loads Gemma 3 270M (float32), packs English prose from ``pydoc_data.topics`` (see
+``probe_gemma.py``) into 128-token rows, and times :func:`kappatune.fisher.fisher_diagonals`
+for both kinds (true and empirical, one forward shared) over the same tokens and seed:
+
+* ``loop``: ``batch_size=1``, one forward and one backward pass per sequence and kind (the
+  estimator before the batched one);
+* ``batched``: ``batch_size=B`` sequences per pass, per-example gradients rebuilt from each
+  linear layer's inputs and output gradients (and the tied embedding's own product).
+
+It checks that both give the same diagonals (largest relative difference per tensor) and
+writes ``fisher_speed.{json,md}`` into ``benchmarks/results``. Usage::
+
+    flock /tmp/kt-heavy.lock python benchmarks/fisher_speed.py --tokens 508 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kappatune.jsonio import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "gemma-3-270m"
+
+
+def _english(path: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from probe_gemma import english_records
+
+    path.write_text("\n\n".join(english_records()), encoding="utf-8")
+    return path
+
+
+def _time(fn: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _worst_rel(
+    a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]
+) -> float:
+    worst = 0.0
+    for kind, per in a.items():
+        for name, x in per.items():
+            y = b[kind][name]
+            worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tokens", type=int, default=508, help="predicted tokens (default: 508 = 4 x 127)"
+    )
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4, help="sequences per batched pass (default: 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+
+    from kappatune.fisher import FisherOptions, fisher_diagonals, load_model_and_examples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = _english(Path(tmp) / "english.txt")
+        load_s, (model, examples, _stats) = _time(
+            lambda: load_model_and_examples(MODEL, [text], seq_len=args.seq_len)
+        )
+    opts = FisherOptions(kinds=("true", "empirical"), tokens=args.tokens, seed=args.seed)
+    rows = []
+    results = {}
+    for method, batch in (("batched", args.batch), ("loop", 1)):
+        secs, diag = _time(lambda b=batch: fisher_diagonals(model, examples, opts, batch_size=b))
+        results[method] = diag.tensors
+        rows.append(
+            {"method": method, "batch_size": batch, "seconds": secs, "examples": diag.examples}
+        )
+        print(f"{method}: {secs:.1f} s", flush=True)
+    loop_s = rows[1]["seconds"]
+    for r in rows:
+        r["speedup"] = loop_s / r["seconds"]
+    worst = _worst_rel(results["loop"], results["batched"])
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    info = {
+        "command": command,
+        "model": MODEL,
+        "matrices": len(next(iter(results["loop"].values()))),
+        "tokens": args.tokens,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "kinds": list(opts.kinds),
+        "load_seconds": load_s,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "max_rel_difference": worst,
+        "rows": rows,
+    }
+    lines = [
+        f"# Fisher speed: {MODEL}, batched per-example gradients against one pass per sequence",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['machine']}, CPU, shared. {info['matrices']} matrices (embedding included),"
+        f" {args.tokens} predicted tokens in {rows[0]['examples']} sequences of {args.seq_len},"
+        " true + empirical Fisher, seed"
+        f" {args.seed}.",
+        "",
+        "| method | sequences per pass | seconds | speed-up |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {r['method']} | {r['batch_size']} | {r['seconds']:.1f} | {r['speedup']:.2f}x |"
+            for r in rows
+        ),
+        "",
+        f"Largest difference between the two diagonals, relative to each tensor's largest entry: {worst:.1e}.",
+    ]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out_dir / "fisher_speed.md", md)
+    atomic_write_text(args.out_dir / "fisher_speed.json", json.dumps(info, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

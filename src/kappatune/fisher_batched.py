@@ -1,0 +1,366 @@
+"""The per-example Fisher estimator of :mod:`kappatune.fisher`, several examples per pass.
+
+:func:`kappatune.fisher.fisher_diagonals` squares each example's gradient ``g_s``. Done one
+example per backward pass, every pass is small. Here a batch of B examples shares one forward
+and one backward pass per label set, and ``g_s`` of every weight is rebuilt per example from
+what the pass already computes:
+
+* ``nn.Linear`` weights: ``g_s = sum_t d_t a_t^T``, the output gradients ``d`` times the
+  inputs ``a`` of example s's positions (summed over the positions, then squared);
+* ``nn.Embedding`` (and subclasses) and transformers' ``Conv1D`` weights: the module's own
+  vector-Jacobian product for example s's output gradient (``torch.func.vjp``);
+* a weight used by several such modules (tied input and output embeddings) sums the
+  contributions of every use before squaring.
+
+A weight owned by any other kind of module, or whose module sees inputs that are not laid out
+example-first (tokens routed to experts), is left to the one-example-per-pass loop. Before any
+batch, the rebuilt gradient of each weight on the first example (its data labels) is checked
+against autograd's; a weight that disagrees (also used outside its module's forward) goes to
+the loop as well. The labels are drawn in the loop's order from the same generator, so a seed
+gives the same samples, and the result equals the loop's within floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 4  # 1.95x the one-example loop on Gemma 3 270M, CPU (fisher_speed.md)
+_CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once, per weight
+
+
+class Unbatchable(Exception):
+    """Raised inside the batched pass when some weights need the loop instead (internal)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = tuple(names)
+
+
+# --------------------------------------------------------------------------- which weights
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def _is_vjp_leaf(m: nn.Module) -> bool:
+    return isinstance(m, nn.Embedding) or type(m).__name__ == "Conv1D"
+
+
+def owners(
+    model: nn.Module, named: Sequence[tuple[str, nn.Parameter]]
+) -> tuple[dict[str, list[tuple[nn.Module, str]]], list[str]]:
+    """``(owners, rest)``: for each batchable weight the modules (and attribute) that hold it;
+    ``rest`` are the weights only the loop can handle, in model order."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {id(p): [] for _, p in named}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in found:
+                found[id(p)].append((module, attr))
+    batchable: dict[str, list[tuple[nn.Module, str]]] = {}
+    rest = []
+    for name, p in named:
+        mods = found[id(p)]
+        if mods and all((_is_linear(m) and a == "weight") or _is_vjp_leaf(m) for m, a in mods):
+            batchable[name] = mods
+        else:
+            rest.append(name)
+    return batchable, rest
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    grad: torch.Tensor | None = None
+
+
+@dataclass
+class _Capture:
+    lead: tuple[int, ...] = ()
+    calls: dict[int, list[_Call]] = field(default_factory=dict)  # id(module) -> calls
+    leaves: list[torch.Tensor] = field(default_factory=list)
+    bad: set[int] = field(default_factory=set)
+
+    def hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not _leads_with(output, self.lead):
+            self.bad.add(id(module))
+            return None
+        if not all(_leads_with(a, self.lead, 0) for a in args if isinstance(a, torch.Tensor)):
+            self.bad.add(id(module))
+            return None
+        replaced = None
+        if not output.requires_grad:  # nothing upstream needs a gradient: start the graph here
+            replaced = output.detach().requires_grad_(True)
+            self.leaves.append(replaced)
+            output = replaced
+        self.calls.setdefault(id(module), []).append(
+            _Call(module, tuple(args), dict(kwargs), output)
+        )
+        return replaced
+
+
+def _leads_with(t: torch.Tensor, lead: tuple[int, ...], extra: int = 1) -> bool:
+    return t.ndim >= len(lead) + extra and tuple(t.shape[: len(lead)]) == lead
+
+
+@contextmanager
+def _hooks(modules: Sequence[nn.Module], capture: _Capture) -> Iterator[None]:
+    handles = [m.register_forward_hook(capture.hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- per-example grads
+
+
+def _slice(x: Any, b: int, lead: int) -> Any:
+    if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == lead:
+        return x[b : b + 1]
+    return x
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _vjp_one(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    args = tuple(_detach(_slice(a, b, n)) for a in call.args)
+    kwargs = {k: _detach(_slice(v, b, n)) for k, v in call.kwargs.items()}
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.func.functional_call(call.module, {attr: w}, args, kwargs)
+        return out
+
+    assert call.grad is not None
+    _, vjp = torch.func.vjp(f, weight.detach())[:2]
+    (g,) = vjp(call.grad[b : b + 1].detach())
+    return g.detach()  # type: ignore[no-any-return]
+
+
+def _linear_chunk(call: _Call, lo: int, hi: int) -> torch.Tensor:
+    assert call.grad is not None
+    a = call.args[0][lo:hi].detach()
+    d = call.grad[lo:hi].detach()
+    a = a.reshape(hi - lo, -1, a.shape[-1]).to(d.dtype)
+    d = d.reshape(hi - lo, -1, d.shape[-1])
+    return torch.einsum("bto,bti->boi", d, a)
+
+
+def per_example_grads(
+    mods: Sequence[tuple[nn.Module, str]],
+    calls: Mapping[int, list[_Call]],
+    weight: torch.Tensor,
+    n: int,
+) -> Iterator[torch.Tensor]:
+    """The gradient of each example's loss for one weight, a chunk of examples at a time,
+    as tensors ``(chunk, *weight.shape)``: every use of the weight summed."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, weight.numel()))
+    uses = [(m, a, c) for m, a in mods for c in calls.get(id(m), []) if c.grad is not None]
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        total: torch.Tensor | None = None
+        for module, attr, call in uses:
+            if _is_linear(module):
+                part = _linear_chunk(call, lo, hi)
+            else:
+                part = torch.stack([_vjp_one(call, attr, weight, b, n) for b in range(lo, hi)])
+            total = part if total is None else total + part
+        if total is not None:  # no use at all: every example's gradient is 0
+            yield total.to(_acc_dtype(weight))
+
+
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------- the batched pass
+
+
+def _batches(plan: Sequence[tuple[Any, int]], size: int) -> Iterator[list[tuple[Any, int]]]:
+    """Consecutive plan entries whose tensors have equal shapes, at most ``size`` at a time."""
+    batch: list[tuple[Any, int]] = []
+    shape: tuple[Any, ...] | None = None
+    for ex, take in plan:
+        s = tuple((k, tuple(v.shape)) for k, v in sorted(ex.items()))
+        if batch and (len(batch) == size or s != shape):
+            yield batch
+            batch = []
+        batch.append((ex, take))
+        shape = s
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: nn.Module
+    named: Mapping[str, nn.Parameter]
+    owned: Mapping[str, list[tuple[nn.Module, str]]]
+    objective: Any
+    options: Any
+    accs: Mapping[str, Mapping[str, torch.Tensor]]  # kind -> name -> accumulator
+
+
+def _passes(
+    logits: torch.Tensor, labels: torch.Tensor, job: _Job, generator: torch.Generator
+) -> list[tuple[str, torch.Tensor, float]]:
+    """``(kind, summed log-likelihood, weight)`` of each label set, drawn in the loop's order."""
+    from kappatune.fisher import IGNORE_INDEX
+
+    valid = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    zero = logp.new_zeros(())
+
+    def total(target: torch.Tensor) -> torch.Tensor:
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(valid, picked, zero).sum()
+
+    out: list[tuple[str, torch.Tensor, float]] = []
+    if "empirical" in job.options.kinds:
+        out.append(("empirical", total(labels), 1.0))
+    if "true" in job.options.kinds:
+        probs = logp.detach().exp()
+        samples = job.options.samples
+        drawn = [torch.full_like(labels, IGNORE_INDEX) for _ in range(samples)]
+        for b in range(labels.shape[0]):
+            rows = probs[b][valid[b]]
+            for s in range(samples):
+                drawn[s][b][valid[b]] = torch.multinomial(rows, 1, generator=generator)[:, 0]
+        out.extend(("true", total(d), 1.0 / samples) for d in drawn)
+    return out
+
+
+def _forward(
+    job: _Job, batch: Sequence[tuple[Any, int]], grad: bool
+) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
+    """The batch's logits and labels (cut to each example's budget), its module calls recorded."""
+    from kappatune.fisher import _limit_labels
+
+    device = next(iter(job.named.values())).device
+    examples = [{k: v.to(device) for k, v in ex.items()} for ex, _ in batch]
+    modules = list({id(m): m for mods in job.owned.values() for m, _ in mods}.values())
+    capture = _Capture(lead=job.objective.lead(examples))
+    for name, p in job.named.items():
+        p.requires_grad_(grad and name in job.owned)
+    with _hooks(modules, capture):
+        logits, labels = job.objective.batch_predictions(job.model, examples)
+    bad = [n for n, mods in job.owned.items() if any(id(m) in capture.bad for m, _ in mods)]
+    if bad:
+        raise Unbatchable(bad)
+    labels = torch.stack(
+        [_limit_labels(lab, take) for lab, (_, take) in zip(labels, batch, strict=True)]
+    )
+    return capture, logits, labels
+
+
+def _backward(
+    capture: _Capture, loss: torch.Tensor, params: Sequence[torch.Tensor], retain: bool
+) -> list[torch.Tensor | None]:
+    """Set each recorded call's output gradient; return the gradients of ``params``."""
+    calls = [c for cs in capture.calls.values() for c in cs]
+    grads = torch.autograd.grad(
+        loss, [c.output for c in calls] + list(params), retain_graph=retain, allow_unused=True
+    )
+    for c, g in zip(calls, grads, strict=False):
+        c.grad = g
+    return list(grads[len(calls) :])
+
+
+def _check(job: _Job, first: tuple[Any, int]) -> None:
+    """On the first example alone, with its data labels: the rebuilt gradient of each weight
+    must equal autograd's (a weight also used outside its module's forward would differ)."""
+    capture, logits, labels = _forward(job, [first], grad=True)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    valid = labels >= 0
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = torch.where(valid, picked, picked.new_zeros(())).sum()
+    names = list(job.owned)
+    grads = _backward(capture, loss, [job.named[n] for n in names], retain=False)
+    wrong = []
+    for name, want in zip(names, grads, strict=True):
+        got = list(per_example_grads(job.owned[name], capture.calls, job.named[name], 1))
+        if not _agrees(got[0][0] if got else None, want):
+            wrong.append(name)
+    if wrong:
+        raise Unbatchable(wrong)
+
+
+def _run_batch(job: _Job, batch: Sequence[tuple[Any, int]], generator: torch.Generator) -> None:
+    capture, logits, labels = _forward(job, batch, grad=False)
+    passes = _passes(logits, labels, job, generator)
+    for i, (kind, loss, weight) in enumerate(passes):
+        _backward(capture, loss, (), retain=i < len(passes) - 1)
+        for name in job.owned:
+            acc = job.accs[kind][name]
+            for chunk in per_example_grads(
+                job.owned[name], capture.calls, job.named[name], len(batch)
+            ):
+                for g in chunk:
+                    acc.addcmul_(g, g, value=weight)
+
+
+def _agrees(summed: torch.Tensor | None, batch_grad: torch.Tensor | None) -> bool:
+    if summed is None or batch_grad is None:
+        return (summed is None or not bool(summed.any())) and (
+            batch_grad is None or not bool(batch_grad.any())
+        )
+    scale = float(batch_grad.double().norm()) + float(summed.double().norm())
+    return float((summed.double() - batch_grad.double()).norm()) <= 1e-4 * scale + 1e-30
+
+
+def run_batched(
+    model: nn.Module,
+    named: Sequence[tuple[str, nn.Parameter]],
+    plan: Sequence[tuple[Any, int]],
+    objective: Any,
+    options: Any,
+    accs: Mapping[str, Mapping[str, torch.Tensor]],
+    batch_size: int,
+    progress: Any = None,
+) -> list[str]:
+    """Accumulate ``F_hat * tokens`` of every weight it can into ``accs``, ``batch_size``
+    examples per pass; returns the names left for the one-example loop (in model order)."""
+    owned, rest = owners(model, named)
+    while owned:
+        job = _Job(model, dict(named), owned, objective, options, accs)
+        try:
+            _check(job, plan[0])
+            _run_all(job, plan, batch_size, progress)
+            break
+        except Unbatchable as exc:
+            log.info("per-example gradients by the loop for %d tensors: %s", len(exc.names), exc)
+            for kind in accs.values():
+                for acc in kind.values():
+                    acc.zero_()
+            owned = {n: m for n, m in owned.items() if n not in exc.names}
+            rest = [n for n, _ in named if n not in owned]
+    return rest
+
+
+def _run_all(job: _Job, plan: Sequence[tuple[Any, int]], batch_size: int, progress: Any) -> None:
+    device = next(iter(job.named.values())).device
+    generator = torch.Generator(device=device).manual_seed(job.options.seed)
+    done = 0
+    for batch in _batches(plan, batch_size):
+        _run_batch(job, batch, generator)
+        done += sum(take for _, take in batch)
+        if progress is not None:
+            progress(done, job.options.tokens)
