@@ -43,6 +43,7 @@ _FLOAT_FIELDS = (
     "stable_rank",
     "effective_rank",
 )
+KAPPA_FIELDS = ("kappa", "sigma_max", "sigma_min")
 _NON_FLOAT_DTYPES = re.compile(r"^(u?int\d+|bool)$")
 ProgressHook = Callable[[int, int], None]
 
@@ -60,6 +61,7 @@ class AnalyzeOptions:
     cache_dir: Path | None = None
     block_rows: int = linalg.DEFAULT_BLOCK_ROWS
     memory_budget_mb: int = 768
+    kappa_only: bool = False  # kappa, sigma_max, sigma_min only (faster; other metrics null)
 
     def __post_init__(self) -> None:
         for label, pattern in (("include", self.include), ("exclude", self.exclude)):
@@ -111,6 +113,7 @@ class SpectrumRow:
     layer: int | None
     module_type: str
     method: str
+    kappa_only: bool = False  # True: only KAPPA_FIELDS are known, the others are nan (null)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -136,7 +139,8 @@ class SpectrumRow:
             layer=d.get("layer", names.layer_index(name)),
             module_type=str(d.get("module_type") or names.module_type(name)),
             method=str(d.get("method", "")),
-            **{f: decode_float(d[f]) for f in _FLOAT_FIELDS},
+            kappa_only=bool(d.get("kappa_only", False)),
+            **{f: decode_float(d.get(f)) for f in _FLOAT_FIELDS},
         )
 
 
@@ -248,11 +252,16 @@ def _matrices(entry: TensorEntry, t: torch.Tensor) -> list[tuple[int | None, tor
 
 
 def _metric_rows(
-    entry: TensorEntry, t: torch.Tensor, device: torch.device, block_rows: int
+    entry: TensorEntry, t: torch.Tensor, device: torch.device, options: AnalyzeOptions
 ) -> list[dict[str, Any]] | str:
     """Cached payload for one tensor: per-matrix metrics, or a skip reason."""
     mats = _matrices(entry, t)
-    results = linalg.batch_spectra([m for _, m in mats], block_rows=block_rows, device=device)
+    results = linalg.batch_spectra(
+        [m for _, m in mats],
+        block_rows=options.block_rows,
+        device=device,
+        kappa_only=options.kappa_only,
+    )
     rows: list[dict[str, Any]] = []
     for (expert, m), res in zip(mats, results, strict=True):
         if isinstance(res, linalg.NonFiniteMatrix):
@@ -267,8 +276,11 @@ def _payload_row(
 ) -> dict[str, Any]:
     summary = metrics.summarize(res.singular_values)
     row: dict[str, Any] = {k: encode_float(v) for k, v in asdict(summary).items()}
+    if not res.complete:  # only the extremes are known: the other metrics are undefined
+        row = {k: (v if k in KAPPA_FIELDS else None) for k, v in row.items()}
     numel = int(shape[0]) * int(shape[1])
     row.update(expert=expert, shape=list(shape), numel=numel, method=res.method)
+    row["kappa_only"] = not res.complete
     return row
 
 
@@ -283,7 +295,7 @@ def _streamable(src: Source, entry: TensorEntry) -> bool:
 
 
 def _streamed_rows(
-    src: RowStreamingSource, entry: TensorEntry, device: torch.device, block_rows: int
+    src: RowStreamingSource, entry: TensorEntry, device: torch.device, options: AnalyzeOptions
 ) -> list[dict[str, Any]] | str:
     def blocks(rows: int) -> Iterator[torch.Tensor]:
         for _, t in src.row_chunks(entry, rows, decode=True):
@@ -292,7 +304,13 @@ def _streamed_rows(
 
     shape = (int(entry.shape[0]), int(entry.shape[1]))
     try:
-        res = linalg.spectrum_of_blocks(blocks, shape, block_rows=block_rows, device=device)
+        res = linalg.spectrum_of_blocks(
+            blocks,
+            shape,
+            block_rows=options.block_rows,
+            device=device,
+            kappa_only=options.kappa_only,
+        )
     except linalg.NonFiniteMatrix as exc:
         return str(exc)
     return [_payload_row(None, shape, res)]
@@ -312,6 +330,7 @@ def _to_rows(entry: TensorEntry, payload: list[dict[str, Any]]) -> list[Spectrum
                 layer=names.layer_index(entry.name),
                 module_type=names.module_type(entry.name),
                 method=str(p["method"]),
+                kappa_only=bool(p.get("kappa_only", False)),
                 **{f: decode_float(p[f]) for f in _FLOAT_FIELDS},
             )
         )
@@ -399,6 +418,21 @@ def _file_of(src: Source, entry: TensorEntry) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
+def _cache_get(cache: SpectrumCache, digest: str, layout: str, kappa_only: bool) -> Payload | None:
+    """Full rows serve every request; kappa-only rows serve only kappa-only requests."""
+    payload = cache.get(SpectrumCache.key(digest, layout))
+    if payload is None and kappa_only:
+        payload = cache.get(SpectrumCache.key(digest, layout, kappa_only=True))
+    return payload
+
+
+def _cache_put(
+    cache: SpectrumCache, digest: str, layout: str, payload: list[dict[str, Any]]
+) -> None:
+    partial = any(p.get("kappa_only") for p in payload)
+    cache.put(SpectrumCache.key(digest, layout, kappa_only=partial), payload)
+
+
 def compute(
     the_plan: Plan,
     options: AnalyzeOptions,
@@ -419,33 +453,37 @@ def compute(
     out: Computed = {}
     lock = threading.Lock()
 
+    def lookup(digest: str, layout: str) -> Payload | None:
+        return None if cache is None else _cache_get(cache, digest, layout, options.kappa_only)
+
+    def store(digest: str, layout: str, payload: Payload) -> None:
+        if cache is not None and isinstance(payload, list):
+            _cache_put(cache, digest, layout, payload)
+
     def work(entry: TensorEntry) -> None:
         layout = _layout(entry)
         payload: Payload | None = None
         digest = known.get(entry.name)
-        if cache is not None and digest is not None:
-            payload = cache.get(SpectrumCache.key(digest, layout))
+        if digest is not None:
+            payload = lookup(digest, layout)
         if payload is None and _streamable(src, entry):
             assert isinstance(src, RowStreamingSource)
             with budget.hold(options.block_rows * entry.shape[1] * 16):
                 if digest is None:
                     digest = streamed_digest(src, entry, options.block_rows)
-                    if cache is not None:
-                        payload = cache.get(SpectrumCache.key(digest, layout))
+                    payload = lookup(digest, layout)
                 if payload is None:
-                    payload = _streamed_rows(src, entry, device, options.block_rows)
-                    if cache is not None and isinstance(payload, list):
-                        cache.put(SpectrumCache.key(digest, layout), payload)
+                    payload = _streamed_rows(src, entry, device, options)
+                    store(digest, layout, payload)
         elif payload is None:
             with budget.hold(entry.numel * 8):
                 t, fresh = src.read(entry)
-                if cache is not None and fresh != digest:
-                    payload = cache.get(SpectrumCache.key(fresh, layout))
+                if fresh != digest:
+                    payload = lookup(fresh, layout)
                 digest = fresh
                 if payload is None:
-                    payload = _metric_rows(entry, t, device, options.block_rows)
-                    if cache is not None and isinstance(payload, list):
-                        cache.put(SpectrumCache.key(digest, layout), payload)
+                    payload = _metric_rows(entry, t, device, options)
+                    store(digest, layout, payload)
                 del t
         assert digest is not None and payload is not None
         with lock:

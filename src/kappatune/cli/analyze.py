@@ -49,6 +49,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--cache-dir", type=Path, help="cache directory (default: ~/.cache/kappatune)")
     p.add_argument(
+        "--kappa-only",
+        action="store_true",
+        help="compute only kappa, sigma_max and sigma_min (faster on CPU; the other metrics "
+        "are left empty)",
+    )
+    p.add_argument(
         "--top", type=int, default=10, help="rows in the lowest/highest tables (default: 10)"
     )
     p.set_defaults(run=run)
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
+        kappa_only=args.kappa_only,
     )
     from kappatune.distributed import launched_world
 
@@ -175,7 +182,7 @@ def _print_report(console: Any, analysis: Any, elapsed: float, top: int) -> None
                 format_kappa(r.kappa),
                 f"{r.sigma_max:.4g}",
                 f"{r.sigma_min:.4g}",
-                f"{r.effective_rank:.1f}",
+                "-" if r.kappa_only else f"{r.effective_rank:.1f}",
             )
         return t
 

@@ -166,7 +166,7 @@ def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
     """An Analysis from a JSON file, or computed (cached) from a checkpoint."""
     from tqdm import tqdm
 
-    from kappatune.spectra import Analysis, analyze
+    from kappatune.spectra import Analysis, AnalyzeOptions, analyze
 
     path = Path(source)
     if path.suffix.lower() == ".json":
@@ -181,7 +181,8 @@ def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
         bar.refresh()
 
     try:
-        return analyze(source, progress=progress)
+        # selection needs kappa only: the faster route (rows leave the other metrics null)
+        return analyze(source, AnalyzeOptions(kappa_only=True), progress=progress)
     finally:
         bar.close()
 
