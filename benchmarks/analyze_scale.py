@@ -10,7 +10,8 @@ measures in child processes (wall time, peak RSS from wait4):
   same files loaded as a bf16 model; when the whole model does not fit in the memory available,
   the matrices PEFT skips (a side above 16384) stay on the meta device, which changes neither
   what it computes nor what it skips;
-* ``kappatune analyze`` restricted to the matrices PEFT analyses (the like-for-like time).
+* ``kappatune analyze --kappa-only`` restricted to the matrices PEFT analyses (the
+  like-for-like time: PEFT's helper, too, yields kappa only).
 
 It reports GFLOP of the exact route (Gram m n^2 + tridiagonal eigensolver 4/3 n^3; kappa-only:
 Gram + Cholesky n^3/3), achieved GFLOP/s against this machine's measured float64 syrk peak, and
@@ -218,7 +219,7 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
                 if names:
                     include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
                     result["kappatune_on_peft_matrices"] = kappatune_run(
-                        root, root / "shared.json", ["--include", include]
+                        root, root / "shared.json", ["--kappa-only", "--include", include]
                     )
             else:
                 result[label] = kappatune_run(root, root / f"{label}.json", extra)
