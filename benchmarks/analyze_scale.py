@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-import scale_checkpoint as sc  # noqa: E402
+import scale_checkpoint as sc
 
 RESULTS = Path(__file__).parent / "results" / "analyze_scale"
 PEFT_MAX_DIM = 16384
@@ -161,7 +161,14 @@ def peft_run(root: Path, arch: sc.Arch, full_max_gb: float) -> dict[str, Any]:
         else f"the whole model ({size / 1024**3:.1f} GiB) is above --peft-full-max-gb"
         f" {full_max_gb} or the {mem_available() / 1024**3:.1f} GiB available"
     )
-    cmd = [sys.executable, "-c", PEFT_CHILD, str(root), "full" if full else "meta", str(PEFT_MAX_DIM)]
+    cmd = [
+        sys.executable,
+        "-c",
+        PEFT_CHILD,
+        str(root),
+        "full" if full else "meta",
+        str(PEFT_MAX_DIM),
+    ]
     rc, wall, peak, stdout, stderr = run_child(cmd)
     if rc != 0:
         return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {rc}"}

@@ -91,7 +91,9 @@ def load_arch(spec: str) -> Arch:
         raise ShapeError(f"cannot read shape file {spec}: {exc}") from None
     names = [f.name for f in fields(Arch)]
     if not isinstance(data, dict) or sorted(data) != sorted(names):
-        raise ShapeError(f"shape file {spec} must be a JSON object with exactly: {', '.join(names)}")
+        raise ShapeError(
+            f"shape file {spec} must be a JSON object with exactly: {', '.join(names)}"
+        )
     return Arch(**data)
 
 
@@ -156,7 +158,9 @@ def designed_kappa(name: str) -> float:
 
 
 def _rng(name: str) -> np.random.Generator:
-    return np.random.default_rng(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest()))
+    return np.random.default_rng(
+        int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest())
+    )
 
 
 def matrix_blocks(name: str, shape: tuple[int, int]) -> Iterator[torch.Tensor]:

@@ -58,7 +58,11 @@ def write_report(results: Path) -> str:
         name, gib = d["arch"]["name"], d["bytes"] / 1024**3
         for key, ko in ROUTES:
             label = "kappatune analyze" + (" --kappa-only" if ko else "")
-            lines.append(f"| {name} | {gib:.2f} | {label} | " + " | ".join(_route_cells(d, key, ko, peak)) + " |")
+            lines.append(
+                f"| {name} | {gib:.2f} | {label} | "
+                + " | ".join(_route_cells(d, key, ko, peak))
+                + " |"
+            )
     lines += [
         "",
         "## Against PEFT's find_kappa_target_modules (KappaTuneSelector._compute_kappas)",
@@ -70,7 +74,9 @@ def write_report(results: Path) -> str:
     for d in sizes:
         p, k = d.get("peft"), d.get("kappatune_on_peft_matrices")
         if not p or "error" in p:
-            lines.append(f"| {d['arch']['name']} | {'not run' if not p else p['error']} |  |  |  |  |  |  |")
+            lines.append(
+                f"| {d['arch']['name']} | {'not run' if not p else p['error']} |  |  |  |  |  |  |"
+            )
             continue
         ks = f"{k['seconds']:.1f} ({k['peak_rss_mib']:.0f})" if k and "error" not in k else "n/a"
         speed = f"{p['seconds'] / k['seconds']:.1f}x" if k and "error" not in k else "n/a"
@@ -98,7 +104,9 @@ def _plot(sizes: list[dict[str, Any]], path: Path) -> None:
         ("peft", "PEFT (matrices it does not skip)"),
     ):
         pts = [
-            (d["bytes"] / 2, d[key]["seconds"]) for d in sizes if d.get(key) and "error" not in d[key]
+            (d["bytes"] / 2, d[key]["seconds"])
+            for d in sizes
+            if d.get(key) and "error" not in d[key]
         ]
         if pts:
             ax.loglog(*zip(*pts, strict=True), marker="o", label=label)

@@ -68,7 +68,7 @@ def test_no_convergence_falls_back_to_the_full_route(monkeypatch: pytest.MonkeyP
 def test_lanczos_largest_of_a_diagonal_operator() -> None:
     d = np.linspace(1.0, 7.0, 500)
     top = linalg.lanczos_largest(lambda x: d * x, 500)
-    assert top is not None and rel(top, 7.0) <= 1e-11
+    assert top is not None and rel(top, 7.0) <= 1e-10
 
 
 def test_rank_deficient_matrix_has_infinite_kappa() -> None:
