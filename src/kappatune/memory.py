@@ -19,6 +19,7 @@ The process's own runtime (Python, torch, tokenizer; a few hundred MB) is not in
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,11 @@ def saved_activation_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
         return t
 
     ids = torch.zeros((batch, seq_len), dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        warnings.catch_warnings(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation notices
         model(input_ids=ids, labels=ids)
     return sum(saved.values())
 
