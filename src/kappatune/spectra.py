@@ -19,7 +19,7 @@ import torch
 
 from kappatune import linalg, metrics, names
 from kappatune.cache import SpectrumCache
-from kappatune.devices import DEVICES, resolve_device
+from kappatune.devices import DEVICES, require_float64, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
 from kappatune.sources import (
@@ -86,7 +86,9 @@ class AnalyzeOptions:
             )
 
     def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
+        device = resolve_device(self.device)
+        require_float64(device)
+        return device
 
     def worker_count(self, device: torch.device) -> int:
         if self.workers:
