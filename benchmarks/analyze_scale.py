@@ -117,6 +117,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 root, full, max_dim = Path(sys.argv[1]), sys.argv[2] == "full", int(sys.argv[3])
+device = torch.device(sys.argv[4])
 t0 = time.perf_counter()
 if full:
     model = AutoModelForCausalLM.from_pretrained(root, torch_dtype=torch.bfloat16)
@@ -129,7 +130,9 @@ else:
         if isinstance(mod, torch.nn.Linear) and max(mod.weight.shape) <= max_dim:
             key = name + ".weight"
             with safe_open(root / index[key], "pt") as f:
-                mod.weight = torch.nn.Parameter(f.get_tensor(key), requires_grad=False)
+                mod.weight = torch.nn.Parameter(f.get_tensor(key).to(device), requires_grad=False)
+if full:
+    model.to(device)
 load = time.perf_counter() - t0
 from peft.helpers import KappaTuneSelector
 sel = KappaTuneSelector(model, show_progress=False, max_dim_size_to_analyze=max_dim)
@@ -151,7 +154,7 @@ def mem_available() -> int:
     return 0
 
 
-def peft_run(root: Path, arch: sc.Arch, full_max_gb: float) -> dict[str, Any]:
+def peft_run(root: Path, arch: sc.Arch, full_max_gb: float, device: str) -> dict[str, Any]:
     size = sc.checkpoint_bytes(arch)
     full = size <= full_max_gb * 1024**3 and mem_available() > 1.5 * size + 2 * 1024**3
     mode = "full bf16 model" if full else "bf16 model, skipped matrices on meta"
@@ -216,20 +219,21 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
             raise SystemExit(err.strip().splitlines()[-1] if err.strip() else f"writer exit {rc}")
         result["write_seconds"] = round(secs, 1)
         _log(f"{arch.name}: wrote {result['bytes'] / 1024**3:.2f} GiB in {secs:.0f} s")
+        dev = ["--device", args.device]
         stages = [("kappatune_kappa_only", ["--kappa-only"]), ("peft", None)]
         if not args.skip_full:
             stages.append(("kappatune", []))
         for label, extra in stages:
             if extra is None:
-                result["peft"] = peft_run(root, arch, args.peft_full_max_gb)
+                result["peft"] = peft_run(root, arch, args.peft_full_max_gb, args.device)
                 names = result["peft"].get("analysed", [])
                 if names:
                     include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
                     result["kappatune_on_peft_matrices"] = kappatune_run(
-                        root, root / "shared.json", ["--kappa-only", "--include", include]
+                        root, root / "shared.json", ["--kappa-only", "--include", include, *dev]
                     )
             else:
-                result[label] = kappatune_run(root, root / f"{label}.json", extra)
+                result[label] = kappatune_run(root, root / f"{label}.json", [*extra, *dev])
             _log(f"{arch.name}: {label} done")
             _save(out_path, result, args)
     finally:
@@ -258,6 +262,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--skip-full", action="store_true", help="skip the full-metrics route")
     ap.add_argument("--peft-full-max-gb", type=float, default=4.0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for both tools")
     ap.add_argument("--results", type=Path, default=RESULTS, help="per-size JSON folder")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot")
     ap.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
