@@ -220,8 +220,11 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
         result["write_seconds"] = round(secs, 1)
         _log(f"{arch.name}: wrote {result['bytes'] / 1024**3:.2f} GiB in {secs:.0f} s")
         dev = ["--device", args.device]
-        stages = [("kappatune_kappa_only", ["--kappa-only"]), ("peft", None)]
-        if not args.skip_full:
+        gib = result["bytes"] / 1024**3
+        stages: list[tuple[str, list[str] | None]] = [("kappatune_kappa_only", ["--kappa-only"])]
+        if args.peft_for is None or spec in args.peft_for.split(","):
+            stages.append(("peft", None))
+        if not args.skip_full and gib <= args.full_max_gb:
             stages.append(("kappatune", []))
         for label, extra in stages:
             if extra is None:
@@ -262,6 +265,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--skip-full", action="store_true", help="skip the full-metrics route")
     ap.add_argument("--peft-full-max-gb", type=float, default=4.0)
+    ap.add_argument("--full-max-gb", type=float, default=1e9, help="full route up to this size")
+    ap.add_argument("--peft-for", help="sizes to measure PEFT on (default: all)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for both tools")
     ap.add_argument("--results", type=Path, default=RESULTS, help="per-size JSON folder")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot")

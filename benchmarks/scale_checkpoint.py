@@ -179,13 +179,17 @@ def matrix_blocks(name: str, shape: tuple[int, int]) -> Iterator[torch.Tensor]:
     b = np.zeros(c)
     b[:k] = u[:k] * s  # u^T D ...
     b -= 2.0 * float(u[:k] @ a[:k]) * v  # ... H_v: u^T D H_v
+    # float32 blocks (the stored matrix is bf16 anyway): two rank-1 updates as one GEMM
+    left = torch.from_numpy(np.stack([a, u], axis=1).astype(np.float32) * -2.0)
+    right = torch.from_numpy(np.stack([v, b]).astype(np.float32))
     rows = max(1, BLOCK_ELEMENTS // c)
     for i0 in range(0, r, rows):
         i1 = min(r, i0 + rows)
-        block = -2.0 * (np.outer(a[i0:i1], v) + np.outer(u[i0:i1], b))
-        diag = np.arange(i0, min(i1, k))
-        block[diag - i0, diag] += s[diag]
-        yield torch.from_numpy(block.astype(np.float32))
+        block = left[i0:i1] @ right
+        if i0 < k:
+            diag = torch.arange(i0, min(i1, k))
+            block[diag - i0, diag] += torch.from_numpy(s[i0 : min(i1, k)].astype(np.float32))
+        yield block
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:
