@@ -141,3 +141,17 @@ def test_cache_never_serves_kappa_only_rows_for_full_metrics(tmp_path) -> None: 
     again = analyze(_model(), kappa_opts)  # full rows now cached: they serve kappa requests
     assert [r.method for r in again.tensors] == ["gram", "gram"]
     assert not any(r.kappa_only for r in again.tensors)
+
+
+def test_select_analyses_with_the_kappa_only_route(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    from kappatune.cli.select import load_analysis
+
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.float().contiguous() for k, v in _model().items()}, str(path))
+    a = load_analysis(str(path))
+    assert [(r.name, r.kappa_only, r.method) for r in a.tensors] == [
+        ("layers.0.mlp.up_proj.weight", True, "gram-lanczos"),
+        ("layers.0.self_attn.q_proj.weight", True, "gram-lanczos"),
+    ]
