@@ -11,6 +11,12 @@ from kappatune.spectra import AnalyzeOptions, analyze
 from tests.conftest import geometric, known_matrix
 
 
+@pytest.fixture(autouse=True)
+def small_lanczos_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The route starts at sides of 768 (where it pays); the tests use small matrices."""
+    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 64)
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
@@ -85,6 +91,14 @@ def test_ill_conditioned_matrices_take_the_qr_route(kappa: float) -> None:
     res = check_against_lapack(known_matrix(160, 96, geometric(kappa, 96), seed=10))
     assert res.method == "qr-svd"
     assert rel(kappa_of(res), kappa) <= 1e-9
+
+
+def test_default_threshold_keeps_small_sides_on_the_full_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 768)
+    res = linalg.matrix_spectrum(known_matrix(300, 200, geometric(9.0, 200)), kappa_only=True)
+    assert res.method == "gram" and len(res.singular_values) == 200
 
 
 def test_zero_and_small_matrices_take_the_full_route() -> None:
