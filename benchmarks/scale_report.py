@@ -118,3 +118,40 @@ def _plot(sizes: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plan_table(specs: list[str]) -> str:
+    """What each size holds and costs, from the shapes alone (nothing is written or run)."""
+    import scale_checkpoint as sc
+
+    lines = [
+        "| model | GiB (bf16) | matrices kappatune analyses | their params | GFLOP full route"
+        " | GFLOP kappa-only | of these, PEFT's helper leaves out: matrices / params |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for spec in specs:
+        arch = sc.load_arch(spec)
+        mats = [(n, (int(s[0]), int(s[1]))) for n, s in sc.tensors(arch) if len(s) == 2]
+
+        # PEFT analyses nn.Linear weights with no side above 16384: never the embedding module;
+        # a tied lm_head is the embedding's matrix, so that matrix counts as analysed iff it fits
+        def peft_sees(name: str, shape: tuple[int, int]) -> bool:
+            if name == "model.embed_tokens.weight" and not arch.tied:
+                return False
+            return max(shape) <= 16384
+
+        left = [s for n, s in mats if not peft_sees(n, s)]
+        shapes = [s for _, s in mats]
+        lines.append(
+            f"| {arch.name} | {sc.checkpoint_bytes(arch) / 1024**3:.2f} | {len(mats)}"
+            f" | {sum(a * b for a, b in shapes):,} | {route_gflop(shapes, False):,.0f}"
+            f" | {route_gflop(shapes, True):,.0f}"
+            f" | {len(left)} / {sum(a * b for a, b in left):,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(plan_table(sys.argv[1:] or ["270m", "1b", "3b", "7b"]))
