@@ -135,12 +135,8 @@ def plan_table(specs: list[str]) -> str:
 
         # PEFT analyses nn.Linear weights with no side above 16384: never the embedding module;
         # a tied lm_head is the embedding's matrix, so that matrix counts as analysed iff it fits
-        def peft_sees(name: str, shape: tuple[int, int]) -> bool:
-            if name == "model.embed_tokens.weight" and not arch.tied:
-                return False
-            return max(shape) <= 16384
-
-        left = [s for n, s in mats if not peft_sees(n, s)]
+        untied_embed = "" if arch.tied else "model.embed_tokens.weight"
+        left = [s for n, s in mats if n == untied_embed or max(s) > 16384]
         shapes = [s for _, s in mats]
         lines.append(
             f"| {arch.name} | {sc.checkpoint_bytes(arch) / 1024**3:.2f} | {len(mats)}"
