@@ -135,7 +135,7 @@ def main() -> int:
 
     arms = {
         "kappatune": run_kappatune,
-        "kappatune --kappa-only (Cholesky + Lanczos)": run_kappa_only,
+        "kappatune --kappa-only (what select and train run)": run_kappa_only,
         "peft find_kappa_target_modules": run_peft,
         "full torch.linalg.svd (author)": run_author,
     }
@@ -166,6 +166,7 @@ def main() -> int:
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {
+        "load_average_after": list(os.getloadavg()),
         "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
