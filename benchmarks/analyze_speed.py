@@ -1,9 +1,10 @@
 """Time kappatune's analysis against PEFT's helper and the author's full SVD, on the same matrices.
 
-All three see the same dequantized matrices, already in memory (loading is not timed).
+All arms see the same dequantized matrices, already in memory (loading is not timed).
 Each is checked against a float64 LAPACK SVD of the same matrix. On CPU a fourth row times the
 bare numerical route (float64 syrk + eigvalsh in worker threads, nothing else): how close
-kappatune's full analysis (all metrics, digests, checks) comes to its own floor.
+kappatune's full analysis (all metrics, digests, checks) comes to its own floor. The
+kappa-only arm is what ``select`` and ``train`` run (kappa, sigma_max, sigma_min only).
 
     python benchmarks/analyze_speed.py [--source gemma-3-270m] [--include REGEX] [--repeat 3]
 """
@@ -93,6 +94,15 @@ def main() -> int:
         )
         return {r.name: r.kappa for r in a.tensors}
 
+    def run_kappa_only() -> dict[str, float]:
+        a = analyze(
+            StateDictSource(mats),
+            AnalyzeOptions(
+                use_cache=False, workers=args.workers, device=args.device, kappa_only=True
+            ),
+        )
+        return {r.name: r.kappa for r in a.tensors}
+
     def run_peft() -> dict[str, float]:
         from peft.helpers import KappaTuneSelector
 
@@ -125,6 +135,7 @@ def main() -> int:
 
     arms = {
         "kappatune": run_kappatune,
+        "kappatune --kappa-only (what select and train run)": run_kappa_only,
         "peft find_kappa_target_modules": run_peft,
         "full torch.linalg.svd (author)": run_author,
     }
@@ -155,6 +166,7 @@ def main() -> int:
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {
+        "load_average_after": list(os.getloadavg()),
         "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -180,6 +192,16 @@ def main() -> int:
         f"| {r['method']} | {r['seconds']:.3f} | {r['time_vs_kappatune']:.2f} | {r['max_rel_kappa_error']:.1e} |"
         for r in rows
     ]
+    secs = {r["method"]: r["seconds"] for r in rows}
+    peft = secs["peft find_kappa_target_modules"]
+    md += ["", f"PEFT time / kappatune time: {peft / base:.2f}x (full metrics)"]
+    md += [
+        f"PEFT time / kappa-only time: {peft / secs[label]:.2f}x"
+        for label in secs
+        if "kappa-only" in label
+    ]
+    meta["peft_speedup"] = {label: peft / t for label, t in secs.items()}
+    args.output.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     args.output.with_suffix(".md").write_text("\n".join(md) + "\n")
     return 0 if all(math.isfinite(r["seconds"]) for r in rows) else 1
 

@@ -67,8 +67,9 @@ class SpectrumCache:
         return self.root / "files" / f"{h}.json"
 
     @staticmethod
-    def key(digest: str, layout: str) -> str:
-        return f"{digest}-v{ALGORITHM_VERSION}-{layout}"
+    def key(digest: str, layout: str, *, kappa_only: bool = False) -> str:
+        """Rows of the kappa-only route (other metrics null) live under their own key."""
+        return f"{digest}-v{ALGORITHM_VERSION}-{layout}" + ("-kappa" if kappa_only else "")
 
     def get(self, key: str, check: RowCheck | None = None) -> list[dict[str, Any]] | None:
         """The rows stored under ``key``, or None; rows that ``check`` faults are ignored."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kappatune.errors import KappaTuneError
@@ -18,3 +20,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _has_float64(device: str) -> bool:
+    try:
+        x = torch.ones((2, 2), dtype=torch.float64, device=device)
+        return bool(torch.isfinite(x @ x).all())
+    except (RuntimeError, TypeError):
+        return False
+
+
+def require_float64(device: torch.device) -> None:
+    """Analysis needs float64 on its device (the 1e-9 accuracy bar); one clear error if not."""
+    if device.type != "cpu" and not _has_float64(str(device)):
+        raise KappaTuneError(
+            f"the {device} device does not support float64, which exact spectra need;"
+            " use --device cpu"
+        )

@@ -9,6 +9,14 @@ float64 LAPACK SVD of R, which is backward stable like the SVD of the matrix its
 
 A singular value at or below ``s_max * max(m, n) * eps`` (the float64 numerical-rank
 tolerance) is exactly zero: kappa is then ``inf``.
+
+Kappa only (``kappa_only=True``, CPU): after the same Gram, a Cholesky factorization and two
+Lanczos runs (on G for the largest eigenvalue, on G^-1 through the Cholesky factor for the
+smallest) replace the tridiagonal reduction. Each run stops when the Ritz residual is below
+``LANCZOS_TOL`` times the Ritz value, which bounds the eigenvalue's relative error by the same
+figure (a symmetric matrix has an eigenvalue within the residual norm of any Ritz value). When
+the Cholesky fails (singular Gram), a run does not converge in ``LANCZOS_MAX_STEPS`` steps, or
+the estimated kappa is above ``GRAM_MAX_KAPPA``, the full route above answers instead.
 """
 
 from __future__ import annotations
@@ -20,9 +28,13 @@ import numpy as np
 import scipy.linalg as sla
 import torch
 from numpy.typing import NDArray
+from scipy.linalg import lapack
 
 GRAM_MAX_KAPPA = 600.0
 DEFAULT_BLOCK_ROWS = 8192
+LANCZOS_TOL = 1e-10  # relative; kappa then within 1e-10 from each extreme
+LANCZOS_MAX_STEPS = 300
+LANCZOS_MIN_SIDE = 768  # below, syevd is as fast (measured parity at n = 640, 1.3x at 1024)
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -32,8 +44,13 @@ class NonFiniteMatrix(ValueError):
 
 @dataclass(frozen=True)
 class SpectrumResult:
-    singular_values: NDArray[np.float64]  # descending, length min(m, n)
-    method: str  # "gram" or "qr-svd"
+    singular_values: NDArray[np.float64]  # descending, length min(m, n); [max, min] if partial
+    method: str  # "gram", "qr-svd", or "gram-lanczos" (partial: the extremes only)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every singular value is known (False on the kappa-only route)."""
+        return self.method != "gram-lanczos"
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -122,16 +139,82 @@ def _from_gram_eigs(
     return SpectrumResult(_clean(_qr_svd(blocks, shape[1], block_rows), shape), "qr-svd")
 
 
+def lanczos_largest(
+    matvec: Callable[[NDArray[np.float64]], NDArray[np.float64]],
+    n: int,
+    *,
+    tol: float | None = None,
+    max_steps: int | None = None,
+) -> float | None:
+    """Largest eigenvalue of a symmetric operator by Lanczos with full reorthogonalization.
+
+    Stops when the Ritz residual ``beta_j |y_j|`` is at most ``tol`` times the Ritz value
+    (then an eigenvalue lies within that relative distance). None when it does not converge.
+    The start vector is seeded, so the result is deterministic.
+    """
+    tol = LANCZOS_TOL if tol is None else tol
+    steps = min(LANCZOS_MAX_STEPS if max_steps is None else max_steps, n)
+    q = np.random.default_rng(0).standard_normal(n)
+    basis = np.empty((steps + 1, n))
+    basis[0] = q / np.linalg.norm(q)
+    alpha: list[float] = []
+    beta: list[float] = []
+    for j in range(steps):
+        w = matvec(basis[j])
+        alpha.append(float(basis[j] @ w))
+        for _ in range(2):  # twice is enough (Parlett): keeps the basis orthonormal to eps
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        b = float(np.linalg.norm(w))
+        if b > 0.0 and j + 1 < steps and (j < 8 or j % 4):
+            beta.append(b)  # the Ritz test (a small LAPACK call) runs every 4th step
+            basis[j + 1] = w / b
+            continue
+        theta, y = sla.eigh_tridiagonal(
+            np.array(alpha), np.array(beta), select="i", select_range=(j, j)
+        )
+        top = float(theta[0])
+        if b * abs(float(y[-1, 0])) <= tol * abs(top) or b == 0.0:
+            return top
+        beta.append(b)
+        basis[j + 1] = w / b
+    return None
+
+
+def _gram_extremes(g: NDArray[np.float64]) -> tuple[float, float] | None:
+    """(largest, smallest) eigenvalue of an SPD Gram, or None when this route cannot tell."""
+    n = g.shape[0]
+    factor, info = lapack.dpotrf(g, lower=1, clean=0)  # Fortran order: dpotrs copies nothing
+    if info != 0:
+        return None  # not numerically positive definite: singular or nearly so
+    lmax = lanczos_largest(lambda x: g @ x, n)
+    inv_max = lanczos_largest(lambda x: lapack.dpotrs(factor, x, lower=1)[0], n)
+    if lmax is None or inv_max is None or not (lmax > 0.0 and inv_max > 0.0):
+        return None
+    return lmax, 1.0 / inv_max
+
+
+def _kappa_from_gram(
+    g: NDArray[np.float64], blocks: RowBlocks, shape: tuple[int, int], block_rows: int
+) -> SpectrumResult:
+    ext = _gram_extremes(g) if shape[1] >= LANCZOS_MIN_SIDE else None
+    if ext is not None and ext[0] / ext[1] <= GRAM_MAX_KAPPA**2:
+        return SpectrumResult(np.sqrt(np.array(ext)), "gram-lanczos")
+    eigs = np.linalg.eigvalsh(g)
+    return _from_gram_eigs(np.asarray(eigs, dtype=np.float64), blocks, shape, block_rows)
+
+
 def spectrum_of_blocks(
     blocks: RowBlocks,
     shape: tuple[int, int],
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     device: torch.device | None = None,
+    kappa_only: bool = False,
 ) -> SpectrumResult:
     """Exact singular values of a tall (rows >= cols) matrix given as row blocks.
 
     Memory stays at one block plus the cols x cols Gram, whatever the height.
+    ``kappa_only`` (CPU) may return only the largest and smallest (see the module text).
     Raises NonFiniteMatrix.
     """
     if shape[0] < shape[1]:
@@ -141,6 +224,8 @@ def spectrum_of_blocks(
         g = _gram_cpu(blocks, shape[1], block_rows)
         if not np.all(np.isfinite(np.diag(g))):
             raise NonFiniteMatrix(_nonfinite_blocks(blocks, block_rows))
+        if kappa_only:
+            return _kappa_from_gram(g, blocks, shape, block_rows)
         eigs = np.linalg.eigvalsh(g)  # LAPACK syevd; releases the GIL
     else:
         gt = _gram_blocks_torch(blocks, shape[1], block_rows, device)
@@ -155,11 +240,14 @@ def matrix_spectrum(
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     device: torch.device | None = None,
+    kappa_only: bool = False,
 ) -> SpectrumResult:
     """Exact singular values of a 2-D tensor (any float dtype). Raises NonFiniteMatrix."""
     t = _tall(as_matrix(w))
     shape = (int(t.shape[0]), int(t.shape[1]))
-    return spectrum_of_blocks(tensor_row_blocks(t), shape, block_rows=block_rows, device=device)
+    return spectrum_of_blocks(
+        tensor_row_blocks(t), shape, block_rows=block_rows, device=device, kappa_only=kappa_only
+    )
 
 
 def batch_spectra(
@@ -167,14 +255,20 @@ def batch_spectra(
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     device: torch.device | None = None,
+    kappa_only: bool = False,
 ) -> list[SpectrumResult | NonFiniteMatrix]:
-    """Spectra of matrices of one shape; batched on an accelerator, one by one on CPU."""
+    """Spectra of matrices of one shape; batched on an accelerator, one by one on CPU.
+
+    ``kappa_only`` takes the Lanczos route on CPU; an accelerator computes every value.
+    """
     device = device or torch.device("cpu")
     if device.type == "cpu" or len(ws) == 1:
         out: list[SpectrumResult | NonFiniteMatrix] = []
         for w in ws:
             try:
-                out.append(matrix_spectrum(w, block_rows=block_rows, device=device))
+                out.append(
+                    matrix_spectrum(w, block_rows=block_rows, device=device, kappa_only=kappa_only)
+                )
             except NonFiniteMatrix as exc:
                 out.append(exc)
         return out

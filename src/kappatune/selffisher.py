@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kappatune.constants import SELF_FISHER_TOKENS
 from kappatune.errors import KappaTuneError
 from kappatune.fisher_batched import DEFAULT_BATCH
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from kappatune.fisher import Key, ProgressHook
     from kappatune.spectra import SpectrumRow
 
-DEFAULT_TOKENS = 508  # 4 sequences of 128: benchmarks/results/self_fisher_stability.md
+DEFAULT_TOKENS = SELF_FISHER_TOKENS  # benchmarks/results/self_fisher_stability.md
 DEFAULT_SEQ_LEN = 128
 
 

@@ -19,7 +19,7 @@ import torch
 
 from kappatune import linalg, metrics, names
 from kappatune.cache import Matrix, SpectrumCache, rows_problem
-from kappatune.devices import DEVICES, resolve_device
+from kappatune.devices import DEVICES, require_float64, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.errtext import one_line
 from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
@@ -45,6 +45,7 @@ _FLOAT_FIELDS = (
     "stable_rank",
     "effective_rank",
 )
+KAPPA_FIELDS = ("kappa", "sigma_max", "sigma_min")
 _NON_FLOAT_DTYPES = re.compile(r"^(u?int\d+|bool)$")
 ProgressHook = Callable[[int, int], None]
 
@@ -63,6 +64,7 @@ class AnalyzeOptions:
     verify_cache: bool = False  # hash every tensor, never trusting the file-stat shortcut
     block_rows: int = linalg.DEFAULT_BLOCK_ROWS
     memory_budget_mb: int = 768
+    kappa_only: bool = False  # kappa, sigma_max, sigma_min only (faster; other metrics null)
 
     def __post_init__(self) -> None:
         for label, pattern in (("include", self.include), ("exclude", self.exclude)):
@@ -87,7 +89,9 @@ class AnalyzeOptions:
             )
 
     def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
+        device = resolve_device(self.device)
+        require_float64(device)
+        return device
 
     def worker_count(self, device: torch.device) -> int:
         if self.workers:
@@ -117,6 +121,7 @@ class SpectrumRow:
     # Spectrum's SNR (metrics.spectrum_snr): nan where the noise edge is undefined (1 x N),
     # None where it was not computed (analyses of schema 1, rows built by hand)
     snr: float | None = None
+    kappa_only: bool = False  # True: only KAPPA_FIELDS are known, the others are nan (null)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -145,6 +150,7 @@ class SpectrumRow:
             module_type=str(d.get("module_type") or names.module_type(name)),
             method=str(d.get("method", "")),
             snr=snr,
+            kappa_only=bool(d.get("kappa_only", False)),
             **{f: decode_float(d[f]) for f in _FLOAT_FIELDS},
         )
 
@@ -261,11 +267,16 @@ def _matrices(entry: TensorEntry, t: torch.Tensor) -> list[tuple[int | None, tor
 
 
 def _metric_rows(
-    entry: TensorEntry, t: torch.Tensor, device: torch.device, block_rows: int
+    entry: TensorEntry, t: torch.Tensor, device: torch.device, options: AnalyzeOptions
 ) -> list[dict[str, Any]] | str:
     """Cached payload for one tensor: per-matrix metrics, or a skip reason."""
     mats = _matrices(entry, t)
-    results = linalg.batch_spectra([m for _, m in mats], block_rows=block_rows, device=device)
+    results = linalg.batch_spectra(
+        [m for _, m in mats],
+        block_rows=options.block_rows,
+        device=device,
+        kappa_only=options.kappa_only,
+    )
     rows: list[dict[str, Any]] = []
     for (expert, m), res in zip(mats, results, strict=True):
         if isinstance(res, linalg.NonFiniteMatrix):
@@ -280,10 +291,14 @@ def _payload_row(
 ) -> dict[str, Any]:
     summary = metrics.summarize(res.singular_values)
     row: dict[str, Any] = {k: encode_float(v) for k, v in asdict(summary).items()}
+    if not res.complete:  # only the extremes are known: the other metrics are undefined
+        row = {k: (v if k in KAPPA_FIELDS else None) for k, v in row.items()}
     numel = int(shape[0]) * int(shape[1])
     snr = metrics.spectrum_snr(res.singular_values, int(shape[0]), int(shape[1]))
     row.update(expert=expert, shape=list(shape), numel=numel, method=res.method)
-    row["snr"] = encode_float(snr)
+    # the SNR needs every singular value: undefined (null) on the kappa-only route
+    row["snr"] = encode_float(snr) if res.complete else None
+    row["kappa_only"] = not res.complete
     return row
 
 
@@ -298,7 +313,7 @@ def _streamable(src: Source, entry: TensorEntry) -> bool:
 
 
 def _streamed_rows(
-    src: RowStreamingSource, entry: TensorEntry, device: torch.device, block_rows: int
+    src: RowStreamingSource, entry: TensorEntry, device: torch.device, options: AnalyzeOptions
 ) -> list[dict[str, Any]] | str:
     def blocks(rows: int) -> Iterator[torch.Tensor]:
         for _, t in src.row_chunks(entry, rows, decode=True):
@@ -307,7 +322,13 @@ def _streamed_rows(
 
     shape = (int(entry.shape[0]), int(entry.shape[1]))
     try:
-        res = linalg.spectrum_of_blocks(blocks, shape, block_rows=block_rows, device=device)
+        res = linalg.spectrum_of_blocks(
+            blocks,
+            shape,
+            block_rows=options.block_rows,
+            device=device,
+            kappa_only=options.kappa_only,
+        )
     except linalg.NonFiniteMatrix as exc:
         return str(exc)
     return [_payload_row(None, shape, res)]
@@ -327,7 +348,8 @@ def _to_rows(entry: TensorEntry, payload: list[dict[str, Any]]) -> list[Spectrum
                 layer=names.layer_index(entry.name),
                 module_type=names.module_type(entry.name),
                 method=str(p["method"]),
-                snr=decode_float(p["snr"]),
+                snr=None if p.get("kappa_only") else decode_float(p["snr"]),
+                kappa_only=bool(p.get("kappa_only", False)),
                 **{f: decode_float(p[f]) for f in _FLOAT_FIELDS},
             )
         )
@@ -415,16 +437,6 @@ def _expected_matrices(entry: TensorEntry) -> list[Matrix]:
     return [(None, linalg_shape(entry.shape))]
 
 
-def _lookup(cache: SpectrumCache | None, digest: str, entry: TensorEntry) -> Payload | None:
-    """Cached rows of ``entry`` whose content digest is ``digest``, if they fit the entry."""
-    if cache is None:
-        return None
-    matrices = _expected_matrices(entry)
-    return cache.get(
-        SpectrumCache.key(digest, _layout(entry)), lambda rows: rows_problem(rows, matrices)
-    )
-
-
 def matrix_cost(entry: TensorEntry) -> float:
     """Relative cost of analysing a tensor: flops of the Gram of its smaller side."""
     shape = entry.shape[-2:] if _layout(entry) == "experts" else linalg_shape(entry.shape)
@@ -442,6 +454,31 @@ def _file_of(src: Source, entry: TensorEntry) -> Path | None:
         return entry.locator[0]
     files = src.files()
     return files[0] if len(files) == 1 else None
+
+
+def _cache_get(
+    cache: SpectrumCache, digest: str, entry: TensorEntry, kappa_only: bool
+) -> Payload | None:
+    """Cached rows of ``entry`` whose content digest is ``digest``, if they fit the entry.
+
+    Full rows serve every request; kappa-only rows serve only kappa-only requests."""
+    layout = _layout(entry)
+    matrices = _expected_matrices(entry)
+
+    def check(rows: list[Any]) -> str | None:
+        return rows_problem(rows, matrices)
+
+    payload = cache.get(SpectrumCache.key(digest, layout), check)
+    if payload is None and kappa_only:
+        payload = cache.get(SpectrumCache.key(digest, layout, kappa_only=True), check)
+    return payload
+
+
+def _cache_put(
+    cache: SpectrumCache, digest: str, layout: str, payload: list[dict[str, Any]]
+) -> None:
+    partial = any(p.get("kappa_only") for p in payload)
+    cache.put(SpectrumCache.key(digest, layout, kappa_only=partial), payload)
 
 
 def compute(
@@ -464,32 +501,37 @@ def compute(
     out: Computed = {}
     lock = threading.Lock()
 
+    def lookup(digest: str, entry: TensorEntry) -> Payload | None:
+        return None if cache is None else _cache_get(cache, digest, entry, options.kappa_only)
+
+    def store(digest: str, layout: str, payload: Payload) -> None:
+        if cache is not None and isinstance(payload, list):
+            _cache_put(cache, digest, layout, payload)
+
     def work(entry: TensorEntry) -> None:
         layout = _layout(entry)
         payload: Payload | None = None
         digest = known.get(entry.name)
         if digest is not None:
-            payload = _lookup(cache, digest, entry)
+            payload = lookup(digest, entry)
         if payload is None and _streamable(src, entry):
             assert isinstance(src, RowStreamingSource)
             with budget.hold(options.block_rows * entry.shape[1] * 16):
                 if digest is None:
                     digest = streamed_digest(src, entry, options.block_rows)
-                    payload = _lookup(cache, digest, entry)
+                    payload = lookup(digest, entry)
                 if payload is None:
-                    payload = _streamed_rows(src, entry, device, options.block_rows)
-                    if cache is not None and isinstance(payload, list):
-                        cache.put(SpectrumCache.key(digest, layout), payload)
+                    payload = _streamed_rows(src, entry, device, options)
+                    store(digest, layout, payload)
         elif payload is None:
             with budget.hold(entry.numel * 8):
                 t, fresh = src.read(entry)
                 if fresh != digest:
-                    payload = _lookup(cache, fresh, entry)
+                    payload = lookup(fresh, entry)
                 digest = fresh
                 if payload is None:
-                    payload = _metric_rows(entry, t, device, options.block_rows)
-                    if cache is not None and isinstance(payload, list):
-                        cache.put(SpectrumCache.key(digest, layout), payload)
+                    payload = _metric_rows(entry, t, device, options)
+                    store(digest, layout, payload)
                 del t
         assert digest is not None and payload is not None
         with lock:

@@ -54,6 +54,12 @@ def add_parser(sub: Any) -> None:
         help="hash every tensor instead of trusting unchanged file stats (slower second runs)",
     )
     p.add_argument(
+        "--kappa-only",
+        action="store_true",
+        help="compute only kappa, sigma_max and sigma_min (faster on CPU; the other metrics "
+        "are left empty)",
+    )
+    p.add_argument(
         "--top", type=int, default=10, help="rows in the lowest/highest tables (default: 10)"
     )
     p.set_defaults(run=run)
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
         verify_cache=args.verify_cache,
+        kappa_only=args.kappa_only,
     )
     from kappatune.distributed import launched_world
 
@@ -181,7 +188,7 @@ def _print_report(console: Any, analysis: Any, elapsed: float, top: int) -> None
                 format_kappa(r.kappa),
                 f"{r.sigma_max:.4g}",
                 f"{r.sigma_min:.4g}",
-                f"{r.effective_rank:.1f}",
+                "-" if r.kappa_only else f"{r.effective_rank:.1f}",
             )
         return t
 

@@ -13,6 +13,7 @@ from kappatune.selection import policy_names  # the registry; importing it loads
 
 SELF_FISHER_POLICIES = ("self-fisher", "interference")
 TASK_FISHER_POLICIES = ("fisher", "interference")
+FULL_SPECTRUM_POLICIES = ("snr",)  # need more than kappa from the analysis
 FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
 DEFAULT_FRACTION = 0.2
 
@@ -63,7 +64,7 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
     g.add_argument(
         "--fisher-tokens", type=int, default=4096, help="tokens for --fisher-data (default: 4096)"
     )
-    from kappatune.selffisher import DEFAULT_TOKENS
+    from kappatune.constants import SELF_FISHER_TOKENS as DEFAULT_TOKENS
 
     g.add_argument(
         "--self-fisher-tokens",
@@ -204,11 +205,14 @@ def validate_selection_args(args: argparse.Namespace) -> None:
     options_from_args(args)
 
 
-def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
-    """An Analysis from a JSON file, or computed (cached) from a checkpoint."""
+def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | None = None) -> Any:
+    """An Analysis from a JSON file, or computed (cached) from a checkpoint.
+
+    Policies other than ``snr`` need kappa only, so they take the faster kappa-only route (rows
+    leave the other metrics null); ``snr`` needs every singular value."""
     from tqdm import tqdm
 
-    from kappatune.spectra import Analysis, analyze
+    from kappatune.spectra import Analysis, AnalyzeOptions, analyze
 
     path = Path(source)
     if path.suffix.lower() == ".json":
@@ -223,7 +227,8 @@ def load_analysis(source: str, progress_desc: str = "analyzing") -> Any:
         bar.refresh()
 
     try:
-        return analyze(source, progress=progress)
+        options = AnalyzeOptions(kappa_only=policy not in FULL_SPECTRUM_POLICIES)
+        return analyze(source, options, progress=progress)
     finally:
         bar.close()
 
@@ -353,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
 
     validate_selection_args(args)
     check_output(args.output, args.format)
-    analysis = load_analysis(args.source)
+    analysis = load_analysis(args.source, policy=args.policy)
     selection = selection_from_args(
         args, analysis, model_spec=None if args.source.endswith(".json") else args.source
     )

@@ -75,6 +75,12 @@ def add_parser(sub: Any) -> None:
         "--selection", type=Path, metavar="FILE", help="selection JSON from 'kappatune select'"
     )
     add_selection_flags(p, lora_note=True)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory each method would need (weights, gradients, optimizer state,"
+        " activations at --batch-size x --seq-len) without loading weights; train nothing",
+    )
     t = p.add_argument_group("training")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
@@ -313,7 +319,7 @@ def _selection(args: argparse.Namespace) -> Any:
         return None
     if args.selection is not None:
         return Selection.load(args.selection)
-    analysis = load_analysis(analysis_source(args.model))
+    analysis = load_analysis(analysis_source(args.model), policy=args.policy)
     return selection_from_args(args, analysis, model_spec=args.model, budget=_modules_budget(args))
 
 
@@ -344,6 +350,10 @@ def run(args: argparse.Namespace) -> int:
 
     _validate(args)
     quiet_transformers()
+    if args.dry_run:  # memory per method from the config alone: no weights, nothing written
+        from kappatune.cli.train_dry_run import run_dry
+
+        return run_dry(args, _lora_settings)
     if launched():  # accelerate launch / torchrun: kappatune.cli.train_launched
         from kappatune.cli.train_launched import run_launched
 

@@ -1,0 +1,85 @@
+"""``kappatune train ... --dry-run``: the memory each method would need, without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")
+_MB = 2**20
+
+
+def _selection_for(args: argparse.Namespace) -> Any:
+    """The selection ``train`` would use (a --selection file, or the policy flags on the analysis)."""
+    from kappatune.cli.select import load_analysis, selection_from_args
+    from kappatune.models import analysis_source
+    from kappatune.selection import Selection
+
+    if args.selection is not None:
+        return Selection.load(args.selection)
+    return selection_from_args(
+        args, load_analysis(analysis_source(args.model), policy=args.policy), model_spec=args.model
+    )
+
+
+def estimates(args: argparse.Namespace, lora_settings: Any) -> list[Any]:
+    """One MemoryEstimate per method, from the config on the meta device."""
+    from kappatune import memory
+
+    config = memory.config_of(args.model, args.trust_remote_code)
+    selection = _selection_for(args)
+    out = []
+    for method in METHOD_ORDER:
+        model_params = sum(p.numel() for p in memory.meta_model(config).parameters())
+        lora = lora_settings(args, model_params) if method in ("lora", "kappa-lora") else None
+        sel = selection if method in ("selective", "kappa-lora") else None
+        out.append(
+            memory.estimate(
+                lambda: memory.meta_model(config), method, args.batch_size, args.seq_len, sel, lora
+            )
+        )
+    return out
+
+
+def run_dry(args: argparse.Namespace, lora_settings: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = estimates(args, lora_settings)
+    table = Table(
+        title=f"{args.model}: memory per method, batch {args.batch_size} x {args.seq_len} tokens,"
+        " AdamW, float32 (MB; no weights were loaded)",
+        title_justify="left",
+    )
+    cols = (
+        "method",
+        "trainable",
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "transient",
+        "total",
+    )
+    for c in cols:
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for e in rows:
+        transient = max(e.backward_transient, e.step_transient)
+        mark = " *" if e.method == args.method else ""
+        table.add_row(
+            e.method + mark,
+            f"{e.trainable:,}",
+            *(f"{b / _MB:,.0f}" for b in (e.weights, e.gradients, e.optimizer, e.activations)),
+            f"{transient / _MB:,.0f}",
+            f"{e.total / _MB:,.0f}",
+        )
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 140)
+    console.print(table)
+    console.print(
+        "* the --method asked for. Total = weights + gradients + optimizer state + the larger of"
+        " (activations + loss backward) and the optimizer step's temporaries; the process"
+        " runtime (Python, torch, tokenizer) comes on top."
+    )
+    return 0

@@ -1,0 +1,5 @@
+"""Defaults shared by the library and the CLI, in a module that imports nothing heavy."""
+
+# Tokens the model samples itself for the self-Fisher scores: 4 sequences of 128
+# (benchmarks/results/self_fisher_stability.md).
+SELF_FISHER_TOKENS = 508
