@@ -173,7 +173,7 @@ def test_train_resumes_from_checkpoint(
     out = tmp_path / "run"
     code, _, err = run(base(model, data, out, *args), capsys)
     assert code == 130 and "interrupted" in err
-    assert (out / "checkpoint" / "loop.pt").is_file() and not (out / "result.json").exists()
+    assert (out / "checkpoint" / "manifest.json").is_file() and not (out / "result.json").exists()
     monkeypatch.setattr(train_cli, "_save_checkpoint", original)
     code, stdout, err = run(base(model, data, out, *args), capsys)
     assert code == 0, err
@@ -267,3 +267,138 @@ def test_train_bad_input(
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+RESUME_ARGS = ["--method", "selective", "--budget-tensors", 3, "--checkpoint-every", 2]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(model, data, run dir) of a run stopped right after its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("interrupted")
+    model = save_tiny_model(root / "tiny", seed=0)
+    data = root / "train.txt"
+    data.write_text(TEXT)
+    out = root / "run"
+    original = train_cli._save_checkpoint
+
+    def interrupted(o, m, state):  # type: ignore[no-untyped-def]
+        original(o, m, state)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_cli, "_save_checkpoint", interrupted)
+        assert main([str(a) for a in base(model, data, out, *RESUME_ARGS)]) == 130
+    return model, data, out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+class _Marker:
+    """Unpickling this calls open(path, "w"): the file appears if the pickle ever runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def _rewrite_trainable(ckpt: Path, change: str, frozen: str) -> None:
+    from safetensors.torch import save_file
+
+    from kappatune.checkpoint import LOOP_JSON, LOOP_TENSORS, TRAINABLE, write_manifest
+
+    tensors = load_file(str(ckpt / TRAINABLE))
+    first = sorted(tensors)[0]
+    if change == "frozen":
+        tensors[frozen] = torch.zeros_like(tensors[first])
+    elif change == "shape":
+        tensors[first] = tensors[first][:1]
+    elif change == "dtype":
+        tensors[first] = tensors[first].to(torch.float16)
+    save_file(tensors, str(ckpt / TRAINABLE))
+    write_manifest(ckpt, (TRAINABLE, LOOP_TENSORS, LOOP_JSON), {})
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "frozen",
+            r"holds 1 tensor\(s\) this run does not train \(e.g. model.layers.1.mlp.down_proj.weight\)",
+        ),
+        ("shape", r"holds lm_head.weight as float32 \[1, 32\], the run trains float32 \[128, 32\]"),
+        (
+            "dtype",
+            r"holds lm_head.weight as float16 \[128, 32\], the run trains float32 \[128, 32\]",
+        ),
+        ("truncated", r"has a damaged trainable.safetensors: \d+ bytes, the manifest says \d+"),
+        ("flipped", r"has a damaged loop.safetensors: its digest differs from the manifest"),
+        ("legacy", r"has no manifest.json \(incomplete, or written by an older kappatune\)"),
+    ],
+)
+def test_resume_refuses_a_tampered_checkpoint(
+    interrupted_run: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    import shutil
+
+    model, data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    ckpt = out / "checkpoint"
+    frozen = "model.layers.1.mlp.down_proj.weight"
+    assert frozen not in Selection.load(out / "selection.json").names
+    if case in ("frozen", "shape", "dtype"):
+        _rewrite_trainable(ckpt, case, frozen)
+    elif case == "truncated":
+        path = ckpt / "trainable.safetensors"
+        path.write_bytes(path.read_bytes()[:-7])
+    elif case == "flipped":
+        path = ckpt / "loop.safetensors"
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif case == "legacy":
+        for p in list(ckpt.iterdir()):
+            p.unlink()
+        torch.save({"step": 2, "x": _Marker(tmp_path / "marker")}, ckpt / "loop.pt")
+    before = _snapshot(out)
+    code, _, err = run(base(model, data, out, *RESUME_ARGS), capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kappatune: error: checkpoint {ckpt} "), err
+    assert re.search(message, lines[0]) and lines[0].endswith("; remove it to restart"), lines[0]
+    assert _snapshot(out) == before  # nothing written, nothing trained
+    assert not (tmp_path / "marker").exists()
+
+
+def test_resume_never_unpickles_a_planted_loop_pt(
+    interrupted_run: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    model, data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    marker = tmp_path / "marker"
+    torch.save({"step": 2, "x": _Marker(marker)}, out / "checkpoint" / "loop.pt")
+    code, stdout, err = run(base(model, data, out, *RESUME_ARGS), capsys)
+    assert code == 0, err
+    assert "resuming from step 2 of 3" in stdout
+    assert not marker.exists()
+    # the frozen tensors are bit-identical to the base model's
+    names = set(Selection.load(out / "selection.json").names)
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    start = load_file(str(model / "model.safetensors"))
+    frozen = sorted(set(start) - names)
+    assert len(frozen) == len(start) - 3
+    assert all(torch.equal(trained[k], start[k]) for k in frozen)

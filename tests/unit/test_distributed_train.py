@@ -203,13 +203,59 @@ def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
 
 
 def test_resume_point(tmp_path: Path) -> None:
+    from kappatune.checkpoint import write_manifest
+
     assert dt.resume_point(tmp_path) is None
-    (tmp_path / "checkpoint").mkdir()
-    torch.save({"step": 2}, tmp_path / "checkpoint" / "loop.pt")
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    meta = {"step": 1, "losses": [2.5], "step_times": [0.5], "ema": 0.25}
+    (ckpt / "loop.json").write_text(json.dumps({"format": 1, "state": meta}))
     with pytest.raises(KappaTuneError, match="written by a single-process run"):
         dt.resume_point(tmp_path)
-    (tmp_path / "checkpoint" / "accelerate").mkdir()
-    assert dt.resume_point(tmp_path) == (tmp_path / "checkpoint" / "accelerate", {"step": 2})
+    (ckpt / "accelerate").mkdir()
+    torch.save({"w": torch.ones(2)}, ckpt / "accelerate" / "optimizer.bin")
+    with pytest.raises(KappaTuneError, match=r"has no manifest.json"):
+        dt.resume_point(tmp_path)
+    write_manifest(ckpt, ("loop.json", "accelerate/optimizer.bin"), {})
+    assert dt.resume_point(tmp_path) == (ckpt / "accelerate", meta)
+
+
+class _Marker:
+    """Unpickling this calls open(path, "w"): the file appears if the pickle ever runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize(
+    "name", ["optimizer.bin", "pytorch_model/.metadata", "random_states_0.pkl"]
+)
+def test_resume_point_refuses_a_planted_pickle(tmp_path: Path, name: str) -> None:
+    """Files that accelerate, DeepSpeed (weights_only=False) or torch.distributed.checkpoint
+    (pickle.load) would unpickle are scanned first: a planted one is refused, never run."""
+    import pickle
+
+    from kappatune.checkpoint import write_manifest
+
+    ckpt = tmp_path / "checkpoint"
+    (ckpt / "accelerate" / "pytorch_model").mkdir(parents=True)
+    meta = {"step": 0, "losses": [], "step_times": [], "ema": 0.0}
+    (ckpt / "loop.json").write_text(json.dumps({"format": 1, "state": meta}))
+    marker = tmp_path / "marker"
+    path = ckpt / "accelerate" / name
+    if name.endswith(".metadata"):
+        path.write_bytes(pickle.dumps({"plan": _Marker(marker)}, protocol=4))
+    else:
+        torch.save({"state": _Marker(marker)}, path)
+    write_manifest(ckpt, ("loop.json", f"accelerate/{name}"), {})
+    with pytest.raises(KappaTuneError) as err:
+        dt.resume_point(tmp_path)
+    assert str(err.value).startswith(f"{path}")
+    assert "would call io.open when loaded; it is not loaded" in str(err.value)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- two processes
@@ -310,7 +356,11 @@ def check_resume_is_exact(
     first = run(resumed, *launcher(), script=[str(stopper)])
     assert first.returncode != 0
     assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint", "run.json", "selection.json"]
-    assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == ["accelerate", "loop.pt"]
+    assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == [
+        "accelerate",
+        "loop.json",
+        "manifest.json",
+    ]
     second = run(resumed, *launcher())
     assert "resuming from step 2 of 4" in second.stdout
     check_run(model, resumed, second)

@@ -232,42 +232,35 @@ def _trainable_state(model: Any) -> dict[str, Any]:
 
 
 def _save_checkpoint(out: Path, model: Any, loop_state: Any) -> None:
-    import torch
-    from safetensors.torch import save_file
+    """``checkpoint/``: safetensors and JSON with a manifest of digests (nothing pickled)."""
+    from kappatune.checkpoint import swap_in, write_checkpoint
 
     tmp = out / ".checkpoint.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(loop_state.state_dict(), tmp / "loop.pt")
-    final = out / "checkpoint"
-    old = out / ".checkpoint.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tmp, _trainable_state(model), loop_state.state_dict())
+    swap_in(tmp, out / "checkpoint")
 
 
-def _load_checkpoint(out: Path, model: Any) -> dict[str, Any] | None:
+def _load_checkpoint(out: Path, prepared: Any) -> dict[str, Any] | None:
+    """The loop state of ``out/checkpoint`` after copying its tensors into the model, or None.
+
+    Only the run's own trainable tensors, with their shapes and dtypes, are accepted, and
+    only from files that match the manifest's digests (see :mod:`kappatune.checkpoint`).
+    """
     import torch
-    from safetensors.torch import load_file
+
+    from kappatune.checkpoint import TensorSpec, check_optimizer_state, read_checkpoint
 
     ckpt = out / "checkpoint"
-    if not (ckpt / "loop.pt").is_file():
+    if not ckpt.exists():
         return None
-    tensors = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
-        raise KappaTuneError(
-            f"checkpoint {ckpt} does not fit the model (e.g. {missing[0]}); remove it to restart"
-        )
+    params = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
+    tensors, state = read_checkpoint(ckpt, {n: TensorSpec.of(p) for n, p in params.items()})
+    shapes = [[tuple(p.shape) for p in g["params"]] for g in prepared.param_groups]
+    check_optimizer_state(ckpt, state.get("optimizer"), shapes)
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
-    state: dict[str, Any] = torch.load(ckpt / "loop.pt", map_location="cpu", weights_only=False)
     return state
 
 
@@ -383,7 +376,7 @@ def _train(
     from kappatune.training import StopRule, train_loop
 
     model = prepared.model.to(device)
-    resume = _load_checkpoint(args.output, model) if status == "resume" else None
+    resume = _load_checkpoint(args.output, prepared) if status == "resume" else None
     config = _train_config(args)
     total = config.total_steps(len(data))
     start = announce_start(console, args, prepared, resume, total)

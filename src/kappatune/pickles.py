@@ -1,0 +1,157 @@
+"""Refuse pickles that would call anything but data constructors, without unpickling them.
+
+A multi-process checkpoint is read back by accelerate, DeepSpeed (``torch.load`` with
+``weights_only=False``) and ``torch.distributed.checkpoint`` (``pickle.load`` of its
+``.metadata``): code we do not control. Before they run, :func:`check_folder` walks every
+pickle in the folder (the ``*.pkl`` members of ``torch.save`` zip files, and plain pickle
+files) opcode by opcode and lists the globals it names. Only the globals that
+``torch.load(weights_only=True)`` accepts, numpy's array and RNG-state types, and the
+dataclasses of torch.distributed.checkpoint and DeepSpeed's checkpoints are allowed; a
+pickle naming any other callable, or one the walk cannot follow, is refused.
+"""
+
+from __future__ import annotations
+
+import pickletools
+import zipfile
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+from kappatune.errors import KappaTuneError
+
+_EXTRA = frozenset(
+    {
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.dtypes.UInt32DType",
+        "numpy.dtypes.Float64DType",
+        "numpy.dtypes.Int64DType",
+        "builtins.slice",
+        "torch.device",
+        "torch._utils._rebuild_tensor_v2",
+    }
+)
+_ALLOWED_MODULES = (
+    "torch.distributed.checkpoint.metadata",  # dataclasses of the .metadata file
+    "torch.distributed.checkpoint.planner",
+)
+_SKIP_SUFFIXES = (".safetensors", ".distcp", ".json", ".py", ".txt")
+_STRING_OPS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "UNICODE",
+    "BINUNICODE8",
+    "SHORT_BINSTRING",
+    "BINSTRING",
+    "STRING",
+}
+_MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
+_MEMO_GET = {"BINGET", "LONG_BINGET", "GET"}
+
+
+class UnsafePickle(KappaTuneError):
+    pass
+
+
+@cache
+def allowed_globals() -> frozenset[str]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return frozenset(_get_allowed_globals()) | _EXTRA
+
+
+def is_allowed(name: str) -> bool:
+    if name in allowed_globals():
+        return True
+    module = name.rpartition(".")[0]
+    return module in _ALLOWED_MODULES
+
+
+def pickle_globals(data: bytes) -> Iterator[str]:
+    """Every global (``module.name``) the pickles in ``data`` would import, in order.
+
+    Raises ValueError for a stream the walk cannot follow (an extension-registry code, a
+    STACK_GLOBAL whose names are not plain strings, or a malformed opcode).
+    """
+    pos = 0
+    while pos < len(data) and data[pos] == 0x80:  # PROTO: one more pickle follows
+        pos = yield from _one_pickle(data, pos)
+    if pos == 0:
+        raise ValueError("not a pickle of protocol 2 or later")
+
+
+def _one_pickle(data: bytes, start: int) -> Iterator[str]:
+    import io
+
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    memo: dict[int, str] = {}
+    strings: list[str | None] = []  # the values pushed, as far as they matter (strings)
+    last_string: str | None = None
+    memo_next = 0
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in _STRING_OPS:
+            last_string = arg.decode("latin-1") if isinstance(arg, bytes) else str(arg)
+            strings.append(last_string)
+            continue
+        if name in _MEMO_GET:
+            strings.append(memo.get(int(arg)))
+            continue
+        if name in _MEMO_PUT or name == "MEMOIZE":
+            index = memo_next if name == "MEMOIZE" else int(arg)
+            memo_next = max(memo_next, index + 1)
+            if strings and strings[-1] is not None:
+                memo[index] = strings[-1]
+            continue
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            yield f"{module}.{attr}"
+        elif name == "STACK_GLOBAL":
+            if len(strings) < 2 or strings[-1] is None or strings[-2] is None:
+                raise ValueError("a STACK_GLOBAL whose names cannot be followed")
+            yield f"{strings[-2]}.{strings[-1]}"
+        elif name.startswith("EXT"):
+            raise ValueError("an extension-registry global")
+        strings.append(None)
+    return stream.tell()
+
+
+def _pickles_of(path: Path) -> Iterator[tuple[str, bytes]]:
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        with zipfile.ZipFile(path) as zf:
+            for member in sorted(zf.namelist()):
+                if member.endswith(".pkl"):
+                    yield f"{path}:{member}", zf.read(member)
+    elif head[:1] == b"\x80" and not path.name.endswith(_SKIP_SUFFIXES):
+        yield str(path), path.read_bytes()
+
+
+def check_folder(folder: Path) -> int:
+    """Raise :class:`UnsafePickle` for the first pickle under ``folder`` that names a global
+    outside the allow-list; return how many pickles were checked."""
+    count = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            for where, data in _pickles_of(path):
+                bad = sorted({g for g in pickle_globals(data) if not is_allowed(g)})
+                count += 1
+                if bad:
+                    raise UnsafePickle(
+                        f"{where} would call {', '.join(bad[:3])} when loaded; it is not"
+                        " loaded (remove the checkpoint to restart)"
+                    )
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            if isinstance(exc, KappaTuneError):
+                raise
+            raise UnsafePickle(
+                f"cannot check {path} ({exc}); it is not loaded (remove the checkpoint to restart)"
+            ) from None
+    return count
