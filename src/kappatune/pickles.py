@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickletools
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -85,7 +85,7 @@ def pickle_globals(data: bytes) -> Iterator[str]:
         raise ValueError("not a pickle of protocol 2 or later")
 
 
-def _one_pickle(data: bytes, start: int) -> Iterator[str]:
+def _one_pickle(data: bytes, start: int) -> Generator[str, None, int]:
     import io
 
     stream = io.BytesIO(data)
@@ -101,10 +101,10 @@ def _one_pickle(data: bytes, start: int) -> Iterator[str]:
             strings.append(last_string)
             continue
         if name in _MEMO_GET:
-            strings.append(memo.get(int(arg)))
+            strings.append(memo.get(int(str(arg))))
             continue
         if name in _MEMO_PUT or name == "MEMOIZE":
-            index = memo_next if name == "MEMOIZE" else int(arg)
+            index = memo_next if name == "MEMOIZE" else int(str(arg))
             memo_next = max(memo_next, index + 1)
             if strings and strings[-1] is not None:
                 memo[index] = strings[-1]

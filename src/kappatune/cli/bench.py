@@ -330,6 +330,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     command = canonical_command(args)
     out = Path(args.output)
+    from kappatune.outputs import check_dir
+
+    check_dir(out, "--output")
     reporter = BarReporter(len(scenarios) * len(settings.arms) * len(settings.seeds))
     outcome = run_bench(scenarios, settings, out, reporter)
     points = summary.seed_points(outcome.runs, outcome.bases, outcome.metrics)

@@ -166,8 +166,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise KappaTuneError(f"no such selection file: {args.selection}")
     if needs_selection:
         validate_selection_args(args)
-    if args.output.exists() and not args.output.is_dir():
-        raise KappaTuneError(f"--output {args.output} exists and is not a directory")
+    from kappatune.outputs import check_dir
+
+    check_dir(args.output, "--output")
 
 
 def _resolved(args: argparse.Namespace, selection: Any, lora: Any) -> dict[str, Any]:
