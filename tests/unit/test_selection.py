@@ -197,10 +197,12 @@ def test_tensor_and_fraction_budgets() -> None:
         L1 + "self_attn.v_proj.weight",
         L1 + "mlp.experts.down_proj",
     )
-    assert select(ROWS, "lowest-kappa", Budget(fraction=0.25)).entry_count == 2  # int(10 * 0.25)
+    assert select(ROWS, "lowest-kappa", Budget(fraction=0.25)).entry_count == 2  # int(9 * 0.25)
     assert select(ROWS, "lowest-kappa", Budget(fraction=0.01)).entry_count == 1  # at least one
-    with pytest.raises(KappaTuneError, match="budget of 11 tensors exceeds the 10 candidates"):
-        select(ROWS, "lowest-kappa", Budget(tensors=11))
+    # the NaN-kappa row is no candidate of a kappa policy: 9 of the 10 rows are
+    with pytest.raises(KappaTuneError, match="budget of 10 tensors exceeds the 9 candidates"):
+        select(ROWS, "lowest-kappa", Budget(tensors=10))
+    assert select(ROWS, "random", Budget(tensors=10)).entry_count == 10
 
 
 def test_parameter_budget_exact_and_shortfall() -> None:
@@ -208,29 +210,29 @@ def test_parameter_budget_exact_and_shortfall() -> None:
     assert [short(e) for e in exact.entries] == ["v_proj0", "v_proj1", "down_proj1[0]"]
     assert exact.param_count == 110 and exact.shortfall == 0
     short_sel = select(ROWS, "lowest-kappa", Budget(params=100))
-    # 40 + 40 fit, the 30-element experts and the larger tensors do not, the 10-element one does
-    assert [short(e) for e in short_sel.entries] == ["v_proj0", "v_proj1", "down_proj0"]
-    assert short_sel.param_count == 90 and short_sel.shortfall == 10
-    assert "10 short of the 100-parameter budget" in short_sel.describe()
+    # 40 + 40 fit, the 30-element experts and the larger tensors do not (the 10-element
+    # down_proj0 has a NaN kappa: no candidate of a kappa policy)
+    assert [short(e) for e in short_sel.entries] == ["v_proj0", "v_proj1"]
+    assert short_sel.param_count == 80 and short_sel.shortfall == 20
+    assert "20 short of the 100-parameter budget" in short_sel.describe()
     pct = select(ROWS, "lowest-kappa", Budget(params_percent=20))  # 20% of 1250 = 250
-    assert pct.budget_params == 250 and pct.param_count == 250 and pct.shortfall == 0
+    assert pct.budget_params == 250 and pct.param_count == 240 and pct.shortfall == 10
     assert [short(e) for e in pct.entries] == [
         "v_proj0",
         "v_proj1",
         "down_proj1[0]",
         "down_proj1[1]",
         "q_proj0",
-        "down_proj0",
     ]
     with pytest.raises(
         KappaTuneError,
-        match="parameter budget 1,251 exceeds the 1,250 parameters of the 10 candidates",
+        match="parameter budget 1,241 exceeds the 1,240 parameters of the 9 candidates",
     ):
-        select(ROWS, "lowest-kappa", Budget(params=1251))
+        select(ROWS, "lowest-kappa", Budget(params=1241))
     with pytest.raises(
-        KappaTuneError, match=r"smaller than the smallest candidate \(10 parameters\)"
+        KappaTuneError, match=r"smaller than the smallest candidate \(30 parameters\)"
     ):
-        select(ROWS, "lowest-kappa", Budget(params=9))
+        select(ROWS, "lowest-kappa", Budget(params=29))
 
 
 def test_percent_budget_uses_whole_model() -> None:
@@ -254,7 +256,7 @@ def test_kappa_threshold() -> None:
         "down_proj1[1]",
         "up_proj0",
     ]
-    with pytest.raises(KappaTuneError, match=r"no candidate has kappa <= 2 \(lowest of 10 is 3\)"):
+    with pytest.raises(KappaTuneError, match=r"no candidate has kappa <= 2 \(lowest of 9 is 3\)"):
         select(ROWS, "lowest-kappa", Budget(kappa_max=2))
 
 
