@@ -219,6 +219,15 @@ def write_foreign_selection(path: Path) -> None:
         ("missing_selection", r"no such selection file"),
         ("bad_model", r"unknown model 'nomodel'"),
         ("seq_len", r"sequence length must be at least 2 tokens, got 1"),
+        (
+            "seq_len_context",
+            r"--seq-len 300 exceeds the model's context length of 256 tokens \(config max_position_embeddings\)$",
+        ),
+        ("budget_percent", r"parameter budget '150%': a percentage must be in \(0, 100\]$"),
+        (
+            "all_dropped",
+            r"no trainable tokens: the completion of every example \(2 of 2\) starts past the 16-token rows of --no-pack",
+        ),
     ],
 )
 def test_train_bad_input(
@@ -258,6 +267,16 @@ def test_train_bad_input(
         argv[1] = "nomodel"
     elif case == "seq_len":
         argv += ["--seq-len", 1]
+    elif case == "seq_len_context":
+        argv += ["--seq-len", 300]
+    elif case == "budget_percent":
+        argv += ["--budget-params", "150%"]
+    elif case == "all_dropped":
+        long = tmp_path / "long.jsonl"
+        rows = [{"prompt": "p" * n, "completion": "done"} for n in (15, 40)]
+        long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv[argv.index(data)] = long
+        argv += ["--no-pack", "--budget-tensors", 2]
     code, _, err = run(argv, capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -402,3 +421,25 @@ def test_resume_never_unpickles_a_planted_loop_pt(
     frozen = sorted(set(start) - names)
     assert len(frozen) == len(start) - 3
     assert all(torch.equal(trained[k], start[k]) for k in frozen)
+
+
+def test_no_pack_reports_dropped_and_truncated_examples(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows of 16 tokens hold <bos> and 15 more: "ab"+"cd"+<eos> fits, a 10-token prompt with
+    an 11-token completion is cut, a 20-token prompt leaves no completion token: dropped."""
+    model, _ = setup
+    data = tmp_path / "mixed.jsonl"
+    rows = [("ab", "cd"), ("0123456789", "abcdefghij"), ("p" * 20, "x")]
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    out = tmp_path / "run"
+    argv = base(model, data, out, "--method", "full", "--no-pack")
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("kappatune: warning:")]
+    assert warnings == [
+        "kappatune: warning: --no-pack with --seq-len 16: 1 example(s) dropped"
+        " (completion starts past the row), 1 truncated"
+    ]
+    result = json.loads((out / "result.json").read_text())
+    assert (result["dropped_examples"], result["truncated_examples"]) == (1, 1)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.distributed_train import launched
     from kappatune.jsonio import atomic_write_json
     from kappatune.layout import locate
-    from kappatune.models import load_causal_lm, total_parameters
+    from kappatune.models import check_seq_len, load_causal_lm, total_parameters
 
     _validate(args)
     _quiet_transformers()
@@ -302,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
     examples = load_examples(args.data)
     selection = _selection(args)
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    check_seq_len(args.seq_len, model, tokenizer)
     data = tokenize(tokenizer, examples, PackConfig(seq_len=args.seq_len, pack=not args.no_pack))
+    warn_unfit_examples(data, args.seq_len)
     if selection is not None:
         locate(model, selection)
     lora = (
@@ -322,6 +325,21 @@ def run(args: argparse.Namespace) -> int:
     prepared = _prepare(model, args, selection, lora)
     _write_run_files(args.output, resolved, selection, atomic_write_json)
     return _train(args, console, prepared, tokenizer, data, device, status)
+
+
+def warn_unfit_examples(data: Any, seq_len: int) -> None:
+    """One stderr line when --no-pack dropped or cut examples at --seq-len."""
+    if data.dropped or data.truncated:
+        print(
+            f"kappatune: warning: --no-pack with --seq-len {seq_len}: {data.dropped} example(s)"
+            f" dropped (completion starts past the row), {data.truncated} truncated",
+            file=sys.stderr,
+        )
+
+
+def unfit_counts(data: Any) -> dict[str, int]:
+    """result.json's record of what --no-pack left out or cut."""
+    return {"dropped_examples": data.dropped, "truncated_examples": data.truncated}
 
 
 def _quiet_transformers() -> None:
@@ -400,6 +418,7 @@ def _train(
     report = result.to_json() | {
         "method": args.method,
         "trainable_params": prepared.trainable_params,
+        **unfit_counts(data),
     }
     atomic_write_json(args.output / "result.json", report)
     shutil.rmtree(args.output / "checkpoint", ignore_errors=True)
