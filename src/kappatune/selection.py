@@ -206,6 +206,8 @@ class Budget:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Budget:
+        if not isinstance(d, Mapping):
+            raise KappaTuneError(f"a budget must be a JSON object, got {d!r}")
         unknown = set(d) - set(_BUDGET_FIELDS)
         if unknown:
             raise KappaTuneError(f"unknown budget field(s): {', '.join(sorted(unknown))}")
@@ -481,7 +483,7 @@ class Selection:
                 options=SelectOptions.from_json(d.get("options") or {}),
                 budget_params=None if d.get("budget_params") is None else int(d["budget_params"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             if isinstance(exc, KappaTuneError):
                 raise
             raise KappaTuneError(f"malformed selection JSON: {type(exc).__name__}: {exc}") from None

@@ -211,6 +211,8 @@ def _check_run_dir(out: Path, resolved: dict[str, Any]) -> str:
         previous = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise KappaTuneError(f"cannot read {run_file}: {exc}") from None
+    if not isinstance(previous, dict):
+        raise KappaTuneError(f"cannot read {run_file}: not a JSON object")
     keys = sorted(
         k
         for k in set(previous) | set(resolved)
