@@ -362,7 +362,7 @@ def check_resume_is_exact(
         "manifest.json",
     ]
     second = run(resumed, *launcher())
-    assert "resuming from step 2 of 4" in second.stdout
+    assert "resuming from step 2 of 4" in second.stdout, second.stderr[-3000:]
     check_run(model, resumed, second)
     a = load_file(str(straight / "model" / "model.safetensors"))
     b = load_file(str(resumed / "model" / "model.safetensors"))
