@@ -40,7 +40,8 @@ _ALLOWED_MODULES = (
     "torch.distributed.checkpoint.metadata",  # dataclasses of the .metadata file
     "torch.distributed.checkpoint.planner",
 )
-_SKIP_SUFFIXES = (".safetensors", ".distcp", ".json", ".py", ".txt")
+# read by safetensors, by torch.load(weights_only=True) (DCP shards), or never unpickled
+_SKIP_SUFFIXES = (".safetensors", ".distcp", ".json", ".py", ".txt", ".md")
 _STRING_OPS = {
     "SHORT_BINUNICODE",
     "BINUNICODE",
@@ -72,17 +73,24 @@ def is_allowed(name: str) -> bool:
     return module in _ALLOWED_MODULES
 
 
+class _NotAPickle(Exception):
+    """The stream fails at its first opcode: an unpickler would stop there, having run nothing."""
+
+
 def pickle_globals(data: bytes) -> Iterator[str]:
     """Every global (``module.name``) the pickles in ``data`` would import, in order.
 
-    Raises ValueError for a stream the walk cannot follow (an extension-registry code, a
-    STACK_GLOBAL whose names are not plain strings, or a malformed opcode).
+    Pickles of any protocol follow each other until the data ends or stops being a pickle
+    (bytes that fail at their first opcode, such as text or raw storage). Raises ValueError
+    for a pickle the walk cannot follow: an extension-registry code, a STACK_GLOBAL whose
+    names are not plain strings, or an opcode that fails after the first.
     """
     pos = 0
-    while pos < len(data) and data[pos] == 0x80:  # PROTO: one more pickle follows
-        pos = yield from _one_pickle(data, pos)
-    if pos == 0:
-        raise ValueError("not a pickle of protocol 2 or later")
+    while pos < len(data):
+        try:
+            pos = yield from _one_pickle(data, pos)
+        except _NotAPickle:
+            return
 
 
 def _one_pickle(data: bytes, start: int) -> Generator[str, None, int]:
@@ -92,13 +100,25 @@ def _one_pickle(data: bytes, start: int) -> Generator[str, None, int]:
     stream.seek(start)
     memo: dict[int, str] = {}
     strings: list[str | None] = []  # the values pushed, as far as they matter (strings)
-    last_string: str | None = None
     memo_next = 0
-    for op, arg, _ in pickletools.genops(stream):
+    proto = 0
+    ops = pickletools.genops(stream)
+    decoded = 0
+    while True:
+        try:
+            op, arg, _ = next(ops)
+        except StopIteration:
+            return stream.tell()
+        except Exception as exc:  # pickletools raises ValueError, struct.error, ...
+            if decoded == 0:
+                raise _NotAPickle from None
+            raise ValueError(f"malformed pickle at byte {stream.tell()}: {exc}") from None
+        decoded += 1
         name = op.name
+        if name == "PROTO":
+            proto = int(str(arg))
         if name in _STRING_OPS:
-            last_string = arg.decode("latin-1") if isinstance(arg, bytes) else str(arg)
-            strings.append(last_string)
+            strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
             continue
         if name in _MEMO_GET:
             strings.append(memo.get(int(str(arg))))
@@ -106,20 +126,32 @@ def _one_pickle(data: bytes, start: int) -> Generator[str, None, int]:
         if name in _MEMO_PUT or name == "MEMOIZE":
             index = memo_next if name == "MEMOIZE" else int(str(arg))
             memo_next = max(memo_next, index + 1)
+            memo.pop(index, None)
             if strings and strings[-1] is not None:
                 memo[index] = strings[-1]
             continue
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
-            yield f"{module}.{attr}"
+            yield _py3_name(module, attr, proto)
         elif name == "STACK_GLOBAL":
             if len(strings) < 2 or strings[-1] is None or strings[-2] is None:
                 raise ValueError("a STACK_GLOBAL whose names cannot be followed")
-            yield f"{strings[-2]}.{strings[-1]}"
+            yield _py3_name(str(strings[-2]), str(strings[-1]), proto)
         elif name.startswith("EXT"):
             raise ValueError("an extension-registry global")
         strings.append(None)
-    return stream.tell()
+
+
+def _py3_name(module: str, name: str, proto: int) -> str:
+    """The global an unpickler imports: Python 2 names map to Python 3 ones below protocol 3."""
+    if proto < 3:
+        from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+        if (module, name) in NAME_MAPPING:
+            module, name = NAME_MAPPING[(module, name)]
+        elif module in IMPORT_MAPPING:
+            module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
 
 
 def _pickles_of(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -130,7 +162,7 @@ def _pickles_of(path: Path) -> Iterator[tuple[str, bytes]]:
             for member in sorted(zf.namelist()):
                 if member.endswith(".pkl"):
                     yield f"{path}:{member}", zf.read(member)
-    elif head[:1] == b"\x80" and not path.name.endswith(_SKIP_SUFFIXES):
+    elif not path.name.endswith(_SKIP_SUFFIXES):  # torch.load unpickles any other file
         yield str(path), path.read_bytes()
 
 

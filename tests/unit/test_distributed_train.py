@@ -231,7 +231,13 @@ class _Marker:
 
 
 @pytest.mark.parametrize(
-    "name", ["optimizer.bin", "pytorch_model/.metadata", "random_states_0.pkl"]
+    "name",
+    [
+        "optimizer.bin",
+        "pytorch_model/.metadata",
+        "random_states_0.pkl",
+        "pytorch_model/global_step2/mp_rank_00_model_states.pt",  # protocol 0: no PROTO byte
+    ],
 )
 def test_resume_point_refuses_a_planted_pickle(tmp_path: Path, name: str) -> None:
     """Files that accelerate, DeepSpeed (weights_only=False) or torch.distributed.checkpoint
@@ -246,11 +252,16 @@ def test_resume_point_refuses_a_planted_pickle(tmp_path: Path, name: str) -> Non
     (ckpt / "loop.json").write_text(json.dumps({"format": 1, "state": meta}))
     marker = tmp_path / "marker"
     path = ckpt / "accelerate" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (ckpt / "accelerate" / "pytorch_model" / "latest").write_text("global_step2")  # not a pickle
     if name.endswith(".metadata"):
         path.write_bytes(pickle.dumps({"plan": _Marker(marker)}, protocol=4))
+    elif name.endswith(".pt"):
+        path.write_bytes(pickle.dumps({"plan": _Marker(marker)}, protocol=0))
+        assert path.read_bytes()[:1] == b"("  # a text pickle, no PROTO byte
     else:
         torch.save({"state": _Marker(marker)}, path)
-    write_manifest(ckpt, ("loop.json", f"accelerate/{name}"), {})
+    write_manifest(ckpt, ("loop.json", f"accelerate/{name}", "accelerate/pytorch_model/latest"), {})
     with pytest.raises(KappaTuneError) as err:
         dt.resume_point(tmp_path)
     assert str(err.value).startswith(f"{path}")
