@@ -304,3 +304,79 @@ def check_optimizer_state(
         raise CheckpointError(
             folder, f"holds an optimizer state that does not fit this run ({exc})"
         ) from None
+
+
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_loop_state(
+    folder: Path,
+    state: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    shapes: list[list[tuple[int, ...]]],
+) -> None:
+    """``state`` (a checkpoint's) has the structure of ``reference`` (a fresh run's): the same
+    keys, value types and parameter groups; AdamW entries of the parameters' shapes; and a
+    scheduler that is as far as the loop."""
+    try:
+        _same_structure(
+            _without(state, "step", "losses", "step_times", "ema"),
+            _without(reference, "step", "losses", "step_times", "ema"),
+            "",
+        )
+        check_optimizer_state(folder, state["optimizer"], shapes)
+        for pid, entry in state["optimizer"]["state"].items():
+            if set(entry) - set(_ADAM_STATE) or not all(
+                isinstance(v, torch.Tensor) for v in entry.values()
+            ):
+                raise ValueError(f"optimizer state of parameter {pid} is not AdamW's")
+        if state["scheduler"]["last_epoch"] != state["step"]:
+            raise ValueError(
+                f"the scheduler is at step {state['scheduler']['last_epoch']}, the loop at {state['step']}"
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, KappaTuneError):
+            raise
+        raise CheckpointError(
+            folder, f"holds a loop state that does not fit this run ({exc})"
+        ) from None
+
+
+def _without(d: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _same_structure(got: Any, want: Any, where: str) -> None:
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            raise ValueError(f"{where or 'state'} is not a dictionary")
+        if where.endswith("optimizer") and "state" in want:  # per-parameter entries vary
+            got, want = _without(got, "state"), _without(want, "state")
+        if set(got) != set(want):
+            raise ValueError(
+                f"{where or 'state'} has keys {sorted(map(str, got))}, expected {sorted(map(str, want))}"
+            )
+        for k in want:
+            _same_structure(got[k], want[k], f"{where}.{k}".lstrip("."))
+    elif isinstance(want, list | tuple):
+        if type(got) is not type(want) or len(got) != len(want):
+            raise ValueError(f"{where} is not a {type(want).__name__} of {len(want)}")
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _same_structure(g, w, f"{where}[{i}]")
+    elif want is None:
+        if got is not None:
+            raise ValueError(f"{where} is {got!r}, expected null")
+    elif isinstance(want, bool | int | float | str):
+        if type(got) is not type(want) and not _both_real(got, want):
+            raise ValueError(f"{where} is {type(got).__name__}, expected {type(want).__name__}")
+    elif isinstance(want, torch.Tensor) and not _same_tensor_spec(got, want):
+        raise ValueError(f"{where} is not a tensor like the run's")
+
+
+def _both_real(got: Any, want: Any) -> bool:
+    """An int where a float is expected (e.g. a learning rate written as 1)."""
+    return isinstance(want, float) and isinstance(got, int) and not isinstance(got, bool)
+
+
+def _same_tensor_spec(got: Any, want: torch.Tensor) -> bool:
+    return isinstance(got, torch.Tensor) and TensorSpec.of(got) == TensorSpec.of(want)

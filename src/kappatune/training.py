@@ -338,6 +338,16 @@ class LoopState:
         self.ema = float(state["ema"])
 
 
+def reference_state(
+    param_groups: list[dict[str, Any]], config: TrainConfig, total_steps: int
+) -> dict[str, Any]:
+    """The :meth:`LoopState.state_dict` a fresh run of ``config`` starts from: what a
+    checkpoint's loop state is checked against (same keys, types and group sizes)."""
+    optimizer = build_optimizer(param_groups, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    return LoopState(optimizer, scheduler).state_dict()
+
+
 @dataclass(frozen=True)
 class TrainResult:
     steps: int

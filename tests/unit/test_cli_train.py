@@ -344,6 +344,30 @@ def _rewrite_trainable(ckpt: Path, change: str, frozen: str) -> None:
     write_manifest(ckpt, (TRAINABLE, LOOP_TENSORS, LOOP_JSON), {})
 
 
+def _rewrite_loop(ckpt: Path, change: str) -> None:
+    """Edit the loop state as a consistent writer would (files and manifest agree)."""
+    from safetensors.torch import save_file
+
+    from kappatune import checkpoint as ck
+
+    state = ck.read_loop_state(ckpt)
+    if change == "lr_text":
+        state["optimizer"]["param_groups"][0]["lr"] = "fast"
+    elif change == "scheduler_ahead":
+        state["scheduler"]["last_epoch"] = 5
+    elif change == "exp_avg_shape":
+        entry = next(iter(state["optimizer"]["state"].values()))
+        entry["exp_avg"] = torch.zeros(1)
+    elif change == "extra_key":
+        state["scheduler"]["lr_lambdas"] = [None]
+        state["scheduler"]["evil"] = 1
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = ck.encode_state(state, tensors)
+    save_file(tensors, str(ckpt / ck.LOOP_TENSORS))
+    (ckpt / ck.LOOP_JSON).write_text(json.dumps({"format": 1, "state": encoded}))
+    ck.write_manifest(ckpt, (ck.TRAINABLE, ck.LOOP_TENSORS, ck.LOOP_JSON), {})
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -359,6 +383,19 @@ def _rewrite_trainable(ckpt: Path, change: str, frozen: str) -> None:
         ("truncated", r"has a damaged trainable.safetensors: \d+ bytes, the manifest says \d+"),
         ("flipped", r"has a damaged loop.safetensors: its digest differs from the manifest"),
         ("legacy", r"has no manifest.json \(incomplete, or written by an older kappatune\)"),
+        (
+            "lr_text",
+            r"holds a loop state that does not fit this run \(optimizer.param_groups\[0\].lr is str, expected float\)",
+        ),
+        (
+            "scheduler_ahead",
+            r"holds a loop state that does not fit this run \(the scheduler is at step 5, the loop at 2\)",
+        ),
+        (
+            "exp_avg_shape",
+            r"holds an optimizer state that does not fit this run \(exp_avg of shape \[1\]",
+        ),
+        ("extra_key", r"holds a loop state that does not fit this run \(scheduler has keys"),
     ],
 )
 def test_resume_refuses_a_tampered_checkpoint(
@@ -386,6 +423,8 @@ def test_resume_refuses_a_tampered_checkpoint(
         raw = bytearray(path.read_bytes())
         raw[-1] ^= 0xFF
         path.write_bytes(bytes(raw))
+    elif case in ("lr_text", "scheduler_ahead", "exp_avg_shape", "extra_key"):
+        _rewrite_loop(ckpt, case)
     elif case == "legacy":
         for p in list(ckpt.iterdir()):
             p.unlink()

@@ -245,15 +245,17 @@ def _save_checkpoint(out: Path, model: Any, loop_state: Any) -> None:
     swap_in(tmp, out / "checkpoint")
 
 
-def _load_checkpoint(out: Path, prepared: Any) -> dict[str, Any] | None:
+def _load_checkpoint(out: Path, prepared: Any, config: Any, total: int) -> dict[str, Any] | None:
     """The loop state of ``out/checkpoint`` after copying its tensors into the model, or None.
 
-    Only the run's own trainable tensors, with their shapes and dtypes, are accepted, and
-    only from files that match the manifest's digests (see :mod:`kappatune.checkpoint`).
+    Only the run's own trainable tensors, with their shapes and dtypes, are accepted, only
+    from files that match the manifest's digests, and only with a loop state shaped like
+    the one this run would write (see :mod:`kappatune.checkpoint`).
     """
     import torch
 
-    from kappatune.checkpoint import TensorSpec, check_optimizer_state, read_checkpoint
+    from kappatune.checkpoint import TensorSpec, check_loop_state, read_checkpoint
+    from kappatune.training import reference_state
 
     ckpt = out / "checkpoint"
     if not ckpt.exists():
@@ -261,7 +263,8 @@ def _load_checkpoint(out: Path, prepared: Any) -> dict[str, Any] | None:
     params = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
     tensors, state = read_checkpoint(ckpt, {n: TensorSpec.of(p) for n, p in params.items()})
     shapes = [[tuple(p.shape) for p in g["params"]] for g in prepared.param_groups]
-    check_optimizer_state(ckpt, state.get("optimizer"), shapes)
+    reference = reference_state(prepared.param_groups, config, total)
+    check_loop_state(ckpt, state, reference, shapes)
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
@@ -397,9 +400,9 @@ def _train(
     from kappatune.training import StopRule, train_loop
 
     model = prepared.model.to(device)
-    resume = _load_checkpoint(args.output, prepared) if status == "resume" else None
     config = _train_config(args)
     total = config.total_steps(len(data))
+    resume = _load_checkpoint(args.output, prepared, config, total) if status == "resume" else None
     start = announce_start(console, args, prepared, resume, total)
     bar = tqdm(total=total, initial=start, unit="step", desc="training", disable=None)
 
