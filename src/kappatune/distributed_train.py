@@ -184,7 +184,14 @@ class AccelerateEngine:
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.model = model
         if self.resume_from is not None:
+            before = frozen_digests(model)
             self.accelerator.load_state(str(self.resume_from))
+            changed = sorted(n for n, d in frozen_digests(model).items() if before.get(n) != d)
+            if changed:
+                raise KappaTuneError(
+                    f"checkpoint {self.resume_from.parent} changes {len(changed)} frozen"
+                    f" tensor(s) (e.g. {changed[0]}); remove it to restart"
+                )
         return model, optimizer, scheduler
 
     def _fill_deepspeed(self, config: dict[str, Any]) -> None:
@@ -280,6 +287,23 @@ def _gathered_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
         if not keep:
             return {}
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def frozen_digests(model: nn.Module) -> dict[str, str]:
+    """xxh3 of every frozen parameter's local bytes (a ZeRO-3 rank's partition, an FSDP
+    shard): a resumed checkpoint must leave them as they are."""
+    import xxhash
+
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        local = getattr(p, "ds_tensor", None) if is_partitioned(p) else p
+        if local is None:
+            continue
+        raw = local.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
+        out[name] = xxhash.xxh3_128(raw.tobytes()).hexdigest()
+    return out
 
 
 def loop_meta(state: Any) -> dict[str, Any]:

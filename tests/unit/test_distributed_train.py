@@ -185,6 +185,32 @@ def fake_engine(grad_accum: int, world: int) -> dt.AccelerateEngine:
     return dt.AccelerateEngine(acc, batch_size=3, max_grad_norm=0.5)
 
 
+def test_resume_that_changes_a_frozen_tensor_is_refused(tmp_path: Path) -> None:
+    """accelerate's load_state restores the whole model: a checkpoint whose copy of a frozen
+    tensor differs is refused before training."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+
+    def load_state(_: str) -> None:
+        with torch.no_grad():
+            model[1].weight.add_(1.0)  # trainable: may change
+            if "evil" in _:
+                model[0].weight.add_(1.0)  # frozen: must not
+
+    acc = SimpleNamespace(
+        gradient_accumulation_steps=1, num_processes=1, process_index=0, state=SimpleNamespace(),
+        prepare=lambda *a: a, load_state=load_state,
+    )  # fmt: skip
+    engine = dt.AccelerateEngine(acc, resume_from=tmp_path / "checkpoint" / "accelerate")
+    engine.prepare(model, None, None)
+    engine.resume_from = tmp_path / "evil" / "accelerate"
+    with pytest.raises(KappaTuneError) as err:
+        engine.prepare(model, None, None)
+    assert str(err.value) == (
+        f"checkpoint {tmp_path / 'evil'} changes 1 frozen tensor(s) (e.g. 0.weight); remove it to restart"
+    )
+
+
 def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
     config: dict[str, Any] = {"train_batch_size": "auto", "gradient_clipping": "auto"}
     fake_engine(2, 4)._fill_deepspeed(config)
