@@ -34,12 +34,15 @@ _EXTRA = frozenset(
         "builtins.slice",
         "torch.device",
         "torch._utils._rebuild_tensor_v2",
+        # DeepSpeed ZeRO optimizer states (a plain class, an enum and a dataclass)
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        # torch.distributed.checkpoint's .metadata (FSDP)
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
     }
 )
-_ALLOWED_MODULES = (
-    "torch.distributed.checkpoint.metadata",  # dataclasses of the .metadata file
-    "torch.distributed.checkpoint.planner",
-)
+_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)  # dataclasses and enums only
 # read by safetensors, by torch.load(weights_only=True) (DCP shards), or never unpickled
 _SKIP_SUFFIXES = (".safetensors", ".distcp", ".json", ".py", ".txt", ".md")
 _STRING_OPS = {

@@ -47,3 +47,24 @@ def test_unfollowable_or_unsafe_pickles_are_refused(
     (tmp_path / "scheduler.bin").write_bytes(data)
     with pytest.raises(KappaTuneError, match=message):
         check_folder(tmp_path)
+
+
+def test_distributed_checkpoint_metadata_passes(tmp_path: Path) -> None:
+    """The .metadata file FSDP's sharded state is saved with (torch.distributed.checkpoint)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    chunk = ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 2]))
+    tensor = TensorStorageMetadata(
+        TensorProperties(dtype=torch.float32), torch.Size([2, 2]), [chunk]
+    )
+    md = Metadata({"w": tensor}, storage_data={MetadataIndex("w"): _StorageInfo("a.distcp", 0, 16)})
+    (tmp_path / "pytorch_model_fsdp_0").mkdir()
+    (tmp_path / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(md))
+    assert check_folder(tmp_path) == 1
