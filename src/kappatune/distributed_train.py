@@ -290,19 +290,15 @@ def _gathered_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
 
 
 def frozen_digests(model: nn.Module) -> dict[str, str]:
-    """xxh3 of every frozen parameter's local bytes (a ZeRO-3 rank's partition, an FSDP
+    """Digests of every frozen parameter's local bytes (a ZeRO-3 rank's partition, an FSDP
     shard): a resumed checkpoint must leave them as they are."""
-    import xxhash
+    from kappatune.freezing import tensor_digest
 
     out: dict[str, str] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            continue
         local = getattr(p, "ds_tensor", None) if is_partitioned(p) else p
-        if local is None:
-            continue
-        raw = local.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
-        out[name] = xxhash.xxh3_128(raw.tobytes()).hexdigest()
+        if not p.requires_grad and local is not None:
+            out[name] = tensor_digest(local)
     return out
 
 
