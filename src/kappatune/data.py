@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,9 @@ class TokenizedData:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    # --no-pack: examples left out (no completion token within a row) and cut short
+    dropped: int = field(default=0, compare=False)
+    truncated: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
@@ -426,6 +429,7 @@ def tokenize(
     eos = special.eos if config.add_eos else None
     pre_labels = [IGNORE_INDEX] * len(prefix)
     rows: list[tuple[list[int], list[int]]] = []
+    dropped = truncated = 0
     if config.pack:
         stream_ids: list[int] = []
         stream_labels: list[int] = []
@@ -443,15 +447,26 @@ def tokenize(
     else:
         for ex in examples:
             ids, lab = _example_tokens(tokenizer, ex, eos)
+            labelled, cut = any(x != IGNORE_INDEX for x in lab), len(ids) > body
             ids, lab = ids[:body], lab[:body]
             if any(x != IGNORE_INDEX for x in lab):
                 rows.append((prefix + ids, pre_labels + lab))
+                truncated += cut
+            elif labelled:
+                dropped += 1  # its completion starts past the row
     if not rows:
+        if dropped:
+            raise KappaTuneError(
+                f"no trainable tokens: the completion of every example ({dropped} of"
+                f" {len(examples)}) starts past the {config.seq_len}-token rows of --no-pack;"
+                " raise --seq-len or shorten the prompts"
+            )
         raise KappaTuneError(
             f"no trainable tokens: {len(examples)} examples gave 0 rows of {config.seq_len} tokens"
             " with a label (are all completions empty or cut off by the sequence length?)"
         )
-    return _rows_to_data(rows, config.seq_len, special.pad)
+    data = _rows_to_data(rows, config.seq_len, special.pad)
+    return replace(data, dropped=dropped, truncated=truncated)
 
 
 def load_tokenized(

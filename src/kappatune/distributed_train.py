@@ -184,7 +184,14 @@ class AccelerateEngine:
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.model = model
         if self.resume_from is not None:
+            before = frozen_digests(model)
             self.accelerator.load_state(str(self.resume_from))
+            changed = sorted(n for n, d in frozen_digests(model).items() if before.get(n) != d)
+            if changed:
+                raise KappaTuneError(
+                    f"checkpoint {self.resume_from.parent} changes {len(changed)} frozen"
+                    f" tensor(s) (e.g. {changed[0]}); remove it to restart"
+                )
         return model, optimizer, scheduler
 
     def _fill_deepspeed(self, config: dict[str, Any]) -> None:
@@ -236,7 +243,7 @@ class AccelerateEngine:
 
     def save_checkpoint(self, out: Path, loop_state: dict[str, Any]) -> None:
         """Collective: every rank writes its part; rank 0 swaps the folder in atomically."""
-        tmp, final, old = out / ".checkpoint.tmp", out / "checkpoint", out / ".checkpoint.old"
+        tmp, final = out / ".checkpoint.tmp", out / "checkpoint"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -244,11 +251,13 @@ class AccelerateEngine:
         self.accelerator.save_state(str(tmp / CHECKPOINT_STATE))
         self.wait()
         if self.is_main:
-            torch.save(loop_state, tmp / "loop.pt")
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            from kappatune.checkpoint import LOOP_JSON, swap_in, write_manifest
+            from kappatune.jsonio import atomic_write_json
+
+            atomic_write_json(tmp / LOOP_JSON, {"format": 1, "state": loop_state})
+            files = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+            write_manifest(tmp, files, {})
+            swap_in(tmp, final)
         self.wait()
 
     def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
@@ -283,8 +292,21 @@ def _gathered_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def frozen_digests(model: nn.Module) -> dict[str, str]:
+    """Digests of every frozen parameter's local bytes (a ZeRO-3 rank's partition, an FSDP
+    shard): a resumed checkpoint must leave them as they are."""
+    from kappatune.freezing import tensor_digest
+
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        local = getattr(p, "ds_tensor", None) if is_partitioned(p) else p
+        if not p.requires_grad and local is not None:
+            out[name] = tensor_digest(local)
+    return out
+
+
 def loop_meta(state: Any) -> dict[str, Any]:
-    """What ``loop.pt`` keeps next to accelerate's state (optimizer and scheduler live there)."""
+    """What ``loop.json`` keeps next to accelerate's state (optimizer and scheduler live there)."""
     return {
         "step": state.step,
         "losses": list(state.losses),
@@ -294,14 +316,31 @@ def loop_meta(state: Any) -> dict[str, Any]:
 
 
 def resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(save_state folder, loop meta) of the checkpoint in ``out``, or None when there is none."""
+    """(save_state folder, loop meta) of the checkpoint in ``out``, or None when there is none.
+
+    Every file is checked against the manifest's sizes and digests, and every pickle that
+    accelerate, DeepSpeed or torch.distributed.checkpoint would load is scanned first
+    (:mod:`kappatune.pickles`): only plain data and tensors may be rebuilt.
+    """
+    import json
+
+    from kappatune.checkpoint import LOOP_JSON, CheckpointError, check_history, verify_files
+
     ckpt = out / "checkpoint"
-    if not (ckpt / "loop.pt").is_file():
+    if not ckpt.exists():
         return None
     if not (ckpt / CHECKPOINT_STATE).is_dir():
         raise KappaTuneError(
             f"checkpoint {ckpt} was written by a single-process run; resume it without"
             " accelerate launch/torchrun, or remove it to restart"
         )
-    meta: dict[str, Any] = torch.load(ckpt / "loop.pt", map_location="cpu", weights_only=True)
-    return ckpt / CHECKPOINT_STATE, meta
+    from kappatune.pickles import check_folder
+
+    verify_files(ckpt)
+    check_folder(ckpt / CHECKPOINT_STATE)
+    try:
+        meta = json.loads((ckpt / LOOP_JSON).read_text(encoding="utf-8"))["state"]
+        check_history(meta)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(ckpt, f"has an unreadable {LOOP_JSON} ({exc})") from None
+    return ckpt / CHECKPOINT_STATE, dict(meta)

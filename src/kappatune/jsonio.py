@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def new_file_mode(existing: str | os.PathLike[str] | None = None) -> int:
+    """The mode a written file gets: ``existing``'s when it is a file that is being replaced,
+    else what ``open()`` would give (0666 less the umask), not mkstemp's 0600."""
+    if existing is not None:
+        try:
+            return stat.S_IMODE(os.stat(existing).st_mode)
+        except OSError:
+            pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temporary file beside the target, then rename over it."""
+    """Write to a temporary file beside the target, then rename over it.
+
+    The file gets the mode ``open()`` would give it (or keeps the mode of the file it replaces).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), new_file_mode(target))
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -45,8 +63,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The bytes kappatune writes for a JSON document (indented, strict, newline-terminated)."""
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json_object(path: str | os.PathLike[str], what: str, missing: str) -> dict[str, Any]:

@@ -266,3 +266,41 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise KappaTuneError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+_NO_LIMIT = 10**9  # above this a tokenizer's model_max_length is transformers' "no limit" marker
+
+
+def context_length(model: Any, tokenizer: Any) -> tuple[int, str] | None:
+    """(tokens, where it comes from): the model config's position limit, or the tokenizer's
+    ``model_max_length`` when that is real and smaller; None when neither says."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    found: list[tuple[int, str]] = []
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.append((value, f"config {key}"))
+            break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _NO_LIMIT:
+        found.append((value, "tokenizer model_max_length"))
+    return min(found) if found else None
+
+
+def check_seq_len(seq_len: int, model: Any, tokenizer: Any) -> None:
+    """Raise when rows of ``seq_len`` tokens do not fit the model's context."""
+    limit = context_length(model, tokenizer)
+    if limit is not None and seq_len > limit[0]:
+        raise KappaTuneError(
+            f"--seq-len {seq_len} exceeds the model's context length of {limit[0]} tokens"
+            f" ({limit[1]})"
+        )

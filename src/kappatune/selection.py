@@ -280,36 +280,58 @@ class Budget:
         }[kind]
 
     def to_json(self) -> dict[str, Any]:
-        return {self.kind: self._fields()[self.kind]}
+        value = self._fields()[self.kind]
+        return {self.kind: encode_float(value) if isinstance(value, float) else value}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Budget:
+        if not isinstance(d, Mapping):
+            raise KappaTuneError(f"a budget must be a JSON object, got {d!r}")
         unknown = set(d) - set(_BUDGET_FIELDS)
         if unknown:
             raise KappaTuneError(f"unknown budget field(s): {', '.join(sorted(unknown))}")
-        return cls(**dict(d))
+        return cls(**{k: _budget_value(k, v) for k, v in d.items()})
 
     @classmethod
     def parse_params(cls, text: str) -> Budget:
         """``"10%"`` -> percent of the model; ``"2500000"``, ``"2.5M"``, ``"300k"`` -> a count."""
         t = text.strip().lower().replace("_", "").replace(",", "")
-        try:
-            if t.endswith("%"):
-                return cls(params_percent=float(t[:-1]))
-            m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmbg]?)", t)
-            if not m:
-                raise ValueError
-            value = float(m.group(1)) * _PARAM_SUFFIX[m.group(2)]
-        except ValueError:
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmbg]?)", t)
+        if t.endswith("%") and re.fullmatch(r"[0-9]*\.?[0-9]+(?:e-?[0-9]+)?", t[:-1]):
+            percent = float(t[:-1])
+            if not 0 < percent <= 100:
+                raise KappaTuneError(f"parameter budget {text!r}: a percentage must be in (0, 100]")
+            return cls(params_percent=percent)
+        if not m:
             raise KappaTuneError(
                 f"cannot read parameter budget {text!r}: use a count (2500000, 2.5M, 300k) or a percentage (10%)"
-            ) from None
+            )
+        value = float(m.group(1)) * _PARAM_SUFFIX[m.group(2)]
+        if not value < MAX_PARAMS:  # inf from 1e400 too
+            raise KappaTuneError(
+                f"parameter budget {text!r} is too large (the limit is {MAX_PARAMS:.3g} parameters)"
+            )
         if value != int(value):
             raise KappaTuneError(f"parameter budget {text!r} is not a whole number of parameters")
         return cls(params=int(value))
 
 
 _BUDGET_FIELDS = ("tensors", "fraction", "params", "params_percent", "kappa_max")
+MAX_PARAMS = 2**53  # counts above this are not exact in a float (and no model is near it)
+
+
+def _budget_value(kind: str, value: Any) -> Any:
+    """A budget field from JSON: whole counts stay integers, thresholds may be "inf"."""
+    if kind in ("tensors", "params"):
+        if not isinstance(value, int) or isinstance(value, bool) or not value < MAX_PARAMS:
+            raise KappaTuneError(f"budget {kind} must be a whole number, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise KappaTuneError(f"budget {kind} must be a number, got {value!r}")
+    try:
+        return decode_float(value)
+    except ValueError:
+        raise KappaTuneError(f"budget {kind} must be a number, got {value!r}") from None
 
 
 # --------------------------------------------------------------------------- options
@@ -575,7 +597,7 @@ class Selection:
                 budget_params=None if d.get("budget_params") is None else int(d["budget_params"]),
                 skipped_in_order=int(d.get("skipped_in_order", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             if isinstance(exc, KappaTuneError):
                 raise
             raise KappaTuneError(f"malformed selection JSON: {type(exc).__name__}: {exc}") from None
@@ -703,6 +725,20 @@ def skipped_before_last(order: Sequence[SpectrumRow], chosen: Sequence[SpectrumR
     return sum(1 for r in order[: last + 1] if r.key not in keys)
 
 
+KAPPA_POLICIES = ("lowest-kappa", "highest-kappa")
+
+
+def _with_kappa(rows: Sequence[SpectrumRow], policy: str) -> list[SpectrumRow]:
+    """The rows a kappa policy can rank: a NaN kappa (no spectrum) is no candidate."""
+    kept = [r for r in rows if not math.isnan(r.kappa)]
+    if not kept:
+        raise KappaTuneError(
+            f"policy {policy!r}: none of the {len(rows)} candidates has a kappa (all are NaN);"
+            " re-run the analysis or choose another policy"
+        )
+    return kept
+
+
 def _total_params(analysis: Analysis) -> int:
     skipped = sum(math.prod(s.shape) if s.shape else 1 for s in analysis.skipped)
     return sum(r.numel for r in analysis.tensors) + skipped
@@ -744,6 +780,8 @@ def select(
             f"empty selection: the filters (include={options.include!r}, exclude={options.exclude!r},"
             f" module types={list(options.module_types)}) leave 0 of {len(rows)} candidates"
         )
+    if policy in KAPPA_POLICIES:
+        candidates = _with_kappa(candidates, policy)
     ctx = PolicyContext(seed=options.seed, last_layers=options.last_layers, scores=scores)
     policy_order = ordered = fn(candidates, ctx)
     if options.quotas:

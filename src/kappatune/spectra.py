@@ -197,15 +197,26 @@ class Analysis:
                 f"unsupported analysis schema_version {version!r} (this kappatune reads"
                 f" {', '.join(map(str, READABLE_SCHEMAS))})"
             )
+        for key in ("tensors", "skipped"):
+            if not isinstance(d.get(key), list):
+                raise KappaTuneError(f"malformed analysis JSON: {key!r} is not a list")
         try:
             return cls(
                 source=str(d["source"]),
                 fingerprint=str(d["fingerprint"]),
-                tensors=tuple(SpectrumRow.from_json(r, version) for r in d["tensors"]),
-                skipped=tuple(SkippedRow.from_json(s) for s in d["skipped"]),
+                tensors=tuple(
+                    _loaded(SpectrumRow, "tensors", i, r, version)
+                    for i, r in enumerate(d["tensors"])
+                ),
+                skipped=tuple(
+                    _loaded(SkippedRow, "skipped", i, s, version)
+                    for i, s in enumerate(d["skipped"])
+                ),
                 schema_version=version,
             )
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        except KeyError as exc:
+            raise KappaTuneError(f"malformed analysis JSON: no {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
             raise KappaTuneError(f"malformed analysis JSON: {one_line(str(exc))}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -220,6 +231,73 @@ class Analysis:
             if r.name == name and r.expert == expert:
                 return r
         raise KeyError((name, expert))
+
+
+# --------------------------------------------------------------------------- row validation
+
+_MAX_COUNT = 2**62  # no dimension or element count of a real tensor comes near this
+_NONNEGATIVE = ("sigma_max", "sigma_min", "stable_rank", "effective_rank")
+
+
+def _loaded(kind: Any, section: str, index: int, row: Any, version: int) -> Any:
+    """``kind.from_json(row)`` after :func:`check_row_json`; errors name the row."""
+    name = row.get("name") if isinstance(row, dict) else None
+    where = f"{section}[{index}]" + (f" ({name})" if isinstance(name, str) else "")
+    try:
+        check_row_json(row, full=kind is SpectrumRow)
+        if kind is SpectrumRow:
+            return SpectrumRow.from_json(row, version)
+        return kind.from_json(row)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        problem = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise KappaTuneError(f"malformed analysis JSON: {where}: {problem}") from None
+
+
+def _count(value: Any, what: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_COUNT:
+        raise ValueError(f"{what} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    """A float field as written by :func:`encode_float`: a number, "inf"/"-inf" or null."""
+    if value is None or value in ("inf", "-inf"):
+        return decode_float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f'{what} must be a number, "inf" or null, got {value!r}')
+    return float(value)
+
+
+def check_row_json(row: Any, full: bool = True) -> None:
+    """Raise ValueError unless ``row`` is a well-typed analysis row with values in range
+    (``full``: a :class:`SpectrumRow`, else a :class:`SkippedRow`)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    if not isinstance(row["name"], str) or not row["name"]:
+        raise ValueError(f"name must be a non-empty string, got {row['name']!r}")
+    shape = row["shape"]
+    if not isinstance(shape, list):
+        raise ValueError(f"shape must be a list, got {shape!r}")
+    dims = [_count(x, "each dimension of shape") for x in shape]
+    if not full:
+        if not isinstance(row["reason"], str):
+            raise ValueError("reason must be a string")
+        return
+    for key in ("dtype", "module_type", "method"):
+        if key in row and not isinstance(row[key], str | None):
+            raise ValueError(f"{key} must be a string, got {row[key]!r}")
+    numel = _count(row["numel"], "numel", 1)
+    if numel > math.prod(dims):
+        raise ValueError(f"numel {numel} exceeds the {math.prod(dims)} elements of shape {dims}")
+    for key in ("expert", "layer"):
+        if row.get(key) is not None:
+            _count(row[key], key)
+    values = {f: _number(row[f], f) for f in _FLOAT_FIELDS}
+    if not (math.isnan(values["kappa"]) or values["kappa"] >= 1):
+        raise ValueError(f"kappa must be >= 1 or null, got {row['kappa']!r}")
+    for f in _NONNEGATIVE:
+        if values[f] < 0:
+            raise ValueError(f"{f} must be >= 0 or null, got {row[f]!r}")
 
 
 # --------------------------------------------------------------------------- planning

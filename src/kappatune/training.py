@@ -62,8 +62,8 @@ class TrainConfig:
             raise KappaTuneError("give exactly one of --steps and --epochs")
         if self.steps is not None and self.steps < 1:
             raise KappaTuneError(f"--steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise KappaTuneError(f"--epochs must be positive, got {self.epochs}")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise KappaTuneError(f"--epochs must be a positive finite number, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise KappaTuneError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup_steps < 0:
@@ -76,11 +76,13 @@ class TrainConfig:
             raise KappaTuneError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.grad_accum < 1:
             raise KappaTuneError(f"--grad-accum must be at least 1, got {self.grad_accum}")
-        if self.weight_decay < 0:
-            raise KappaTuneError(f"--weight-decay must be at least 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+        if not 0 <= self.weight_decay < math.inf:
             raise KappaTuneError(
-                f"max grad norm must be positive or None, got {self.max_grad_norm}"
+                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise KappaTuneError(
+                f"max grad norm must be a positive finite number or None, got {self.max_grad_norm}"
             )
 
     def total_steps(self, n_rows: int, world: int = 1) -> int:
@@ -342,6 +344,16 @@ class LoopState:
         self.losses = [float(x) for x in state["losses"]]
         self.step_times = [float(x) for x in state["step_times"]]
         self.ema = float(state["ema"])
+
+
+def reference_state(
+    param_groups: list[dict[str, Any]], config: TrainConfig, total_steps: int
+) -> dict[str, Any]:
+    """The :meth:`LoopState.state_dict` a fresh run of ``config`` starts from: what a
+    checkpoint's loop state is checked against (same keys, types and group sizes)."""
+    optimizer = build_optimizer(param_groups, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    return LoopState(optimizer, scheduler).state_dict()
 
 
 @dataclass(frozen=True)

@@ -257,3 +257,147 @@ def test_select_fisher_policy_from_data(tmp_path: Path, capsys: pytest.CaptureFi
     scores = fisher_scores_for(model_dir, [text], tokens=40, seed=0)
     expected = sorted(scores, key=lambda k: (scores[k], k))[:4]
     assert [e.key for e in Selection.load(out_file).entries] == expected
+
+
+def _edit_first_row(path: Path, **changes: object) -> None:
+    doc = json.loads(path.read_text())
+    doc["tensors"][0].update(changes)
+    path.write_text(json.dumps(doc))
+
+
+FIRST = "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "message"),
+    [
+        (
+            "all_nan",
+            ["--budget-tensors", "1"],
+            "policy 'lowest-kappa': none of the 9 candidates has a kappa (all are NaN);"
+            " re-run the analysis or choose another policy",
+        ),
+        (
+            "budget_inf",
+            ["--budget-params", "1e400"],
+            "parameter budget '1e400' is too large (the limit is 9.01e+15 parameters)",
+        ),
+        (
+            "percent_150",
+            ["--budget-params", "150%"],
+            "parameter budget '150%': a percentage must be in (0, 100]",
+        ),
+        (
+            "percent_0",
+            ["--budget-params", "0%"],
+            "parameter budget '0%': a percentage must be in (0, 100]",
+        ),
+        (
+            "numel_inf",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): numel must be a whole number >= 1, got inf",
+        ),
+        (
+            "numel_neg",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): numel must be a whole number >= 1, got -5",
+        ),
+        (
+            "numel_big",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): numel 501 exceeds the 500 elements of shape [500, 1]",
+        ),
+        (
+            "kappa_neg",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): kappa must be >= 1 or null, got -3.5",
+        ),
+        (
+            "sigma_neg",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): sigma_min must be >= 0 or null, got -1",
+        ),
+        (
+            "kappa_text",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): kappa must be a number, \"inf\" or null, got 'big'",
+        ),
+        (
+            "shape_neg",
+            [],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): each dimension of shape must be a whole number >= 0, got -8",
+        ),
+        (
+            "layer_text",
+            ["--policy", "last-layers", "--last-layers", "1"],
+            f"malformed analysis JSON: tensors[0] ({FIRST}): layer must be a whole number >= 0, got 'x'",
+        ),
+        (
+            "row_not_object",
+            [],
+            "malformed analysis JSON: tensors[0]: a row must be a JSON object, got list",
+        ),
+        (
+            "skipped_shape",
+            [],
+            "malformed analysis JSON: skipped[0] (model.norm.weight): each dimension of shape must be a whole number >= 0, got 1.5",
+        ),
+    ],
+)
+def test_select_hostile_analysis_and_budgets(
+    analysis_json: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    extra: list[str],
+    message: str,
+) -> None:
+    if case == "all_nan":
+        doc = json.loads(analysis_json.read_text())
+        for r in doc["tensors"]:
+            r["kappa"] = None
+        analysis_json.write_text(json.dumps(doc))
+    elif case == "row_not_object":
+        doc = json.loads(analysis_json.read_text())
+        doc["tensors"][0] = [1, 2]
+        analysis_json.write_text(json.dumps(doc))
+    elif case == "skipped_shape":
+        doc = json.loads(analysis_json.read_text())
+        doc["skipped"][0]["shape"] = [1.5]
+        analysis_json.write_text(json.dumps(doc))
+    elif case.startswith(("numel", "kappa", "sigma", "shape", "layer")):
+        text = analysis_json.read_text()
+        change = {
+            "numel_inf": ("numel", None),
+            "numel_neg": ("numel", -5),
+            "numel_big": ("numel", 501),
+            "kappa_neg": ("kappa", -3.5),
+            "sigma_neg": ("sigma_min", -1),
+            "kappa_text": ("kappa", "big"),
+            "shape_neg": ("shape", [-8, 8]),
+            "layer_text": ("layer", "x"),
+        }[case]
+        _edit_first_row(analysis_json, **{change[0]: change[1]})
+        if case == "numel_inf":  # JSON 1e999 parses as an infinite float
+            text = analysis_json.read_text().replace('"numel": null', '"numel": 1e999')
+            analysis_json.write_text(text)
+    out_file = tmp_path / "sel.json"
+    code, _, err = run(["select", str(analysis_json), *extra, "-o", str(out_file)], capsys)
+    assert code == 2, err
+    assert err.strip().splitlines() == [f"kappatune: error: {message}"]
+    assert not out_file.exists()
+
+
+def test_select_kappa_max_inf_keeps_every_finite_kappa(
+    analysis_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "sel.json"
+    code, _out, err = run(
+        ["select", str(analysis_json), "--kappa-max", "inf", "-o", str(out_file)], capsys
+    )
+    assert code == 0, err
+    doc = json.loads(out_file.read_text())
+    assert doc["budget"] == {"kappa_max": "inf"}
+    sel = Selection.load(out_file)
+    assert sel.budget is not None and sel.budget.kappa_max == float("inf")
+    assert sel.entry_count == 9  # every row of the analysis, the kappa = inf one too

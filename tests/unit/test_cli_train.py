@@ -174,7 +174,7 @@ def test_train_resumes_from_checkpoint(
     out = tmp_path / "run"
     code, _, err = run(base(model, data, out, *args), capsys)
     assert code == 130 and "interrupted" in err
-    assert (out / "checkpoint" / "loop.pt").is_file() and not (out / "result.json").exists()
+    assert (out / "checkpoint" / "manifest.json").is_file() and not (out / "result.json").exists()
     monkeypatch.setattr(train_cli, "_save_checkpoint", original)
     code, stdout, err = run(base(model, data, out, *args), capsys)
     assert code == 0, err
@@ -220,6 +220,15 @@ def write_foreign_selection(path: Path) -> None:
         ("missing_selection", r"no such selection file"),
         ("bad_model", r"unknown model 'nomodel'"),
         ("seq_len", r"sequence length must be at least 2 tokens, got 1"),
+        (
+            "seq_len_context",
+            r"--seq-len 300 exceeds the model's context length of 256 tokens \(config max_position_embeddings\)$",
+        ),
+        ("budget_percent", r"parameter budget '150%': a percentage must be in \(0, 100\]$"),
+        (
+            "all_dropped",
+            r"no trainable tokens: the completion of every example \(2 of 2\) starts past the 16-token rows of --no-pack",
+        ),
     ],
 )
 def test_train_bad_input(
@@ -259,6 +268,16 @@ def test_train_bad_input(
         argv[1] = "nomodel"
     elif case == "seq_len":
         argv += ["--seq-len", 1]
+    elif case == "seq_len_context":
+        argv += ["--seq-len", 300]
+    elif case == "budget_percent":
+        argv += ["--budget-params", "150%"]
+    elif case == "all_dropped":
+        long = tmp_path / "long.jsonl"
+        rows = [{"prompt": "p" * n, "completion": "done"} for n in (15, 40)]
+        long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv[argv.index(data)] = long
+        argv += ["--no-pack", "--budget-tensors", 2]
     code, _, err = run(argv, capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -325,3 +344,199 @@ def test_kappa_lora_budget_params_is_what_is_trained(
     assert code == 0, err
     cfg, trained = _adapter(out)
     assert (cfg["r"], trained) == (2, 2 * 1024)
+
+
+RESUME_ARGS = ["--method", "selective", "--budget-tensors", 3, "--checkpoint-every", 2]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(model, data, run dir) of a run stopped right after its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("interrupted")
+    model = save_tiny_model(root / "tiny", seed=0)
+    data = root / "train.txt"
+    data.write_text(TEXT)
+    out = root / "run"
+    original = train_cli._save_checkpoint
+
+    def interrupted(o, m, state):  # type: ignore[no-untyped-def]
+        original(o, m, state)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_cli, "_save_checkpoint", interrupted)
+        assert main([str(a) for a in base(model, data, out, *RESUME_ARGS)]) == 130
+    return model, data, out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+class _Marker:
+    """Unpickling this calls open(path, "w"): the file appears if the pickle ever runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def _rewrite_trainable(ckpt: Path, change: str, frozen: str) -> None:
+    from safetensors.torch import save_file
+
+    from kappatune.checkpoint import LOOP_JSON, LOOP_TENSORS, TRAINABLE, write_manifest
+
+    tensors = load_file(str(ckpt / TRAINABLE))
+    first = sorted(tensors)[0]
+    if change == "frozen":
+        tensors[frozen] = torch.zeros_like(tensors[first])
+    elif change == "shape":
+        tensors[first] = tensors[first][:1]
+    elif change == "dtype":
+        tensors[first] = tensors[first].to(torch.float16)
+    save_file(tensors, str(ckpt / TRAINABLE))
+    write_manifest(ckpt, (TRAINABLE, LOOP_TENSORS, LOOP_JSON), {})
+
+
+def _rewrite_loop(ckpt: Path, change: str) -> None:
+    """Edit the loop state as a consistent writer would (files and manifest agree)."""
+    from safetensors.torch import save_file
+
+    from kappatune import checkpoint as ck
+
+    state = ck.read_loop_state(ckpt)
+    if change == "lr_text":
+        state["optimizer"]["param_groups"][0]["lr"] = "fast"
+    elif change == "scheduler_ahead":
+        state["scheduler"]["last_epoch"] = 5
+    elif change == "exp_avg_shape":
+        entry = next(iter(state["optimizer"]["state"].values()))
+        entry["exp_avg"] = torch.zeros(1)
+    elif change == "extra_key":
+        state["scheduler"]["lr_lambdas"] = [None]
+        state["scheduler"]["evil"] = 1
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = ck.encode_state(state, tensors)
+    save_file(tensors, str(ckpt / ck.LOOP_TENSORS))
+    (ckpt / ck.LOOP_JSON).write_text(json.dumps({"format": 1, "state": encoded}))
+    ck.write_manifest(ckpt, (ck.TRAINABLE, ck.LOOP_TENSORS, ck.LOOP_JSON), {})
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "frozen",
+            r"holds 1 tensor\(s\) this run does not train \(e.g. model.layers.1.mlp.down_proj.weight\)",
+        ),
+        ("shape", r"holds lm_head.weight as float32 \[1, 32\], the run trains float32 \[128, 32\]"),
+        (
+            "dtype",
+            r"holds lm_head.weight as float16 \[128, 32\], the run trains float32 \[128, 32\]",
+        ),
+        ("truncated", r"has a damaged trainable.safetensors: \d+ bytes, the manifest says \d+"),
+        ("flipped", r"has a damaged loop.safetensors: its digest differs from the manifest"),
+        ("legacy", r"has no manifest.json \(incomplete, or written by an older kappatune\)"),
+        (
+            "lr_text",
+            r"holds a loop state that does not fit this run \(optimizer.param_groups\[0\].lr is str, expected float\)",
+        ),
+        (
+            "scheduler_ahead",
+            r"holds a loop state that does not fit this run \(the scheduler is at step 5, the loop at 2\)",
+        ),
+        (
+            "exp_avg_shape",
+            r"holds an optimizer state that does not fit this run \(exp_avg of shape \[1\]",
+        ),
+        ("extra_key", r"holds a loop state that does not fit this run \(scheduler has keys"),
+    ],
+)
+def test_resume_refuses_a_tampered_checkpoint(
+    interrupted_run: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    import shutil
+
+    model, data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    ckpt = out / "checkpoint"
+    frozen = "model.layers.1.mlp.down_proj.weight"
+    assert frozen not in Selection.load(out / "selection.json").names
+    if case in ("frozen", "shape", "dtype"):
+        _rewrite_trainable(ckpt, case, frozen)
+    elif case == "truncated":
+        path = ckpt / "trainable.safetensors"
+        path.write_bytes(path.read_bytes()[:-7])
+    elif case == "flipped":
+        path = ckpt / "loop.safetensors"
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif case in ("lr_text", "scheduler_ahead", "exp_avg_shape", "extra_key"):
+        _rewrite_loop(ckpt, case)
+    elif case == "legacy":
+        for p in list(ckpt.iterdir()):
+            p.unlink()
+        torch.save({"step": 2, "x": _Marker(tmp_path / "marker")}, ckpt / "loop.pt")
+    before = _snapshot(out)
+    code, _, err = run(base(model, data, out, *RESUME_ARGS), capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kappatune: error: checkpoint {ckpt} "), err
+    assert re.search(message, lines[0]) and lines[0].endswith("; remove it to restart"), lines[0]
+    assert _snapshot(out) == before  # nothing written, nothing trained
+    assert not (tmp_path / "marker").exists()
+
+
+def test_resume_never_unpickles_a_planted_loop_pt(
+    interrupted_run: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    model, data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    marker = tmp_path / "marker"
+    torch.save({"step": 2, "x": _Marker(marker)}, out / "checkpoint" / "loop.pt")
+    code, stdout, err = run(base(model, data, out, *RESUME_ARGS), capsys)
+    assert code == 0, err
+    assert "resuming from step 2 of 3" in stdout
+    assert not marker.exists()
+    # the frozen tensors are bit-identical to the base model's
+    names = set(Selection.load(out / "selection.json").names)
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    start = load_file(str(model / "model.safetensors"))
+    frozen = sorted(set(start) - names)
+    assert len(frozen) == len(start) - 3
+    assert all(torch.equal(trained[k], start[k]) for k in frozen)
+
+
+def test_no_pack_reports_dropped_and_truncated_examples(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows of 16 tokens hold <bos> and 15 more: "ab"+"cd"+<eos> fits, a 10-token prompt with
+    an 11-token completion is cut, a 20-token prompt leaves no completion token: dropped."""
+    model, _ = setup
+    data = tmp_path / "mixed.jsonl"
+    rows = [("ab", "cd"), ("0123456789", "abcdefghij"), ("p" * 20, "x")]
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    out = tmp_path / "run"
+    argv = base(model, data, out, "--method", "full", "--no-pack")
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("kappatune: warning:")]
+    assert warnings == [
+        "kappatune: warning: --no-pack with --seq-len 16: 1 example(s) dropped"
+        " (completion starts past the row), 1 truncated"
+    ]
+    result = json.loads((out / "result.json").read_text())
+    assert (result["dropped_examples"], result["truncated_examples"]) == (1, 1)

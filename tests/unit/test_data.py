@@ -50,8 +50,20 @@ def test_prompt_completion_loss_on_completion_only() -> None:
 
 
 def test_completion_cut_off_entirely_is_an_error() -> None:
-    with pytest.raises(KappaTuneError, match="no trainable tokens: 1 examples"):
+    with pytest.raises(
+        KappaTuneError,
+        match=r"no trainable tokens: the completion of every example \(1 of 1\) starts past the"
+        " 4-token rows of --no-pack",
+    ):
         data.tokenize(char_tokenizer(), [Example("abcdef", "g")], PackConfig(seq_len=4, pack=False))
+
+
+def test_unpacked_rows_count_dropped_and_truncated_examples() -> None:
+    examples = [Example("a", "b"), Example("ab", "cdefgh"), Example("abcdef", "g")]
+    got = data.tokenize(char_tokenizer(), examples, PackConfig(seq_len=4, pack=False))
+    # <bos> + 3 tokens a row: "a"+"b"+<eos> fits, "ab"+"cdefgh" is cut, "abcdef" leaves no
+    # completion token (dropped)
+    assert (len(got), got.dropped, got.truncated) == (2, 1, 1)
 
 
 def test_read_files(tmp_path: Path) -> None:

@@ -185,6 +185,32 @@ def fake_engine(grad_accum: int, world: int) -> dt.AccelerateEngine:
     return dt.AccelerateEngine(acc, batch_size=3, max_grad_norm=0.5)
 
 
+def test_resume_that_changes_a_frozen_tensor_is_refused(tmp_path: Path) -> None:
+    """accelerate's load_state restores the whole model: a checkpoint whose copy of a frozen
+    tensor differs is refused before training."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+
+    def load_state(_: str) -> None:
+        with torch.no_grad():
+            model[1].weight.add_(1.0)  # trainable: may change
+            if "evil" in _:
+                model[0].weight.add_(1.0)  # frozen: must not
+
+    acc = SimpleNamespace(
+        gradient_accumulation_steps=1, num_processes=1, process_index=0, state=SimpleNamespace(),
+        prepare=lambda *a: a, load_state=load_state,
+    )  # fmt: skip
+    engine = dt.AccelerateEngine(acc, resume_from=tmp_path / "checkpoint" / "accelerate")
+    engine.prepare(model, None, None)
+    engine.resume_from = tmp_path / "evil" / "accelerate"
+    with pytest.raises(KappaTuneError) as err:
+        engine.prepare(model, None, None)
+    assert str(err.value) == (
+        f"checkpoint {tmp_path / 'evil'} changes 1 frozen tensor(s) (e.g. 0.weight); remove it to restart"
+    )
+
+
 def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
     config: dict[str, Any] = {"train_batch_size": "auto", "gradient_clipping": "auto"}
     fake_engine(2, 4)._fill_deepspeed(config)
@@ -203,13 +229,70 @@ def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
 
 
 def test_resume_point(tmp_path: Path) -> None:
+    from kappatune.checkpoint import write_manifest
+
     assert dt.resume_point(tmp_path) is None
-    (tmp_path / "checkpoint").mkdir()
-    torch.save({"step": 2}, tmp_path / "checkpoint" / "loop.pt")
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    meta = {"step": 1, "losses": [2.5], "step_times": [0.5], "ema": 0.25}
+    (ckpt / "loop.json").write_text(json.dumps({"format": 1, "state": meta}))
     with pytest.raises(KappaTuneError, match="written by a single-process run"):
         dt.resume_point(tmp_path)
-    (tmp_path / "checkpoint" / "accelerate").mkdir()
-    assert dt.resume_point(tmp_path) == (tmp_path / "checkpoint" / "accelerate", {"step": 2})
+    (ckpt / "accelerate").mkdir()
+    torch.save({"w": torch.ones(2)}, ckpt / "accelerate" / "optimizer.bin")
+    with pytest.raises(KappaTuneError, match=r"has no manifest.json"):
+        dt.resume_point(tmp_path)
+    write_manifest(ckpt, ("loop.json", "accelerate/optimizer.bin"), {})
+    assert dt.resume_point(tmp_path) == (ckpt / "accelerate", meta)
+
+
+class _Marker:
+    """Unpickling this calls open(path, "w"): the file appears if the pickle ever runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "optimizer.bin",
+        "pytorch_model/.metadata",
+        "random_states_0.pkl",
+        "pytorch_model/global_step2/mp_rank_00_model_states.pt",  # protocol 0: no PROTO byte
+    ],
+)
+def test_resume_point_refuses_a_planted_pickle(tmp_path: Path, name: str) -> None:
+    """Files that accelerate, DeepSpeed (weights_only=False) or torch.distributed.checkpoint
+    (pickle.load) would unpickle are scanned first: a planted one is refused, never run."""
+    import pickle
+
+    from kappatune.checkpoint import write_manifest
+
+    ckpt = tmp_path / "checkpoint"
+    (ckpt / "accelerate" / "pytorch_model").mkdir(parents=True)
+    meta = {"step": 0, "losses": [], "step_times": [], "ema": 0.0}
+    (ckpt / "loop.json").write_text(json.dumps({"format": 1, "state": meta}))
+    marker = tmp_path / "marker"
+    path = ckpt / "accelerate" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (ckpt / "accelerate" / "pytorch_model" / "latest").write_text("global_step2")  # not a pickle
+    if name.endswith(".metadata"):
+        path.write_bytes(pickle.dumps({"plan": _Marker(marker)}, protocol=4))
+    elif name.endswith(".pt"):
+        path.write_bytes(pickle.dumps({"plan": _Marker(marker)}, protocol=0))
+        assert path.read_bytes()[:1] == b"("  # a text pickle, no PROTO byte
+    else:
+        torch.save({"state": _Marker(marker)}, path)
+    write_manifest(ckpt, ("loop.json", f"accelerate/{name}", "accelerate/pytorch_model/latest"), {})
+    with pytest.raises(KappaTuneError) as err:
+        dt.resume_point(tmp_path)
+    assert str(err.value).startswith(f"{path}")
+    assert "would call io.open when loaded; it is not loaded" in str(err.value)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- two processes
@@ -318,9 +401,13 @@ def check_resume_is_exact(
         "run.json",
         "selection.json",
     ]
-    assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == ["accelerate", "loop.pt"]
+    assert sorted(p.name for p in (resumed / "checkpoint").iterdir()) == [
+        "accelerate",
+        "loop.json",
+        "manifest.json",
+    ]
     second = run(resumed, *launcher())
-    assert "resuming from step 2 of 4" in second.stdout
+    assert "resuming from step 2 of 4" in second.stdout, second.stderr[-3000:]
     check_run(model, resumed, second)
     a = load_file(str(straight / "model" / "model.safetensors"))
     b = load_file(str(resumed / "model" / "model.safetensors"))

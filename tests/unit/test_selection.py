@@ -200,10 +200,12 @@ def test_tensor_and_fraction_budgets() -> None:
         L1 + "self_attn.v_proj.weight",
         L1 + "mlp.experts.down_proj",
     )
-    assert select(ROWS, "lowest-kappa", Budget(fraction=0.25)).entry_count == 2  # int(10 * 0.25)
+    assert select(ROWS, "lowest-kappa", Budget(fraction=0.25)).entry_count == 2  # int(9 * 0.25)
     assert select(ROWS, "lowest-kappa", Budget(fraction=0.01)).entry_count == 1  # at least one
-    with pytest.raises(KappaTuneError, match="budget of 11 tensors exceeds the 10 candidates"):
-        select(ROWS, "lowest-kappa", Budget(tensors=11))
+    # the NaN-kappa row is no candidate of a kappa policy: 9 of the 10 rows are
+    with pytest.raises(KappaTuneError, match="budget of 10 tensors exceeds the 9 candidates"):
+        select(ROWS, "lowest-kappa", Budget(tensors=10))
+    assert select(ROWS, "random", Budget(tensors=10)).entry_count == 10
 
 
 def test_parameter_budget_is_a_prefix_of_the_order_with_shortfall() -> None:
@@ -229,9 +231,9 @@ def test_parameter_budget_is_a_prefix_of_the_order_with_shortfall() -> None:
     ]
     with pytest.raises(
         KappaTuneError,
-        match="parameter budget 1,251 exceeds the 1,250 parameters of the 10 candidates",
+        match="parameter budget 1,241 exceeds the 1,240 parameters of the 9 candidates",
     ):
-        select(ROWS, "lowest-kappa", Budget(params=1251))
+        select(ROWS, "lowest-kappa", Budget(params=1241))  # the NaN-kappa row is no candidate
     with pytest.raises(
         KappaTuneError,
         match=r"smaller than the first candidate in order, model.layers.0.self_attn.v_proj.weight"
@@ -242,30 +244,28 @@ def test_parameter_budget_is_a_prefix_of_the_order_with_shortfall() -> None:
 
 def test_greedy_fill_is_opt_in_and_says_it_is_not_a_prefix() -> None:
     greedy = SelectOptions(fill="greedy")
-    sel = select(ROWS, "lowest-kappa", Budget(params=100), greedy)
-    # skips the 30-element experts, up_proj0, embed and q_proj, then takes the 10-element one
-    assert [short(e) for e in sel.entries] == ["v_proj0", "v_proj1", "down_proj0"]
-    assert sel.param_count == 90 and sel.shortfall == 10
-    assert sel.skipped_in_order == 7 and not sel.is_prefix
-    assert sel.describe_order() == (
-        "NOT a prefix of the lowest-kappa order: 7 earlier candidate(s) left out (greedy filling)"
-    )
-    pct = select(ROWS, "lowest-kappa", Budget(params_percent=20), greedy)
-    assert [short(e) for e in pct.entries] == [
+    sel = select(ROWS, "lowest-kappa", Budget(params=240), greedy)
+    # 40 + 40 + 30 + 30, then skips up_proj0 (200) and the embedding (500) and takes q_proj0 (100)
+    # (the 10-element down_proj0 has a NaN kappa: no candidate of a kappa policy)
+    assert [short(e) for e in sel.entries] == [
         "v_proj0",
         "v_proj1",
         "down_proj1[0]",
         "down_proj1[1]",
         "q_proj0",
-        "down_proj0",
     ]
-    assert (
-        pct.param_count == 250 and pct.skipped_in_order == 4
-    )  # up_proj0, embed, q_proj1, up_proj1
+    assert sel.param_count == 240 and sel.shortfall == 0
+    assert sel.skipped_in_order == 2 and not sel.is_prefix
+    assert sel.describe_order() == (
+        "NOT a prefix of the lowest-kappa order: 2 earlier candidate(s) left out (greedy filling)"
+    )
+    pct = select(ROWS, "lowest-kappa", Budget(params_percent=20), greedy)  # 250
+    assert [short(e) for e in pct.entries] == [short(e) for e in sel.entries]
+    assert pct.param_count == 240 and pct.shortfall == 10 and pct.skipped_in_order == 2
     assert Selection.from_json(json.loads(json.dumps(sel.to_json()))) == sel
     assert sel.to_json()["options"]["fill"] == "greedy" and sel.to_json()["is_prefix"] is False
     with pytest.raises(
-        KappaTuneError, match=r"smaller than the smallest candidate \(10 parameters\)"
+        KappaTuneError, match=r"smaller than the smallest candidate \(30 parameters\)"
     ):
         select(ROWS, "lowest-kappa", Budget(params=9), greedy)
     with pytest.raises(KappaTuneError, match=r"unknown fill mode 'best' \(known: prefix, greedy\)"):
@@ -323,7 +323,7 @@ def test_kappa_threshold() -> None:
         "down_proj1[1]",
         "up_proj0",
     ]
-    with pytest.raises(KappaTuneError, match=r"no candidate has kappa <= 2 \(lowest of 10 is 3\)"):
+    with pytest.raises(KappaTuneError, match=r"no candidate has kappa <= 2 \(lowest of 9 is 3\)"):
         select(ROWS, "lowest-kappa", Budget(kappa_max=2))
 
 

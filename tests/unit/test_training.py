@@ -51,6 +51,31 @@ def test_config_validation_and_steps() -> None:
     assert TrainConfig.from_json(cfg.to_json()) == cfg
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": math.inf}, "--epochs must be a positive finite number, got inf"),
+        (
+            {"steps": 1, "weight_decay": math.inf},
+            "--weight-decay must be a finite number >= 0, got inf",
+        ),
+        (
+            {"steps": 1, "weight_decay": math.nan},
+            "--weight-decay must be a finite number >= 0, got nan",
+        ),
+        (
+            {"steps": 1, "max_grad_norm": math.inf},
+            "max grad norm must be a positive finite number or None, got inf",
+        ),
+    ],
+)
+def test_config_refuses_what_run_json_cannot_hold(kwargs: dict[str, float], message: str) -> None:
+    """Non-finite settings would reach run.json (strict JSON) as an internal error."""
+    with pytest.raises(KappaTuneError) as err:
+        TrainConfig(**kwargs)  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
 def test_lr_schedule() -> None:
     f = lr_lambda(TrainConfig(steps=6, warmup_steps=2, scheduler="linear"), 6)
     assert [round(f(s), 4) for s in range(7)] == [0.3333, 0.6667, 1.0, 0.75, 0.5, 0.25, 0.0]

@@ -65,16 +65,28 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _check_output(path: Path | None, flag: str, suffixes: tuple[str, ...]) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise KappaTuneError(f"{flag} {path} is a directory; give a file name")
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise KappaTuneError(f"{flag} {path} should end in {' or '.join(suffixes)}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise KappaTuneError(f"{flag} {path}: {parent} is not a directory")
+def _check_outputs(args: argparse.Namespace) -> None:
+    from kappatune.outputs import check_file
+
+    check_file(args.output, "--output", (".json",))
+    check_file(args.csv, "--csv", (".csv",))
+    check_file(args.plot, "--plot", (".png",))
+
+
+def _write_outputs(args: argparse.Namespace, analysis: Any) -> None:
+    """The JSON, CSV and PNG asked for: all of them, or none when one cannot be written."""
+    from kappatune import report
+    from kappatune.jsonio import json_bytes
+    from kappatune.outputs import write_all
+
+    files: list[tuple[Path, bytes]] = []
+    if args.output:
+        files.append((args.output, json_bytes(analysis.to_json())))
+    if args.csv:
+        files.append((args.csv, report.to_csv(analysis).encode("utf-8")))
+    if args.plot:
+        files.append((args.plot, report.plot_png(analysis)))
+    write_all(files)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kappatune.spectra import AnalyzeOptions, analyze
 
-    _check_output(args.output, "--output", (".json",))
-    _check_output(args.csv, "--csv", (".csv",))
-    _check_output(args.plot, "--plot", (".png",))
+    _check_outputs(args)
     if args.top < 0:
         raise KappaTuneError(f"--top must be at least 0, got {args.top}")
     options = AnalyzeOptions(
@@ -131,14 +141,7 @@ def run(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console.width = max(console.width, 140)
     _print_report(console, analysis, elapsed, args.top)
-    from kappatune import report
-
-    if args.output:
-        analysis.save(args.output)
-    if args.csv:
-        report.write_csv(analysis, args.csv)
-    if args.plot:
-        report.write_plot(analysis, args.plot)
+    _write_outputs(args, analysis)
     for flag, path in (("JSON", args.output), ("CSV", args.csv), ("plot", args.plot)):
         if path:
             console.print(f"wrote {flag}: {path}")

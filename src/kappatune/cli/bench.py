@@ -386,6 +386,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     command = canonical_command(args)
     out = Path(args.output)
+    from kappatune.outputs import check_dir
+
+    check_dir(out, "--output")
     runs = sum(len(settings.lrs_for(a)) for a in settings.arms) * len(settings.seeds)
     reporter = BarReporter(len(scenarios) * runs)
     outcome = run_bench(scenarios, settings, out, reporter)

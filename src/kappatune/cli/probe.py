@@ -157,15 +157,9 @@ def _settings(args: argparse.Namespace) -> ProbeSettings:
 
 
 def _check_output(path: Path | None, flag: str, suffix: str) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise KappaTuneError(f"{flag} {path} is a directory; give a file name")
-    if path.suffix.lower() != suffix:
-        raise KappaTuneError(f"{flag} {path} should end in {suffix}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise KappaTuneError(f"{flag} {path}: {parent} is not a directory")
+    from kappatune.outputs import check_file
+
+    check_file(path, flag, (suffix,))
 
 
 def _check_data(files: Sequence[Path]) -> None:
@@ -518,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kappatune import fisher
-    from kappatune.jsonio import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from kappatune.outputs import write_all
     from kappatune.spectra import AnalyzeOptions, analyze
 
     settings = _settings(args)
@@ -602,13 +596,16 @@ def run(args: argparse.Namespace) -> int:
     _print_correlations(console, correlations, settings.kinds)
     _print_spectral(console, spectral)
 
-    for label, path, payload in rendered:
-        if label == "JSON":
-            atomic_write_json(path, payload)
-        elif label == "CSV":
-            atomic_write_text(path, payload)
-        else:
-            atomic_write_bytes(path, payload)
+    write_all([(path, _encoded(label, payload)) for label, path, payload in rendered])
+    for label, path, _ in rendered:
         console.print(f"wrote {label}: {path}")
     console.print(conclusion(correlations, settings.kinds), soft_wrap=True)
     return 0
+
+
+def _encoded(label: str, payload: Any) -> bytes:
+    from kappatune.jsonio import json_bytes
+
+    if label == "JSON":
+        return json_bytes(payload)
+    return payload.encode("utf-8") if label == "CSV" else bytes(payload)

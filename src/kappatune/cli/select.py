@@ -336,25 +336,23 @@ def to_stdout(path: Path | None) -> bool:
 
 
 def check_output(path: Path | None, fmt: str) -> None:
-    if path is None or to_stdout(path):
+    from kappatune.outputs import check_file
+
+    if to_stdout(path):
         return
-    if path.is_dir():
-        raise KappaTuneError(f"--output {path} is a directory; give a file name")
-    suffixes = FORMATS[fmt]
-    if path.suffix.lower() not in suffixes:
+    assert path is not None
+    if not path.is_dir() and path.suffix.lower() not in FORMATS[fmt]:
         raise KappaTuneError(
-            f"--output {path} should end in {' or '.join(suffixes)} for --format {fmt}"
+            f"--output {path} should end in {' or '.join(FORMATS[fmt])} for --format {fmt}"
         )
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise KappaTuneError(f"--output {path}: {parent} is not a directory")
+    check_file(path, "--output")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kappatune.exports import render
-    from kappatune.jsonio import atomic_write_text
+    from kappatune.outputs import write_all
 
     validate_selection_args(args)
     check_output(args.output, args.format)
@@ -375,6 +373,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        atomic_write_text(args.output, text)
+        write_all([(args.output, text.encode("utf-8"))])
         console.print(f"wrote {args.format}: {args.output}")
     return 0

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise KappaTuneError(f"no such selection file: {args.selection}")
     if needs_selection:
         validate_selection_args(args)
-    if args.output.exists() and not args.output.is_dir():
-        raise KappaTuneError(f"--output {args.output} exists and is not a directory")
+    from kappatune.outputs import check_dir
+
+    check_dir(args.output, "--output")
     validate_watch(args)
     validate_publish(args)
 
@@ -245,6 +247,8 @@ def _check_run_dir(out: Path, resolved: dict[str, Any]) -> str:
         previous = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise KappaTuneError(f"cannot read {run_file}: {exc}") from None
+    if not isinstance(previous, dict):
+        raise KappaTuneError(f"cannot read {run_file}: not a JSON object")
     keys = sorted(
         k
         for k in set(previous) | set(resolved)
@@ -268,42 +272,38 @@ def _trainable_state(model: Any) -> dict[str, Any]:
 
 
 def _save_checkpoint(out: Path, model: Any, loop_state: Any) -> None:
-    import torch
-    from safetensors.torch import save_file
+    """``checkpoint/``: safetensors and JSON with a manifest of digests (nothing pickled)."""
+    from kappatune.checkpoint import swap_in, write_checkpoint
 
     tmp = out / ".checkpoint.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(loop_state.state_dict(), tmp / "loop.pt")
-    final = out / "checkpoint"
-    old = out / ".checkpoint.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tmp, _trainable_state(model), loop_state.state_dict())
+    swap_in(tmp, out / "checkpoint")
 
 
-def _load_checkpoint(out: Path, model: Any) -> dict[str, Any] | None:
+def _load_checkpoint(out: Path, prepared: Any, config: Any, total: int) -> dict[str, Any] | None:
+    """The loop state of ``out/checkpoint`` after copying its tensors into the model, or None.
+
+    Only the run's own trainable tensors, with their shapes and dtypes, are accepted, only
+    from files that match the manifest's digests, and only with a loop state shaped like
+    the one this run would write (see :mod:`kappatune.checkpoint`).
+    """
     import torch
-    from safetensors.torch import load_file
+
+    from kappatune.checkpoint import TensorSpec, check_loop_state, read_checkpoint
+    from kappatune.training import reference_state
 
     ckpt = out / "checkpoint"
-    if not (ckpt / "loop.pt").is_file():
+    if not ckpt.exists():
         return None
-    tensors = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
-        raise KappaTuneError(
-            f"checkpoint {ckpt} does not fit the model (e.g. {missing[0]}); remove it to restart"
-        )
+    params = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
+    tensors, state = read_checkpoint(ckpt, {n: TensorSpec.of(p) for n, p in params.items()})
+    shapes = [[tuple(p.shape) for p in g["params"]] for g in prepared.param_groups]
+    reference = reference_state(prepared.param_groups, config, total)
+    check_loop_state(ckpt, state, reference, shapes)
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
-    state: dict[str, Any] = torch.load(ckpt / "loop.pt", map_location="cpu", weights_only=False)
     return state
 
 
@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.distributed_train import launched
     from kappatune.jsonio import atomic_write_json
     from kappatune.layout import locate
-    from kappatune.models import load_causal_lm, total_parameters
+    from kappatune.models import check_seq_len, load_causal_lm, total_parameters
 
     _validate(args)
     quiet_transformers()
@@ -364,8 +364,10 @@ def run(args: argparse.Namespace) -> int:
     eval_examples = None if args.eval_data is None else load_examples(args.eval_data)
     selection = _selection(args)
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    check_seq_len(args.seq_len, model, tokenizer)
     pack = PackConfig(seq_len=args.seq_len, pack=not args.no_pack)
     data = tokenize(tokenizer, examples, pack)
+    warn_unfit_examples(data, args.seq_len)
     eval_data = None if eval_examples is None else tokenize(tokenizer, eval_examples, pack)
     if selection is not None:
         locate(model, selection)
@@ -387,6 +389,21 @@ def run(args: argparse.Namespace) -> int:
     _write_run_files(args.output, resolved, selection, atomic_write_json)
     run = _Run(args, console, prepared, tokenizer, data, eval_data, selection, resolved)
     return _train(run, device, status)
+
+
+def warn_unfit_examples(data: Any, seq_len: int) -> None:
+    """One stderr line when --no-pack dropped or cut examples at --seq-len."""
+    if data.dropped or data.truncated:
+        print(
+            f"kappatune: warning: --no-pack with --seq-len {seq_len}: {data.dropped} example(s)"
+            f" dropped (completion starts past the row), {data.truncated} truncated",
+            file=sys.stderr,
+        )
+
+
+def unfit_counts(data: Any) -> dict[str, int]:
+    """result.json's record of what --no-pack left out or cut."""
+    return {"dropped_examples": data.dropped, "truncated_examples": data.truncated}
 
 
 def _prepare(model: Any, args: argparse.Namespace, selection: Any, lora: Any) -> Any:
@@ -461,9 +478,9 @@ def _train(run: _Run, device: Any, status: str) -> int:
 
     args, prepared = run.args, run.prepared
     model = prepared.model.to(device)
-    resume = _load_checkpoint(args.output, model) if status == "resume" else None
     config = _train_config(args)
     total = config.total_steps(len(run.data))
+    resume = _load_checkpoint(args.output, prepared, config, total) if status == "resume" else None
     start = announce_start(run.console, args, prepared, resume, total)
     watch = _watch(run, model, total, start)
 
@@ -486,6 +503,7 @@ def _train(run: _Run, device: Any, status: str) -> int:
         | {
             "method": args.method,
             "trainable_params": prepared.trainable_params,
+            **unfit_counts(run.data),
         }
     )
     atomic_write_json(args.output / "result.json", report)

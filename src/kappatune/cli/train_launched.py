@@ -32,7 +32,7 @@ def run_launched(args: argparse.Namespace) -> int:
     )
     from kappatune.freezing import is_partitioned, param_numel
     from kappatune.layout import locate
-    from kappatune.models import load_causal_lm
+    from kappatune.models import check_seq_len, load_causal_lm
 
     if args.eval_data is not None:
         raise KappaTuneError(
@@ -44,7 +44,10 @@ def run_launched(args: argparse.Namespace) -> int:
     examples = load_examples(args.data)
     selection = broadcast_selection(lambda: single._selection(args))
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    check_seq_len(args.seq_len, model, tokenizer)
     data = tokenize(tokenizer, examples, PackConfig(seq_len=args.seq_len, pack=not args.no_pack))
+    if engine.is_main:
+        single.warn_unfit_examples(data, args.seq_len)
     if selection is not None:
         locate(model, selection)
         log.info(
@@ -113,6 +116,7 @@ def _train(run: Any, engine: Any, status: str) -> int:
             "method": args.method,
             "trainable_params": prepared.trainable_params,
             "processes": engine.world,
+            **single.unfit_counts(run.data),
         }
         atomic_write_json(args.output / "result.json", report)
         shutil.rmtree(args.output / "checkpoint", ignore_errors=True)
