@@ -214,6 +214,8 @@ class Analysis:
                 ),
                 schema_version=version,
             )
+        except KappaTuneError:
+            raise  # already names the row
         except KeyError as exc:
             raise KappaTuneError(f"malformed analysis JSON: no {exc}") from None
         except (TypeError, ValueError, OverflowError) as exc:
