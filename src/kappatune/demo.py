@@ -109,7 +109,8 @@ class DemoResult:
         share = 100 * sel.param_count / max(1, self.total_params)
         learned = "it learned the task" if self.task_change < 0 else "it did not learn the task"
         forgot = (
-            "it forgot nothing measurable there"
+            "no forgetting there; the prose is Python's documentation, so part of this is"
+            " transfer from the task, and `kappatune bench` measures forgetting properly"
             if self.control_change <= 0
             else "that much was forgotten"
         )
