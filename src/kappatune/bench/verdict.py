@@ -115,9 +115,9 @@ class MeasureVerdict:
 
 
 def classify(diff: Interval, floor: float) -> str:
-    if diff.estimate is None or diff.low is None or diff.high is None:
+    if diff.estimate is None:
         return "not reached"
-    if not diff.excludes_zero:
+    if diff.low is None or diff.high is None or not diff.excludes_zero:
         return "not distinguishable"
     if math.isfinite(floor) and abs(diff.estimate) < floor:
         return "within noise"
