@@ -80,6 +80,8 @@ def test_mean_points_and_paired_bootstrap() -> None:
     assert diff.excludes_zero
     missing = difference_at_gain_interval(by_seed, "a", "b", [0, 1], 9.0, resamples=20)
     assert missing.estimate is None and missing.reached == 0.0
+    one = difference_at_gain_interval(by_seed, "a", "b", [0], 1.5, resamples=20)
+    assert (one.estimate, one.low, one.high) == (1.0, None, None)  # one seed: no interval
 
 
 def test_noise_floors() -> None:

@@ -199,8 +199,11 @@ def test_interrupted_sweep_resumes_without_recomputing(
     base = outcome.bases["toy"]
     assert base.metrics.control["kl"] == 0.0 and base.metrics.knowledge["total"] == 12.0
     assert set(base.floors) == {"control_ppl", "task_gain", "knowledge"}
+    assert len(base.task_tokens) == 3 and len(base.control_tokens) == 10
     for r in outcome.runs:
         assert r.points[-1].metrics.control["kl"] > 0
+        assert len(r.points[-1].metrics.task_nlls) == 3  # for the paired noise of each change
+        assert len(r.points[-1].metrics.control_nlls) == 10
         # each arm trains a prefix of its own order: kappa 1.v, 0.k, 1.k (512 each; the next,
         # 2048, overshoots 3072); random's order depends on the seed: 2560 for seed 0, 3072 for 1
         expected = {

@@ -97,6 +97,12 @@ def test_verdict_at_matched_gain() -> None:
         "code: at matched task gain kappa forgets more than lora;"
         " digits: no matched-gain comparison possible."
     )
+    one_seed = [p for p in points if p.seed == 0]
+    (alone,) = next(
+        v for v in verdict.verdicts(one_seed, floors, ["kappa", "lora"], 1.0, 50, "kappa")
+        if v.measure == "control ppl"
+    ).comparisons  # fmt: skip
+    assert alone.verdict == "not distinguishable" and alone.diff.low is None
     text = " ".join(verdict.sentences(ppl, " %"))
     assert "arms on the joint front" in text and "kappa forgets more than lora" in text
     assert (

@@ -134,8 +134,11 @@ def bootstrap(
     rng_seed: int = 0,
     level: float = 0.95,
 ) -> Interval:
-    """Percentile interval of ``statistic`` over resamples of ``seeds`` with replacement."""
+    """Percentile interval of ``statistic`` over resamples of ``seeds`` with replacement
+    (none from a single seed: it has no spread to resample)."""
     estimate = statistic(list(seeds))
+    if len(set(seeds)) < 2:
+        return Interval(estimate, None, None, 0.0 if estimate is None else 1.0)
     rng = random.Random(rng_seed)
     values: list[float] = []
     for _ in range(resamples):

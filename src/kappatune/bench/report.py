@@ -87,7 +87,9 @@ def cells(row: ArmSummary, floors: Mapping[str, float] | None = None) -> list[st
         _pm(row.train_loss, ".3f"),
         task,
         _noise(_pm(row.task_gain, ".1f", " pp" if acc else "%", signed=True),
-               nan if base else row.task_gain[0], floors.get("task_gain", nan)),
+               nan if base else row.task_gain[0],
+               _first_finite(row.task_gain_noise[0], floors.get("task_gain_change", nan),
+                             floors.get("task_gain", nan) if acc else nan)),
         _pm(row.control_ppl, ".2f"),
         _noise(_pm(row.forgetting, ".2f", "%", signed=True), nan if base else row.forgetting[0],
                _first_finite(row.forgetting_noise[0], floors.get("control_ppl_change", nan))),
@@ -373,7 +375,9 @@ def floor_lines(floors: Mapping[str, Mapping[str, float]]) -> list[str]:
                 " over the points; used for 'within noise')"
             )
         if "task_gain" in f:
-            bits.append(f"task ±{f['task_gain']:.2f}")
+            bits.append(f"task ±{f['task_gain']:.2f} (base model, which text or examples)")
+        if "task_gain_change" in f:
+            bits.append(f"task perplexity change ±{f['task_gain_change']:.2f} % (paired, median)")
         if "knowledge" in f:
             bits.append(f"knowledge accuracy ±{f['knowledge']:.2f} pp")
         out.append(f"{scenario}: noise floors {', '.join(bits)}")

@@ -313,11 +313,16 @@ class Evaluator:
                            batch_size=4 * self.batch_size)  # fmt: skip
 
     def __call__(self, model: nn.Module) -> Metrics:
-        task, _, _ = self.task(model)
-        return _metrics(task, self.control(model), self.mc(model))
+        task, _, task_ctl = self.task(model)
+        return _metrics(task, self.control(model), self.mc(model), task_ctl)
 
 
-def _metrics(task: dict[str, float], ctl: ControlResult, mc: McResult | None) -> Metrics:
+def _metrics(
+    task: dict[str, float],
+    ctl: ControlResult,
+    mc: McResult | None,
+    task_ctl: ControlResult | None = None,
+) -> Metrics:
     ppl = ctl.perplexity
     control = {
         "perplexity": ppl.perplexity,
@@ -332,7 +337,13 @@ def _metrics(task: dict[str, float], ctl: ControlResult, mc: McResult | None) ->
             "correct": float(sum(mc.correct)),
             "total": float(len(mc.correct)),
         }
-    return Metrics(task=task, control=control, knowledge=knowledge, control_nlls=ctl.nll_sums)
+    return Metrics(
+        task=task,
+        control=control,
+        knowledge=knowledge,
+        control_nlls=ctl.nll_sums,
+        task_nlls=task_ctl.nll_sums if task_ctl is not None else (),
+    )
 
 
 def reference_loss(model: nn.Module, prepared: Prepared, batch_size: int, rows: int = 16) -> float:
@@ -675,7 +686,7 @@ def _base(
     task, hits, task_ctl = evaluator.task(model)
     ctl = evaluator.control(model, with_kl=False)
     mc = evaluator.mc(model)
-    metrics = _metrics(task, ctl, mc)
+    metrics = _metrics(task, ctl, mc, task_ctl)
     metrics.control["kl"] = 0.0  # the base model against itself
     floors = {"control_ppl": ppl_noise_floor(ctl.nll_sums, ctl.tokens, settings.bootstrap)}
     if task_ctl is not None:
@@ -696,6 +707,7 @@ def _base(
         floors=floors,
         knowledge_correct=mc.correct if mc is not None else (),
         control_tokens=ctl.tokens,
+        task_tokens=task_ctl.tokens if task_ctl is not None else (),
     )
     store.save_base(base)
     return base

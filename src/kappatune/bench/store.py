@@ -53,13 +53,15 @@ class Metrics:
     Task: ``perplexity``/``nll``/``tokens`` or ``accuracy``/``label_nll``/``examples``;
     control: ``perplexity``/``nll``/``tokens``/``kl`` (mean per-token KL from the base model);
     knowledge (empty when there is no knowledge control): ``accuracy``/``correct``/``total``.
-    ``control_nlls``: the summed token NLL of each control sequence (for paired bootstraps).
+    ``control_nlls``/``task_nlls``: the summed token NLL of each control / held-out task
+    sequence (for paired bootstraps; perplexity tasks only for the task).
     """
 
     task: dict[str, float]
     control: dict[str, float]
     knowledge: dict[str, float] = field(default_factory=dict)
     control_nlls: tuple[float, ...] = ()
+    task_nlls: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +69,7 @@ class Metrics:
             "control": _floats(self.control),
             "knowledge": _floats(self.knowledge),
             "control_nlls": [encode_float(x) for x in self.control_nlls],
+            "task_nlls": [encode_float(x) for x in self.task_nlls],
         }
 
     @classmethod
@@ -76,6 +79,7 @@ class Metrics:
             control=_unfloats(d["control"]),
             knowledge=_unfloats(d.get("knowledge") or {}),
             control_nlls=tuple(decode_float(x) for x in d.get("control_nlls") or ()),
+            task_nlls=tuple(decode_float(x) for x in d.get("task_nlls") or ()),
         )
 
 
@@ -180,6 +184,7 @@ class BaseResult:
     floors: dict[str, float] = field(default_factory=dict)
     knowledge_correct: tuple[bool, ...] = ()
     control_tokens: tuple[int, ...] = ()  # scored tokens per control sequence
+    task_tokens: tuple[int, ...] = ()  # scored tokens per held-out task sequence
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +200,7 @@ class BaseResult:
             "floors": _floats(self.floors),
             "knowledge_correct": [int(c) for c in self.knowledge_correct],
             "control_tokens": list(self.control_tokens),
+            "task_tokens": list(self.task_tokens),
         }
 
     @classmethod
@@ -211,6 +217,7 @@ class BaseResult:
             floors=_unfloats(d.get("floors") or {}),
             knowledge_correct=tuple(bool(c) for c in d.get("knowledge_correct") or ()),
             control_tokens=tuple(int(t) for t in d.get("control_tokens") or ()),
+            task_tokens=tuple(int(t) for t in d.get("task_tokens") or ()),
         )
 
 

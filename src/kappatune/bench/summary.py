@@ -65,6 +65,7 @@ class SeedPoint:
     control_ppl: float
     forgetting: float  # control perplexity rise, %
     forgetting_noise: float  # paired bootstrap half-width of that rise, % (NaN: not measured)
+    task_gain_noise: float  # the same for the task perplexity drop (NaN: not measured)
     kl: float  # mean per-token KL(base || tuned) on the control data, nats
     knowledge: float  # knowledge accuracy, 0-1 (NaN without a knowledge control)
     knowledge_change: float  # percentage points
@@ -74,7 +75,7 @@ class SeedPoint:
 
 MEASURED = (
     "steps", "train_loss", "task_value", "task_gain", "task_nll", "control_ppl", "forgetting",
-    "forgetting_noise", "kl", "knowledge", "knowledge_change",
+    "forgetting_noise", "task_gain_noise", "kl", "knowledge", "knowledge_change",
 )  # fmt: skip
 
 
@@ -97,6 +98,7 @@ class ArmSummary:
     control_ppl: tuple[float, float]
     forgetting: tuple[float, float]
     forgetting_noise: tuple[float, float]
+    task_gain_noise: tuple[float, float]
     kl: tuple[float, float]
     knowledge: tuple[float, float]
     knowledge_change: tuple[float, float]
@@ -137,7 +139,12 @@ def seed_point(run: RunResult, point: Point, base: BaseResult, metric: str) -> S
         task_nll=_nll(task, metric),
         control_ppl=control["perplexity"],
         forgetting=forgetting(control, base.metrics.control),
-        forgetting_noise=_paired_noise(point, base),
+        forgetting_noise=_paired_noise(
+            point.metrics.control_nlls, base.metrics.control_nlls, base.control_tokens
+        ),
+        task_gain_noise=_paired_noise(
+            point.metrics.task_nlls, base.metrics.task_nlls, base.task_tokens
+        ),
         kl=control.get("kl", math.nan),
         knowledge=know.get("accuracy", math.nan),
         knowledge_change=knowledge_change(know, base.metrics.knowledge),
@@ -146,10 +153,11 @@ def seed_point(run: RunResult, point: Point, base: BaseResult, metric: str) -> S
     )
 
 
-def _paired_noise(point: Point, base: BaseResult, resamples: int = 1000) -> float:
+def _paired_noise(
+    nlls: Sequence[float], ref: Sequence[float], tokens: Sequence[int], resamples: int = 1000
+) -> float:
     from kappatune.bench.fronts import paired_ppl_noise
 
-    nlls, ref, tokens = point.metrics.control_nlls, base.metrics.control_nlls, base.control_tokens
     if not nlls or len(nlls) != len(ref) or len(tokens) != len(ref):
         return math.nan
     return paired_ppl_noise(ref, nlls, tokens, resamples)
@@ -186,6 +194,7 @@ def base_summary(base: BaseResult, metric: str) -> ArmSummary:
         control_ppl=(control["perplexity"], math.nan),
         forgetting=(0.0, math.nan),
         forgetting_noise=nan2,
+        task_gain_noise=nan2,
         kl=(0.0, math.nan),
         knowledge=(know.get("accuracy", math.nan), math.nan),
         knowledge_change=(0.0, math.nan) if know else nan2,

@@ -115,9 +115,9 @@ class MeasureVerdict:
 
 
 def classify(diff: Interval, floor: float) -> str:
-    if diff.estimate is None or diff.low is None or diff.high is None:
+    if diff.estimate is None:
         return "not reached"
-    if not diff.excludes_zero:
+    if diff.low is None or diff.high is None or not diff.excludes_zero:
         return "not distinguishable"
     if math.isfinite(floor) and abs(diff.estimate) < floor:
         return "within noise"
@@ -177,10 +177,12 @@ def with_change_floors(
     out = {k: dict(v) for k, v in floors.items()}
     for scenario in sorted({p.scenario for p in points}):
         mine = [p for p in points if p.scenario == scenario]
-        noise = [p.forgetting_noise for p in mine if math.isfinite(p.forgetting_noise)]
         entry = out.setdefault(scenario, {})
-        if noise:
-            entry["control_ppl_change"] = statistics.median(noise)
+        for key, field in (("control_ppl_change", "forgetting_noise"),
+                           ("task_gain_change", "task_gain_noise")):  # fmt: skip
+            noise = [getattr(p, field) for p in mine if math.isfinite(getattr(p, field))]
+            if noise:
+                entry[key] = statistics.median(noise)
         totals = {p.knowledge_total for p in mine if p.knowledge_total}
         if totals:
             entry["knowledge_n"] = float(max(totals))
