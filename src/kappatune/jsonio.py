@@ -7,6 +7,7 @@ import math
 import os
 import stat
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,30 @@ def read_json_object(path: str | os.PathLike[str], what: str, missing: str) -> d
     if not isinstance(data, dict):
         raise KappaTuneError(f"cannot read {what} {path}: not a JSON object")
     return data
+
+
+def check_schema(
+    d: Mapping[str, Any],
+    what: str,
+    readable: int | Collection[int],
+    *,
+    kind: str | None = None,
+    required: bool = True,
+) -> int:
+    """The ``schema_version`` of a versioned JSON object, or a user-facing error.
+
+    ``readable`` is the version (or versions) this kappatune reads; ``kind``, when given, must
+    equal ``d["kind"]``; ``required=False`` takes a missing version as the newest readable one.
+    """
+    from kappatune.errors import KappaTuneError
+
+    versions = (readable,) if isinstance(readable, int) else tuple(readable)
+    version = d.get("schema_version", None if required else max(versions))
+    if version not in versions:
+        raise KappaTuneError(
+            f"unsupported {what} schema_version {version!r}"
+            f" (this kappatune reads {', '.join(map(str, versions))})"
+        )
+    if kind is not None and d.get("kind") != kind:
+        raise KappaTuneError(f"not a kappatune {what} file (kind {d.get('kind')!r}, not {kind!r})")
+    return int(version)

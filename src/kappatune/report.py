@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from statistics import median
 
 from kappatune.jsonio import atomic_write_bytes, atomic_write_text
+from kappatune.metrics import METRIC_FIELDS
 from kappatune.spectra import Analysis, SpectrumRow
 
 CSV_FIELDS = (
@@ -21,13 +22,7 @@ CSV_FIELDS = (
     "shape",
     "dtype",
     "numel",
-    "kappa",
-    "sigma_max",
-    "sigma_min",
-    "log_volume",
-    "entropy_deficit",
-    "stable_rank",
-    "effective_rank",
+    *METRIC_FIELDS,
     "method",
 )
 
