@@ -682,7 +682,3 @@ def _fingerprint(entries: list[TensorEntry], digests: Mapping[str, str]) -> str:
     for e in sorted(entries, key=lambda x: x.name):
         h.update(f"{e.name}|{e.dtype}|{e.shape}|{digests.get(e.name, '')}\n".encode())
     return h.hexdigest()
-
-
-def finite_kappas(analysis: Analysis) -> list[float]:
-    return [r.kappa for r in analysis.tensors if not math.isnan(r.kappa)]

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
+from kappatune.probe import MEASURES
 
 if TYPE_CHECKING:
     from kappatune.probe import ProbeReport, ProbeRow, ProbeSettings
-
-MEASURES = ("mean", "sum", "logvol")
 
 EPILOG = """examples:
   kappatune probe gemma-3-270m --data notes.txt --tokens 2048 --seq-len 128
