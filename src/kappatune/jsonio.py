@@ -50,6 +50,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     The file gets the mode ``open()`` would give it (or keeps the mode of the file it replaces).
     """
     target = Path(path)
+    tmp = stage_file(target, data)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def stage_file(target: Path, data: bytes) -> str:
+    """``data`` in a synced temporary file beside ``target`` (with the mode ``target`` will
+    have), ready to be renamed over it; the temporary file's path."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -58,10 +69,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def json_bytes(obj: Any) -> bytes:
