@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed>=0.15
 AXOLOTL ?= axolotl==0.19.0
 
-.PHONY: setup demo test lint format bench dictd
+.PHONY: setup demo test test-unit lint format bench dictd
 
 setup: $(VENV)/.installed dictd
 
@@ -47,6 +47,11 @@ test: setup $(VENV)/.deepspeed $(VENV)/.axolotl
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
+
+# The fast tier: everything but the tests that launch several processes or load real
+# pre-trained weights (marked `integration`); `make test` runs both tiers.
+test-unit: setup
+	$(VENV)/bin/pytest -q -m "not integration"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

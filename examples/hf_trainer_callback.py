@@ -15,11 +15,8 @@ import tempfile
 import datasets
 from transformers import Trainer, TrainingArguments
 
+from kappatune import Budget, KappaTuneCallback, analysis_source, analyze, load_causal_lm, select
 from kappatune.data import pack_texts
-from kappatune.integrations.trainer import KappaTuneCallback
-from kappatune.models import analysis_source, load_causal_lm
-from kappatune.selection import Budget, select
-from kappatune.spectra import analyze
 
 
 def main() -> None:

@@ -12,16 +12,17 @@ import argparse
 
 from peft import get_peft_model
 
-from kappatune.integrations.lora import (
-    all_linear_targets,
+from kappatune import (
+    Budget,
+    SelectOptions,
+    analysis_source,
+    analyze,
+    load_causal_lm,
     lora_config,
-    lora_param_count,
-    peft_targets,
     rank_for_budget,
+    select,
 )
-from kappatune.models import analysis_source, load_causal_lm
-from kappatune.selection import Budget, SelectOptions, select
-from kappatune.spectra import analyze
+from kappatune.integrations.lora import all_linear_targets, lora_param_count, peft_targets
 
 
 def main() -> None:

@@ -12,11 +12,18 @@ import pydoc_data.topics
 
 import torch
 
+from kappatune import (
+    Budget,
+    SelectOptions,
+    analysis_source,
+    analyze,
+    apply_selection,
+    check_frozen,
+    frozen_digests,
+    load_causal_lm,
+    select,
+)
 from kappatune.data import pack_texts
-from kappatune.freezing import apply_selection, check_frozen, frozen_digests
-from kappatune.models import analysis_source, load_causal_lm
-from kappatune.selection import Budget, SelectOptions, select
-from kappatune.spectra import analyze
 
 
 def main() -> None:

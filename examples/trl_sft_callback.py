@@ -18,10 +18,7 @@ from collections.abc import Sequence
 import datasets
 from trl import SFTConfig, SFTTrainer
 
-from kappatune.integrations.trainer import KappaTuneCallback
-from kappatune.models import analysis_source, load_causal_lm
-from kappatune.selection import Budget, select
-from kappatune.spectra import analyze
+from kappatune import Budget, KappaTuneCallback, analysis_source, analyze, load_causal_lm, select
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:

@@ -35,3 +35,15 @@ def known_matrix(
 
 def geometric(kappa: float, r: int, top: float = 1.0) -> list[float]:
     return list(np.geomspace(top, top / kappa, r))
+
+
+_INTEGRATION_DIR = "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/integration and every slow (real-weight) test is in the
+    integration tier, which ``make test-unit`` (``-m "not integration"``) leaves out."""
+    for item in items:
+        in_dir = _INTEGRATION_DIR in item.path.relative_to(config.rootpath).parts[:2]
+        if in_dir or item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.integration)

@@ -1,8 +1,17 @@
 """kappatune: condition-number guided fine-tuning that forgets less.
 
+The public API, from files to decisions to training::
+
+    from kappatune import Budget, analyze, apply_selection, load_causal_lm, select
+
+    selection = select(analyze("gemma-3-270m"), "lowest-kappa", Budget.parse_params("5%"))
+    model, tokenizer = load_causal_lm("gemma-3-270m")
+    groups = apply_selection(model, selection, weight_decay=0.01)
+
 The library is quiet (it only logs through ``logging.getLogger(__name__)``); the
-``kappatune`` command line configures logging and progress output. The analysis API is
-imported on first use, so ``import kappatune`` and ``kappatune --help`` do not load torch.
+``kappatune`` command line configures logging and progress output. Every name below is
+imported on first use (PEP 562), so ``import kappatune`` and ``kappatune --help`` do not load
+torch.
 """
 
 from __future__ import annotations
@@ -13,23 +22,72 @@ from typing import TYPE_CHECKING, Any
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
+    from kappatune.bench.run import run_bench
+    from kappatune.fisher import FisherOptions, compute_fisher
+    from kappatune.freezing import apply_selection, check_frozen, frozen_digests
+    from kappatune.integrations.lora import lora_config, rank_for_budget
+    from kappatune.integrations.trainer import KappaTuneCallback, freeze_for_trainer
+    from kappatune.models import analysis_source, load_causal_lm
+    from kappatune.probe import ProbeReport, ProbeSettings, run_probe
+    from kappatune.selection import (
+        Budget,
+        Selection,
+        SelectOptions,
+        policy_names,
+        register_policy,
+        select,
+    )
     from kappatune.spectra import Analysis, AnalyzeOptions, SkippedRow, SpectrumRow, analyze
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    name: "kappatune.spectra"
-    for name in ("Analysis", "AnalyzeOptions", "SkippedRow", "SpectrumRow", "analyze")
+# public name -> the module that defines it
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        ("Analysis", "AnalyzeOptions", "SkippedRow", "SpectrumRow", "analyze"), "kappatune.spectra"
+    ),
+    **dict.fromkeys(
+        ("Budget", "SelectOptions", "Selection", "policy_names", "register_policy", "select"),
+        "kappatune.selection",
+    ),
+    **dict.fromkeys(("apply_selection", "check_frozen", "frozen_digests"), "kappatune.freezing"),
+    **dict.fromkeys(("lora_config", "rank_for_budget"), "kappatune.integrations.lora"),
+    **dict.fromkeys(("KappaTuneCallback", "freeze_for_trainer"), "kappatune.integrations.trainer"),
+    **dict.fromkeys(("analysis_source", "load_causal_lm"), "kappatune.models"),
+    **dict.fromkeys(("FisherOptions", "compute_fisher"), "kappatune.fisher"),
+    **dict.fromkeys(("ProbeReport", "ProbeSettings", "run_probe"), "kappatune.probe"),
+    "run_bench": "kappatune.bench.run",
 }
 
 __all__ = [
     "Analysis",
     "AnalyzeOptions",
+    "Budget",
+    "FisherOptions",
+    "KappaTuneCallback",
     "KappaTuneError",
+    "ProbeReport",
+    "ProbeSettings",
+    "SelectOptions",
+    "Selection",
     "SkippedRow",
     "SpectrumRow",
     "__version__",
+    "analysis_source",
     "analyze",
+    "apply_selection",
+    "check_frozen",
+    "compute_fisher",
+    "freeze_for_trainer",
+    "frozen_digests",
+    "load_causal_lm",
+    "lora_config",
+    "policy_names",
+    "rank_for_budget",
+    "register_policy",
+    "run_bench",
+    "run_probe",
+    "select",
 ]
 
 
@@ -39,3 +97,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'kappatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kappatune.jsonio import atomic_write_json
+from kappatune.metrics import METRIC_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,7 @@ ALGORITHM_VERSION = 3  # 2: xxh3-128 content digests; 3: rows carry Spectrum's S
 _FORMAT = 1
 _INDEX_FORMAT = 2  # 2: device, inode, size, mtime, ctime; checksum over the record
 _DIGEST = re.compile(r"[0-9a-f]{32}")
-_FLOATS = (
-    "kappa",
-    "sigma_max",
-    "sigma_min",
-    "log_volume",
-    "entropy_deficit",
-    "stable_rank",
-    "effective_rank",
-)
+_FLOATS = METRIC_FIELDS
 _ROW_KEYS = (*_FLOATS, "expert", "shape", "numel", "method")
 Matrix = tuple[int | None, tuple[int, int]]  # (expert index or None, matrix shape)
 RowCheck = Callable[[list[Any]], str | None]

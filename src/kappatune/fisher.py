@@ -1,7 +1,8 @@
 """Diagonal Fisher information of the weights, per tensor (or per expert), from a data sample.
 
 This is the data-dependent "information in the weights" of Achille, Paolini and Soatto
-(method.md section 6), measured so it can be set against kappa and used as a control policy.
+("Where is the information in a deep neural network?", arXiv 1905.12213): about
+1/2 log det(F + lambda I) for a Fisher F around the trained weights, measured so it can be set against kappa and used as a control policy.
 
 The estimator (what is computed, exactly)
 -----------------------------------------
@@ -44,7 +45,7 @@ import torch
 from kappatune import names
 from kappatune.errors import KappaTuneError
 from kappatune.fisher_batched import DEFAULT_BATCH
-from kappatune.jsonio import decode_float, encode_float
+from kappatune.jsonio import check_schema, decode_float, encode_float
 
 if TYPE_CHECKING:
     from kappatune.layout import Part
@@ -304,11 +305,7 @@ class FisherResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FisherResult:
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise KappaTuneError(
-                f"unsupported Fisher schema_version {d.get('schema_version')!r}"
-                f" (this kappatune reads {SCHEMA_VERSION})"
-            )
+        check_schema(d, "Fisher", SCHEMA_VERSION)
         try:
             return cls(
                 kind=str(d["kind"]),

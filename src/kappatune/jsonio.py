@@ -7,6 +7,7 @@ import math
 import os
 import stat
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     The file gets the mode ``open()`` would give it (or keeps the mode of the file it replaces).
     """
     target = Path(path)
+    tmp = stage_file(target, data)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def stage_file(target: Path, data: bytes) -> str:
+    """``data`` in a synced temporary file beside ``target`` (with the mode ``target`` will
+    have), ready to be renamed over it; the temporary file's path."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -57,10 +69,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -90,3 +102,30 @@ def read_json_object(path: str | os.PathLike[str], what: str, missing: str) -> d
     if not isinstance(data, dict):
         raise KappaTuneError(f"cannot read {what} {path}: not a JSON object")
     return data
+
+
+def check_schema(
+    d: Mapping[str, Any],
+    what: str,
+    readable: int | Collection[int],
+    *,
+    kind: str | None = None,
+    required: bool = True,
+) -> int:
+    """The ``schema_version`` of a versioned JSON object, or a user-facing error.
+
+    ``readable`` is the version (or versions) this kappatune reads; ``kind``, when given, must
+    equal ``d["kind"]``; ``required=False`` takes a missing version as the newest readable one.
+    """
+    from kappatune.errors import KappaTuneError
+
+    versions = (readable,) if isinstance(readable, int) else tuple(readable)
+    version = d.get("schema_version", None if required else max(versions))
+    if version not in versions:
+        raise KappaTuneError(
+            f"unsupported {what} schema_version {version!r}"
+            f" (this kappatune reads {', '.join(map(str, versions))})"
+        )
+    if kind is not None and d.get("kind") != kind:
+        raise KappaTuneError(f"not a kappatune {what} file (kind {d.get('kind')!r}, not {kind!r})")
+    return int(version)

@@ -58,6 +58,11 @@ def match_param(name: str, params: Sequence[str], index: dict[str, list[str]]) -
     return hits[0] if len(hits) == 1 else None
 
 
+# What transformers' conversion-mapping look-ups raise on a model or config they do not expect
+# (a missing ``config.model_type``, a mapping keyed differently); anything else is a bug to see.
+_LAYOUT_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
+
+
 def _conversions(model: nn.Module) -> list[Any]:
     """The model's checkpoint -> model weight transforms (transformers >= 5), in load order."""
     try:
@@ -70,7 +75,7 @@ def _conversions(model: nn.Module) -> list[Any]:
         return []
     try:
         transforms = get_model_conversion_mapping(inner)
-    except Exception:  # an unexpected model layout: no conversions rather than a crash
+    except _LAYOUT_ERRORS:  # an unexpected model layout: no conversions rather than a crash
         return []
     return copy.deepcopy(list(transforms))  # rename_source_key marks transforms as used
 
@@ -98,7 +103,7 @@ def conversions_for_type(model_type: str | None) -> list[Any]:
         return []
     try:
         transforms = get_checkpoint_conversion_mapping(model_type)
-    except Exception:
+    except _LAYOUT_ERRORS:  # a mapping transformers cannot build for this type: none to apply
         return []
     return copy.deepcopy(list(transforms or []))
 

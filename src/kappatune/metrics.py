@@ -1,6 +1,7 @@
 """Pure functions of a singular-value spectrum (float64, any order, zeros allowed).
 
-Definitions follow ``shared/docs/method.md`` section 1. A zero singular value makes the
+Definitions per weight matrix W (m x n, r = min(m, n), singular values s_1 >= ... >= s_r) as in
+KappaTune (arXiv 2506.16289) and Spectrum (for the SNR). A zero singular value makes the
 matrix singular: kappa is ``inf`` and the log-volume ``-inf`` (never an epsilon-inflated
 number). Quantities that are undefined for the all-zero matrix are ``nan``.
 """
@@ -8,7 +9,7 @@ number). Quantities that are undefined for the all-zero matrix are ``nan``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,6 +26,10 @@ class SpectralMetrics:
     entropy_deficit: float
     stable_rank: float
     effective_rank: float
+
+
+#: The metric names, in report order: the CSV columns, the JSON and cache float fields.
+METRIC_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SpectralMetrics))
 
 
 def condition_number(s: Spectrum) -> float:
@@ -92,7 +97,7 @@ def summarize(s: Spectrum) -> SpectralMetrics:
 def two_value_entropy_loss(kappa: float) -> float:
     """Entropy lost against kappa = 1 at fixed norm for two singular values, in nats.
 
-    Closed form log(2 kappa / (1 + kappa^2)) from method.md (negative: it is a loss).
+    Closed form log(2 kappa / (1 + kappa^2)) (negative: it is a loss).
     """
     return math.log(2.0 * kappa / (1.0 + kappa * kappa))
 

@@ -26,7 +26,7 @@ import torch
 
 from kappatune.cache import default_cache_dir
 from kappatune.errors import KappaTuneError
-from kappatune.sources import BUILTIN_MODELS, builtin_path
+from kappatune.sources import BUILTIN_MODELS, builtin_path, hub_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot of a hub model; never touches the network."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        raise KappaTuneError(
-            f"cannot load causal LM {repo_id!r}: not in the local Hugging Face cache"
-            " (download it first while online, or name a local directory)"
-        ) from None
+    return hub_snapshot(
+        repo_id,
+        f"cannot load causal LM {repo_id!r}: not in the local Hugging Face cache"
+        " (download it first while online, or name a local directory)",
+    )
 
 
 def _load_from(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 _PARAM_SUFFIXES = {"weight", "bias", "qweight", "base_layer"}
 _EXPERT_TOKENS = ("expert", "exps")
 
@@ -28,9 +26,3 @@ def is_fused_experts(name: str, ndim: int) -> bool:
     """A 3-D tensor whose name says it stacks experts (experts x out x in)."""
     lowered = name.lower()
     return ndim == 3 and any(tok in lowered for tok in _EXPERT_TOKENS)
-
-
-def module_expert_index(name: str) -> int | None:
-    """Expert index of a per-expert module (``...experts.5.w1.weight`` -> 5)."""
-    m = re.search(r"experts?\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

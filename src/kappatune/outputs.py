@@ -10,12 +10,11 @@ all of them are written renames them into place; a failure leaves no output behi
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import new_file_mode
+from kappatune.jsonio import stage_file
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -59,7 +58,7 @@ def write_all(files: Sequence[tuple[Path, bytes]]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for path, data in files:
-            staged.append((_stage(path, data), path))
+            staged.append((stage_file(path, data), path))
         while staged:
             tmp, path = staged[0]
             os.replace(tmp, path)
@@ -71,18 +70,3 @@ def write_all(files: Sequence[tuple[Path, bytes]]) -> None:
     finally:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
-
-
-def _stage(path: Path, data: bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), new_file_mode(path))
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from statistics import median
 
-from kappatune.jsonio import atomic_write_bytes, atomic_write_text
+from kappatune.metrics import METRIC_FIELDS
 from kappatune.spectra import Analysis, SpectrumRow
 
 CSV_FIELDS = (
@@ -21,13 +20,7 @@ CSV_FIELDS = (
     "shape",
     "dtype",
     "numel",
-    "kappa",
-    "sigma_max",
-    "sigma_min",
-    "log_volume",
-    "entropy_deficit",
-    "stable_rank",
-    "effective_rank",
+    *METRIC_FIELDS,
     "method",
 )
 
@@ -83,10 +76,6 @@ def to_csv(analysis: Analysis) -> str:
         d["shape"] = "x".join(map(str, r.shape))
         writer.writerow(["" if d[f] is None else d[f] for f in CSV_FIELDS])
     return buf.getvalue()
-
-
-def write_csv(analysis: Analysis, path: str | os.PathLike[str]) -> None:
-    atomic_write_text(path, to_csv(analysis))
 
 
 NO_LAYER = "no layer"
@@ -159,7 +148,3 @@ def plot_png(analysis: Analysis) -> bytes:
     fig.savefig(out, format="png", dpi=110)
     plt.close(fig)
     return out.getvalue()
-
-
-def write_plot(analysis: Analysis, path: str | os.PathLike[str]) -> None:
-    atomic_write_bytes(path, plot_png(analysis))

@@ -27,7 +27,13 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
+from kappatune.jsonio import (
+    atomic_write_json,
+    check_schema,
+    decode_float,
+    encode_float,
+    read_json_object,
+)
 
 if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI choices)
     from kappatune.spectra import Analysis, SpectrumRow
@@ -578,11 +584,7 @@ class Selection:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Selection:
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise KappaTuneError(
-                f"unsupported selection schema_version {version!r} (this kappatune reads {SCHEMA_VERSION})"
-            )
+        check_schema(d, "selection", SCHEMA_VERSION)
         try:
             return cls(
                 entries=tuple(SelectionEntry.from_json(e) for e in d["entries"]),

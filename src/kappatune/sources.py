@@ -452,18 +452,29 @@ def builtin_path(name: str) -> Path:
     raise KappaTuneError(f"unknown built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str, not_cached: str, no_hub: str | None = None) -> Path:
+    """The local snapshot of a hub model; never touches the network.
+
+    Raises ``KappaTuneError(not_cached)`` when it is not in the local cache (or ``repo_id`` is
+    not a valid hub id), ``KappaTuneError(no_hub or not_cached)`` without ``huggingface_hub``.
+    """
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise KappaTuneError(f"{repo_id!r} is not a file or directory") from None
+        raise KappaTuneError(no_hub or not_cached) from None
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        raise KappaTuneError(
-            f"{repo_id!r} is not a file, a directory, a built-in name ({', '.join(BUILTIN_MODELS)})"
-            " or a Hugging Face model in the local cache (download it first while online)"
-        ) from None
+    except (OSError, ValueError):  # LocalEntryNotFoundError, HFValidationError
+        raise KappaTuneError(not_cached) from None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    return hub_snapshot(
+        repo_id,
+        f"{repo_id!r} is not a file, a directory, a built-in name ({', '.join(BUILTIN_MODELS)})"
+        " or a Hugging Face model in the local cache (download it first while online)",
+        no_hub=f"{repo_id!r} is not a file or directory",
+    )
 
 
 def _is_regular(path: Path) -> bool:

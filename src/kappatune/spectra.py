@@ -22,7 +22,13 @@ from kappatune.cache import Matrix, SpectrumCache, rows_problem
 from kappatune.devices import DEVICES, require_float64, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.errtext import one_line
-from kappatune.jsonio import atomic_write_json, decode_float, encode_float, read_json_object
+from kappatune.jsonio import (
+    atomic_write_json,
+    check_schema,
+    decode_float,
+    encode_float,
+    read_json_object,
+)
 from kappatune.sources import (
     RowStreamingSource,
     Source,
@@ -36,15 +42,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 2: rows carry Spectrum's SNR (``snr``); 1 is read with snr None
 READABLE_SCHEMAS = (1, 2)
 STREAM_MIN_BYTES = 64 * 1024 * 1024
-_FLOAT_FIELDS = (
-    "kappa",
-    "sigma_max",
-    "sigma_min",
-    "log_volume",
-    "entropy_deficit",
-    "stable_rank",
-    "effective_rank",
-)
+_FLOAT_FIELDS = metrics.METRIC_FIELDS
 KAPPA_FIELDS = ("kappa", "sigma_max", "sigma_min")
 _NON_FLOAT_DTYPES = re.compile(r"^(u?int\d+|bool)$")
 ProgressHook = Callable[[int, int], None]
@@ -191,12 +189,7 @@ class Analysis:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Analysis:
-        version = d.get("schema_version")
-        if version not in READABLE_SCHEMAS:
-            raise KappaTuneError(
-                f"unsupported analysis schema_version {version!r} (this kappatune reads"
-                f" {', '.join(map(str, READABLE_SCHEMAS))})"
-            )
+        version = check_schema(d, "analysis", READABLE_SCHEMAS)
         for key in ("tensors", "skipped"):
             if not isinstance(d.get(key), list):
                 raise KappaTuneError(f"malformed analysis JSON: {key!r} is not a list")
@@ -689,7 +682,3 @@ def _fingerprint(entries: list[TensorEntry], digests: Mapping[str, str]) -> str:
     for e in sorted(entries, key=lambda x: x.name):
         h.update(f"{e.name}|{e.dtype}|{e.shape}|{digests.get(e.name, '')}\n".encode())
     return h.hexdigest()
-
-
-def finite_kappas(analysis: Analysis) -> list[float]:
-    return [r.kappa for r in analysis.tensors if not math.isnan(r.kappa)]

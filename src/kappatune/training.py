@@ -27,6 +27,7 @@ from torch import nn
 from kappatune.data import IGNORE_INDEX, Batch, TokenizedData
 from kappatune.errors import KappaTuneError
 from kappatune.freezing import param_numel, param_shape
+from kappatune.jsonio import check_schema
 from kappatune.selection import Selection
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TrainConfig:
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise KappaTuneError(
-                f"unsupported train config schema_version {d.get('schema_version')!r}"
-            )
+        check_schema(d, "train config", SCHEMA_VERSION)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))

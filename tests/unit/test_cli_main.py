@@ -48,3 +48,28 @@ def test_version(capsys) -> None:  # type: ignore[no-untyped-def]
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"kappatune {kappatune.__version__}\n"
+
+
+def test_every_public_name_imports_from_its_module() -> None:
+    import kappatune
+
+    lazy = set(kappatune.__all__) - {"KappaTuneError", "__version__"}
+    assert lazy == set(kappatune._LAZY)
+    assert {
+        "analyze", "AnalyzeOptions", "select", "Budget", "SelectOptions", "Selection",
+        "apply_selection", "lora_config", "KappaTuneCallback", "load_causal_lm", "run_bench",
+        "run_probe", "ProbeSettings", "ProbeReport",
+    } <= lazy  # fmt: skip
+    for name in sorted(lazy):
+        value = getattr(kappatune, name)
+        assert value.__name__ == name
+        assert value.__module__ == kappatune._LAZY[name]
+    assert kappatune.KappaTuneError.__module__ == "kappatune.errors"
+
+
+def test_import_kappatune_loads_no_torch() -> None:
+    code = "import sys, kappatune; print('torch' in sys.modules, len(kappatune.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import kappatune
+
+    assert out.stdout.split() == ["False", str(len(kappatune.__all__))]

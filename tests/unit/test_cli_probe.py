@@ -170,7 +170,7 @@ def _corr(estimate: float | None, lo: float | None, hi: float | None, n: int = 1
 
 
 def test_probe_conclusion_is_one_plain_line() -> None:
-    from kappatune.cli.probe import conclusion
+    from kappatune.probe import conclusion
 
     other = {**_corr(0.9, 0.8, 0.95), "kind": "empirical"}
     tail = "95 % interval [-0.64, -0.40], true Fisher per parameter, 127 matrices)."

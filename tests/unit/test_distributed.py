@@ -39,6 +39,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.integration  # several processes
 def test_two_process_gloo_run_writes_what_one_process_writes(tmp_path: Path) -> None:
     ts = {
         f"model.layers.{i}.mlp.{m}.weight": known_matrix(

@@ -417,12 +417,14 @@ def check_resume_is_exact(
     return sel
 
 
+@pytest.mark.integration  # several processes
 def test_two_process_selective_training_and_resume(launch: Any, tmp_path: Path) -> None:
     model, run = launch
     sel = check_resume_is_exact(model, run, tmp_path, list)  # no launcher: torchrun
     assert sel.entry_count == 3
 
 
+@pytest.mark.integration  # several processes
 @pytest.mark.parametrize(("stage", "partitioned"), [(2, "0"), (3, "21")])
 def test_two_process_deepspeed_freezes_by_name(
     launch: Any, tmp_path: Path, stage: int, partitioned: str
@@ -438,6 +440,7 @@ def test_two_process_deepspeed_freezes_by_name(
     assert sorted(counts) == [("0", partitioned), ("1", partitioned)]  # 21: every tensor
 
 
+@pytest.mark.integration  # several processes
 def test_two_process_fsdp_requests_on_cpu(launch: Any, tmp_path: Path) -> None:
     """accelerate switches to FSDP only on accelerators: on CPU an FSDP2 launch trains with
     DDP and the command says so; FSDP1 cannot even start (one clear line)."""
@@ -466,6 +469,7 @@ def test_two_process_fsdp_requests_on_cpu(launch: Any, tmp_path: Path) -> None:
     assert not (tmp_path / "fsdp1").exists()
 
 
+@pytest.mark.integration  # several processes
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_deepspeed_resume_is_exact(launch: Any, tmp_path: Path, stage: int) -> None:
     """An interrupted ZeRO run resumes from its collective checkpoint to the same weights."""
@@ -474,6 +478,7 @@ def test_two_process_deepspeed_resume_is_exact(launch: Any, tmp_path: Path, stag
     check_resume_is_exact(model, run, tmp_path, lambda: deepspeed_launch(stage))
 
 
+@pytest.mark.integration  # several processes
 def test_two_process_kappa_lora_under_zero2_and_zero3(launch: Any, tmp_path: Path) -> None:
     """KappaTune-LoRA under DeepSpeed: ZeRO-3 saves the gathered adapter, equal to ZeRO-2's."""
     pytest.importorskip("deepspeed")

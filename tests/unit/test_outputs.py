@@ -147,14 +147,14 @@ def test_analyze_writes_no_output_when_the_last_one_fails(
     """The JSON and CSV are staged, the plot cannot be written: none of the three appears."""
     import kappatune.outputs
 
-    real = kappatune.outputs._stage
+    real = kappatune.outputs.stage_file
 
     def stage(path: Path, data: bytes) -> str:
         if path.suffix == ".png":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(kappatune.outputs, "_stage", stage)
+    monkeypatch.setattr(kappatune.outputs, "stage_file", stage)
     out = tmp_path / "out"
     out.mkdir()
     argv = [

@@ -86,7 +86,7 @@ def get_arm(name: str) -> Arm:
         raise KappaTuneError(f"unknown arm {name!r} (known: {', '.join(_ARMS)})") from None
 
 
-# Learning rates: full fine-tuning needs a smaller one and warm-up (method.md section 7).
+# Learning rates: full fine-tuning needs a smaller one and warm-up (a larger one forgets more).
 register_arm(Arm("full", "full", None, 1e-5, 2, "full fine-tuning (every parameter)"))
 register_arm(
     Arm("lora", "lora", None, 3e-4, 1, "LoRA on every linear layer, rank fitted to the budget")
@@ -274,20 +274,6 @@ def prepare_arm(
     if arm.method in ("lora", "kappa-lora"):
         lora = LoraSettings(r=None, budget_params=ctx.budget_params())
     return prepare_model(model, arm.method, selection, lora, weight_decay=weight_decay)
-
-
-def check_budget(ctx: ArmContext, arms: Sequence[Arm]) -> dict[str, int]:
-    """Resolve every selective arm's selection up front (bad budgets fail before any training).
-
-    Returns the parameter count each selective arm will train.
-    """
-    out: dict[str, int] = {}
-    for arm in arms:
-        if arm.method == "selective":
-            out[arm.name] = arm_selection(arm, ctx).param_count  # type: ignore[union-attr]
-        elif arm.method == "kappa-lora":
-            arm_selection(arm, ctx)
-    return out
 
 
 # --------------------------------------------------------------------------- peers: runner hooks

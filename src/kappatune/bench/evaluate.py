@@ -42,12 +42,6 @@ class EvalSequence:
                 f"target mask has {len(self.targets)} entries for {len(self.ids)} tokens"
             )
 
-    @property
-    def n_targets(self) -> int:
-        if self.targets is None:
-            return len(self.ids) - 1
-        return sum(1 for i, t in enumerate(self.targets) if t and i > 0)
-
 
 @dataclass(frozen=True)
 class PerplexityResult:

@@ -241,6 +241,19 @@ def _gain_unit(metric: str | None) -> str:
     return "accuracy change, pp" if metric == "accuracy" else "held-out ppl drop, %"
 
 
+def _png(fig: Any, axes: Any, used: int) -> bytes:
+    """The figure as PNG bytes (axes past the first ``used`` hidden); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> bytes:
     """One panel per (scenario, forgetting measure): every arm's mean points, its front as a
     line; arrows mark the better direction on both axes."""
@@ -273,13 +286,7 @@ def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> byte
                     arrowprops={"arrowstyle": "->", "color": "green"}, color="green",
                     fontsize=9)  # fmt: skip
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(vs) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, axes, len(vs))
 
 
 def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str]) -> bytes:
@@ -307,13 +314,7 @@ def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str])
         ax.set_ylabel("forgetting (control ppl rise, %)  ↓ better")
         ax.set_title(f"{scenario}: every seed, lr and checkpoint")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, axes, len(panels))
 
 
 def loss_curves_png(curves: Mapping[tuple[str, str], Sequence[Sequence[float]]]) -> bytes:
@@ -338,11 +339,7 @@ def loss_curves_png(curves: Mapping[tuple[str, str], Sequence[Sequence[float]]])
         ax.set_ylabel("training loss")
         ax.set_title(scenario)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, axes, max(1, len(scenarios)))
 
 
 # --------------------------------------------------------------------------- documents

@@ -27,6 +27,7 @@ from typing import Any
 from kappatune.bench import datasets
 from kappatune.bench.datasets import Fields, Split
 from kappatune.errors import KappaTuneError
+from kappatune.jsonio import check_schema
 
 SCHEMA_VERSION = 1
 TASK_METRICS = ("perplexity", "accuracy")
@@ -213,8 +214,7 @@ def _option(value: Any) -> str:
 
 
 def scenario_from_mapping(d: Mapping[str, Any], base: Path | None) -> Scenario:
-    if d.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise KappaTuneError(f"unsupported scenario schema_version {d.get('schema_version')!r}")
+    check_schema(d, "scenario", SCHEMA_VERSION, required=False)
     unknown = sorted(set(map(str, d)) - {*_KEYS, "schema_version"})
     if unknown:
         raise KappaTuneError(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import atomic_write_json, decode_float, encode_float
+from kappatune.jsonio import atomic_write_json, check_schema, decode_float, encode_float
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ class RunResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RunResult:
-        if d.get("schema_version") != SCHEMA_VERSION or d.get("kind") != "kappatune.bench.run":
-            raise KappaTuneError("not a kappatune bench run file of schema version 2")
+        check_schema(d, "bench run", SCHEMA_VERSION, kind="kappatune.bench.run")
         return cls(
             scenario=str(d["scenario"]),
             arm=str(d["arm"]),
@@ -205,8 +204,7 @@ class BaseResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> BaseResult:
-        if d.get("schema_version") != SCHEMA_VERSION or d.get("kind") != "kappatune.bench.base":
-            raise KappaTuneError("not a kappatune bench base file of schema version 2")
+        check_schema(d, "bench base", SCHEMA_VERSION, kind="kappatune.bench.base")
         return cls(
             scenario=str(d["scenario"]),
             config_hash=str(d["config_hash"]),

@@ -212,10 +212,6 @@ def verdicts(
 # --------------------------------------------------------------------------- sentences
 
 
-def _num(x: float | None, unit: str) -> str:
-    return "-" if x is None else f"{x:+.2f}{unit}"
-
-
 def interval_text(i: Interval, unit: str) -> str:
     if i.estimate is None:
         return "not reached"

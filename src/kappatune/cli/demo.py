@@ -152,6 +152,7 @@ def _summary(console: Any, result: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from kappatune.cli.quiet import quiet_transformers
     from kappatune.demo import DemoSettings, run_demo
     from kappatune.jsonio import atomic_write_json
 
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.output is not None and args.output.is_dir():
         raise KappaTuneError(f"--output {args.output} is a directory; give a file name")
-    _quiet_transformers()
+    quiet_transformers()
     console = Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 140)
@@ -178,10 +179,3 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.output, result.to_json())
         console.print(f"wrote {args.output}")
     return 1 if result.frozen_changed else 0
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()

@@ -1,29 +1,22 @@
 """``kappatune probe MODEL --data FILE...``: Fisher information in the weights against kappa.
 
-Per candidate tensor (or expert) the probe puts kappa next to the diagonal Fisher measures
-(true and/or empirical; sum, mean per parameter, log-volume) and reports how well the two
-rankings agree: Spearman and Kendall tau-b with bootstrap intervals, over all tensors and per
-module type. Everything is computed and rendered before any file is written.
+Parses the flags, calls :func:`kappatune.probe.run_probe` (the probe itself, as a library) and
+prints its report. Everything is computed and rendered before any file is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import math
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
+from kappatune.probe import MEASURES
 
-SCHEMA_VERSION = 1
-REPORT_KIND = "kappatune.probe"
-MEASURES = ("mean", "sum", "logvol")
+if TYPE_CHECKING:
+    from kappatune.probe import ProbeReport, ProbeRow, ProbeSettings
 
 EPILOG = """examples:
   kappatune probe gemma-3-270m --data notes.txt --tokens 2048 --seq-len 128
@@ -99,56 +92,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    kinds: tuple[str, ...]
-    tokens: int
-    seq_len: int
-    damping: float
-    samples: int
-    seed: int
-    bootstrap: int
-    confidence: float
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise KappaTuneError(
-                f"--seq-len must be at least 2 (BOS and one target), got {self.seq_len}"
-            )
-        if self.bootstrap < 0:
-            raise KappaTuneError(f"--bootstrap must be 0 or more, got {self.bootstrap}")
-        if not 0.0 < self.confidence < 1.0:
-            raise KappaTuneError(f"--confidence must be between 0 and 1, got {self.confidence}")
-        self.fisher_options()  # validates kinds, tokens, lambda and samples
-
-    def fisher_options(self) -> Any:
-        from kappatune.fisher import FisherOptions
-
-        return FisherOptions(
-            kinds=self.kinds,
-            tokens=self.tokens,
-            seed=self.seed,
-            damping=self.damping,
-            samples=self.samples,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kinds": list(self.kinds),
-            "tokens": self.tokens,
-            "seq_len": self.seq_len,
-            "lambda": self.damping,
-            "samples": self.samples,
-            "seed": self.seed,
-            "bootstrap": self.bootstrap,
-            "confidence": self.confidence,
-        }
+# --------------------------------------------------------------------------- flags
 
 
 def _settings(args: argparse.Namespace) -> ProbeSettings:
+    from kappatune.probe import ProbeSettings
+
     kinds = ("true", "empirical") if args.kind == "both" else (args.kind,)
     return ProbeSettings(
         kinds=kinds, tokens=args.tokens, seq_len=args.seq_len, damping=args.damping, samples=args.samples,
@@ -160,173 +109,6 @@ def _check_output(path: Path | None, flag: str, suffix: str) -> None:
     from kappatune.outputs import check_file
 
     check_file(path, flag, (suffix,))
-
-
-def _check_data(files: Sequence[Path]) -> None:
-    for f in files:
-        if not f.exists():
-            raise KappaTuneError(f"no such data file: {f}")
-        if not f.is_file():
-            raise KappaTuneError(f"data {f} is not a file")
-
-
-def _file_info(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-# --------------------------------------------------------------------------- pure stages
-
-
-@dataclass(frozen=True)
-class ProbeRow:
-    """kappa and the Fisher measures of one matrix (or expert)."""
-
-    name: str
-    expert: int | None
-    layer: int | None
-    module_type: str
-    numel: int
-    kappa: float
-    fisher: Mapping[str, Mapping[str, float]]  # kind -> measure -> value
-
-    def to_json(self) -> dict[str, Any]:
-        from kappatune.jsonio import encode_float
-
-        return {
-            "name": self.name,
-            "expert": self.expert,
-            "layer": self.layer,
-            "module_type": self.module_type,
-            "numel": self.numel,
-            "kappa": encode_float(self.kappa),
-            "fisher": {
-                k: {m: encode_float(v) for m, v in d.items()} for k, d in self.fisher.items()
-            },
-        }
-
-
-def join_rows(analysis: Any, results: Mapping[str, Any]) -> list[ProbeRow]:
-    """One row per analysed matrix, in the analysis order, with each kind's Fisher measures."""
-    by_kind = {kind: {r.key: r for r in res.rows} for kind, res in results.items()}
-    rows = []
-    for s in analysis.tensors:
-        fisher = {}
-        for kind, rows_of in by_kind.items():
-            if s.key not in rows_of:
-                raise KappaTuneError(
-                    f"no Fisher value for {s.name} (expert {s.expert}): names do not match"
-                )
-            fisher[kind] = {m: rows_of[s.key].measure(m) for m in MEASURES}
-        rows.append(ProbeRow(s.name, s.expert, s.layer, s.module_type, s.numel, s.kappa, fisher))
-    return rows
-
-
-def correlate(rows: Sequence[ProbeRow], settings: ProbeSettings) -> list[dict[str, Any]]:
-    """Correlations of kappa with each kind x measure, over all tensors then per module type."""
-    from kappatune.correlation import grouped_correlations
-
-    groups = [r.module_type for r in rows]
-    kappas = [r.kappa for r in rows]
-    out: list[dict[str, Any]] = []
-    for kind in settings.kinds:
-        for measure in MEASURES:
-            values = [r.fisher[kind][measure] for r in rows]
-            for g in grouped_correlations(
-                groups, kappas, values, bootstrap=settings.bootstrap, confidence=settings.confidence,
-                seed=settings.seed,
-            ):  # fmt: skip
-                out.append({"kind": kind, "measure": measure, **g.to_json()})
-    return out
-
-
-def report_json(
-    model: str,
-    data: dict[str, Any],
-    settings: ProbeSettings,
-    analysis: Any,
-    results: Mapping[str, Any],
-    rows: Sequence[ProbeRow],
-    correlations: list[dict[str, Any]],
-    timings: Mapping[str, float],
-) -> dict[str, Any]:
-    import kappatune
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": REPORT_KIND,
-        "kappatune_version": kappatune.__version__,
-        "model": model,
-        "model_fingerprint": analysis.fingerprint,
-        "data": data,
-        "settings": settings.to_json(),
-        "fisher": {k: {"tokens": r.tokens, "examples": r.examples} for k, r in results.items()},
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "rows": [r.to_json() for r in rows],
-        "correlations": correlations,
-    }
-
-
-def csv_text(rows: Sequence[ProbeRow], kinds: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["name", "expert", "layer", "module_type", "numel", "kappa"]
-        + [f"{k}_{m}" for k in kinds for m in MEASURES]
-    )
-    for r in rows:
-        w.writerow(
-            [r.name, "" if r.expert is None else r.expert, "" if r.layer is None else r.layer,
-             r.module_type, r.numel, repr(r.kappa)]
-            + [repr(r.fisher[k][m]) for k in kinds for m in MEASURES]
-        )  # fmt: skip
-    return buf.getvalue()
-
-
-def plot_png(
-    rows: Sequence[ProbeRow], correlations: list[dict[str, Any]], kinds: Sequence[str], title: str
-) -> bytes:
-    """Fisher mean per parameter against kappa, log-log, one panel per kind, coloured by module type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    types = sorted({r.module_type for r in rows})
-    cmap = plt.get_cmap("tab10" if len(types) <= 10 else "tab20")
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.0 * len(kinds), 4.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for i, t in enumerate(types):
-            pts = [
-                (r.kappa, r.fisher[kind]["mean"])
-                for r in rows
-                if r.module_type == t and math.isfinite(r.kappa) and r.fisher[kind]["mean"] > 0
-            ]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.scatter(xs, ys, s=18, color=cmap(i % cmap.N), label=t, alpha=0.85)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("condition number kappa")
-        ax.set_ylabel("Fisher, mean per parameter")
-        rho = next(
-            c for c in correlations
-            if (c["kind"], c["measure"], c["group"], c["method"]) == (kind, "mean", "all", "spearman")
-        )  # fmt: skip
-        ax.set_title(
-            f"{kind} Fisher  (Spearman {_fmt(rho['estimate'])}, n={rho['n']})", fontsize=10
-        )
-        ax.grid(True, which="both", alpha=0.25)
-    axes[0][-1].legend(fontsize=7, loc="best", markerscale=0.8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- console
@@ -408,44 +190,6 @@ def _print_correlations(
         console.print(t)
 
 
-# --------------------------------------------------------------------------- spectral scores
-
-
-def spectral_scores(
-    analysis: Any, rows: Sequence[ProbeRow], kinds: Sequence[str]
-) -> dict[str, list[float]]:
-    """Per matrix, in ``rows`` order: kappa, Spectrum's SNR and each kind's Fisher mean."""
-    snr = {r.key: r.snr for r in analysis.tensors}
-    keys = [(r.name, -1 if r.expert is None else r.expert) for r in rows]
-    out: dict[str, list[float]] = {
-        "kappa": [r.kappa for r in rows],
-        "snr": [math.nan if snr.get(k) is None else float(snr[k]) for k in keys],  # type: ignore[arg-type]
-    }
-    for kind in kinds:
-        out[f"fisher-{kind}"] = [r.fisher[kind]["mean"] for r in rows]
-    return out
-
-
-def spectral_correlations(
-    analysis: Any, rows: Sequence[ProbeRow], settings: ProbeSettings
-) -> list[dict[str, Any]]:
-    """Rank correlations between kappa, SNR and Fisher (not Fisher with Fisher), all and per type."""
-    from kappatune.correlation import pairwise_correlations
-
-    scores = spectral_scores(analysis, rows, settings.kinds)
-    names = list(scores)
-    pairs = [
-        (a, b)
-        for i, a in enumerate(names)
-        for b in names[i + 1 :]
-        if not (a.startswith("fisher") and b.startswith("fisher"))
-    ]
-    return pairwise_correlations(
-        [r.module_type for r in rows], scores, pairs, bootstrap=settings.bootstrap,
-        confidence=settings.confidence, seed=settings.seed,
-    )  # fmt: skip
-
-
 def _print_spectral(console: Any, correlations: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
@@ -468,52 +212,40 @@ def _print_spectral(console: Any, correlations: list[dict[str, Any]]) -> None:
     console.print(t)
 
 
-def conclusion(correlations: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> str:
-    """One plain sentence: do kappa and Fisher (mean per parameter, all matrices) agree?"""
-    kind = "true" if "true" in kinds else kinds[0]
-    c = next(
-        c for c in correlations
-        if (c["kind"], c["measure"], c["group"], c["method"]) == (kind, "mean", "all", "spearman")
-    )  # fmt: skip
-    if c["estimate"] is None or c["ci_low"] is None:
-        return f"Conclusion: too few matrices ({c['n']}) to say whether kappa and Fisher agree."
-    level = f"{100 * c['confidence']:g} %"
-    figure = (
-        f"Spearman {c['estimate']:+.2f}, {level} interval [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}],"
-        f" {kind} Fisher per parameter, {c['n']} matrices"
-    )
-    if c["ci_low"] > 0:
-        return (
-            f"Conclusion: kappa and Fisher agree: matrices with a higher kappa carry more"
-            f" information ({figure})."
-        )
-    if c["ci_high"] < 0:
-        return (
-            f"Conclusion: kappa and Fisher disagree: matrices with a higher kappa carry less"
-            f" information, against KappaTune's premise ({figure})."
-        )
-    return f"Conclusion: no clear relation between kappa and Fisher ({figure})."
-
-
 # --------------------------------------------------------------------------- run
 
 
-def _quiet_transformers() -> None:
-    """No "Loading weights" bars from transformers: errors must stay one line."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
+def _progress_bars(settings: ProbeSettings) -> tuple[Any, Any]:
+    """A progress hook for :func:`run_probe` with one tqdm bar per stage, and a closer."""
+    from tqdm import tqdm
+
+    labels = {
+        "kappa": ("tensor", "kappa"),
+        "fisher": ("tok", f"Fisher ({'+'.join(settings.kinds)})"),
+    }
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for other in bars.values():
+                other.close()
+            unit, desc = labels[stage]
+            bars[stage] = tqdm(unit=unit, desc=desc, disable=None, leave=False)
+        bar = bars[stage]
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return progress, close
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from tqdm import tqdm
-
-    from kappatune import fisher
+    from kappatune.cli.quiet import quiet_transformers
     from kappatune.outputs import write_all
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.probe import run_probe
 
     settings = _settings(args)
     _check_output(args.output, "--output", ".json")
@@ -521,91 +253,48 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args.plot, "--plot", ".png")
     if args.top < 0:
         raise KappaTuneError(f"--top must be at least 0, got {args.top}")
-    _check_data(args.data)
-
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    _quiet_transformers()
-    model, examples, stats = fisher.load_model_and_examples(
-        args.model, args.data, seq_len=settings.seq_len
-    )
-    fisher.plan_examples(
-        examples, fisher.CausalLMObjective(), settings.tokens
-    )  # too little data: fail now
-    timings["load"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    bar = tqdm(unit="tensor", desc="kappa", disable=None, leave=False)
-
-    def analysis_progress(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-
+    quiet_transformers()
+    progress, close = _progress_bars(settings)
     try:
-        analysis = analyze(model, AnalyzeOptions(), progress=analysis_progress)
+        report = run_probe(args.model, args.data, settings, progress=progress)
     finally:
-        bar.close()
-    if not analysis.tensors:
-        raise KappaTuneError(
-            f"the model {args.model} has no candidate tensors (floating-point, ndim >= 2;"
-            f" {len(analysis.skipped)} tensors skipped)"
-        )
-    timings["kappa"] = time.perf_counter() - start
+        close()
 
-    start = time.perf_counter()
-    fbar = tqdm(unit="tok", desc=f"Fisher ({'+'.join(settings.kinds)})", disable=None, leave=False)
-
-    def fisher_progress(done: int, total: int) -> None:
-        fbar.total, fbar.n = total, done
-        fbar.refresh()
-
-    try:
-        results = fisher.compute_fisher(
-            model, examples, settings.fisher_options(), only=[r.name for r in analysis.tensors],
-            progress=fisher_progress,
-        )  # fmt: skip
-    finally:
-        fbar.close()
-    timings["fisher"] = time.perf_counter() - start
-
-    rows = join_rows(analysis, results)
-    correlations = correlate(rows, settings)
-    data = {"files": [_file_info(f) for f in args.data], **stats}
-    report = report_json(args.model, data, settings, analysis, results, rows, correlations, timings)
-    spectral = spectral_correlations(analysis, rows, settings)
-    report["spectral_correlations"] = spectral  # kappa, Spectrum's SNR and Fisher, pairwise
-    rendered: list[tuple[str, Path, Any]] = []
+    rendered: list[tuple[str, Path, bytes]] = []
     if args.output:
-        rendered.append(("JSON", args.output, report))
+        from kappatune.jsonio import json_bytes
+
+        rendered.append(("JSON", args.output, json_bytes(report.to_json())))
     if args.csv:
-        rendered.append(("CSV", args.csv, csv_text(rows, settings.kinds)))
+        rendered.append(("CSV", args.csv, report.csv_text().encode("utf-8")))
     if args.plot:
-        title = f"{args.model}: {settings.tokens} tokens of {', '.join(f.name for f in args.data)}"
-        rendered.append(("plot", args.plot, plot_png(rows, correlations, settings.kinds, title)))
+        rendered.append(("plot", args.plot, report.png()))
+    console = _console()
+    _print_report(console, args.model, args.top, report)
+    write_all([(path, payload) for _, path, payload in rendered])
+    for label, path, _ in rendered:
+        console.print(f"wrote {label}: {path}")
+    console.print(report.conclusion(), soft_wrap=True)
+    return 0
+
+
+def _console() -> Any:
+    from rich.console import Console
 
     console = Console(highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 160)
+    return console
+
+
+def _print_report(console: Any, model: str, top: int, report: ProbeReport) -> None:
+    settings, timings = report.settings, report.timings
     console.print(
-        f"[bold]{args.model}[/bold]  {len(rows)} matrices  {settings.tokens} tokens in "
-        f"{next(iter(results.values())).examples} sequences of {settings.seq_len}  "
+        f"[bold]{model}[/bold]  {len(report.rows)} matrices  {settings.tokens} tokens in "
+        f"{report.sequences} sequences of {settings.seq_len}  "
         f"kinds {', '.join(settings.kinds)}  lambda {settings.damping:g}  seed {settings.seed}  "
         f"(load {timings['load']:.1f} s, kappa {timings['kappa']:.1f} s, Fisher {timings['fisher']:.1f} s)"
     )
-    _print_rows(console, rows, settings.kinds, args.top)
-    _print_correlations(console, correlations, settings.kinds)
-    _print_spectral(console, spectral)
-
-    write_all([(path, _encoded(label, payload)) for label, path, payload in rendered])
-    for label, path, _ in rendered:
-        console.print(f"wrote {label}: {path}")
-    console.print(conclusion(correlations, settings.kinds), soft_wrap=True)
-    return 0
-
-
-def _encoded(label: str, payload: Any) -> bytes:
-    from kappatune.jsonio import json_bytes
-
-    if label == "JSON":
-        return json_bytes(payload)
-    return payload.encode("utf-8") if label == "CSV" else bytes(payload)
+    _print_rows(console, report.rows, settings.kinds, top)
+    _print_correlations(console, report.correlations, settings.kinds)
+    _print_spectral(console, report.spectral)

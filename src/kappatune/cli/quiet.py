@@ -49,7 +49,10 @@ def quiet_third_party() -> Iterator[None]:
 def quiet_transformers() -> None:
     """For commands that report progress themselves: transformers' bars and advisory log lines
     would interleave (imports transformers; call it from a command that uses it anyway)."""
-    from transformers.utils import logging as hf_logging
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the command reports the missing extra itself, in one line
+        return
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -246,10 +246,10 @@ def _read_fisher_scores(path: Path) -> Any:
 
 
 def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
-    from kappatune.cli.probe import _quiet_transformers
+    from kappatune.cli.quiet import quiet_transformers
     from kappatune.selffisher import SelfFisherOptions, policy_scores_for
 
-    _quiet_transformers()
+    quiet_transformers()
     return policy_scores_for(
         args.policy,
         model_spec,
