@@ -12,7 +12,7 @@ from typing import Any
 from kappatune.errors import KappaTuneError
 
 EPILOG = """examples:
-  kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~45 min, 2 cores)
+  kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~70 min, 2 cores)
   kappatune bench --preset gpu --device cuda       # every arm, 5 lrs, longer runs, larger evaluations
   kappatune bench code --lr-grid full=1e-5,3e-5,1e-4 kappa=3e-5,1e-4,3e-4 --checkpoints 4
   kappatune bench --config configs/bench-example.yaml --model ./my-model --knowledge my-mc.jsonl
@@ -42,8 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "bootstrap": 1000, "kl_cache_mb": 1024.0,
 }  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
-    # sized for about 45 min on a 2-core CPU (benchmarks/results/bench_cpu holds a run and its
-    # timing): 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice
+    # 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice: 90-120 s a run on a
+    # quiet 2-core CPU, about 70 min in all (benchmarks/results/bench_cpu: the runs' timings)
     "cpu": {
         "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
         "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
@@ -119,7 +119,7 @@ def add_parser(sub: Any) -> None:
     add(
         "--preset",
         choices=tuple(PRESETS),
-        help="cpu: about 45 min on a 2-core CPU; gpu: the full grid on one GPU",
+        help="cpu: about 70 min on a quiet 2-core CPU; gpu: the full grid on one GPU",
     )
     add("--config", type=Path, help="YAML/JSON file describing scenarios")
     add(
