@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 
 from kappatune.errors import KappaTuneError
+from kappatune.errtext import one_line
 
 _EXTRA = frozenset(
     {
@@ -161,12 +162,32 @@ def _pickles_of(path: Path) -> Iterator[tuple[str, bytes]]:
     with path.open("rb") as fh:
         head = fh.read(4)
     if head == b"PK\x03\x04":
-        with zipfile.ZipFile(path) as zf:
-            for member in sorted(zf.namelist()):
-                if member.endswith(".pkl"):
-                    yield f"{path}:{member}", zf.read(member)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                records = {m: zf.read(m) for m in zf.namelist() if m.endswith(".pkl")}
+        except zipfile.BadZipFile:
+            # torch.load reads archives with its own reader, which accepts some files that
+            # Python's zipfile rejects: scan exactly the records torch would unpickle
+            records = _torch_records(path)
+        for member in sorted(records):
+            yield f"{path}:{member}", records[member]
     elif not path.name.endswith(_SKIP_SUFFIXES):  # torch.load unpickles any other file
         yield str(path), path.read_bytes()
+
+
+def _torch_records(path: Path) -> dict[str, bytes]:
+    """The ``.pkl`` records of a torch archive as ``torch.load`` reads them."""
+    import torch
+
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        return {
+            name: bytes(reader.get_record(name))
+            for name in reader.get_all_records()
+            if name.endswith(".pkl")
+        }
+    except RuntimeError as exc:
+        raise ValueError(f"not a readable torch archive: {one_line(str(exc))}") from None
 
 
 def check_folder(folder: Path) -> int:
