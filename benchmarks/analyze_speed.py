@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kappatune import AnalyzeOptions, analyze
-from kappatune.linalg import reference_svdvals
-from kappatune.sources import StateDictSource, open_source
+from kappatune.analysis.linalg import reference_svdvals
+from kappatune.analysis.sources import StateDictSource, open_source
 
 RESULTS = Path(__file__).parent / "results"
 

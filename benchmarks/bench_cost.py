@@ -38,13 +38,13 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 def main() -> int:
     from kappatune.bench import fronts, knowledge
+    from kappatune.bench.arm_training import train_with_checkpoints
     from kappatune.bench.evaluate import BaseReference, control_eval
-    from kappatune.bench.inputs import EvalSizes, prepare
     from kappatune.bench.run import BenchSettings, Evaluator, arm_context, load_model
     from kappatune.bench.scenarios import builtin_scenario
-    from kappatune.bench.trainer import train_with_checkpoints
-    from kappatune.data import special_tokens
-    from kappatune.training import TrainConfig
+    from kappatune.bench.tokenized import EvalSizes, prepare
+    from kappatune.training.data import special_tokens
+    from kappatune.training.loop import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)

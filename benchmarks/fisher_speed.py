@@ -1,7 +1,7 @@
 """How much faster is the batched per-example Fisher than one backward pass per sequence?
 
 Loads Gemma 3 270M (float32), packs English prose from ``pydoc_data.topics`` (see
-``probe_gemma.py``) into 128-token rows, and times :func:`kappatune.fisher.fisher_diagonals`
+``probe_gemma.py``) into 128-token rows, and times :func:`kappatune.analysis.fisher.fisher_diagonals`
 for both kinds (true and empirical, one forward shared) over the same tokens and seed:
 
 * ``loop``: ``batch_size=1``, one forward and one backward pass per sequence and kind (the
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
-    from kappatune.fisher import FisherOptions, fisher_diagonals, load_model_and_examples
+    from kappatune.analysis.fisher import FisherOptions, fisher_diagonals, load_model_and_examples
 
     with tempfile.TemporaryDirectory() as tmp:
         text = _english(Path(tmp) / "english.txt")

@@ -2,7 +2,7 @@
 
 For Gram matrices of growing side n (from a seeded 3n x n matrix with a geometric spectrum,
 kappa 20), best-of-3 single-thread time of LAPACK syevd (``numpy.linalg.eigvalsh``, today's
-full route after the Gram) against ``kappatune.linalg._gram_extremes``, and the relative
+full route after the Gram) against ``kappatune.analysis.linalg._gram_extremes``, and the relative
 kappa difference between the two.
 
     python benchmarks/kappa_only_crossover.py [--sizes 256 640 1024 2048]
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from kappatune import linalg
+from kappatune.analysis import linalg
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from kappatune.cli.main import main as kappatune_main
-from kappatune.correlation import rank_correlation
 from kappatune.jsonio import atomic_write_text
+from kappatune.probe.correlation import rank_correlation
 
 MODULES = (
     "argparse", "bisect", "calendar", "colorsys", "contextlib", "copy", "csv", "dataclasses",

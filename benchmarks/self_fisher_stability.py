@@ -1,6 +1,6 @@
 """How stable is the self-Fisher ranking of Gemma 3 270M's matrices, and how many tokens does it need?
 
-Self-Fisher (``kappatune.selffisher``): sequences sampled from the model itself (BOS, then
+Self-Fisher (``kappatune.analysis.self_fisher``): sequences sampled from the model itself (BOS, then
 temperature 1 over the whole vocabulary), true Fisher diagonal measured on them, mean per
 parameter of each matrix. This script
 
@@ -50,7 +50,7 @@ def _chunk_sums(
     model: Any, ids: torch.Tensor, seed: int
 ) -> tuple[dict[str, float], dict[str, int], int]:
     """Per-matrix Fisher sums (times tokens) and sizes of a chunk of sampled sequences."""
-    from kappatune.fisher import FisherOptions, compute_fisher, examples_from_ids
+    from kappatune.analysis.fisher import FisherOptions, compute_fisher, examples_from_ids
 
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     res = compute_fisher(
@@ -67,7 +67,7 @@ def _measure(
     model: Any, seqs: int, seq_len: int, seed: int, sizes: Sequence[int], batch: int
 ) -> tuple[dict[int, dict[str, float]], float]:
     """Self-Fisher means at each size (sequences), from one pool sampled with ``seed``."""
-    from kappatune.selffisher import bos_of, sample_sequences
+    from kappatune.analysis.self_fisher import bos_of, sample_sequences
 
     start = time.perf_counter()
     pool = sample_sequences(model, seqs, seq_len, bos=bos_of(model), seed=seed, batch_size=batch)
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
-    from kappatune.models import load_causal_lm
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
+    from kappatune.training.models import load_causal_lm
 
     torch.set_grad_enabled(True)
     model, _ = load_causal_lm(args.model)

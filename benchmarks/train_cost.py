@@ -62,7 +62,7 @@ def _reset_peak() -> bool:
 def _batch(tokenizer: Any, batch: int, seq_len: int) -> Any:
     import pydoc_data.topics
 
-    from kappatune.data import pack_texts
+    from kappatune.training.data import pack_texts
 
     topics = pydoc_data.topics.topics
     texts = [topics[k] for k in sorted(topics)[:40]]
@@ -79,10 +79,10 @@ def _lora_budget(model: Any, r: int) -> int:
 
 
 def _prepare(arm: str, model: Any, args: argparse.Namespace) -> Any:
-    from kappatune.models import analysis_source
-    from kappatune.selection import Budget, SelectOptions, select
-    from kappatune.spectra import analyze
-    from kappatune.training import LoraSettings, prepare_model
+    from kappatune.analysis.spectra import analyze
+    from kappatune.selection.core import Budget, SelectOptions, select
+    from kappatune.training.loop import LoraSettings, prepare_model
+    from kappatune.training.models import analysis_source
 
     budget = args.budget or _lora_budget(model, args.lora_r)
     layers_only = SelectOptions(include=r"\.layers\.")
@@ -122,8 +122,8 @@ def _optimizer_bytes(optimizer: Any) -> int:
 def child(arm: str, args: argparse.Namespace, out: Path) -> None:
     import torch
 
-    from kappatune.models import load_causal_lm
-    from kappatune.training import TrainConfig, train_loop
+    from kappatune.training.loop import TrainConfig, train_loop
+    from kappatune.training.models import load_causal_lm
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(MODEL)

@@ -2,7 +2,7 @@
 
 The measured figures are those of benchmarks/train_cost.py (results/train_cost.json): the
 training peak RSS above the resident size before training (gradients, optimizer state,
-activations, transients). The prediction is kappatune.memory's, for the same four arms with
+activations, transients). The prediction is kappatune.training.memory's, for the same four arms with
 the same batch, sequence length, LoRA rank and budget, from the config alone (meta device).
 
     python benchmarks/train_memory_check.py
@@ -21,11 +21,11 @@ MB = 2**20
 
 
 def main() -> int:
-    from kappatune import memory
-    from kappatune.models import analysis_source
-    from kappatune.selection import Budget, SelectOptions, select
-    from kappatune.spectra import AnalyzeOptions, analyze
-    from kappatune.training import LoraSettings
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
+    from kappatune.selection.core import Budget, SelectOptions, select
+    from kappatune.training import memory
+    from kappatune.training.loop import LoraSettings
+    from kappatune.training.models import analysis_source
 
     measured = json.loads((RESULTS / "train_cost.json").read_text())
     model, batch, seq = measured["model"], measured["batch"], measured["seq_len"]

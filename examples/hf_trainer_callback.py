@@ -16,7 +16,7 @@ import datasets
 from transformers import Trainer, TrainingArguments
 
 from kappatune import Budget, KappaTuneCallback, analysis_source, analyze, load_causal_lm, select
-from kappatune.data import pack_texts
+from kappatune.training.data import pack_texts
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from kappatune import (
     load_causal_lm,
     select,
 )
-from kappatune.data import pack_texts
+from kappatune.training.data import pack_texts
 
 
 def main() -> None:

@@ -22,14 +22,19 @@ from typing import TYPE_CHECKING, Any
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
+    from kappatune.analysis.fisher import FisherOptions, compute_fisher
+    from kappatune.analysis.spectra import (
+        Analysis,
+        AnalyzeOptions,
+        SkippedRow,
+        SpectrumRow,
+        analyze,
+    )
     from kappatune.bench.run import run_bench
-    from kappatune.fisher import FisherOptions, compute_fisher
-    from kappatune.freezing import apply_selection, check_frozen, frozen_digests
+    from kappatune.integrations.hf_trainer import KappaTuneCallback, freeze_for_trainer
     from kappatune.integrations.lora import lora_config, rank_for_budget
-    from kappatune.integrations.trainer import KappaTuneCallback, freeze_for_trainer
-    from kappatune.models import analysis_source, load_causal_lm
-    from kappatune.probe import ProbeReport, ProbeSettings, run_probe
-    from kappatune.selection import (
+    from kappatune.probe.run import ProbeReport, ProbeSettings, run_probe
+    from kappatune.selection.core import (
         Budget,
         Selection,
         SelectOptions,
@@ -37,25 +42,31 @@ if TYPE_CHECKING:
         register_policy,
         select,
     )
-    from kappatune.spectra import Analysis, AnalyzeOptions, SkippedRow, SpectrumRow, analyze
+    from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
+    from kappatune.training.models import analysis_source, load_causal_lm
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
-        ("Analysis", "AnalyzeOptions", "SkippedRow", "SpectrumRow", "analyze"), "kappatune.spectra"
+        ("Analysis", "AnalyzeOptions", "SkippedRow", "SpectrumRow", "analyze"),
+        "kappatune.analysis.spectra",
     ),
     **dict.fromkeys(
         ("Budget", "SelectOptions", "Selection", "policy_names", "register_policy", "select"),
-        "kappatune.selection",
+        "kappatune.selection.core",
     ),
-    **dict.fromkeys(("apply_selection", "check_frozen", "frozen_digests"), "kappatune.freezing"),
+    **dict.fromkeys(
+        ("apply_selection", "check_frozen", "frozen_digests"), "kappatune.training.freezing"
+    ),
     **dict.fromkeys(("lora_config", "rank_for_budget"), "kappatune.integrations.lora"),
-    **dict.fromkeys(("KappaTuneCallback", "freeze_for_trainer"), "kappatune.integrations.trainer"),
-    **dict.fromkeys(("analysis_source", "load_causal_lm"), "kappatune.models"),
-    **dict.fromkeys(("FisherOptions", "compute_fisher"), "kappatune.fisher"),
-    **dict.fromkeys(("ProbeReport", "ProbeSettings", "run_probe"), "kappatune.probe"),
+    **dict.fromkeys(
+        ("KappaTuneCallback", "freeze_for_trainer"), "kappatune.integrations.hf_trainer"
+    ),
+    **dict.fromkeys(("analysis_source", "load_causal_lm"), "kappatune.training.models"),
+    **dict.fromkeys(("FisherOptions", "compute_fisher"), "kappatune.analysis.fisher"),
+    **dict.fromkeys(("ProbeReport", "ProbeSettings", "run_probe"), "kappatune.probe.run"),
     "run_bench": "kappatune.bench.run",
 }
 

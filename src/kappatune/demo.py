@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # importing this module stays light: `kappatune --help` reads
     import torch
     from torch import nn
 
-    from kappatune.selection import Budget, Selection
+    from kappatune.selection.core import Budget, Selection
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -55,7 +55,7 @@ class DemoSettings:
         self.budget_spec()
 
     def budget_spec(self) -> Budget:
-        from kappatune.selection import Budget
+        from kappatune.selection.core import Budget
 
         return Budget.parse_params(self.budget)
 
@@ -176,8 +176,8 @@ class QuietReporter:
 
 def analyze_linear(model: nn.Module) -> Any:
     """Exact spectra of the model's linear layers (the output head excluded), cached."""
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
     from kappatune.bench.arms import linear_weight_names
-    from kappatune.spectra import AnalyzeOptions, analyze
 
     names = linear_weight_names(model)
     include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
@@ -187,8 +187,8 @@ def analyze_linear(model: nn.Module) -> Any:
 def choose(analysis: Any, model: nn.Module, settings: DemoSettings) -> Selection:
     """The lowest-kappa prefix of the linear layers that fits the parameter budget."""
     from kappatune.bench.arms import candidate_rows
-    from kappatune.models import total_parameters
-    from kappatune.selection import select
+    from kappatune.selection.core import select
+    from kappatune.training.models import total_parameters
 
     rows = candidate_rows(analysis.tensors, model)
     return select(
@@ -203,8 +203,8 @@ def choose(analysis: Any, model: nn.Module, settings: DemoSettings) -> Selection
 
 def demo_data(tokenizer: Any, settings: DemoSettings) -> Any:
     """The bench's built-in ``code`` scenario, tokenized (training rows and both eval sets)."""
-    from kappatune.bench.inputs import EvalSizes, prepare
     from kappatune.bench.scenarios import builtin_scenario
+    from kappatune.bench.tokenized import EvalSizes, prepare
 
     scenario = builtin_scenario("code")
     sizes = EvalSizes(
@@ -233,8 +233,8 @@ def fine_tune(
 ) -> tuple[Any, tuple[str, ...]]:
     """Selective fine-tuning of ``selection``; returns the loop's result and any frozen tensor
     whose bytes changed (none, unless something is broken)."""
-    from kappatune.freezing import check_frozen, frozen_digests
-    from kappatune.training import StopRule, TrainConfig, prepare_model, train_loop
+    from kappatune.training.freezing import check_frozen, frozen_digests
+    from kappatune.training.loop import StopRule, TrainConfig, prepare_model, train_loop
 
     ready = prepare_model(model, "selective", selection)
     before = frozen_digests(model)
@@ -270,7 +270,7 @@ def _mean(xs: Any) -> float:
 def run_demo(settings: DemoSettings, reporter: DemoReporter | None = None) -> DemoResult:
     """Load, analyze, select, measure, fine-tune, measure again."""
     from kappatune.devices import resolve_device
-    from kappatune.models import load_causal_lm, total_parameters
+    from kappatune.training.models import load_causal_lm, total_parameters
 
     rep = reporter or QuietReporter()
     seconds: dict[str, float] = {}

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from kappatune import AnalyzeOptions, analyze
+from kappatune.analysis.linalg import reference_svdvals
+from kappatune.analysis.sources import open_source
 from kappatune.cli.main import main
-from kappatune.linalg import reference_svdvals
-from kappatune.sources import open_source
 
 pytestmark = pytest.mark.slow
 

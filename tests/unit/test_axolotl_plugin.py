@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from kappatune.analysis.spectra import analyze
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget, select
-from kappatune.spectra import analyze
+from kappatune.selection.core import Budget, select
 from tests.unit._tiny_models import save_tiny_model
 
 PLUGIN = "kappatune.integrations.axolotl.KappaTunePlugin"

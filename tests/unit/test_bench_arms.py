@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from kappatune.analysis.spectra import analyze
 from kappatune.bench import arms
 from kappatune.bench.arms import ArmContext, arm_selection, candidate_rows, get_arm, prepare_arm
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget
-from kappatune.spectra import analyze
+from kappatune.selection.core import Budget
 from tests.unit._tiny_models import tiny_llama
 
 BUDGET = 4096

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from kappatune.analysis.spectra import analyze
 from kappatune.bench import arms, peers
 from kappatune.bench import run as run_mod
 from kappatune.bench.arms import ArmContext, candidate_rows, get_arm, prepare_arm
-from kappatune.bench.inputs import EvalSizes, prepare
 from kappatune.bench.run import BenchSettings, run_bench
 from kappatune.bench.scenarios import DataSpec, Scenario
+from kappatune.bench.tokenized import EvalSizes, prepare
 from kappatune.cli.main import main
-from kappatune.data import TokenizedData
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget
-from kappatune.spectra import analyze
+from kappatune.selection.core import Budget
+from kappatune.training.data import TokenizedData
 from tests.unit._tiny_models import char_tokenizer, save_tiny_model, tiny_llama
 
 BUDGET = 4096

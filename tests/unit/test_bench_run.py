@@ -8,7 +8,6 @@ import torch
 
 from kappatune.bench import arms as arms_mod
 from kappatune.bench import run as run_mod
-from kappatune.bench.inputs import EvalSizes
 from kappatune.bench.run import (
     NOT_IN_KEY,
     BenchSettings,
@@ -18,6 +17,7 @@ from kappatune.bench.run import (
     run_key_fields,
 )
 from kappatune.bench.scenarios import DataSpec, Scenario
+from kappatune.bench.tokenized import EvalSizes
 from kappatune.errors import KappaTuneError
 from tests.unit._tiny_models import save_tiny_model
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from kappatune.bench import datasets
-from kappatune.bench.datasets import Fields, Record, Split
+from kappatune.bench import records
+from kappatune.bench.records import Fields, Record, Split
 from kappatune.bench.scenarios import (
     BUILTIN_SCENARIOS,
     DataSpec,
@@ -21,34 +21,34 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_code_scenario_splits_by_module_and_control_is_prose() -> None:
-    assert not set(datasets.STDLIB_TRAIN) & set(datasets.STDLIB_HELDOUT)
+    assert not set(records.STDLIB_TRAIN) & set(records.STDLIB_HELDOUT)
     data = builtin_scenario("code").load()
     assert data.train.kind == data.heldout.kind == data.control.kind == "text"
-    root = datasets.stdlib_dir()
-    first = (root / f"{datasets.STDLIB_TRAIN[0]}.py").read_text(encoding="utf-8")
+    root = records.stdlib_dir()
+    first = (root / f"{records.STDLIB_TRAIN[0]}.py").read_text(encoding="utf-8")
     assert data.train.records[0].completion == first
     held = {r.completion for r in data.heldout.records}
     assert not held & {r.completion for r in data.train.records}
     for doc in data.control.records:
         for para in doc.completion.split("\n\n"):
-            assert datasets.is_prose(para)
+            assert records.is_prose(para)
             assert "::=" not in para and not para.startswith(">>>")
 
 
 def test_is_prose_rejects_code_headings_lists_and_short_lines() -> None:
     words = " ".join(["word"] * 30)
-    assert datasets.is_prose(words)
-    assert not datasets.is_prose("    " + words)  # indented code block
-    assert not datasets.is_prose("* " + words)  # list item
-    assert not datasets.is_prose("x ::= " + words)  # grammar rule
-    assert not datasets.is_prose("too short to count as prose")
+    assert records.is_prose(words)
+    assert not records.is_prose("    " + words)  # indented code block
+    assert not records.is_prose("* " + words)  # list item
+    assert not records.is_prose("x ::= " + words)  # grammar rule
+    assert not records.is_prose("too short to count as prose")
     quoted = " ".join(['"code_here()"'] * 10 + ["word"] * 20)
-    assert not datasets.is_prose(quoted)
+    assert not records.is_prose(quoted)
 
 
 def test_digits_scenario_renders_images_and_labels() -> None:
-    assert datasets.digit_text([16] * 8 + [0] * 56) == "\n".join(["88888888"] + ["00000000"] * 7)
-    assert datasets.digit_text([3, 4, 5] + [0] * 61).startswith("12200000")
+    assert records.digit_text([16] * 8 + [0] * 56) == "\n".join(["88888888"] + ["00000000"] * 7)
+    assert records.digit_text([3, 4, 5] + [0] * 61).startswith("12200000")
     data = builtin_scenario("digits").load()
     assert len(data.train.records) == 1437 and len(data.heldout.records) == 360
     r = data.heldout.records[0]  # image 0 of load_digits is a 0
@@ -56,7 +56,7 @@ def test_digits_scenario_renders_images_and_labels() -> None:
     assert r.prompt.endswith("\nDigit: ") and r.prompt.count("\n") == 9
     assert {rec.label for rec in data.train.records} == set(range(10))
     with pytest.raises(KappaTuneError, match="64 pixels, got 3"):
-        datasets.digit_text([1, 2, 3])
+        records.digit_text([1, 2, 3])
 
 
 def test_jsonl_kinds_and_label_mapping(tmp_path: Path) -> None:
@@ -64,13 +64,13 @@ def test_jsonl_kinds_and_label_mapping(tmp_path: Path) -> None:
     f = _write(
         tmp_path / "a.jsonl", '{"text": "good", "label": "pos"}\n\n{"text": "bad", "label": 0}\n'
     )
-    split = datasets.read_path(f, opts, Fields(template="R: {text}\nS: "))
+    split = records.read_path(f, opts, Fields(template="R: {text}\nS: "))
     assert split.kind == "labels"
     assert split.records == (Record("R: good\nS: ", "pos", 1), Record("R: bad\nS: ", "neg", 0))
     f2 = _write(tmp_path / "b.jsonl", '{"prompt": "Q", "completion": "A"}\n')
-    assert datasets.read_path(f2, (), Fields()).records == (Record("Q", "A"),)
+    assert records.read_path(f2, (), Fields()).records == (Record("Q", "A"),)
     f3 = _write(tmp_path / "c.jsonl", '{"text": "doc one"}\n{"text": "doc two"}\n')
-    assert datasets.read_path(f3, (), Fields()).kind == "text"
+    assert records.read_path(f3, (), Fields()).kind == "text"
 
 
 @pytest.mark.parametrize(
@@ -88,24 +88,24 @@ def test_jsonl_kinds_and_label_mapping(tmp_path: Path) -> None:
 def test_jsonl_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:
     f = _write(tmp_path / "a.jsonl", content)
     with pytest.raises(KappaTuneError, match=message):
-        datasets.read_path(f, ("neg", "pos"), Fields())
+        records.read_path(f, ("neg", "pos"), Fields())
 
 
 def test_text_files_and_directories(tmp_path: Path) -> None:
-    assert datasets.read_path(_write(tmp_path / "t.txt", "hello"), (), Fields()).records == (
+    assert records.read_path(_write(tmp_path / "t.txt", "hello"), (), Fields()).records == (
         Record("", "hello"),
     )
     with pytest.raises(KappaTuneError, match="the file is empty"):
-        datasets.read_path(_write(tmp_path / "e.txt", " \n"), (), Fields())
+        records.read_path(_write(tmp_path / "e.txt", " \n"), (), Fields())
     with pytest.raises(KappaTuneError, match="no such file"):
-        datasets.read_path(tmp_path / "missing.txt", (), Fields())
+        records.read_path(tmp_path / "missing.txt", (), Fields())
     d = tmp_path / "docs"
     d.mkdir()
     with pytest.raises(KappaTuneError, match=r"no \.txt files"):
-        datasets.read_path(d, (), Fields())
+        records.read_path(d, (), Fields())
     _write(d / "b.txt", "second")
     _write(d / "a.txt", "first")
-    assert [r.completion for r in datasets.read_path(d, (), Fields()).records] == [
+    assert [r.completion for r in records.read_path(d, (), Fields()).records] == [
         "first",
         "second",
     ]

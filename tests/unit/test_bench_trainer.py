@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
+from kappatune.bench.arm_training import SparseLossLM, checkpoint_steps, train_with_checkpoints
 from kappatune.bench.store import Metrics, Point
-from kappatune.bench.trainer import SparseLossLM, checkpoint_steps, train_with_checkpoints
-from kappatune.data import TokenizedData
 from kappatune.errors import KappaTuneError
-from kappatune.training import TrainConfig
+from kappatune.training.data import TokenizedData
+from kappatune.training.loop import TrainConfig
 from tests.unit._tiny_models import tiny_llama
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kappatune import AnalyzeOptions, analyze, linalg
-from kappatune import spectra as spectra_mod
-from kappatune.cache import rows_problem
+from kappatune import AnalyzeOptions, analyze
+from kappatune.analysis import linalg
+from kappatune.analysis import spectra as spectra_mod
+from kappatune.analysis.cache import rows_problem
 from tests.conftest import geometric, known_matrix
 
 
@@ -83,7 +84,7 @@ def test_corrupt_entry_is_ignored_with_a_warning(
     assert len(entries) == 4
     entries[0].write_text("{ this is not json")
     entries[1].write_text(json.dumps({"format": 1, "key": "wrong", "rows": []}))
-    with caplog.at_level(logging.WARNING, logger="kappatune.cache"):
+    with caplog.at_level(logging.WARNING, logger="kappatune.analysis.cache"):
         b = analyze(checkpoint, opts(tmp_path))
     assert len(counter) == 6
     assert sum("corrupt cache entry" in r.message for r in caplog.records) == 2
@@ -137,7 +138,7 @@ def test_in_memory_modules_are_cached_by_content(tmp_path: Path, counter: list[i
 
 def _entry_of(tmp_path: Path, checkpoint: Path, name: str) -> Path:
     """The cache entry file holding the rows of tensor ``name`` (found through the index)."""
-    from kappatune.cache import SpectrumCache
+    from kappatune.analysis.cache import SpectrumCache
 
     cache = SpectrumCache(tmp_path / "cache")
     digest = cache.file_digests(checkpoint)[name]
@@ -179,7 +180,7 @@ def test_entry_that_does_not_fit_the_tensor_is_recomputed_with_a_warning(
     payload = json.loads(entry.read_text())
     payload["rows"] = ROW_MUTATIONS[what](payload["rows"][0])
     entry.write_text(json.dumps(payload))
-    with caplog.at_level(logging.WARNING, logger="kappatune.cache"):
+    with caplog.at_level(logging.WARNING, logger="kappatune.analysis.cache"):
         b = analyze(checkpoint, opts(tmp_path))
     assert b == a and len(b.tensors) == 4
     assert len(counter) == 5  # only the bad entry was recomputed
@@ -215,7 +216,7 @@ def test_experts_entry_with_a_missing_expert_is_recomputed(
     payload = json.loads(entry.read_text())
     payload["rows"] = payload["rows"][:2]
     entry.write_text(json.dumps(payload))
-    with caplog.at_level(logging.WARNING, logger="kappatune.cache"):
+    with caplog.at_level(logging.WARNING, logger="kappatune.analysis.cache"):
         b = analyze(path, opts(tmp_path))
     assert b == a and len(counter) == 2
     assert "2 rows for 3 matrices" in caplog.records[0].message
@@ -235,7 +236,7 @@ def test_swapped_digests_in_the_stat_index_do_not_swap_kappas(
     d = record["digests"]
     d["layers.0.w.weight"], d["layers.3.w.weight"] = d["layers.3.w.weight"], d["layers.0.w.weight"]
     index.write_text(json.dumps(record))
-    with caplog.at_level(logging.WARNING, logger="kappatune.cache"):
+    with caplog.at_level(logging.WARNING, logger="kappatune.analysis.cache"):
         b = analyze(checkpoint, opts(tmp_path))
     assert [r.kappa for r in b.tensors] == [r.kappa for r in a.tensors]
     assert b == a
@@ -246,7 +247,7 @@ def test_swapped_digests_in_the_stat_index_do_not_swap_kappas(
 
 def _rewrite_in_place(path: Path, name: str, matrix: torch.Tensor) -> None:
     """Overwrite one tensor's bytes in place and restore the file's size and mtime."""
-    from kappatune.sources import open_source
+    from kappatune.analysis.sources import open_source
 
     before = path.stat()
     (entry,) = [e for e in open_source(path).entries() if e.name == name]
@@ -284,7 +285,7 @@ def test_verify_cache_hashes_every_tensor_even_under_a_forged_index(
     tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A swap re-sealed by hand passes the checksum; --verify-cache does not look at the index."""
-    from kappatune.cache import SpectrumCache
+    from kappatune.analysis.cache import SpectrumCache
 
     a = analyze(checkpoint, opts(tmp_path))
     index = _index_file(tmp_path)
@@ -294,7 +295,7 @@ def test_verify_cache_hashes_every_tensor_even_under_a_forged_index(
     record["seal"] = SpectrumCache._seal(record["path"], record["stat"], d)
     index.write_text(json.dumps(record))
     reads: list[str] = []
-    from kappatune.sources import SafetensorsSource
+    from kappatune.analysis.sources import SafetensorsSource
 
     real_read = SafetensorsSource.read
 
@@ -314,7 +315,7 @@ def test_verify_cache_hashes_every_tensor_even_under_a_forged_index(
 def test_verify_cache_flag_reaches_the_options(
     tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kappatune import spectra
+    from kappatune.analysis import spectra
     from kappatune.cli.main import main
 
     seen: list[AnalyzeOptions] = []
@@ -342,7 +343,7 @@ def test_file_changed_during_the_analysis_is_not_indexed(
         return out
 
     monkeypatch.setattr(spectra_mod, "compute", compute_then_touch)
-    with caplog.at_level(logging.WARNING, logger="kappatune.cache"):
+    with caplog.at_level(logging.WARNING, logger="kappatune.analysis.cache"):
         analyze(checkpoint, opts(tmp_path))
     assert not list((tmp_path / "cache" / "files").glob("*.json"))
     assert f"{checkpoint} changed during the analysis" in caplog.records[0].message

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune import checkpoint as ck
 from kappatune.errors import KappaTuneError
+from kappatune.training import checkpoint as ck
 
 
 def test_state_codec_round_trip_keeps_types() -> None:

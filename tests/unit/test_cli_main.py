@@ -18,7 +18,7 @@ def test_help_and_import_do_not_load_heavy_libraries() -> None:
 def test_lazy_api_attributes() -> None:
     import kappatune
 
-    assert kappatune.analyze.__module__ == "kappatune.spectra"
+    assert kappatune.analyze.__module__ == "kappatune.analysis.spectra"
     assert kappatune.AnalyzeOptions.__name__ == "AnalyzeOptions"
 
 

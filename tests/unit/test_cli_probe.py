@@ -47,7 +47,7 @@ def test_probe_writes_json_csv_plot_and_prints_tables(
     assert "rank correlation of kappa with true Fisher" in printed
     assert "rank correlation of kappa with empirical Fisher" in printed
     report = json.loads((out / "p.json").read_text())
-    assert report["schema_version"] == 1 and report["kind"] == "kappatune.probe"
+    assert report["schema_version"] == 1 and report["kind"] == "kappatune.probe.run"
     assert report["settings"] == {
         "kinds": ["true", "empirical"], "tokens": 200, "seq_len": 32, "lambda": 1e-8, "samples": 1,
         "seed": 0, "bootstrap": 50, "confidence": 0.95,
@@ -170,7 +170,7 @@ def _corr(estimate: float | None, lo: float | None, hi: float | None, n: int = 1
 
 
 def test_probe_conclusion_is_one_plain_line() -> None:
-    from kappatune.probe import conclusion
+    from kappatune.probe.run import conclusion
 
     other = {**_corr(0.9, 0.8, 0.95), "kind": "empirical"}
     tail = "95 % interval [-0.64, -0.40], true Fisher per parameter, 127 matrices)."

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kappatune.analysis.spectra import Analysis, SkippedRow
 from kappatune.cli.main import main
-from kappatune.selection import Selection
-from kappatune.spectra import Analysis, SkippedRow
+from kappatune.selection.core import Selection
 from tests.unit._tiny_models import save_tiny_model
 from tests.unit.test_selection import ROWS
 
@@ -244,7 +244,7 @@ def test_select_missing_source_and_exclusive_budgets(
 
 
 def test_select_fisher_policy_from_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kappatune.fisher import fisher_scores_for
+    from kappatune.analysis.fisher import fisher_scores_for
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     text = tmp_path / "t.txt"

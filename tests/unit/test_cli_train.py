@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from kappatune.cli import train as train_cli
 from kappatune.cli.main import main
-from kappatune.selection import Selection
+from kappatune.selection.core import Selection
 from tests.unit._tiny_models import save_tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
@@ -193,7 +193,7 @@ def test_train_resumes_from_checkpoint(
 
 def write_foreign_selection(path: Path) -> None:
     """A selection made for another model: GPT-2 names and a layer the tiny model lacks."""
-    from kappatune.selection import SelectionEntry
+    from kappatune.selection.core import SelectionEntry
 
     names = ("model.layers.5.self_attn.q_proj.weight", "transformer.h.0.attn.c_attn.weight")
     entries = tuple(SelectionEntry(n, None, 2.0 + i, 100) for i, n in enumerate(names))
@@ -388,7 +388,7 @@ class _Marker:
 def _rewrite_trainable(ckpt: Path, change: str, frozen: str) -> None:
     from safetensors.torch import save_file
 
-    from kappatune.checkpoint import LOOP_JSON, LOOP_TENSORS, TRAINABLE, write_manifest
+    from kappatune.training.checkpoint import LOOP_JSON, LOOP_TENSORS, TRAINABLE, write_manifest
 
     tensors = load_file(str(ckpt / TRAINABLE))
     first = sorted(tensors)[0]
@@ -406,7 +406,7 @@ def _rewrite_loop(ckpt: Path, change: str) -> None:
     """Edit the loop state as a consistent writer would (files and manifest agree)."""
     from safetensors.torch import save_file
 
-    from kappatune import checkpoint as ck
+    from kappatune.training import checkpoint as ck
 
     state = ck.read_loop_state(ckpt)
     if change == "lr_text":

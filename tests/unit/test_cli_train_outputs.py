@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from kappatune.cli.main import build_parser, main
-from kappatune.run_log import RunLog
+from kappatune.training.run_log import RunLog
 from tests.unit._tiny_models import char_tokenizer, save_tiny_model, tiny_llama
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
@@ -52,8 +52,8 @@ def test_lines_log_jsonl_eval_loss_and_resume_without_duplicates(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from kappatune.data import PackConfig, load_examples, tokenize
-    from kappatune.training import evaluate_loss
+    from kappatune.training.data import PackConfig, load_examples, tokenize
+    from kappatune.training.loop import evaluate_loss
 
     model, data, eval_file = files
     args = ["--method", "selective", "--budget-tensors", 2, "--checkpoint-every", 2,
@@ -314,7 +314,7 @@ def test_quiet_third_party_is_scoped() -> None:
 @pytest.mark.parametrize("terminal", [True, False])
 def test_watch_bar_in_a_terminal_lines_otherwise(tmp_path: Path, terminal: bool) -> None:
     from kappatune.cli.train_watch import Watch
-    from kappatune.training import StepRecord
+    from kappatune.training.loop import StepRecord
 
     printed: list[str] = []
     evals = iter([2.5, 2.25])

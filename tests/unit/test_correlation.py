@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from kappatune.correlation import (
+from kappatune.errors import KappaTuneError
+from kappatune.probe.correlation import (
     ALL,
     GroupCorrelation,
     RankCorrelation,
     grouped_correlations,
     rank_correlation,
 )
-from kappatune.errors import KappaTuneError
 
 
 @pytest.mark.parametrize("method", ["spearman", "kendall"])
@@ -81,7 +81,7 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
 def test_vectorised_spearman_bootstrap_matches_scipy_per_resample() -> None:
     from scipy import stats
 
-    from kappatune.correlation import _spearman_many
+    from kappatune.probe.correlation import _spearman_many
 
     rng = np.random.default_rng(3)
     x = rng.integers(0, 5, size=(20, 12)).astype(float)  # many ties

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune import data
-from kappatune.data import IGNORE_INDEX, Example, PackConfig
 from kappatune.errors import KappaTuneError
+from kappatune.training import data
+from kappatune.training.data import IGNORE_INDEX, Example, PackConfig
 from tests.unit._tiny_models import char_tokenizer
 
 # character ids of the tiny tokenizer: a=14, b=15, ..., g=20; <pad>=0, <eos>=1, <bos>=2

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from kappatune.data import (
+from kappatune.errors import KappaTuneError
+from kappatune.training.data import (
     IGNORE_INDEX,
     ChatExample,
     PackConfig,
@@ -14,7 +15,6 @@ from kappatune.data import (
     load_examples,
     tokenize,
 )
-from kappatune.errors import KappaTuneError
 from tests.unit._tiny_models import char_tokenizer
 
 TEMPLATE = (

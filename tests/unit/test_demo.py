@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kappatune.bench import datasets
+from kappatune.bench import records
 from kappatune.cli.main import main
 from kappatune.demo import DemoSettings, demo_data, measure
 from kappatune.errors import KappaTuneError
-from kappatune.models import load_causal_lm
+from kappatune.training.models import load_causal_lm
 from tests.unit._tiny_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def test_demo_analyzes_selects_trains_and_measures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # fewer training modules keep the character tokenizer fast; the path is the same
-    monkeypatch.setattr(datasets, "STDLIB_TRAIN", ("colorsys", "keyword", "bisect"))
+    monkeypatch.setattr(records, "STDLIB_TRAIN", ("colorsys", "keyword", "bisect"))
     model_dir = save_tiny_model(tmp_path / "tiny", seed=0)
     out = tmp_path / "demo.json"
     argv = ["demo", str(model_dir), "--steps", "4", "--lr", "1e-2", "--budget-params", "20%"]

@@ -22,8 +22,8 @@ def test_a_device_without_float64_is_one_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kappatune import devices
+    from kappatune.analysis.spectra import AnalyzeOptions
     from kappatune.cli.main import main
-    from kappatune.spectra import AnalyzeOptions
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices, "_has_float64", lambda device: False)

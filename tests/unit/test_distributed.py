@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kappatune.distributed import balance, launched_world
-from kappatune.sources import TensorEntry
-from kappatune.spectra import matrix_cost
+from kappatune.analysis.sharded import balance, launched_world
+from kappatune.analysis.sources import TensorEntry
+from kappatune.analysis.spectra import matrix_cost
 from tests.conftest import geometric, known_matrix
 
 
@@ -98,7 +98,7 @@ def test_two_process_gloo_run_writes_what_one_process_writes(tmp_path: Path) -> 
 
 
 def test_backend_gloo_on_cpu_nccl_for_device_tensors_on_gpus() -> None:
-    from kappatune.distributed import backend_for
+    from kappatune.analysis.sharded import backend_for
 
     assert backend_for("cpu", cuda=True, nccl=True) == "gloo"
     assert backend_for("auto", cuda=False, nccl=False) == "gloo"

@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kappatune import distributed_train as dt
+from kappatune.analysis.spectra import analyze
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import (
+from kappatune.selection.core import Budget, Selection, SelectionEntry, select
+from kappatune.training import accelerate_engine as dt
+from kappatune.training.freezing import (
     apply_selection,
     param_numel,
     param_shape,
@@ -26,9 +28,7 @@ from kappatune.freezing import (
     trainable_names,
     trainable_parameters,
 )
-from kappatune.selection import Budget, Selection, SelectionEntry, select
-from kappatune.spectra import analyze
-from kappatune.training import decay_groups
+from kappatune.training.loop import decay_groups
 from tests.unit._tiny_models import save_tiny_model, tiny_llama
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
@@ -69,8 +69,8 @@ def test_zero3_partitioned_parameters_freeze_by_name_with_real_shapes(
     def no_spectra(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("kappa must come from the checkpoint files, not the model")
 
-    monkeypatch.setattr("kappatune.spectra.compute", no_spectra)
-    monkeypatch.setattr("kappatune.spectra.analyze", no_spectra)
+    monkeypatch.setattr("kappatune.analysis.spectra.compute", no_spectra)
+    monkeypatch.setattr("kappatune.analysis.spectra.analyze", no_spectra)
     assert resolve_names(model, selection.names) == {n: n for n in selection.names}
     groups = apply_selection(model, selection, weight_decay=0.1)
     assert [(g["group"], g["names"]) for g in groups] == [("decay", list(selection.names))]
@@ -229,7 +229,7 @@ def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
 
 
 def test_resume_point(tmp_path: Path) -> None:
-    from kappatune.checkpoint import write_manifest
+    from kappatune.training.checkpoint import write_manifest
 
     assert dt.resume_point(tmp_path) is None
     ckpt = tmp_path / "checkpoint"
@@ -270,7 +270,7 @@ def test_resume_point_refuses_a_planted_pickle(tmp_path: Path, name: str) -> Non
     (pickle.load) would unpickle are scanned first: a planted one is refused, never run."""
     import pickle
 
-    from kappatune.checkpoint import write_manifest
+    from kappatune.training.checkpoint import write_manifest
 
     ckpt = tmp_path / "checkpoint"
     (ckpt / "accelerate" / "pytorch_model").mkdir(parents=True)
@@ -306,7 +306,7 @@ def _free_port() -> int:
 
 STOP_AFTER_CHECKPOINT = """
 import sys
-from kappatune import distributed_train as dt
+from kappatune.training import accelerate_engine as dt
 save = dt.AccelerateEngine.save_checkpoint
 def save_and_stop(self, out, state):
     save(self, out, state)

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import yaml
 
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
-from kappatune.exports import axolotl_regex, render, write_export
-from kappatune.selection import Budget, Selection, select
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.selection.core import Budget, Selection, select
+from kappatune.selection.exports import axolotl_regex, render, write_export
 from tests.unit._tiny_models import tiny_llama
 from tests.unit.test_selection import ROWS
 

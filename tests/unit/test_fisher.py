@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kappatune.errors import KappaTuneError
-from kappatune.fisher import (
+from kappatune.analysis.fisher import (
     ClassifierObjective,
     FisherOptions,
     FisherResult,
@@ -19,6 +18,7 @@ from kappatune.fisher import (
     fisher_diagonals,
     fisher_scores,
 )
+from kappatune.errors import KappaTuneError
 
 C, D = 3, 4  # classes, input features of the linear softmax model
 
@@ -307,7 +307,7 @@ def test_seed_determinism_and_shared_forward_for_both_kinds() -> None:
 def test_rows_align_with_the_spectra_and_model_state_is_restored(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     monkeypatch.setenv("KAPPATUNE_CACHE", str(tmp_path))
     model = _tiny_llama()
@@ -352,7 +352,7 @@ class FusedExperts(nn.Module):
 
 
 def test_fused_expert_tensors_give_one_row_per_expert_like_the_spectra() -> None:
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     model = FusedExperts()
     ids = torch.tensor([[0, 3, 1, 4, 0, 2], [5, 1, 0, 3, 3, 4]])  # expert 2 is used by ids 2 and 5
@@ -386,8 +386,8 @@ def test_result_json_round_trip() -> None:
 
 
 def test_fisher_policy_trains_least_fisher_first_with_these_scores() -> None:
-    from kappatune.selection import Budget, select
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
+    from kappatune.selection.core import Budget, select
 
     model = _tiny_llama()
     analysis = analyze(model, AnalyzeOptions(workers=1))
@@ -406,9 +406,9 @@ def test_fisher_policy_trains_least_fisher_first_with_these_scores() -> None:
 
 
 def test_fisher_scores_for_a_saved_model_and_text_files(tmp_path) -> None:
-    from kappatune.data import PackConfig, load_tokenized
-    from kappatune.fisher import examples_from_tokenized, fisher_scores_for
-    from kappatune.models import load_causal_lm
+    from kappatune.analysis.fisher import examples_from_tokenized, fisher_scores_for
+    from kappatune.training.data import PackConfig, load_tokenized
+    from kappatune.training.models import load_causal_lm
     from tests.unit._tiny_models import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model")

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-import kappatune.fisher as fisher
-from kappatune.errors import KappaTuneError
-from kappatune.fisher import (
+import kappatune.analysis.fisher as fisher
+from kappatune.analysis.fisher import (
     ClassifierObjective,
     FisherOptions,
     examples_from_ids,
     fisher_diagonals,
 )
+from kappatune.errors import KappaTuneError
 from tests.unit.test_fisher import SEQS, Bigram, FusedExperts, LinearSoftmax, _classifier_data
 
 

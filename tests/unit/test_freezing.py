@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import (
+from kappatune.selection.core import Budget, Selection, SelectionEntry, select
+from kappatune.training.freezing import (
     apply_selection,
     check_frozen,
     frozen_digests,
@@ -15,8 +17,6 @@ from kappatune.freezing import (
     trainable_names,
     trainable_parameters,
 )
-from kappatune.selection import Budget, Selection, SelectionEntry, select
-from kappatune.spectra import AnalyzeOptions, analyze
 from tests.unit._tiny_models import tiny_llama
 
 

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kappatune.analysis.sources import GGUFSource, SafetensorsSource
+from kappatune.analysis.spectra import Analysis
 from kappatune.errors import KappaTuneError
-from kappatune.sources import GGUFSource, SafetensorsSource
-from kappatune.spectra import Analysis
 from tests.unit._hostile_corpus import gguf_file, gkv, gstr, gtensor, st_file
 
 EXAMPLES = {"safetensors": 300, "gguf": 300, "analysis": 300}

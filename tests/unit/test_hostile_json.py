@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kappatune.analysis.spectra import Analysis, SkippedRow
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget, Selection, select
-from kappatune.spectra import Analysis, SkippedRow
+from kappatune.selection.core import Budget, Selection, select
 from tests.unit.test_selection import ROWS
 
 ANALYSIS = Analysis("src", "fp", ROWS, (SkippedRow("model.norm.weight", (8,), "1-D"),)).to_json()
@@ -87,7 +87,7 @@ def test_analysis_json_reader_and_select_never_crash(
         lambda: Analysis.from_json(doc) if isinstance(doc, dict) else None
     )
     if analysis is not None:
-        from kappatune.selection import SelectOptions
+        from kappatune.selection.core import SelectOptions
 
         options = SelectOptions(last_layers=1)
         _only_kappatune_errors(lambda: select(analysis, policy, budget, options))

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from kappatune import AnalyzeOptions, analyze
+from kappatune.analysis.sources import open_source
 from kappatune.cli.main import main
 from kappatune.errors import KappaTuneError
-from kappatune.sources import open_source
 from tests.unit._hostile_corpus import (
     _EYE4,
     CORPUS,

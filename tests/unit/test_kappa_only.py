@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kappatune import linalg
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.analysis import linalg
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from tests.conftest import geometric, known_matrix
 
 

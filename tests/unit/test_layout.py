@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from kappatune.analysis.spectra import analyze
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import apply_selection, trainable_parameters
 from kappatune.integrations.lora import peft_targets
-from kappatune.layout import Part, locate, locate_by_type
-from kappatune.selection import Selection, SelectionEntry
-from kappatune.spectra import analyze
+from kappatune.selection.core import Selection, SelectionEntry
+from kappatune.training.freezing import apply_selection, trainable_parameters
+from kappatune.training.layout import Part, locate, locate_by_type
 
 EXPERTS, HIDDEN, MOE = 4, 16, 8
 FUSED = "model.layers.{}.mlp.experts.gate_up_proj"
@@ -230,7 +230,7 @@ def test_mixtral_names_are_renamed_then_fused(tmp_path: Path) -> None:
 
 def test_select_exports_speak_the_loaded_models_names(tmp_path: Path) -> None:
     from kappatune.cli.main import main
-    from kappatune.selection import Selection as Sel
+    from kappatune.selection.core import Selection as Sel
 
     path = save_mixtral(tmp_path / "mixtral")
     argv = ["select", str(path), "--include", r"experts\.(1|2)\.w[13]|block_sparse_moe\.gate"]
@@ -275,7 +275,12 @@ def test_select_exports_speak_the_loaded_models_names(tmp_path: Path) -> None:
 
 def test_fisher_scores_follow_the_files_rows(loaded: tuple[Path, Any]) -> None:
     """The fisher policy scores the files' per-expert rows from the fused diagonal's parts."""
-    from kappatune.fisher import FisherOptions, examples_from_ids, fisher_diagonals, fisher_scores
+    from kappatune.analysis.fisher import (
+        FisherOptions,
+        examples_from_ids,
+        fisher_diagonals,
+        fisher_scores,
+    )
 
     path, model = loaded
     rows = [

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kappatune import linalg
+from kappatune.analysis import linalg
 from tests.conftest import geometric, known_matrix
 
 

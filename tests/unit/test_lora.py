@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
 from kappatune.integrations.lora import (
     all_linear_targets,
@@ -14,8 +15,7 @@ from kappatune.integrations.lora import (
     peft_targets,
     rank_for_budget,
 )
-from kappatune.selection import Budget, Selection, SelectionEntry, select
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.selection.core import Budget, Selection, SelectionEntry, select
 from tests.unit._tiny_models import tiny_llama
 
 PREFIX = "base_model.model."

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune import memory
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.cli.main import main
-from kappatune.selection import Budget, select
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.selection.core import Budget, select
+from kappatune.training import memory
 from tests.unit._tiny_models import VOCAB_SIZE, save_tiny_model, tiny_llama
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from kappatune import metrics
+from kappatune.analysis import metrics
 
 
 def test_values_of_a_known_spectrum() -> None:

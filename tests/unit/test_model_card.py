@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kappatune.errors import KappaTuneError
-from kappatune.model_card import CardFacts, SelectedTensor, render_card, write_card
-from kappatune.models import checkpoint_dtype, portable_name
-from kappatune.publish import push_folder
+from kappatune.training.model_card import CardFacts, SelectedTensor, render_card, write_card
+from kappatune.training.models import checkpoint_dtype, portable_name
+from kappatune.training.publish import push_folder
 
 SELECTED = tuple(
     SelectedTensor(f"model.layers.{i}.mlp.down_proj.weight", None, 10.0 + i, 4096) for i in range(3)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune import models
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.training import models
 from tests.unit._tiny_models import save_tiny_model, tiny_llama
 
 

@@ -107,9 +107,9 @@ def test_unwritable_output_fails_before_the_work(
     monkeypatch: pytest.MonkeyPatch,
     command: str,
 ) -> None:
-    import kappatune.spectra
+    import kappatune.analysis.spectra
 
-    monkeypatch.setattr(kappatune.spectra, "analyze", _fail_if_called)
+    monkeypatch.setattr(kappatune.analysis.spectra, "analyze", _fail_if_called)
     (tmp_path / "blocker").write_text("a file")
     ok, bad = tmp_path / "ok.json", tmp_path / "blocker" / "x"
     argv = {

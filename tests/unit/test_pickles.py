@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kappatune.errors import KappaTuneError
-from kappatune.pickles import check_folder, pickle_globals
+from kappatune.training.pickles import check_folder, pickle_globals
 
 
 def test_tensors_optimizer_and_rng_states_pass(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kappatune.errors import KappaTuneError
-from kappatune.probe import ProbeSettings, run_probe
+from kappatune.probe.run import ProbeSettings, run_probe
 from tests.unit._tiny_models import save_tiny_model
 
 TEXT = (

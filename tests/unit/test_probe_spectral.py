@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.cli.main import main
-from kappatune.correlation import pairwise_correlations
 from kappatune.errors import KappaTuneError
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.probe.correlation import pairwise_correlations
 from tests.unit._tiny_models import save_tiny_model
 
 TEXT = (

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from kappatune.report import NO_LAYER, kappa_heatmap, plot_png
-from kappatune.spectra import Analysis
+from kappatune.analysis.report import NO_LAYER, kappa_heatmap, plot_png
+from kappatune.analysis.spectra import Analysis
 from tests.unit.test_selection import ROWS, row
 
 L0, L1 = "model.layers.0.", "model.layers.1."

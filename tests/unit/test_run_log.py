@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kappatune.errors import KappaTuneError
-from kappatune.run_log import (
+from kappatune.training.loop import StepRecord
+from kappatune.training.run_log import (
     LogLine,
     RunLog,
     check_reporters,
@@ -17,7 +18,6 @@ from kappatune.run_log import (
     make_reporters,
     read_log,
 )
-from kappatune.training import StepRecord
 
 
 def rec(step: int, total: int = 4, loss: float = 2.0) -> StepRecord:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from kappatune import linalg
-from kappatune.spectra import AnalyzeOptions, analyze
+from kappatune.analysis import linalg
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))

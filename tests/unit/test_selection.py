@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kappatune import names
+from kappatune.analysis import names
+from kappatune.analysis.spectra import Analysis, SkippedRow, SpectrumRow
 from kappatune.errors import KappaTuneError
-from kappatune.selection import (
+from kappatune.selection.core import (
     Budget,
     PolicyContext,
     Selection,
@@ -20,7 +21,6 @@ from kappatune.selection import (
     register_policy,
     select,
 )
-from kappatune.spectra import Analysis, SkippedRow, SpectrumRow
 
 NAN = math.nan
 INF = math.inf

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune.cli.main import main
-from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget, PolicyContext, Selection, get_policy, select
-from kappatune.selffisher import (
+from kappatune.analysis.self_fisher import (
     SelfFisherOptions,
     interference_scores,
     sample_sequences,
     self_fisher_scores,
 )
+from kappatune.cli.main import main
+from kappatune.errors import KappaTuneError
+from kappatune.selection.core import Budget, PolicyContext, Selection, get_policy, select
 from tests.unit._tiny_models import save_tiny_model, tiny_llama
 from tests.unit.test_selection import ROWS
 
@@ -41,7 +41,7 @@ def test_samples_are_seeded_start_with_bos_and_cover_the_vocabulary() -> None:
 
 
 def test_irrelevant_tensors_have_zero_self_fisher_and_come_first() -> None:
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     model = _deaf_llama()
     analysis = analyze(model, AnalyzeOptions(use_cache=False, workers=1))
@@ -101,7 +101,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 def test_select_self_fisher_and_interference_from_the_cli(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kappatune.selffisher import policy_scores_for
+    from kappatune.analysis.self_fisher import policy_scores_for
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     text = tmp_path / "t.txt"
@@ -153,8 +153,8 @@ def test_select_self_fisher_bad_input_one_line_exit_2(
 
 
 def test_bench_arms_order_by_their_own_scores() -> None:
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
     from kappatune.bench.arms import ArmContext, arm_selection, candidate_rows, get_arm
-    from kappatune.spectra import AnalyzeOptions, analyze
 
     model = _deaf_llama()
     rows = candidate_rows(analyze(model, AnalyzeOptions(use_cache=False, workers=1)).tensors, model)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune import names
+from kappatune.analysis import names
+from kappatune.analysis.metrics import marchenko_pastur_edge, spectrum_snr
+from kappatune.analysis.spectra import Analysis, AnalyzeOptions, SpectrumRow, analyze
 from kappatune.cli.main import main
 from kappatune.errors import KappaTuneError
-from kappatune.metrics import marchenko_pastur_edge, spectrum_snr
-from kappatune.selection import Budget, PolicyContext, get_policy, select
-from kappatune.spectra import Analysis, AnalyzeOptions, SpectrumRow, analyze
+from kappatune.selection.core import Budget, PolicyContext, get_policy, select
 from tests.conftest import known_matrix
 
 # s = (10, 3, 2, 1) on a 6 x 4 matrix, by hand: quartiles (linear) 1.75 and 4.75, so
@@ -177,7 +177,7 @@ def test_cli_one_by_n_exits_2_with_one_line(
 def test_train_with_the_snr_policy_trains_spectrums_choice(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from kappatune.selection import Selection
+    from kappatune.selection.core import Selection
     from tests.unit._tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "tiny", seed=0)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kappatune.errors import KappaTuneError
-from kappatune.sources import (
+from kappatune.analysis.sources import (
     GGUFSource,
     SafetensorsSource,
     StateDictSource,
     gguf_to_hf_name,
     open_source,
 )
+from kappatune.errors import KappaTuneError
 
 
 def tensors() -> dict[str, torch.Tensor]:

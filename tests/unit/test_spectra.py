@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from kappatune import Analysis, AnalyzeOptions, KappaTuneError, analyze
-from kappatune.linalg import reference_svdvals
+from kappatune.analysis.linalg import reference_svdvals
 from tests.conftest import geometric, known_matrix
 
 
@@ -178,7 +178,7 @@ def test_numpy_free_of_state_mutation() -> None:
 def test_streamed_rows_equal_whole_tensor_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kappatune import spectra as spectra_mod
+    from kappatune.analysis import spectra as spectra_mod
 
     ts = {
         "tall.weight": known_matrix(1000, 24, geometric(40.0, 24), seed=5).to(torch.bfloat16),

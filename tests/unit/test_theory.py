@@ -1,4 +1,4 @@
-"""Theory checks: the closed forms in kappatune.metrics against Monte Carlo and method.md.
+"""Theory checks: the closed forms in kappatune.analysis.metrics against Monte Carlo and method.md.
 
 Monte Carlo entropy of y = W x, x ~ N(0, v I): y is Gaussian with covariance v W W^T, so its
 differential entropy is (m/2) log(2 pi e) + 1/2 log det Cov(y). We estimate log det Cov(y)
@@ -21,7 +21,11 @@ import numpy as np
 import pytest
 from scipy.special import digamma, polygamma
 
-from kappatune.metrics import entropy_deficit, gaussian_output_entropy, two_value_entropy_loss
+from kappatune.analysis.metrics import (
+    entropy_deficit,
+    gaussian_output_entropy,
+    two_value_entropy_loss,
+)
 
 N_SAMPLES = 40_000
 

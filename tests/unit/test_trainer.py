@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import check_frozen, frozen_digests, tensor_digest, trainable_names
-from kappatune.integrations.trainer import KappaTuneCallback, freeze_for_trainer
-from kappatune.selection import Selection, SelectionEntry
+from kappatune.integrations.hf_trainer import KappaTuneCallback, freeze_for_trainer
+from kappatune.selection.core import Selection, SelectionEntry
+from kappatune.training.freezing import check_frozen, frozen_digests, tensor_digest, trainable_names
 from tests.unit._tiny_models import char_tokenizer, tiny_llama
 
 SELECTED = ("model.layers.1.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight")

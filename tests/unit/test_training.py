@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from kappatune.data import Example, PackConfig, pack_texts, tokenize
+from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import check_frozen, frozen_digests
 from kappatune.integrations.lora import all_linear_targets, lora_param_count
-from kappatune.selection import Budget, Selection, SelectionEntry, select
-from kappatune.spectra import AnalyzeOptions, analyze
-from kappatune.training import (
+from kappatune.selection.core import Budget, Selection, SelectionEntry, select
+from kappatune.training.data import Example, PackConfig, pack_texts, tokenize
+from kappatune.training.freezing import check_frozen, frozen_digests
+from kappatune.training.loop import (
     LoraSettings,
     StopRule,
     TrainConfig,

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from kappatune.data import pack_texts
-from kappatune.training import StepRecord, TrainConfig, lr_lambda, prepare_model, train_loop
+from kappatune.training.data import pack_texts
+from kappatune.training.loop import StepRecord, TrainConfig, lr_lambda, prepare_model, train_loop
 from tests.unit._tiny_models import char_tokenizer, tiny_llama
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8

@@ -20,18 +20,18 @@ from typing import Any
 
 from torch import nn
 
+from kappatune.analysis.spectra import SpectrumRow
 from kappatune.bench import peers
-from kappatune.data import TokenizedData
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget, Selection, select
-from kappatune.spectra import SpectrumRow
+from kappatune.selection.core import Budget, Selection, select
+from kappatune.training.data import TokenizedData
 
 RowKey = tuple[str, int]
 
 
 @dataclass(frozen=True)
 class Arm:
-    """How one arm trains. ``method`` is one of :data:`kappatune.training.METHODS`."""
+    """How one arm trains. ``method`` is one of :data:`kappatune.training.loop.METHODS`."""
 
     name: str
     method: str
@@ -226,7 +226,7 @@ class ArmContext:
             raise KappaTuneError(f"--lora-fraction must be in (0, 1], got {self.lora_fraction}")
 
     def selection(self, policy: str, budget: Budget | None = None) -> Selection:
-        from kappatune.selection import SelectOptions
+        from kappatune.selection.core import SelectOptions
 
         return select(
             self.rows,
@@ -261,11 +261,11 @@ def prepare_arm(
     weight_decay: float = 0.0,
     keep: TokenizedData | None = None,
 ) -> Any:
-    """``kappatune.training.prepare_model`` for this arm: a Prepared (model, groups, counts).
+    """``kappatune.training.loop.prepare_model`` for this arm: a PreparedModel (model, groups, counts).
 
     ``keep``: the data of what to keep, for arms that use it (CorDA-KPM).
     """
-    from kappatune.training import LoraSettings, prepare_model
+    from kappatune.training.loop import LoraSettings, prepare_model
 
     if peers.is_peer(arm.method):
         return peers.build(model, arm.method, ctx.budget_params(), keep, weight_decay)

@@ -9,7 +9,7 @@ linear layers as plain LoRA (MLP-only LoRA: the gate/up/down projections only):
   top singular directions stay frozen): U_low, S_low and V_low train k (out + in + 1) per module.
 
 CorDA in knowledge-preserving mode needs data of what to keep: the control split's rows that
-the benchmark does not evaluate on (:func:`kappatune.bench.inputs.keep_rows`).
+the benchmark does not evaluate on (:func:`kappatune.bench.tokenized.keep_rows`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kappatune.data import TokenizedData
 from kappatune.errors import KappaTuneError
+from kappatune.training.data import TokenizedData
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 KEEP_ROWS_MAX = 256  # CorDA covariance rows (PEFT suggests about hidden / tokens * 128 samples)
@@ -202,10 +202,10 @@ def build(
     keep: TokenizedData | None = None,
     weight_decay: float = 0.0,
 ) -> Any:
-    """``kappatune.training.Prepared`` for a peer method: the PEFT-wrapped model and its groups."""
+    """``kappatune.training.loop.PreparedModel`` for a peer method: the PEFT-wrapped model and its groups."""
     from peft import get_peft_model
 
-    from kappatune.training import Prepared, decay_groups
+    from kappatune.training.loop import PreparedModel, decay_groups
 
     require_peft(method)
     the_plan = plan(model, method, budget)
@@ -222,7 +222,7 @@ def build(
     peft_model = get_peft_model(model, config)
     groups = decay_groups(peft_model, weight_decay)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return Prepared(
+    return PreparedModel(
         peft_model,
         groups,
         method,

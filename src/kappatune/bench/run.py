@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from kappatune.bench import arms as arms_mod
+from kappatune.bench.arm_training import SparseLossLM, checkpoint_steps, train_with_checkpoints
 from kappatune.bench.arms import Arm, ArmContext
 from kappatune.bench.evaluate import BaseReference, ControlResult, control_eval, label_accuracy
 from kappatune.bench.fronts import accuracy_noise_floor, ppl_noise_floor
-from kappatune.bench.inputs import EvalSizes, Prepared, evenly, prepare
 from kappatune.bench.knowledge import BUILTIN as BUILTIN_KNOWLEDGE
 from kappatune.bench.knowledge import (
     McResult,
@@ -51,11 +51,11 @@ from kappatune.bench.store import (
     RunResult,
     config_hash,
 )
-from kappatune.bench.trainer import SparseLossLM, checkpoint_steps, train_with_checkpoints
-from kappatune.data import special_tokens
+from kappatune.bench.tokenized import EvalSizes, PreparedScenario, evenly, prepare
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
-from kappatune.selection import Budget
+from kappatune.selection.core import Budget
+from kappatune.training.data import special_tokens
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class Evaluator:
     """Evaluates a model on one prepared scenario: task, control (ppl + KL against the base
     model, whose log-probabilities are shared by every arm) and knowledge questions."""
 
-    prepared: Prepared
+    prepared: PreparedScenario
     batch_size: int
     base: BaseReference | None
     knowledge: tuple[TokenizedQuestion, ...]
@@ -346,9 +346,11 @@ def _metrics(
     )
 
 
-def reference_loss(model: nn.Module, prepared: Prepared, batch_size: int, rows: int = 16) -> float:
+def reference_loss(
+    model: nn.Module, prepared: PreparedScenario, batch_size: int, rows: int = 16
+) -> float:
     """The base model's token-mean training loss on a fixed subset of the training rows."""
-    from kappatune.training import evaluate_loss
+    from kappatune.training.loop import evaluate_loss
 
     subset = prepared.train.subset(evenly(len(prepared.train), rows))
     return evaluate_loss(SparseLossLM(model), subset, batch_size=batch_size)
@@ -367,8 +369,8 @@ class Loaded:
 
 
 def load_model(spec: str, settings: BenchSettings) -> Loaded:
-    from kappatune.models import load_causal_lm, total_parameters
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
+    from kappatune.training.models import load_causal_lm, total_parameters
 
     model, tokenizer = load_causal_lm(spec, dtype=DTYPES[settings.dtype])
     model.to(resolve_device(settings.device))
@@ -395,7 +397,7 @@ def arm_context(
 
 def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
     """Resolve every arm's selection and LoRA rank now, so a bad budget fails before training."""
-    from kappatune.training import LoraSettings, lora_plan
+    from kappatune.training.loop import LoraSettings, lora_plan
 
     info: dict[str, Any] = {}
     for seed in settings.seeds:
@@ -441,7 +443,7 @@ def train_one(
     """Train one (arm, lr, seed), evaluating at every checkpoint; the run file is rewritten
     after each checkpoint. Checkpoints already in ``done`` (an interrupted run) are not
     evaluated again (the training itself is deterministic and is repeated)."""
-    from kappatune.training import TrainConfig
+    from kappatune.training.loop import TrainConfig
 
     started = time.perf_counter()
     prepared = evaluator.prepared
@@ -510,9 +512,12 @@ def train_one(
 
 
 def _fisher_scores(
-    loaded: Loaded, prepared: Prepared, settings: BenchSettings, policy: str | None = "fisher"
+    loaded: Loaded,
+    prepared: PreparedScenario,
+    settings: BenchSettings,
+    policy: str | None = "fisher",
 ) -> Any:
-    from kappatune.fisher import examples_from_tokenized, fisher_scores
+    from kappatune.analysis.fisher import examples_from_tokenized, fisher_scores
 
     if policy in ("self-fisher", "interference"):
         return _self_fisher_scores(loaded, prepared, settings, policy)
@@ -551,18 +556,18 @@ def knowledge_questions(
 def _scores_message(name: str, policy: str | None, settings: BenchSettings) -> str:
     if policy == "fisher":
         return f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
-    from kappatune.selffisher import DEFAULT_TOKENS
+    from kappatune.analysis.self_fisher import DEFAULT_TOKENS
 
     task = f" and {settings.fisher_tokens} training tokens" if policy == "interference" else ""
     return f"{name}: {policy} scores on {DEFAULT_TOKENS} tokens the model samples{task}"
 
 
 def _self_fisher_scores(
-    loaded: Loaded, prepared: Prepared, settings: BenchSettings, policy: str
+    loaded: Loaded, prepared: PreparedScenario, settings: BenchSettings, policy: str
 ) -> Any:
     """Scores of the self-fisher (model's own samples, default size) and interference arms."""
-    from kappatune.fisher import examples_from_tokenized, fisher_scores
-    from kappatune.selffisher import bos_of, interference_scores, self_fisher_scores
+    from kappatune.analysis.fisher import examples_from_tokenized, fisher_scores
+    from kappatune.analysis.self_fisher import bos_of, interference_scores, self_fisher_scores
 
     own = self_fisher_scores(
         loaded.model, bos=bos_of(loaded.model, loaded.tokenizer), rows=loaded.rows

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kappatune.bench import datasets
-from kappatune.bench.datasets import Fields, Split
+from kappatune.bench import records
+from kappatune.bench.records import Fields, Split
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import check_schema
 
@@ -47,19 +47,19 @@ class DataSpec:
             raise KappaTuneError("a data source must not be empty")
         if self.source.startswith("builtin:"):
             name = self.source.removeprefix("builtin:")
-            if name not in datasets.BUILTIN_DATA:
-                known = ", ".join(sorted(datasets.BUILTIN_DATA))
+            if name not in records.BUILTIN_DATA:
+                known = ", ".join(sorted(records.BUILTIN_DATA))
                 raise KappaTuneError(f"unknown built-in data {name!r} (known: {known})")
         elif self.source.startswith("hf:") and not _HF.match(self.source):
             raise KappaTuneError(f"malformed dataset {self.source!r}: use hf:NAME[/CONFIG]:SPLIT")
 
     def load(self, options: tuple[str, ...], fields: Fields) -> Split:
         if self.source.startswith("builtin:"):
-            return datasets.BUILTIN_DATA[self.source.removeprefix("builtin:")]()
+            return records.BUILTIN_DATA[self.source.removeprefix("builtin:")]()
         m = _HF.match(self.source)
         if m:
-            return datasets.read_hf(m["name"], m["config"], m["split"], options, fields)
-        return datasets.read_path(Path(self.source).expanduser(), options, fields)
+            return records.read_hf(m["name"], m["config"], m["split"], options, fields)
+        return records.read_path(Path(self.source).expanduser(), options, fields)
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ BUILTIN_SCENARIOS: dict[str, Scenario] = {
         heldout=DataSpec("builtin:digits-heldout"),
         control=DataSpec("builtin:python-docs-prose"),
         task_metric="accuracy",
-        options=datasets.DIGIT_OPTIONS,
+        options=records.DIGIT_OPTIONS,
     ),
 }
 

@@ -75,7 +75,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _write_outputs(args: argparse.Namespace, analysis: Any) -> None:
     """The JSON, CSV and PNG asked for: all of them, or none when one cannot be written."""
-    from kappatune import report
+    from kappatune.analysis import report
     from kappatune.jsonio import json_bytes
     from kappatune.outputs import write_all
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from tqdm import tqdm
 
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     _check_outputs(args)
     if args.top < 0:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         verify_cache=args.verify_cache,
         kappa_only=args.kappa_only,
     )
-    from kappatune.distributed import launched_world
+    from kappatune.analysis.sharded import launched_world
 
     world = launched_world()
     is_main = world is None or world[0] == 0
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 def _analyze_sharded(source: str, options: Any, progress: Any) -> Any:
     import torch.distributed as dist
 
-    from kappatune.distributed import analyze_sharded
+    from kappatune.analysis.sharded import analyze_sharded
 
     try:
         return analyze_sharded(source, options, progress=progress)
@@ -161,7 +161,7 @@ def _analyze_sharded(source: str, options: Any, progress: Any) -> Any:
 
 
 def _skips(analysis: Any) -> list[tuple[str, int, list[str]]]:
-    from kappatune.report import skip_summary
+    from kappatune.analysis.report import skip_summary
 
     return skip_summary(analysis)
 
@@ -169,7 +169,7 @@ def _skips(analysis: Any) -> list[tuple[str, int, list[str]]]:
 def _print_report(console: Any, analysis: Any, elapsed: float, top: int) -> None:
     from rich.table import Table
 
-    from kappatune.report import format_kappa, kappa_order, module_summary
+    from kappatune.analysis.report import format_kappa, kappa_order, module_summary
 
     rows = kappa_order(analysis.tensors)
     methods = sorted({r.method for r in rows})

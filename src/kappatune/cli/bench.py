@@ -272,8 +272,8 @@ def scenarios_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
 def settings_from_args(args: argparse.Namespace) -> Any:
     """Settings from resolved arguments (see :func:`resolve`)."""
     from kappatune.bench.arms import DEFAULT_ARMS
-    from kappatune.bench.inputs import EvalSizes
     from kappatune.bench.run import BenchSettings
+    from kappatune.bench.tokenized import EvalSizes
 
     arms = tuple(args.arms) if args.arms else DEFAULT_ARMS
     warm_all: str | None = None

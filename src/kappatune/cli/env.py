@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kappatune.cache import default_cache_dir
+    from kappatune.analysis.cache import default_cache_dir
 
     print(f"python        {sys.version.split()[0]} ({platform.platform()})")
     for pkg in _PACKAGES:

@@ -1,6 +1,6 @@
 """``kappatune probe MODEL --data FILE...``: Fisher information in the weights against kappa.
 
-Parses the flags, calls :func:`kappatune.probe.run_probe` (the probe itself, as a library) and
+Parses the flags, calls :func:`kappatune.probe.run.run_probe` (the probe itself, as a library) and
 prints its report. Everything is computed and rendered before any file is written.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.probe import MEASURES
+from kappatune.probe.run import MEASURES
 
 if TYPE_CHECKING:
-    from kappatune.probe import ProbeReport, ProbeRow, ProbeSettings
+    from kappatune.probe.run import ProbeReport, ProbeRow, ProbeSettings
 
 EPILOG = """examples:
   kappatune probe gemma-3-270m --data notes.txt --tokens 2048 --seq-len 128
@@ -96,7 +96,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> ProbeSettings:
-    from kappatune.probe import ProbeSettings
+    from kappatune.probe.run import ProbeSettings
 
     kinds = ("true", "empirical") if args.kind == "both" else (args.kind,)
     return ProbeSettings(
@@ -133,7 +133,7 @@ def _ci(c: Mapping[str, Any]) -> str:
 def _print_rows(console: Any, rows: Sequence[ProbeRow], kinds: Sequence[str], top: int) -> None:
     from rich.table import Table
 
-    from kappatune.report import format_kappa
+    from kappatune.analysis.report import format_kappa
 
     ordered = sorted(
         rows,
@@ -245,7 +245,7 @@ def _progress_bars(settings: ProbeSettings) -> tuple[Any, Any]:
 def run(args: argparse.Namespace) -> int:
     from kappatune.cli.quiet import quiet_transformers
     from kappatune.outputs import write_all
-    from kappatune.probe import run_probe
+    from kappatune.probe.run import run_probe
 
     settings = _settings(args)
     _check_output(args.output, "--output", ".json")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection import policy_names  # the registry; importing it loads no torch
+from kappatune.selection.core import policy_names  # the registry; importing it loads no torch
 
 SELF_FISHER_POLICIES = ("self-fisher", "interference")
 TASK_FISHER_POLICIES = ("fisher", "interference")
@@ -145,7 +145,7 @@ def add_parser(sub: Any) -> None:
 
 
 def budget_from_args(args: argparse.Namespace) -> Any:
-    from kappatune.selection import Budget
+    from kappatune.selection.core import Budget
 
     if args.budget_tensors is not None:
         return Budget(tensors=args.budget_tensors)
@@ -161,7 +161,7 @@ def budget_from_args(args: argparse.Namespace) -> Any:
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    from kappatune.selection import SelectOptions, parse_quota
+    from kappatune.selection.core import SelectOptions, parse_quota
 
     return SelectOptions(
         include=args.include,
@@ -189,7 +189,7 @@ def validate_selection_args(args: argparse.Namespace) -> None:
             "--fisher-scores/--fisher-data only apply to --policy fisher or interference"
         )
     if args.policy in SELF_FISHER_POLICIES:
-        from kappatune.selffisher import SelfFisherOptions
+        from kappatune.analysis.self_fisher import SelfFisherOptions
 
         SelfFisherOptions(tokens=args.self_fisher_tokens)
     if args.fisher_scores and args.fisher_data:
@@ -212,7 +212,7 @@ def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | N
     leave the other metrics null); ``snr`` needs every singular value."""
     from tqdm import tqdm
 
-    from kappatune.spectra import Analysis, AnalyzeOptions, analyze
+    from kappatune.analysis.spectra import Analysis, AnalyzeOptions, analyze
 
     path = Path(source)
     if path.suffix.lower() == ".json":
@@ -234,7 +234,7 @@ def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | N
 
 
 def _read_fisher_scores(path: Path) -> Any:
-    from kappatune import fisher
+    from kappatune.analysis import fisher
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -246,8 +246,8 @@ def _read_fisher_scores(path: Path) -> Any:
 
 
 def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
+    from kappatune.analysis.self_fisher import SelfFisherOptions, policy_scores_for
     from kappatune.cli.quiet import quiet_transformers
-    from kappatune.selffisher import SelfFisherOptions, policy_scores_for
 
     quiet_transformers()
     return policy_scores_for(
@@ -262,7 +262,7 @@ def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) ->
 
 
 def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
-    from kappatune import fisher
+    from kappatune.analysis import fisher
 
     if args.fisher_scores:
         return _read_fisher_scores(args.fisher_scores)
@@ -275,7 +275,7 @@ def selection_from_args(
     args: argparse.Namespace, analysis: Any, model_spec: str | None = None, budget: Any = None
 ) -> Any:
     """The selection the flags ask for; ``budget`` (a Budget) replaces the budget flags."""
-    from kappatune.selection import select
+    from kappatune.selection.core import select
 
     scores = None
     if args.policy == "fisher":
@@ -351,8 +351,8 @@ def check_output(path: Path | None, fmt: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kappatune.exports import render
     from kappatune.outputs import write_all
+    from kappatune.selection.exports import render
 
     validate_selection_args(args)
     check_output(args.output, args.format)
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     selection = selection_from_args(
         args, analysis, model_spec=None if args.source.endswith(".json") else args.source
     )
-    from kappatune.layout import model_type_of
+    from kappatune.training.layout import model_type_of
 
     model_type = None if args.source.endswith(".json") else model_type_of(args.source)
     text = render(selection, args.format, model_type)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kappatune.cli.config import add_config_flag
 from kappatune.cli.select import add_selection_flags, validate_selection_args
 from kappatune.cli.train_publish import add_publish_flags, validate_publish
 from kappatune.cli.train_watch import add_watch_flags, validate_watch
 from kappatune.errors import KappaTuneError
-from kappatune.train_config import add_config_flag
 
 METHODS = ("selective", "kappa-lora", "lora", "full")
 RUN_FORMAT = 1
@@ -136,7 +136,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from kappatune.training import TrainConfig
+    from kappatune.training.loop import TrainConfig
 
     return TrainConfig(
         steps=args.steps,
@@ -154,8 +154,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 def _lora_settings(args: argparse.Namespace, total_params: int | None) -> Any:
     """LoRA settings; ``--budget-params`` sizes the adapter (rank, or module count with --lora-r)."""
-    from kappatune.selection import Budget
-    from kappatune.training import DEFAULT_LORA_R, LoraSettings
+    from kappatune.selection.core import Budget
+    from kappatune.training.loop import DEFAULT_LORA_R, LoraSettings
 
     budget = None
     if args.budget_params is not None:
@@ -178,7 +178,7 @@ def _lora_settings(args: argparse.Namespace, total_params: int | None) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from kappatune.data import PackConfig
+    from kappatune.training.data import PackConfig
 
     if args.steps is None and args.epochs is None:
         raise KappaTuneError("give --steps N or --epochs N")
@@ -273,7 +273,7 @@ def _trainable_state(model: Any) -> dict[str, Any]:
 
 def _save_checkpoint(out: Path, model: Any, loop_state: Any) -> None:
     """``checkpoint/``: safetensors and JSON with a manifest of digests (nothing pickled)."""
-    from kappatune.checkpoint import swap_in, write_checkpoint
+    from kappatune.training.checkpoint import swap_in, write_checkpoint
 
     tmp = out / ".checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -286,12 +286,12 @@ def _load_checkpoint(out: Path, prepared: Any, config: Any, total: int) -> dict[
 
     Only the run's own trainable tensors, with their shapes and dtypes, are accepted, only
     from files that match the manifest's digests, and only with a loop state shaped like
-    the one this run would write (see :mod:`kappatune.checkpoint`).
+    the one this run would write (see :mod:`kappatune.training.checkpoint`).
     """
     import torch
 
-    from kappatune.checkpoint import TensorSpec, check_loop_state, read_checkpoint
-    from kappatune.training import reference_state
+    from kappatune.training.checkpoint import TensorSpec, check_loop_state, read_checkpoint
+    from kappatune.training.loop import reference_state
 
     ckpt = out / "checkpoint"
     if not ckpt.exists():
@@ -312,8 +312,8 @@ def _load_checkpoint(out: Path, prepared: Any, config: Any, total: int) -> dict[
 
 def _selection(args: argparse.Namespace) -> Any:
     from kappatune.cli.select import load_analysis, selection_from_args
-    from kappatune.models import analysis_source
-    from kappatune.selection import Selection
+    from kappatune.selection.core import Selection
+    from kappatune.training.models import analysis_source
 
     if args.method not in ("selective", "kappa-lora"):
         return None
@@ -330,7 +330,7 @@ def _modules_budget(args: argparse.Namespace) -> Any:
     with --lora-r, the module count is fitted along the whole policy order.
     """
     from kappatune.cli.select import DEFAULT_FRACTION
-    from kappatune.selection import Budget
+    from kappatune.selection.core import Budget
 
     if args.method != "kappa-lora" or args.budget_params is None:
         return None
@@ -341,12 +341,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kappatune.cli.quiet import quiet_transformers
-    from kappatune.data import PackConfig, load_examples, tokenize
     from kappatune.devices import resolve_device
-    from kappatune.distributed_train import launched
     from kappatune.jsonio import atomic_write_json
-    from kappatune.layout import locate
-    from kappatune.models import check_seq_len, load_causal_lm, total_parameters
+    from kappatune.training.accelerate_engine import launched
+    from kappatune.training.data import PackConfig, load_examples, tokenize
+    from kappatune.training.layout import locate
+    from kappatune.training.models import check_seq_len, load_causal_lm, total_parameters
 
     _validate(args)
     quiet_transformers()
@@ -409,7 +409,7 @@ def unfit_counts(data: Any) -> dict[str, int]:
 def _prepare(model: Any, args: argparse.Namespace, selection: Any, lora: Any) -> Any:
     import torch
 
-    from kappatune.training import prepare_model
+    from kappatune.training.loop import prepare_model
 
     torch.manual_seed(args.seed)  # LoRA initialisation
     return prepare_model(model, args.method, selection, lora, weight_decay=args.weight_decay)
@@ -452,7 +452,7 @@ class _Run:
 
 def _watch(run: _Run, model: Any, total: int, start: int) -> Any:
     from kappatune.cli.train_watch import open_watch
-    from kappatune.training import evaluate_loss
+    from kappatune.training.loop import evaluate_loss
 
     evaluate = None
     if run.eval_data is not None:
@@ -474,7 +474,7 @@ def _print_line(text: str) -> None:
 def _train(run: _Run, device: Any, status: str) -> int:
     from kappatune.cli.train_watch import eval_summary
     from kappatune.jsonio import atomic_write_json
-    from kappatune.training import StopRule, train_loop
+    from kappatune.training.loop import StopRule, train_loop
 
     args, prepared = run.args, run.prepared
     model = prepared.model.to(device)

@@ -12,8 +12,8 @@ _MB = 2**20
 def _selection_for(args: argparse.Namespace) -> Any:
     """The selection ``train`` would use (a --selection file, or the policy flags on the analysis)."""
     from kappatune.cli.select import load_analysis, selection_from_args
-    from kappatune.models import analysis_source
-    from kappatune.selection import Selection
+    from kappatune.selection.core import Selection
+    from kappatune.training.models import analysis_source
 
     if args.selection is not None:
         return Selection.load(args.selection)
@@ -24,7 +24,7 @@ def _selection_for(args: argparse.Namespace) -> Any:
 
 def estimates(args: argparse.Namespace, lora_settings: Any) -> list[Any]:
     """One MemoryEstimate per method, from the config on the meta device."""
-    from kappatune import memory
+    from kappatune.training import memory
 
     config = memory.config_of(args.model, args.trust_remote_code)
     selection = _selection_for(args)

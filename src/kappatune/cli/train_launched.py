@@ -22,17 +22,17 @@ log = logging.getLogger(__name__)
 def run_launched(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kappatune.data import PackConfig, load_examples, tokenize
-    from kappatune.distributed_train import (
+    from kappatune.training.accelerate_engine import (
         AccelerateEngine,
         broadcast_from_main,
         broadcast_selection,
         engine_note,
         make_accelerator,
     )
-    from kappatune.freezing import is_partitioned, param_numel
-    from kappatune.layout import locate
-    from kappatune.models import check_seq_len, load_causal_lm
+    from kappatune.training.data import PackConfig, load_examples, tokenize
+    from kappatune.training.freezing import is_partitioned, param_numel
+    from kappatune.training.layout import locate
+    from kappatune.training.models import check_seq_len, load_causal_lm
 
     if args.eval_data is not None:
         raise KappaTuneError(
@@ -83,9 +83,9 @@ def run_launched(args: argparse.Namespace) -> int:
 
 def _train(run: Any, engine: Any, status: str) -> int:
     from kappatune.cli import train_publish
-    from kappatune.distributed_train import loop_meta, resume_point
     from kappatune.jsonio import atomic_write_json
-    from kappatune.training import StopRule, train_loop
+    from kappatune.training.accelerate_engine import loop_meta, resume_point
+    from kappatune.training.loop import StopRule, train_loop
 
     args, prepared, console = run.args, run.prepared, run.console
     resume = None
@@ -136,7 +136,7 @@ def _save_dtype(args: argparse.Namespace, model: Any) -> Any:
     from kappatune.cli.train_publish import is_adapter, save_dtype
 
     if is_adapter(args.method):
-        from kappatune.models import portable_name
+        from kappatune.training.models import portable_name
 
         for config in model.peft_config.values():
             config.base_model_name_or_path = portable_name(args.model)

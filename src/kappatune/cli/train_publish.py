@@ -32,7 +32,7 @@ def add_publish_flags(p: argparse.ArgumentParser) -> None:
 
 
 def validate_publish(args: argparse.Namespace) -> None:
-    from kappatune.publish import check_repo_id
+    from kappatune.training.publish import check_repo_id
 
     if args.save_dtype != "auto" and args.method in ("lora", "kappa-lora"):
         raise KappaTuneError(
@@ -50,7 +50,7 @@ def is_adapter(method: str) -> bool:
 
 def prepare_for_save(model: Any, args: argparse.Namespace) -> None:
     """Name the base model portably (adapters) or cast to the dtype to save (models)."""
-    from kappatune.models import portable_name
+    from kappatune.training.models import portable_name
 
     if is_adapter(args.method):
         for config in model.peft_config.values():
@@ -61,7 +61,7 @@ def prepare_for_save(model: Any, args: argparse.Namespace) -> None:
 
 def save_dtype(args: argparse.Namespace) -> Any:
     """The torch dtype a model is saved in: ``--save-dtype``, or the checkpoint's own."""
-    from kappatune.models import checkpoint_dtype, parse_dtype
+    from kappatune.training.models import checkpoint_dtype, parse_dtype
 
     if args.save_dtype == "auto":
         return checkpoint_dtype(args.model)
@@ -77,8 +77,8 @@ def write_model_card(
     final_eval: float | None,
 ) -> None:
     import kappatune
-    from kappatune.model_card import CardFacts, data_names, selected_tensors, write_card
-    from kappatune.models import portable_name
+    from kappatune.training.model_card import CardFacts, data_names, selected_tensors, write_card
+    from kappatune.training.models import portable_name
 
     facts = CardFacts(
         base_model=portable_name(args.model),
@@ -102,7 +102,7 @@ def write_model_card(
 def push(target: Path, args: argparse.Namespace, console: Any) -> None:
     if args.push_to_hub is None:
         return
-    from kappatune.publish import push_folder
+    from kappatune.training.publish import push_folder
 
     url = push_folder(target, args.push_to_hub, private=args.hub_private)
     console.print(f"pushed {target.name}/ to {url}")

@@ -1,6 +1,6 @@
 """How ``kappatune train`` shows a run: step lines or a bar, ``log.jsonl``, trackers, eval loss.
 
-The loop hands each step to :class:`Watch` (a :data:`kappatune.training.StepObserver`);
+The loop hands each step to :class:`Watch` (a :data:`kappatune.training.loop.StepObserver`);
 ``Watch`` evaluates when due, writes the step to the run log (and trackers), then prints a
 plain line (stdout not a terminal: nohup, schedulers, CI) or moves a progress bar (terminal).
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.run_log import REPORTERS, LogLine, RunLog, check_reporters, format_line
+from kappatune.training.run_log import REPORTERS, LogLine, RunLog, check_reporters, format_line
 
 if TYPE_CHECKING:
-    from kappatune.training import StepRecord
+    from kappatune.training.loop import StepRecord
 
 
 def add_watch_flags(p: argparse.ArgumentParser) -> None:
@@ -133,7 +133,7 @@ def open_watch(
     resolved: dict[str, Any],
 ) -> Watch:
     """The run log (trimmed to ``start``), trackers and printer for one session of a run."""
-    from kappatune.run_log import make_reporters
+    from kappatune.training.run_log import make_reporters
 
     reporters = make_reporters(args.report_to, Path(args.output), resolved)
     log = RunLog(Path(args.output), start_step=start, reporters=reporters)

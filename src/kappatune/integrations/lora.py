@@ -8,7 +8,7 @@ Whole 2-D tensors, kernels and per-expert modules (``experts.5.w1.weight``) beco
 targets (the parameter name without ``.weight``). Experts of a fused 3-D tensor become a
 ``target_parameters`` entry: PEFT's LoRA on a fused parameter adapts every expert of it,
 so a partial expert selection widens to the whole tensor there (selective fine-tuning,
-``kappatune.freezing``, masks experts exactly instead).
+``kappatune.training.freezing``, masks experts exactly instead).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.layout import locate, locate_by_type
-from kappatune.selection import Selection
+from kappatune.selection.core import Selection
+from kappatune.training.layout import locate, locate_by_type
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _ordered_targets(
     """(target, is a fused parameter) in selection order, each target once.
 
     With ``model`` (or, without one, its ``model_type``), names go through
-    :func:`kappatune.layout.locate`, so checkpoint experts that transformers fuses at load
+    :func:`kappatune.training.layout.locate`, so checkpoint experts that transformers fuses at load
     time become their fused parameter.
     """
     # without a model or a model_type the names stay the files'
@@ -169,7 +169,7 @@ def modules_for_budget(
 ) -> LoraPlan:
     """The selected modules that fit ``budget`` at rank ``r``: a prefix of the selection order.
 
-    As parameter budgets of :func:`kappatune.selection.select`: modules in order until the next
+    As parameter budgets of :func:`kappatune.selection.core.select`: modules in order until the next
     adapter would overshoot; ``greedy`` skips that one and fills on with later, smaller ones.
     """
     if r < 1:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kappatune.selection import Selection
+from kappatune.selection.core import Selection
 
 CARD_NAME = "README.md"
 TOP_ENTRIES = 10

@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kappatune.analysis.metrics import METRIC_FIELDS
 from kappatune.jsonio import atomic_write_json
-from kappatune.metrics import METRIC_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The per-example Fisher estimator of :mod:`kappatune.fisher`, several examples per pass.
+"""The per-example Fisher estimator of :mod:`kappatune.analysis.fisher`, several examples per pass.
 
-:func:`kappatune.fisher.fisher_diagonals` squares each example's gradient ``g_s``. Done one
+:func:`kappatune.analysis.fisher.fisher_diagonals` squares each example's gradient ``g_s``. Done one
 example per backward pass, every pass is small. Here a batch of B examples shares one forward
 and one backward pass per label set, and ``g_s`` of every weight is rebuilt per example from
 what the pass already computes:
@@ -223,7 +223,7 @@ def _passes(
     logits: torch.Tensor, labels: torch.Tensor, job: _Job, generator: torch.Generator
 ) -> list[tuple[str, torch.Tensor, float]]:
     """``(kind, summed log-likelihood, weight)`` of each label set, drawn in the loop's order."""
-    from kappatune.fisher import IGNORE_INDEX
+    from kappatune.analysis.fisher import IGNORE_INDEX
 
     valid = labels != IGNORE_INDEX
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -252,7 +252,7 @@ def _forward(
     job: _Job, batch: Sequence[tuple[Any, int]], grad: bool
 ) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
     """The batch's logits and labels (cut to each example's budget), its module calls recorded."""
-    from kappatune.fisher import _limit_labels
+    from kappatune.analysis.fisher import _limit_labels
 
     device = next(iter(job.named.values())).device
     examples = [{k: v.to(device) for k, v in ex.items()} for ex, _ in batch]

@@ -36,7 +36,7 @@ from kappatune.jsonio import (
 )
 
 if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI choices)
-    from kappatune.spectra import Analysis, SpectrumRow
+    from kappatune.analysis.spectra import Analysis, SpectrumRow
 
 SCHEMA_VERSION = 1
 RowKey = tuple[str, int]
@@ -142,7 +142,7 @@ def least_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[Spectr
     scores = ctx.scores
     if not scores:
         raise KappaTuneError(
-            "policy 'fisher' needs Fisher scores (compute them with kappatune.fisher)"
+            "policy 'fisher' needs Fisher scores (compute them with kappatune.analysis.fisher)"
         )
     missing = [r.key for r in rows if r.key not in scores]
     if missing:
@@ -198,7 +198,9 @@ def _scores_for(
     """``ctx.scores``, checked to cover every candidate."""
     scores = ctx.scores
     if not scores:
-        raise KappaTuneError(f"policy {policy!r} needs {what} scores (kappatune.selffisher)")
+        raise KappaTuneError(
+            f"policy {policy!r} needs {what} scores (kappatune.analysis.self_fisher)"
+        )
     missing = [r.key for r in rows if r.key not in scores]
     if missing:
         shown = ", ".join(n if e < 0 else f"{n}[{e}]" for n, e in missing[:3])
@@ -220,7 +222,7 @@ def least_self_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[S
 def most_interference(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Task squared gradient over self-Fisher, largest first: matrices the task needs and the
     model's own behaviour hardly uses (``ctx.scores`` from
-    :func:`kappatune.selffisher.interference_scores`)."""
+    :func:`kappatune.analysis.self_fisher.interference_scores`)."""
     scores = _scores_for(rows, ctx, "interference", "interference")
     return sorted(rows, key=lambda r: (-scores[r.key], *kappa_order_key(r)))
 
@@ -563,7 +565,7 @@ class Selection:
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
-            "kind": "kappatune.selection",
+            "kind": "kappatune.selection.core",
             "policy": self.policy,
             "budget": None if self.budget is None else self.budget.to_json(),
             "budget_description": self.budget.describe() if self.budget else None,
@@ -762,7 +764,7 @@ def select(
     ``total_params`` (the model's parameter count, for percentage budgets and reports)
     defaults to every tensor of the analysis, matrices and skipped ones alike.
     """
-    from kappatune.spectra import Analysis
+    from kappatune.analysis.spectra import Analysis
 
     options = options or SelectOptions()
     fn = get_policy(policy)

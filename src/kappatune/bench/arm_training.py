@@ -1,4 +1,4 @@
-"""Train one arm with :func:`kappatune.training.train_loop`, evaluating at checkpoints on the way.
+"""Train one arm with :func:`kappatune.training.loop.train_loop`, evaluating at checkpoints on the way.
 
 One run (warm-up, then a constant learning rate) gives several points of the learning/forgetting
 curve: the model is evaluated in place at each checkpoint step, without retraining per length.
@@ -18,8 +18,8 @@ from torch import nn
 
 from kappatune.bench.evaluate import accepts_logits_to_keep
 from kappatune.bench.store import Metrics, Point
-from kappatune.data import IGNORE_INDEX, TokenizedData
 from kappatune.errors import KappaTuneError
+from kappatune.training.data import IGNORE_INDEX, TokenizedData
 
 Evaluate = Callable[[nn.Module], Metrics]
 StepHook = Callable[[int, float], None]
@@ -116,7 +116,7 @@ def train_with_checkpoints(
 ) -> Trained:
     """Train ``config.steps`` steps; at each checkpoint evaluate (or take the stored point from
     ``done``, keyed by step) and hand the point to ``on_point`` (which stores it at once)."""
-    from kappatune.training import StopRule, TrainConfig, train_loop
+    from kappatune.training.loop import StopRule, TrainConfig, train_loop
 
     assert isinstance(config, TrainConfig) and config.steps == max(checkpoints)
     wrapper = SparseLossLM(model)

@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from kappatune import names
+from kappatune.analysis import names
+from kappatune.analysis.fisher_batched import DEFAULT_BATCH
 from kappatune.errors import KappaTuneError
-from kappatune.fisher_batched import DEFAULT_BATCH
 from kappatune.jsonio import check_schema, decode_float, encode_float
 
 if TYPE_CHECKING:
-    from kappatune.layout import Part
-    from kappatune.spectra import SpectrumRow
+    from kappatune.analysis.spectra import SpectrumRow
+    from kappatune.training.layout import Part
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ def fisher_diagonals(
     train/eval mode are left as they were. Accumulators are float32 (float64 for float64 models).
 
     ``batch_size`` examples share a forward and backward pass and each one's gradient is rebuilt
-    from the pass (:mod:`kappatune.fisher_batched`); weights that cannot be, and every weight
+    from the pass (:mod:`kappatune.analysis.fisher_batched`); weights that cannot be, and every weight
     when ``batch_size`` is 1, take one backward pass per example. Both give the same estimate
     (same labels for a seed) up to floating-point rounding.
     """
@@ -543,7 +543,7 @@ def fisher_diagonals(
     looped = [n for n, _ in named]
     with _grad_only_for(model, [p for _, p in named]):
         if batch_size > 1 and hasattr(objective, "batch_predictions"):
-            from kappatune.fisher_batched import run_batched
+            from kappatune.analysis.fisher_batched import run_batched
 
             looped = run_batched(model, named, plan, objective, options, accs, batch_size, progress)
         if looped:
@@ -623,7 +623,7 @@ def row_scores(
 ) -> dict[Key, float]:
     """The Fisher measure of each analysed matrix, keyed like ``SpectrumRow.key``.
 
-    ``parts`` (from :func:`kappatune.layout.locate_entries`) place each row, named as in the
+    ``parts`` (from :func:`kappatune.training.layout.locate_entries`) place each row, named as in the
     checkpoint, in a model parameter: the tensor, one expert, or an expert's gate or up rows
     where transformers fused them at load time.
     """
@@ -668,8 +668,8 @@ def fisher_scores(
             batch_size=batch_size,
         )  # fmt: skip
         return result[kind].scores(measure)
-    from kappatune.layout import locate_entries
-    from kappatune.selection import SelectionEntry
+    from kappatune.selection.core import SelectionEntry
+    from kappatune.training.layout import locate_entries
 
     parts = locate_entries(model, [SelectionEntry.of(r) for r in rows])
     params = sorted({p.param for p in parts.values()})
@@ -681,7 +681,7 @@ def fisher_scores(
 
 
 def examples_from_tokenized(data: Any) -> list[dict[str, torch.Tensor]]:
-    """Causal-LM examples from :class:`kappatune.data.TokenizedData` rows (labels kept)."""
+    """Causal-LM examples from :class:`kappatune.training.data.TokenizedData` rows (labels kept)."""
     return [
         {
             "input_ids": data.input_ids[i],
@@ -701,8 +701,8 @@ def load_model_and_examples(
 ) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], dict[str, int]]:
     """The model (eval mode) and its data packed into ``seq_len`` rows, each starting with what
     the tokenizer puts first (BOS for Gemma), with counts ``{"sequences", "label_tokens"}``."""
-    from kappatune.data import PackConfig, load_tokenized
-    from kappatune.models import load_causal_lm
+    from kappatune.training.data import PackConfig, load_tokenized
+    from kappatune.training.models import load_causal_lm
 
     PackConfig(seq_len=seq_len)  # validate before loading anything heavy
     model, tokenizer = load_causal_lm(model_spec, dtype=dtype)
@@ -730,8 +730,8 @@ def fisher_scores_for(
 ) -> dict[Key, float]:
     """Fisher scores of a causal LM (built-in name, .gguf, directory, cached HF id) on data files.
 
-    Loads the model in float32 (:func:`kappatune.models.load_causal_lm`), packs the text/JSONL
-    files into ``seq_len`` rows with :mod:`kappatune.data` (BOS first in each row), and returns
+    Loads the model in float32 (:func:`kappatune.training.models.load_causal_lm`), packs the text/JSONL
+    files into ``seq_len`` rows with :mod:`kappatune.training.data` (BOS first in each row), and returns
     :func:`fisher_scores` keyed like ``SpectrumRow.key``. For the select/train/bench commands.
     """
     FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)  # validate first

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.layout import Part, locate, match_param, raise_missing, suffix_index
-from kappatune.selection import RowKey, Selection
+from kappatune.selection.core import RowKey, Selection
+from kappatune.training.layout import Part, locate, match_param, raise_missing, suffix_index
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def resolve_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     The suffix rule lets a selection made on the checkpoint apply to a wrapped model
     (``module.`` from DDP, ``base_model.model.`` from PEFT). Raises listing what is missing.
     Checkpoint tensors that transformers fuses at load time are found by
-    :func:`kappatune.layout.locate`, which :func:`apply_selection` uses.
+    :func:`kappatune.training.layout.locate`, which :func:`apply_selection` uses.
     """
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     index = suffix_index(params)

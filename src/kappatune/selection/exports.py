@@ -22,8 +22,8 @@ import yaml
 
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import atomic_write_text
-from kappatune.layout import locate_by_type
-from kappatune.selection import Selection
+from kappatune.selection.core import Selection
+from kappatune.training.layout import locate_by_type
 
 Exporter = Callable[[Selection, "str | None"], str]  # (selection, model_type) -> text
 

@@ -1,6 +1,6 @@
 """A training run's step log: ``log.jsonl`` in the run directory, plus optional trackers.
 
-:class:`RunLog` is a :data:`kappatune.training.StepObserver`-shaped sink: each step becomes
+:class:`RunLog` is a :data:`kappatune.training.loop.StepObserver`-shaped sink: each step becomes
 one JSON object (step, loss, learning rate, tokens, tokens/s, elapsed seconds and, on
 evaluation steps, the eval loss), appended and flushed at once so ``tail -f`` shows the run
 as it goes. Reopening the log to resume drops the records after the resumed step, so a
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
-    from kappatune.training import StepRecord
+    from kappatune.training.loop import StepRecord
 
 LOG_NAME = "log.jsonl"
 REPORTERS = ("tensorboard", "wandb", "none")

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from kappatune.errors import KappaTuneError
-from kappatune.sources import Source, TensorEntry
-from kappatune.spectra import (
+from kappatune.analysis.sources import Source, TensorEntry
+from kappatune.analysis.spectra import (
     Analysis,
     AnalyzeOptions,
     Computed,
@@ -26,6 +25,7 @@ from kappatune.spectra import (
     matrix_cost,
     plan,
 )
+from kappatune.errors import KappaTuneError
 
 _ERROR_KEY = "__kappatune_error__"
 

@@ -64,7 +64,7 @@ def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> 
     """The model's transformers config, read from its files only (no weights)."""
     from transformers import AutoConfig
 
-    from kappatune.models import _hub_snapshot, resolve_model
+    from kappatune.training.models import _hub_snapshot, resolve_model
 
     resolved = resolve_model(spec)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
@@ -127,7 +127,7 @@ def estimate(
     lora: Any = None,
 ) -> MemoryEstimate:
     """Memory of ``method`` on a fresh meta model from ``build`` (see the module text)."""
-    from kappatune.training import prepare_model
+    from kappatune.training.loop import prepare_model
 
     prepared = prepare_model(build(), method, selection, lora)
     model = prepared.model

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import xxhash
 
+from kappatune.analysis.gguf_header import GGUFHeader
+from kappatune.analysis.gguf_header import read_header as read_gguf_header
+from kappatune.analysis.safetensors_header import read_header
 from kappatune.errors import KappaTuneError
 from kappatune.errtext import clip, short, shown
-from kappatune.gguf_header import GGUFHeader
-from kappatune.gguf_header import read_header as read_gguf_header
-from kappatune.safetensors_header import read_header
 
 BUILTIN_MODELS = ("gemma-3-270m", "all-minilm-l6-v2")
 

@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import apply_selection, check_frozen, frozen_digests
-from kappatune.selection import Selection
+from kappatune.selection.core import Selection
+from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ GGUF weights are dequantized once by transformers (about a minute for Gemma 3 27
 kept as a plain safetensors directory in the kappatune cache, keyed by the GGUF file's
 content digest, so later loads take seconds.
 
-``analysis_source(spec)`` gives the source to pass to :func:`kappatune.spectra.analyze` so
+``analysis_source(spec)`` gives the source to pass to :func:`kappatune.analysis.spectra.analyze` so
 that the analysed row names are the names of ``model.named_parameters()``.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from kappatune.cache import default_cache_dir
+from kappatune.analysis.cache import default_cache_dir
+from kappatune.analysis.sources import BUILTIN_MODELS, builtin_path, hub_snapshot
 from kappatune.errors import KappaTuneError
-from kappatune.sources import BUILTIN_MODELS, builtin_path, hub_snapshot
 
 log = logging.getLogger(__name__)
 

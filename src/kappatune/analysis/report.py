@@ -9,8 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from statistics import median
 
-from kappatune.metrics import METRIC_FIELDS
-from kappatune.spectra import Analysis, SpectrumRow
+from kappatune.analysis.metrics import METRIC_FIELDS
+from kappatune.analysis.spectra import Analysis, SpectrumRow
 
 CSV_FIELDS = (
     "name",

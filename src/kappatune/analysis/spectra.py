@@ -17,8 +17,15 @@ from typing import Any
 
 import torch
 
-from kappatune import linalg, metrics, names
-from kappatune.cache import Matrix, SpectrumCache, rows_problem
+from kappatune.analysis import linalg, metrics, names
+from kappatune.analysis.cache import Matrix, SpectrumCache, rows_problem
+from kappatune.analysis.sources import (
+    RowStreamingSource,
+    Source,
+    TensorEntry,
+    open_source,
+    streamed_digest,
+)
 from kappatune.devices import DEVICES, require_float64, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.errtext import one_line
@@ -28,13 +35,6 @@ from kappatune.jsonio import (
     decode_float,
     encode_float,
     read_json_object,
-)
-from kappatune.sources import (
-    RowStreamingSource,
-    Source,
-    TensorEntry,
-    open_source,
-    streamed_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -669,7 +669,7 @@ def analyze(
     Candidates are floating-point tensors with ndim >= 2 that pass the filters; 3-D tensors
     whose name says they stack experts give one row per expert, other kernels are reshaped
     to (out, rest). Everything else is listed in ``skipped`` with its reason.
-    Under ``torchrun``/``accelerate launch`` use ``kappatune.distributed.analyze_sharded``.
+    Under ``torchrun``/``accelerate launch`` use ``kappatune.analysis.sharded.analyze_sharded``.
     """
     options = options or AnalyzeOptions()
     options.torch_device()  # fail fast on an unavailable device

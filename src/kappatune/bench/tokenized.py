@@ -1,7 +1,7 @@
 """Scenario data -> token ids: training rows and the fixed evaluation sets.
 
 Text splits are packed into ``seq_len`` chunks that each start with the tokenizer's own
-prefix (BOS for Gemma) via :mod:`kappatune.data`; prompt/completion and label records are one
+prefix (BOS for Gemma) via :mod:`kappatune.training.data`; prompt/completion and label records are one
 row each (prefix + prompt + completion), with the loss on the completion only. Evaluation sets
 are a fixed, evenly spaced subset of the held-out and control rows, identical for every arm.
 """
@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kappatune.bench.datasets import Split
 from kappatune.bench.evaluate import EvalSequence, LabelExample, tokenize_options
+from kappatune.bench.records import Split
 from kappatune.bench.scenarios import Scenario, ScenarioData
-from kappatune.data import Example, PackConfig, TokenizedData, special_tokens, tokenize
 from kappatune.errors import KappaTuneError
+from kappatune.training.data import Example, PackConfig, TokenizedData, special_tokens, tokenize
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class EvalSizes:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PreparedScenario:
     """A scenario ready to run: training rows, evaluation sets and a digest of all of them."""
 
     scenario: Scenario
@@ -143,7 +143,9 @@ def digest(parts: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
-def prepare(scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalSizes) -> Prepared:
+def prepare(
+    scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalSizes
+) -> PreparedScenario:
     """Tokenize the three splits; check label options tokenize before anything runs."""
     options: tuple[tuple[int, ...], ...] = ()
     if scenario.task_metric == "accuracy":
@@ -160,7 +162,7 @@ def prepare(scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalS
         task_sequences = eval_sequences(held, sizes.task_sequences)
     pad = special_tokens(tokenizer).pad
     keep = keep_rows(control_rows, sizes)
-    prepared = Prepared(
+    prepared = PreparedScenario(
         scenario=scenario,
         train=train,
         task_sequences=task_sequences,
@@ -176,7 +178,7 @@ def prepare(scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalS
     return prepared
 
 
-def label_rows_match(prepared: Prepared) -> None:
+def label_rows_match(prepared: PreparedScenario) -> None:
     """Training rows of a label task end with exactly one option's tokens (a consistency check)."""
     if prepared.metric != "accuracy":
         return

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from kappatune.data import IGNORE_INDEX, Batch, TokenizedData
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import param_numel, param_shape
 from kappatune.jsonio import check_schema
-from kappatune.selection import Selection
+from kappatune.selection.core import Selection
+from kappatune.training.data import IGNORE_INDEX, Batch, TokenizedData
+from kappatune.training.freezing import param_numel, param_shape
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class LoraSettings:
 
 
 @dataclass
-class Prepared:
+class PreparedModel:
     """A model ready to train: possibly PEFT-wrapped, with its optimizer groups."""
 
     model: nn.Module
@@ -193,18 +193,20 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _prepare_full(model: nn.Module, weight_decay: float) -> Prepared:
+def _prepare_full(model: nn.Module, weight_decay: float) -> PreparedModel:
     for p in model.parameters():
         p.requires_grad_(True)
     groups = decay_groups(model, weight_decay)
-    return Prepared(model, groups, "full", sum(p.numel() for p in model.parameters()))
+    return PreparedModel(model, groups, "full", sum(p.numel() for p in model.parameters()))
 
 
-def _prepare_selective(model: nn.Module, selection: Selection, weight_decay: float) -> Prepared:
-    from kappatune.freezing import apply_selection, trainable_parameters
+def _prepare_selective(
+    model: nn.Module, selection: Selection, weight_decay: float
+) -> PreparedModel:
+    from kappatune.training.freezing import apply_selection, trainable_parameters
 
     groups = apply_selection(model, selection, weight_decay=weight_decay)
-    return Prepared(model, groups, "selective", trainable_parameters(model))
+    return PreparedModel(model, groups, "selective", trainable_parameters(model))
 
 
 def _prepare_lora(
@@ -214,7 +216,7 @@ def _prepare_lora(
     lora: LoraSettings,
     method: str,
     weight_decay: float,
-) -> Prepared:
+) -> PreparedModel:
     from peft import get_peft_model
 
     from kappatune.integrations.lora import config_from_targets
@@ -223,7 +225,7 @@ def _prepare_lora(
     peft_model = get_peft_model(model, config)
     groups = decay_groups(peft_model, weight_decay)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return Prepared(peft_model, groups, method, trainable, lora_r=r, lora_targets=targets)
+    return PreparedModel(peft_model, groups, method, trainable, lora_r=r, lora_targets=targets)
 
 
 def lora_plan(
@@ -263,7 +265,7 @@ def prepare_model(
     selection: Selection | None = None,
     lora: LoraSettings | None = None,
     weight_decay: float = 0.0,
-) -> Prepared:
+) -> PreparedModel:
     """Set up ``model`` for one of :data:`METHODS` and return it with its parameter groups."""
     if method not in METHODS:
         raise KappaTuneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -400,7 +402,7 @@ class TrainResult:
 
 class Engine(Protocol):
     """Where the loop runs: one process (:class:`LocalEngine`) or a launched world
-    (``kappatune.distributed_train.AccelerateEngine``). Each of the ``world`` ranks trains
+    (``kappatune.training.accelerate_engine.AccelerateEngine``). Each of the ``world`` ranks trains
     on every ``world``-th micro-batch; ``backward`` gets the rank's share of the
     token-weighted step loss. A ``collective`` engine runs every micro-batch (ranks
     exchange gradients in lock step), even one without labelled tokens."""

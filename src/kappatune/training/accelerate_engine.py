@@ -2,7 +2,7 @@
 
 The engine is accelerate's: :class:`AccelerateEngine` hands model, optimizer and scheduler
 to ``Accelerator.prepare`` (DDP, FSDP or DeepSpeed, as the launch configuration says) and
-plugs into :func:`kappatune.training.train_loop`. Around it:
+plugs into :func:`kappatune.training.loop.train_loop`. Around it:
 
 - :func:`broadcast_from_main` runs a computation (the selection, from the checkpoint files)
   on rank 0 only and sends the result, or its error, to every rank;
@@ -11,7 +11,7 @@ plugs into :func:`kappatune.training.train_loop`. Around it:
 - checkpoints go through ``Accelerator.save_state`` (collective; sharded engines write
   their shards) into a directory that rank 0 then renames into place.
 
-Freezing is by parameter name only (:func:`kappatune.freezing.apply_selection`); shapes
+Freezing is by parameter name only (:func:`kappatune.training.freezing.apply_selection`); shapes
 come from ``ds_shape`` where DeepSpeed ZeRO-3 has partitioned a parameter to shape [0].
 """
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
-from kappatune.freezing import is_partitioned
+from kappatune.training.freezing import is_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ FSDP_HINT = (
 def launched() -> bool:
     """True under ``torchrun``/``accelerate launch`` with several processes, or when
     accelerate was told to use FSDP or DeepSpeed (possibly with one process)."""
-    from kappatune.distributed import launched_world
+    from kappatune.analysis.sharded import launched_world
 
     if launched_world() is not None:
         return True
@@ -116,7 +116,7 @@ def broadcast_from_main(
 
 def broadcast_selection(compute: Callable[[], Any]) -> Any:
     """The Selection (or None) that rank 0 computes, on every rank (as Selection JSON)."""
-    from kappatune.selection import Selection
+    from kappatune.selection.core import Selection
 
     def encode(sel: Any) -> Any:
         return None if sel is None else sel.to_json()
@@ -149,7 +149,7 @@ def check_fsdp(plugin: Any, model: nn.Module) -> None:
 
 
 class AccelerateEngine:
-    """:class:`kappatune.training.Engine` on an ``accelerate.Accelerator``."""
+    """:class:`kappatune.training.loop.Engine` on an ``accelerate.Accelerator``."""
 
     collective = True
 
@@ -251,8 +251,8 @@ class AccelerateEngine:
         self.accelerator.save_state(str(tmp / CHECKPOINT_STATE))
         self.wait()
         if self.is_main:
-            from kappatune.checkpoint import LOOP_JSON, swap_in, write_manifest
             from kappatune.jsonio import atomic_write_json
+            from kappatune.training.checkpoint import LOOP_JSON, swap_in, write_manifest
 
             atomic_write_json(tmp / LOOP_JSON, {"format": 1, "state": loop_state})
             files = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
@@ -295,7 +295,7 @@ def _gathered_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
 def frozen_digests(model: nn.Module) -> dict[str, str]:
     """Digests of every frozen parameter's local bytes (a ZeRO-3 rank's partition, an FSDP
     shard): a resumed checkpoint must leave them as they are."""
-    from kappatune.freezing import tensor_digest
+    from kappatune.training.freezing import tensor_digest
 
     out: dict[str, str] = {}
     for name, p in model.named_parameters():
@@ -320,11 +320,16 @@ def resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
 
     Every file is checked against the manifest's sizes and digests, and every pickle that
     accelerate, DeepSpeed or torch.distributed.checkpoint would load is scanned first
-    (:mod:`kappatune.pickles`): only plain data and tensors may be rebuilt.
+    (:mod:`kappatune.training.pickles`): only plain data and tensors may be rebuilt.
     """
     import json
 
-    from kappatune.checkpoint import LOOP_JSON, CheckpointError, check_history, verify_files
+    from kappatune.training.checkpoint import (
+        LOOP_JSON,
+        CheckpointError,
+        check_history,
+        verify_files,
+    )
 
     ckpt = out / "checkpoint"
     if not ckpt.exists():
@@ -334,7 +339,7 @@ def resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
             f"checkpoint {ckpt} was written by a single-process run; resume it without"
             " accelerate launch/torchrun, or remove it to restart"
         )
-    from kappatune.pickles import check_folder
+    from kappatune.training.pickles import check_folder
 
     verify_files(ckpt)
     check_folder(ckpt / CHECKPOINT_STATE)

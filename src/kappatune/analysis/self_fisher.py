@@ -1,12 +1,12 @@
 """Self-Fisher: the information in the weights measured on the model's own samples.
 
-The Fisher diagonal of :mod:`kappatune.fisher` needs data that stands for what the model
+The Fisher diagonal of :mod:`kappatune.analysis.fisher` needs data that stands for what the model
 should keep. Here the model supplies it: sequences are sampled from the base model itself
 (each starts with BOS, then every token is drawn from the full predictive distribution at
 temperature 1, no top-k or top-p, with a seeded generator), and the true Fisher diagonal is
 measured on them (labels drawn again from the model at every position). No user data is read.
 
-Two selection scores come from it (:mod:`kappatune.selection` policies ``self-fisher`` and
+Two selection scores come from it (:mod:`kappatune.selection.core` policies ``self-fisher`` and
 ``interference``):
 
 * the self-Fisher per parameter of each matrix (or expert): little of it means the model's
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kappatune.analysis.fisher_batched import DEFAULT_BATCH
 from kappatune.constants import SELF_FISHER_TOKENS
 from kappatune.errors import KappaTuneError
-from kappatune.fisher_batched import DEFAULT_BATCH
 
 if TYPE_CHECKING:
-    from kappatune.fisher import Key, ProgressHook
-    from kappatune.spectra import SpectrumRow
+    from kappatune.analysis.fisher import Key, ProgressHook
+    from kappatune.analysis.spectra import SpectrumRow
 
 DEFAULT_TOKENS = SELF_FISHER_TOKENS  # benchmarks/results/self_fisher_stability.md
 DEFAULT_SEQ_LEN = 128
@@ -157,10 +157,10 @@ def self_fisher_scores(
 ) -> dict[Key, float]:
     """``{(name, expert or -1): true Fisher measure}`` on ``options.tokens`` sampled tokens.
 
-    Keys and ``rows``/``only`` as in :func:`kappatune.fisher.fisher_scores` (per expert for
+    Keys and ``rows``/``only`` as in :func:`kappatune.analysis.fisher.fisher_scores` (per expert for
     fused expert tensors). Deterministic for a seed on a given device and thread count.
     """
-    from kappatune.fisher import examples_from_ids, fisher_scores
+    from kappatune.analysis.fisher import examples_from_ids, fisher_scores
 
     options = options or SelfFisherOptions()
     check_generative(model)
@@ -202,10 +202,10 @@ def policy_scores_for(
     """Scores of the ``self-fisher`` or ``interference`` policy for a causal LM on disk.
 
     ``interference`` needs the task's squared gradients: ``task_scores`` (mean per parameter)
-    or ``task_files`` packed like :func:`kappatune.fisher.load_model_and_examples`.
+    or ``task_files`` packed like :func:`kappatune.analysis.fisher.load_model_and_examples`.
     """
-    from kappatune.fisher import fisher_scores, load_model_and_examples
-    from kappatune.models import load_causal_lm
+    from kappatune.analysis.fisher import fisher_scores, load_model_and_examples
+    from kappatune.training.models import load_causal_lm
 
     if policy not in ("self-fisher", "interference"):
         raise KappaTuneError(f"no self-Fisher scores for policy {policy!r}")

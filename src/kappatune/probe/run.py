@@ -31,7 +31,7 @@ from typing import Any
 from kappatune.errors import KappaTuneError
 
 SCHEMA_VERSION = 1
-REPORT_KIND = "kappatune.probe"
+REPORT_KIND = "kappatune.probe.run"
 MEASURES = ("mean", "sum", "logvol")
 
 #: ``progress(stage, done, total)``; stage is ``"kappa"`` (tensors) or ``"fisher"`` (tokens).
@@ -66,7 +66,7 @@ class ProbeSettings:
         self.fisher_options()  # validates kinds, tokens, lambda and samples
 
     def fisher_options(self) -> Any:
-        from kappatune.fisher import FisherOptions
+        from kappatune.analysis.fisher import FisherOptions
 
         return FisherOptions(
             kinds=self.kinds,
@@ -155,7 +155,7 @@ def join_rows(analysis: Any, results: Mapping[str, Any]) -> list[ProbeRow]:
 
 def correlate(rows: Sequence[ProbeRow], settings: ProbeSettings) -> list[dict[str, Any]]:
     """Correlations of kappa with each kind x measure, over all tensors then per module type."""
-    from kappatune.correlation import grouped_correlations
+    from kappatune.probe.correlation import grouped_correlations
 
     groups = [r.module_type for r in rows]
     kappas = [r.kappa for r in rows]
@@ -190,7 +190,7 @@ def spectral_correlations(
     analysis: Any, rows: Sequence[ProbeRow], settings: ProbeSettings
 ) -> list[dict[str, Any]]:
     """Rank correlations between kappa, SNR and Fisher (not Fisher with Fisher), all and per type."""
-    from kappatune.correlation import pairwise_correlations
+    from kappatune.probe.correlation import pairwise_correlations
 
     scores = spectral_scores(analysis, rows, settings.kinds)
     names = list(scores)
@@ -313,8 +313,8 @@ class ProbeReport:
     data_files: tuple[Path, ...]
     data_stats: Mapping[str, int]
     settings: ProbeSettings
-    analysis: Any  # kappatune.spectra.Analysis
-    results: Mapping[str, Any]  # kind -> kappatune.fisher.FisherResult
+    analysis: Any  # kappatune.analysis.spectra.Analysis
+    results: Mapping[str, Any]  # kind -> kappatune.analysis.fisher.FisherResult
     rows: tuple[ProbeRow, ...]
     correlations: list[dict[str, Any]]
     spectral: list[dict[str, Any]]  # kappa, Spectrum's SNR and Fisher, pairwise
@@ -392,8 +392,8 @@ def run_probe(
     document per file) or JSONL (a ``text`` field per line) files. Bad input raises
     :class:`~kappatune.errors.KappaTuneError` before any heavy work.
     """
-    from kappatune import fisher
-    from kappatune.spectra import AnalyzeOptions, analyze
+    from kappatune.analysis import fisher
+    from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     settings = settings or ProbeSettings()
     files = tuple(Path(f) for f in data)

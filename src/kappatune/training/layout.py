@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection import RowKey, Selection, SelectionEntry
+from kappatune.selection.core import RowKey, Selection, SelectionEntry
 
 
 @dataclass(frozen=True)

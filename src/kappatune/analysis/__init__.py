@@ -1,0 +1,1 @@
+"""Analysis: checkpoint sources by file format, exact spectra, metrics, the cache, Fisher information."""

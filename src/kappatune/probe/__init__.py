@@ -1,0 +1,1 @@
+"""The probe: Fisher information in the weights against kappa, as a library."""

@@ -1,0 +1,1 @@
+"""Selection: policies that order weight matrices, budgets and quotas, exports for trainers."""

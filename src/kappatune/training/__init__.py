@@ -1,0 +1,1 @@
+"""Training: methods, the loop, freezing, data, models, engines, checkpoints and the run directory."""
