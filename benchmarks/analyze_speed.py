@@ -30,7 +30,8 @@ from rich.table import Table
 
 from kappatune import AnalyzeOptions, analyze
 from kappatune.analysis.linalg import reference_svdvals
-from kappatune.analysis.sources import StateDictSource, open_source
+from kappatune.analysis.sources import open_source
+from kappatune.analysis.torch_source import StateDictSource
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -80,7 +80,8 @@ def _lora_budget(model: Any, r: int) -> int:
 
 def _prepare(arm: str, model: Any, args: argparse.Namespace) -> Any:
     from kappatune.analysis.spectra import analyze
-    from kappatune.selection.core import Budget, SelectOptions, select
+    from kappatune.selection.budget import Budget, SelectOptions
+    from kappatune.selection.core import select
     from kappatune.training.loop import LoraSettings, prepare_model
     from kappatune.training.models import analysis_source
 

@@ -22,7 +22,8 @@ MB = 2**20
 
 def main() -> int:
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
-    from kappatune.selection.core import Budget, SelectOptions, select
+    from kappatune.selection.budget import Budget, SelectOptions
+    from kappatune.selection.core import select
     from kappatune.training import memory
     from kappatune.training.loop import LoraSettings
     from kappatune.training.models import analysis_source

@@ -34,14 +34,9 @@ if TYPE_CHECKING:
     from kappatune.integrations.hf_trainer import KappaTuneCallback, freeze_for_trainer
     from kappatune.integrations.lora import lora_config, rank_for_budget
     from kappatune.probe.run import ProbeReport, ProbeSettings, run_probe
-    from kappatune.selection.core import (
-        Budget,
-        Selection,
-        SelectOptions,
-        policy_names,
-        register_policy,
-        select,
-    )
+    from kappatune.selection.budget import Budget, SelectOptions
+    from kappatune.selection.core import Selection, select
+    from kappatune.selection.policies import policy_names, register_policy
     from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
     from kappatune.training.models import analysis_source, load_causal_lm
 
@@ -53,10 +48,9 @@ _LAZY: dict[str, str] = {
         ("Analysis", "AnalyzeOptions", "SkippedRow", "SpectrumRow", "analyze"),
         "kappatune.analysis.spectra",
     ),
-    **dict.fromkeys(
-        ("Budget", "SelectOptions", "Selection", "policy_names", "register_policy", "select"),
-        "kappatune.selection.core",
-    ),
+    **dict.fromkeys(("Budget", "SelectOptions"), "kappatune.selection.budget"),
+    **dict.fromkeys(("Selection", "select"), "kappatune.selection.core"),
+    **dict.fromkeys(("policy_names", "register_policy"), "kappatune.selection.policies"),
     **dict.fromkeys(
         ("apply_selection", "check_frozen", "frozen_digests"), "kappatune.training.freezing"
     ),

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # importing this module stays light: `kappatune --help` reads
     import torch
     from torch import nn
 
-    from kappatune.selection.core import Budget, Selection
+    from kappatune.selection.budget import Budget
+    from kappatune.selection.core import Selection
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -55,7 +56,7 @@ class DemoSettings:
         self.budget_spec()
 
     def budget_spec(self) -> Budget:
-        from kappatune.selection.core import Budget
+        from kappatune.selection.budget import Budget
 
         return Budget.parse_params(self.budget)
 

@@ -60,7 +60,8 @@ def test_train_gemma_selective_two_steps(tmp_path: Path) -> None:
     import torch
 
     from kappatune.analysis.spectra import analyze
-    from kappatune.selection.core import Budget, select
+    from kappatune.selection.budget import Budget
+    from kappatune.selection.core import select
     from kappatune.training.data import pack_texts
     from kappatune.training.freezing import check_frozen, frozen_digests
     from kappatune.training.loop import TrainConfig, prepare_model, train_loop

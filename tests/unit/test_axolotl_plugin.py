@@ -9,7 +9,8 @@ import pytest
 
 from kappatune.analysis.spectra import analyze
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import select
 from tests.unit._tiny_models import save_tiny_model
 
 PLUGIN = "kappatune.integrations.axolotl.KappaTunePlugin"

@@ -5,7 +5,7 @@ from kappatune.analysis.spectra import analyze
 from kappatune.bench import arms
 from kappatune.bench.arms import ArmContext, arm_selection, candidate_rows, get_arm, prepare_arm
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget
+from kappatune.selection.budget import Budget
 from tests.unit._tiny_models import tiny_llama
 
 BUDGET = 4096

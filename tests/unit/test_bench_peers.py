@@ -20,7 +20,7 @@ from kappatune.bench.scenarios import DataSpec, Scenario
 from kappatune.bench.tokenized import EvalSizes, prepare
 from kappatune.cli.main import main
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget
+from kappatune.selection.budget import Budget
 from kappatune.training.data import TokenizedData
 from tests.unit._tiny_models import char_tokenizer, save_tiny_model, tiny_llama
 

@@ -295,7 +295,7 @@ def test_verify_cache_hashes_every_tensor_even_under_a_forged_index(
     record["seal"] = SpectrumCache._seal(record["path"], record["stat"], d)
     index.write_text(json.dumps(record))
     reads: list[str] = []
-    from kappatune.analysis.sources import SafetensorsSource
+    from kappatune.analysis.safetensors_source import SafetensorsSource
 
     real_read = SafetensorsSource.read
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from kappatune.analysis.sharded import balance, launched_world
-from kappatune.analysis.sources import TensorEntry
+from kappatune.analysis.source_base import TensorEntry
 from kappatune.analysis.spectra import matrix_cost
 from tests.conftest import geometric, known_matrix
 

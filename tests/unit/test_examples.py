@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from kappatune.analysis.spectra import analyze
-from kappatune.selection.core import Budget, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import select
 from tests.unit._tiny_models import save_tiny_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -9,7 +9,8 @@ import yaml
 
 from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, Selection, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, select
 from kappatune.selection.exports import axolotl_regex, render, write_export
 from tests.unit._tiny_models import tiny_llama
 from tests.unit.test_selection import ROWS

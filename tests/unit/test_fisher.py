@@ -387,7 +387,8 @@ def test_result_json_round_trip() -> None:
 
 def test_fisher_policy_trains_least_fisher_first_with_these_scores() -> None:
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
-    from kappatune.selection.core import Budget, select
+    from kappatune.selection.budget import Budget
+    from kappatune.selection.core import select
 
     model = _tiny_llama()
     analysis = analyze(model, AnalyzeOptions(workers=1))

@@ -6,7 +6,8 @@ from torch import nn
 
 from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, Selection, SelectionEntry, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, SelectionEntry, select
 from kappatune.training.freezing import (
     apply_selection,
     check_frozen,

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kappatune.analysis.sources import GGUFSource, SafetensorsSource
+from kappatune.analysis.gguf_source import GGUFSource
+from kappatune.analysis.safetensors_source import SafetensorsSource
 from kappatune.analysis.spectra import Analysis
 from kappatune.errors import KappaTuneError
 from tests.unit._hostile_corpus import gguf_file, gkv, gstr, gtensor, st_file

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from kappatune.analysis.spectra import Analysis, SkippedRow
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, Selection, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, select
 from tests.unit.test_selection import ROWS
 
 ANALYSIS = Analysis("src", "fp", ROWS, (SkippedRow("model.norm.weight", (8,), "1-D"),)).to_json()
@@ -87,7 +88,7 @@ def test_analysis_json_reader_and_select_never_crash(
         lambda: Analysis.from_json(doc) if isinstance(doc, dict) else None
     )
     if analysis is not None:
-        from kappatune.selection.core import SelectOptions
+        from kappatune.selection.budget import SelectOptions
 
         options = SelectOptions(last_layers=1)
         _only_kappatune_errors(lambda: select(analysis, policy, budget, options))

@@ -15,7 +15,8 @@ from kappatune.integrations.lora import (
     peft_targets,
     rank_for_budget,
 )
-from kappatune.selection.core import Budget, Selection, SelectionEntry, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, SelectionEntry, select
 from tests.unit._tiny_models import tiny_llama
 
 PREFIX = "base_model.model."

@@ -9,7 +9,8 @@ import torch
 
 from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.cli.main import main
-from kappatune.selection.core import Budget, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import select
 from kappatune.training import memory
 from tests.unit._tiny_models import VOCAB_SIZE, save_tiny_model, tiny_llama
 

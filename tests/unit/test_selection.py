@@ -10,17 +10,9 @@ import pytest
 from kappatune.analysis import names
 from kappatune.analysis.spectra import Analysis, SkippedRow, SpectrumRow
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import (
-    Budget,
-    PolicyContext,
-    Selection,
-    SelectOptions,
-    get_policy,
-    parse_quota,
-    policy_names,
-    register_policy,
-    select,
-)
+from kappatune.selection.budget import Budget, SelectOptions, parse_quota
+from kappatune.selection.core import Selection, select
+from kappatune.selection.policies import PolicyContext, get_policy, policy_names, register_policy
 
 NAN = math.nan
 INF = math.inf

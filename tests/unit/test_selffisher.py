@@ -15,7 +15,9 @@ from kappatune.analysis.self_fisher import (
 )
 from kappatune.cli.main import main
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, PolicyContext, Selection, get_policy, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, select
+from kappatune.selection.policies import PolicyContext, get_policy
 from tests.unit._tiny_models import save_tiny_model, tiny_llama
 from tests.unit.test_selection import ROWS
 

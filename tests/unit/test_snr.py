@@ -14,7 +14,9 @@ from kappatune.analysis.metrics import marchenko_pastur_edge, spectrum_snr
 from kappatune.analysis.spectra import Analysis, AnalyzeOptions, SpectrumRow, analyze
 from kappatune.cli.main import main
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, PolicyContext, get_policy, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import select
+from kappatune.selection.policies import PolicyContext, get_policy
 from tests.conftest import known_matrix
 
 # s = (10, 3, 2, 1) on a 6 x 4 matrix, by hand: quartiles (linear) 1.75 and 4.75, so

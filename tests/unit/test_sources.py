@@ -8,13 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kappatune.analysis.sources import (
-    GGUFSource,
-    SafetensorsSource,
-    StateDictSource,
-    gguf_to_hf_name,
-    open_source,
-)
+from kappatune.analysis.gguf_source import GGUFSource, gguf_to_hf_name
+from kappatune.analysis.safetensors_source import SafetensorsSource
+from kappatune.analysis.sources import open_source
+from kappatune.analysis.torch_source import StateDictSource
 from kappatune.errors import KappaTuneError
 
 

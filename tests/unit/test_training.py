@@ -9,7 +9,8 @@ import torch
 from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from kappatune.errors import KappaTuneError
 from kappatune.integrations.lora import all_linear_targets, lora_param_count
-from kappatune.selection.core import Budget, Selection, SelectionEntry, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, SelectionEntry, select
 from kappatune.training.data import Example, PackConfig, pack_texts, tokenize
 from kappatune.training.freezing import check_frozen, frozen_digests
 from kappatune.training.loop import (

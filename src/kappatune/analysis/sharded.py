@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kappatune.analysis.sources import Source, TensorEntry
+from kappatune.analysis.source_base import Source, TensorEntry
 from kappatune.analysis.spectra import (
     Analysis,
     AnalyzeOptions,

@@ -19,13 +19,8 @@ import torch
 
 from kappatune.analysis import linalg, metrics, names
 from kappatune.analysis.cache import Matrix, SpectrumCache, rows_problem
-from kappatune.analysis.sources import (
-    RowStreamingSource,
-    Source,
-    TensorEntry,
-    open_source,
-    streamed_digest,
-)
+from kappatune.analysis.source_base import RowStreamingSource, Source, TensorEntry, streamed_digest
+from kappatune.analysis.sources import open_source
 from kappatune.devices import DEVICES, require_float64, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.errtext import one_line

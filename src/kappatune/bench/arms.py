@@ -23,7 +23,8 @@ from torch import nn
 from kappatune.analysis.spectra import SpectrumRow
 from kappatune.bench import peers
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget, Selection, select
+from kappatune.selection.budget import Budget
+from kappatune.selection.core import Selection, select
 from kappatune.training.data import TokenizedData
 
 RowKey = tuple[str, int]
@@ -226,7 +227,7 @@ class ArmContext:
             raise KappaTuneError(f"--lora-fraction must be in (0, 1], got {self.lora_fraction}")
 
     def selection(self, policy: str, budget: Budget | None = None) -> Selection:
-        from kappatune.selection.core import SelectOptions
+        from kappatune.selection.budget import SelectOptions
 
         return select(
             self.rows,

@@ -54,7 +54,7 @@ from kappatune.bench.store import (
 from kappatune.bench.tokenized import EvalSizes, PreparedScenario, evenly, prepare
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import Budget
+from kappatune.selection.budget import Budget
 from kappatune.training.data import special_tokens
 
 log = logging.getLogger(__name__)

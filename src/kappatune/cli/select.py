@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import policy_names  # the registry; importing it loads no torch
+from kappatune.selection.policies import policy_names  # the registry; importing it loads no torch
 
 SELF_FISHER_POLICIES = ("self-fisher", "interference")
 TASK_FISHER_POLICIES = ("fisher", "interference")
@@ -145,7 +145,7 @@ def add_parser(sub: Any) -> None:
 
 
 def budget_from_args(args: argparse.Namespace) -> Any:
-    from kappatune.selection.core import Budget
+    from kappatune.selection.budget import Budget
 
     if args.budget_tensors is not None:
         return Budget(tensors=args.budget_tensors)
@@ -161,7 +161,7 @@ def budget_from_args(args: argparse.Namespace) -> Any:
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    from kappatune.selection.core import SelectOptions, parse_quota
+    from kappatune.selection.budget import SelectOptions, parse_quota
 
     return SelectOptions(
         include=args.include,

@@ -154,7 +154,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 def _lora_settings(args: argparse.Namespace, total_params: int | None) -> Any:
     """LoRA settings; ``--budget-params`` sizes the adapter (rank, or module count with --lora-r)."""
-    from kappatune.selection.core import Budget
+    from kappatune.selection.budget import Budget
     from kappatune.training.loop import DEFAULT_LORA_R, LoraSettings
 
     budget = None
@@ -330,7 +330,7 @@ def _modules_budget(args: argparse.Namespace) -> Any:
     with --lora-r, the module count is fitted along the whole policy order.
     """
     from kappatune.cli.select import DEFAULT_FRACTION
-    from kappatune.selection.core import Budget
+    from kappatune.selection.budget import Budget
 
     if args.method != "kappa-lora" or args.budget_params is None:
         return None

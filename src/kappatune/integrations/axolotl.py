@@ -36,7 +36,7 @@ class KappaTuneArgs(BaseModel):
 
 
 def _budget(cfg: Any) -> Any:
-    from kappatune.selection.core import Budget
+    from kappatune.selection.budget import Budget
 
     params, tensors = cfg.get("kappatune_budget_params"), cfg.get("kappatune_budget_tensors")
     if (params is None) == (tensors is None):
@@ -50,7 +50,8 @@ def _budget(cfg: Any) -> Any:
 def unfrozen_parameters(cfg: Any) -> list[str]:
     """Axolotl ``unfrozen_parameters`` for the configuration's model, policy and budget."""
     from kappatune.analysis.spectra import analyze
-    from kappatune.selection.core import SelectOptions, select
+    from kappatune.selection.budget import SelectOptions
+    from kappatune.selection.core import select
     from kappatune.selection.exports import axolotl_patterns
     from kappatune.training.layout import model_type_of
     from kappatune.training.models import analysis_source

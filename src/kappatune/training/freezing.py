@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import RowKey, Selection
+from kappatune.selection.core import Selection
+from kappatune.selection.policies import RowKey
 from kappatune.training.layout import Part, locate, match_param, raise_missing, suffix_index
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from typing import Any
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection.core import RowKey, Selection, SelectionEntry
+from kappatune.selection.core import Selection, SelectionEntry
+from kappatune.selection.policies import RowKey
 
 
 @dataclass(frozen=True)
