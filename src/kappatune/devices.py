@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:  # the device names stay importable without torch (CLI choices)
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when there is a device, else the CPU; ``cuda`` without one is an error."""
+    import torch
+
     if name not in DEVICES:
         raise KappaTuneError(f"--device must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
@@ -24,6 +28,8 @@ def resolve_device(name: str) -> torch.device:
 
 @functools.lru_cache(maxsize=8)
 def _has_float64(device: str) -> bool:
+    import torch
+
     try:
         x = torch.ones((2, 2), dtype=torch.float64, device=device)
         return bool(torch.isfinite(x @ x).all())

@@ -19,9 +19,9 @@ import torch
 
 from kappatune.analysis import linalg, metrics, names
 from kappatune.analysis.cache import Matrix, SpectrumCache, rows_problem
+from kappatune.analysis.options import AnalyzeOptions
 from kappatune.analysis.source_base import RowStreamingSource, Source, TensorEntry, streamed_digest
 from kappatune.analysis.sources import open_source
-from kappatune.devices import DEVICES, require_float64, resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.errtext import one_line
 from kappatune.jsonio import (
@@ -41,55 +41,6 @@ _FLOAT_FIELDS = metrics.METRIC_FIELDS
 KAPPA_FIELDS = ("kappa", "sigma_max", "sigma_min")
 _NON_FLOAT_DTYPES = re.compile(r"^(u?int\d+|bool)$")
 ProgressHook = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class AnalyzeOptions:
-    """What to analyse and how. Validated on construction."""
-
-    include: str | None = None
-    exclude: str | None = None
-    max_dim: int | None = None
-    device: str = "auto"
-    workers: int = 0  # 0: one per CPU core (at most 4) on CPU, 1 on GPU
-    use_cache: bool = True
-    cache_dir: Path | None = None
-    verify_cache: bool = False  # hash every tensor, never trusting the file-stat shortcut
-    block_rows: int = linalg.DEFAULT_BLOCK_ROWS
-    memory_budget_mb: int = 768
-    kappa_only: bool = False  # kappa, sigma_max, sigma_min only (faster; other metrics null)
-
-    def __post_init__(self) -> None:
-        for label, pattern in (("include", self.include), ("exclude", self.exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise KappaTuneError(f"invalid --{label} regex {pattern!r}: {exc}") from None
-        if self.max_dim is not None and self.max_dim < 1:
-            raise KappaTuneError(f"--max-dim must be at least 1, got {self.max_dim}")
-        if self.device not in DEVICES:
-            raise KappaTuneError(
-                f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"
-            )
-        if self.workers < 0 or self.workers > 256:
-            raise KappaTuneError(f"--workers must be between 0 and 256, got {self.workers}")
-        if self.block_rows < 1:
-            raise KappaTuneError(f"block_rows must be at least 1, got {self.block_rows}")
-        if self.memory_budget_mb < 16:
-            raise KappaTuneError(
-                f"memory budget must be at least 16 MB, got {self.memory_budget_mb}"
-            )
-
-    def torch_device(self) -> torch.device:
-        device = resolve_device(self.device)
-        require_float64(device)
-        return device
-
-    def worker_count(self, device: torch.device) -> int:
-        if self.workers:
-            return self.workers
-        return 1 if device.type != "cpu" else max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)

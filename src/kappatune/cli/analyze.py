@@ -35,30 +35,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--output", "-o", type=Path, help="write the analysis JSON here")
     p.add_argument("--csv", type=Path, help="write one CSV row per matrix here")
     p.add_argument("--plot", type=Path, help="write a PNG of kappa over layer x module type here")
-    p.add_argument("--include", help="analyse only tensors whose name matches this regex")
-    p.add_argument("--exclude", help="skip tensors whose name matches this regex")
-    p.add_argument(
-        "--max-dim", type=int, help="skip matrices with a dimension above this (off by default)"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument(
-        "--workers", type=int, default=0, help="parallel workers (default: cores, max 4)"
-    )
-    p.add_argument(
-        "--no-cache", action="store_true", help="neither read nor write the result cache"
-    )
-    p.add_argument("--cache-dir", type=Path, help="cache directory (default: ~/.cache/kappatune)")
-    p.add_argument(
-        "--verify-cache",
-        action="store_true",
-        help="hash every tensor instead of trusting unchanged file stats (slower second runs)",
-    )
-    p.add_argument(
-        "--kappa-only",
-        action="store_true",
-        help="compute only kappa, sigma_max and sigma_min (faster on CPU; the other metrics "
-        "are left empty)",
-    )
+    from kappatune.analysis.options import AnalyzeOptions
+    from kappatune.settings import add_flags
+
+    add_flags(p, AnalyzeOptions)
     p.add_argument(
         "--top", type=int, default=10, help="rows in the lowest/highest tables (default: 10)"
     )
@@ -94,21 +74,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
+    from kappatune.settings import from_args
 
     _check_outputs(args)
     if args.top < 0:
         raise KappaTuneError(f"--top must be at least 0, got {args.top}")
-    options = AnalyzeOptions(
-        include=args.include,
-        exclude=args.exclude,
-        max_dim=args.max_dim,
-        device=args.device,
-        workers=args.workers,
-        use_cache=not args.no_cache,
-        cache_dir=args.cache_dir,
-        verify_cache=args.verify_cache,
-        kappa_only=args.kappa_only,
-    )
+    options = from_args(AnalyzeOptions, args)
     from kappatune.analysis.sharded import launched_world
 
     world = launched_world()
