@@ -23,13 +23,8 @@ from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
     from kappatune.analysis.fisher import FisherOptions, compute_fisher
-    from kappatune.analysis.spectra import (
-        Analysis,
-        AnalyzeOptions,
-        SkippedRow,
-        SpectrumRow,
-        analyze,
-    )
+    from kappatune.analysis.options import AnalyzeOptions
+    from kappatune.analysis.spectra import Analysis, SkippedRow, SpectrumRow, analyze
     from kappatune.bench.run import run_bench
     from kappatune.integrations.hf_trainer import KappaTuneCallback, freeze_for_trainer
     from kappatune.integrations.lora import lora_config, rank_for_budget
@@ -45,9 +40,9 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
-        ("Analysis", "AnalyzeOptions", "SkippedRow", "SpectrumRow", "analyze"),
-        "kappatune.analysis.spectra",
+        ("Analysis", "SkippedRow", "SpectrumRow", "analyze"), "kappatune.analysis.spectra"
     ),
+    "AnalyzeOptions": "kappatune.analysis.options",
     **dict.fromkeys(("Budget", "SelectOptions"), "kappatune.selection.budget"),
     **dict.fromkeys(("Selection", "select"), "kappatune.selection.core"),
     **dict.fromkeys(("policy_names", "register_policy"), "kappatune.selection.policies"),
