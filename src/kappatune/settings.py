@@ -202,18 +202,21 @@ def add_flags(
     parser: argparse.ArgumentParser | Any,
     cls: Any,
     *,
+    only: Iterable[str] | None = None,
     skip: Iterable[str] = (),
     defaults: bool = True,
 ) -> None:
-    """Add a flag for every field of ``cls`` that has one (``skip``: field names to leave out).
+    """Add a flag for every field of ``cls`` that has one; ``only`` or ``skip`` (field names)
+    add a part of them (the rest elsewhere in the help, or given by another settings class).
 
     ``defaults=False`` makes every default None, for commands that fill unset flags later (the
     bench's presets); the help still shows the field's default."""
     hints = _hints(cls)
     skipped = set(skip)
+    wanted = None if only is None else set(only)
     made: dict[str, Any] = {}
     for f in cli_fields(cls):
-        if f.name in skipped:
+        if f.name in skipped or (wanted is not None and f.name not in wanted):
             continue
         tp = _strip_optional(hints[f.name])
         kw = _flag_kwargs(f, tp, defaults)

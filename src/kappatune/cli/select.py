@@ -35,6 +35,9 @@ the other policies keep the first 20% of the candidates (PEFT's default).
 
 def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> None:
     """Policy, budget and filter flags shared by ``select`` and ``train``."""
+    from kappatune.selection.budget import SelectOptions
+    from kappatune.settings import add_flags
+
     g = p.add_argument_group("selection policy")
     g.add_argument(
         "--policy",
@@ -43,15 +46,7 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
         metavar="POLICY",
         help=f"one of {', '.join(policy_names())} (default: lowest-kappa)",
     )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the random policy (and of training in 'train'; default: 0)",
-    )
-    g.add_argument(
-        "--last-layers", type=int, metavar="N", help="layers kept by the last-layers policy"
-    )
+    add_flags(p, SelectOptions, only=("seed", "last_layers"))
     g.add_argument(
         "--fisher-scores", type=Path, metavar="FILE", help="Fisher result JSON for --policy fisher"
     )
@@ -88,30 +83,8 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
     b.add_argument(
         "--kappa-max", type=float, metavar="K", help="train every candidate with kappa <= K"
     )
-    p.add_argument_group("budget filling").add_argument(
-        "--fill",
-        choices=("prefix", "greedy"),
-        default="prefix",
-        help="for --budget-params: 'prefix' (default) takes the policy order until the next "
-        "matrix does not fit and reports the shortfall; 'greedy' skips a matrix that does not "
-        "fit and fills on with later, smaller ones (earlier ones are then left out)",
-    )
-    f = p.add_argument_group("filters")
-    f.add_argument("--include", metavar="RE", help="candidates whose name matches this regex")
-    f.add_argument("--exclude", metavar="RE", help="drop candidates whose name matches this regex")
-    f.add_argument(
-        "--module-types",
-        nargs="+",
-        metavar="TYPE",
-        help="only these module types (e.g. q_proj v_proj)",
-    )
-    f.add_argument(
-        "--quota",
-        action="append",
-        default=[],
-        metavar="TYPE=N",
-        help="at most N of TYPE (Spectrum style); repeatable",
-    )
+    add_flags(p, SelectOptions, only=("fill",))
+    add_flags(p, SelectOptions, only=("include", "exclude", "module_types", "quotas"))
 
 
 def add_parser(sub: Any) -> None:
@@ -161,17 +134,10 @@ def budget_from_args(args: argparse.Namespace) -> Any:
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    from kappatune.selection.budget import SelectOptions, parse_quota
+    from kappatune.selection.budget import SelectOptions
+    from kappatune.settings import from_args
 
-    return SelectOptions(
-        include=args.include,
-        exclude=args.exclude,
-        module_types=tuple(args.module_types or ()),
-        quotas=tuple(parse_quota(q) for q in args.quota),
-        seed=args.seed,
-        last_layers=args.last_layers,
-        fill=args.fill,
-    )
+    return from_args(SelectOptions, args)
 
 
 def validate_selection_args(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kappatune import settings
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import (
     decode_float,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI cho
     from kappatune.analysis.spectra import SpectrumRow
 
 from kappatune.selection.policies import row_kappa
+from kappatune.settings import setting
 
 _PARAM_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -147,17 +149,56 @@ def _budget_value(kind: str, value: Any) -> Any:
 FILL_MODES = ("prefix", "greedy")
 
 
+def _quotas(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    return tuple(parse_quota(t) for t in texts)
+
+
+def _quotas_from_json(d: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(k), int(v)) for k, v in d.items())
+
+
+_POLICY = "selection policy"
+
+
 @dataclass(frozen=True)
 class SelectOptions:
     """Filters and per-module-type quotas applied around the policy."""
 
-    include: str | None = None
-    exclude: str | None = None
-    module_types: tuple[str, ...] = ()
-    quotas: tuple[tuple[str, int], ...] = ()  # (module type, count), Spectrum style
-    seed: int = 0
-    last_layers: int | None = None
-    fill: str = "prefix"  # parameter budgets: "prefix" of the order, or "greedy" filling
+    include: str | None = setting(
+        None, help="candidates whose name matches this regex", metavar="RE", group="filters"
+    )
+    exclude: str | None = setting(
+        None, help="drop candidates whose name matches this regex", metavar="RE", group="filters"
+    )
+    module_types: tuple[str, ...] = setting(
+        (), help="only these module types (e.g. q_proj v_proj)", metavar="TYPE", group="filters"
+    )
+    quotas: tuple[tuple[str, int], ...] = setting(  # (module type, count), Spectrum style
+        (),
+        flag="--quota",
+        help="at most N of TYPE (Spectrum style); repeatable",
+        action="append",
+        type=str,
+        metavar="TYPE=N",
+        parse=_quotas,
+        encode=dict,
+        decode=_quotas_from_json,
+        group="filters",
+    )
+    seed: int = setting(
+        0, help="seed of the random policy (and of training in 'train'; default: 0)", group=_POLICY
+    )
+    last_layers: int | None = setting(
+        None, help="layers kept by the last-layers policy", metavar="N", group=_POLICY
+    )
+    fill: str = setting(
+        "prefix",
+        choices=lambda: FILL_MODES,
+        group="budget filling",
+        help="for --budget-params: 'prefix' (default) takes the policy order until the next "
+        "matrix does not fit and reports the shortfall; 'greedy' skips a matrix that does not "
+        "fit and fills on with later, smaller ones (earlier ones are then left out)",
+    )
 
     def __post_init__(self) -> None:
         if self.fill not in FILL_MODES:
@@ -179,27 +220,11 @@ class SelectOptions:
                 raise KappaTuneError(f"quota {kind}={count}: a quota must be at least 1")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "include": self.include,
-            "exclude": self.exclude,
-            "module_types": list(self.module_types),
-            "quotas": {k: v for k, v in self.quotas},
-            "seed": self.seed,
-            "last_layers": self.last_layers,
-            "fill": self.fill,
-        }
+        return settings.to_json(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SelectOptions:
-        return cls(
-            include=d.get("include"),
-            exclude=d.get("exclude"),
-            module_types=tuple(d.get("module_types") or ()),
-            quotas=tuple((str(k), int(v)) for k, v in (d.get("quotas") or {}).items()),
-            seed=int(d.get("seed", 0)),
-            last_layers=d.get("last_layers"),
-            fill=str(d.get("fill", "prefix")),
-        )
+        return settings.from_json(cls, d, "selection options")  # type: ignore[no-any-return]
 
 
 def parse_quota(text: str) -> tuple[str, int]:
