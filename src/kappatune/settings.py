@@ -136,6 +136,9 @@ def _choices(f: dataclasses.Field[Any]) -> Any:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 1e-4, not 0.0001 or 1e-04
+        mantissa, _, exponent = f"{value:e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, tuple | list):
@@ -164,8 +167,8 @@ def _flag_kwargs(f: dataclasses.Field[Any], tp: Any, defaults: bool) -> dict[str
         return kw
     if "action" in meta:
         kw["action"] = meta["action"]
-    origin = typing.get_origin(tp)
-    if origin is tuple and "type" not in meta:
+    choices = _choices(f)
+    if typing.get_origin(tp) is tuple and "type" not in meta and not isinstance(choices, Mapping):
         kw["nargs"] = "+"
         tp = typing.get_args(tp)[0]
     if tp in (int, float, Path):
@@ -173,7 +176,6 @@ def _flag_kwargs(f: dataclasses.Field[Any], tp: Any, defaults: bool) -> dict[str
     for name in ("type", "nargs", "metavar", "required"):
         if name in meta:
             kw[name] = meta[name]
-    choices = _choices(f)
     if choices is not None:
         kw["choices"] = tuple(choices)
     default = meta.get("flag_default", _default(f))

@@ -46,38 +46,10 @@ def add_parser(sub: Any) -> None:
         "--data", nargs="+", required=True, type=Path, metavar="FILE",
         help="text (.txt, one document per file) or JSONL (a 'text' field per line) files",
     )  # fmt: skip
-    p.add_argument(
-        "--kind", choices=("true", "empirical", "both"), default="both",
-        help="labels sampled from the model (true), the data's labels (empirical), or both (default)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tokens", type=int, default=2048, help="predicted tokens to use (default: 2048)"
-    )
-    p.add_argument(
-        "--seq-len", type=int, default=128, help="tokens per sequence, BOS included (default: 128)"
-    )
-    p.add_argument(
-        "--lambda", dest="damping", type=float, default=1e-8,
-        help="damping of the log-volume 1/2 sum log(F_ii + lambda) (default: 1e-8)",
-    )  # fmt: skip
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=1,
-        help="label draws per sequence for the true Fisher (default: 1)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of label sampling and bootstrap (default: 0)"
-    )
-    p.add_argument(
-        "--bootstrap",
-        type=int,
-        default=1000,
-        help="bootstrap resamples for intervals (default: 1000)",
-    )
-    p.add_argument(
-        "--confidence", type=float, default=0.95, help="interval coverage (default: 0.95)"
-    )
+    from kappatune.probe.run import ProbeSettings
+    from kappatune.settings import add_flags
+
+    add_flags(p, ProbeSettings)
     p.add_argument("--output", "-o", type=Path, help="write the probe JSON here")
     p.add_argument("--csv", type=Path, help="write one CSV row per tensor here")
     p.add_argument(
@@ -97,12 +69,9 @@ def add_parser(sub: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> ProbeSettings:
     from kappatune.probe.run import ProbeSettings
+    from kappatune.settings import from_args
 
-    kinds = ("true", "empirical") if args.kind == "both" else (args.kind,)
-    return ProbeSettings(
-        kinds=kinds, tokens=args.tokens, seq_len=args.seq_len, damping=args.damping, samples=args.samples,
-        seed=args.seed, bootstrap=args.bootstrap, confidence=args.confidence,
-    )  # fmt: skip
+    return from_args(ProbeSettings, args)
 
 
 def _check_output(path: Path | None, flag: str, suffix: str) -> None:

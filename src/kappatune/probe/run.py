@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kappatune import settings
 from kappatune.errors import KappaTuneError
+from kappatune.settings import setting
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "kappatune.probe.run"
@@ -41,18 +43,33 @@ ProbeProgress = Callable[[str, int, int], None]
 # --------------------------------------------------------------------------- settings
 
 
+KIND_CHOICES = {"true": ("true",), "empirical": ("empirical",), "both": ("true", "empirical")}
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """What the probe measures; the defaults are ``kappatune probe``'s."""
 
-    kinds: tuple[str, ...] = ("true", "empirical")
-    tokens: int = 2048
-    seq_len: int = 128
-    damping: float = 1e-8
-    samples: int = 1
-    seed: int = 0
-    bootstrap: int = 1000
-    confidence: float = 0.95
+    kinds: tuple[str, ...] = setting(
+        ("true", "empirical"),
+        flag="--kind",
+        choices=KIND_CHOICES,
+        help="labels sampled from the model (true), the data's labels (empirical), or both"
+        " (default)",
+    )
+    tokens: int = setting(2048, help="predicted tokens to use")
+    seq_len: int = setting(128, help="tokens per sequence, BOS included")
+    damping: float = setting(
+        1e-8,
+        flag="--lambda",
+        dest="damping",
+        json="lambda",
+        help="damping of the log-volume 1/2 sum log(F_ii + lambda)",
+    )
+    samples: int = setting(1, help="label draws per sequence for the true Fisher")
+    seed: int = setting(0, help="seed of label sampling and bootstrap")
+    bootstrap: int = setting(1000, help="bootstrap resamples for intervals")
+    confidence: float = setting(0.95, help="interval coverage")
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -77,16 +94,11 @@ class ProbeSettings:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kinds": list(self.kinds),
-            "tokens": self.tokens,
-            "seq_len": self.seq_len,
-            "lambda": self.damping,
-            "samples": self.samples,
-            "seed": self.seed,
-            "bootstrap": self.bootstrap,
-            "confidence": self.confidence,
-        }
+        return settings.to_json(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ProbeSettings:
+        return settings.from_json(cls, d, "probe settings")
 
 
 def check_data(files: Sequence[Path]) -> None:

@@ -224,7 +224,7 @@ class SelectOptions:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SelectOptions:
-        return settings.from_json(cls, d, "selection options")  # type: ignore[no-any-return]
+        return settings.from_json(cls, d, "selection options")
 
 
 def parse_quota(text: str) -> tuple[str, int]:
