@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kappatune.devices import DEVICES
 from kappatune.errors import KappaTuneError
+from kappatune.settings import setting
 
 if TYPE_CHECKING:  # importing this module stays light: `kappatune --help` reads the defaults
     import torch
@@ -33,15 +35,24 @@ DEFAULT_MODEL = "gemma-3-270m"
 class DemoSettings:
     """What the demo trains and measures (see the README for how long the defaults take)."""
 
-    model: str = DEFAULT_MODEL
-    budget: str = "2%"
-    steps: int = 60
-    lr: float = 1e-4
-    batch_size: int = 2
-    seq_len: int = 64
-    eval_sequences: int = 12
-    seed: int = 0
-    device: str = "auto"
+    model: str = setting(
+        DEFAULT_MODEL,
+        flag="model",
+        help="causal LM: built-in name, directory, .gguf or cached HF id",
+    )
+    budget: str = setting(
+        "2%",
+        flag="--budget-params",
+        metavar="N|P%",
+        help="parameters to train: a count or a percentage of the model",
+    )
+    steps: int = setting(60, help="optimizer steps")
+    lr: float = setting(1e-4, help="learning rate")
+    batch_size: int = setting(2, help="rows per step")
+    seq_len: int = setting(64, help="tokens per row")
+    eval_sequences: int = setting(12, help="sequences in each of the task and control sets")
+    seed: int = setting(0, help="data order seed")
+    device: str = setting("auto", help=f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_sequences"):
@@ -59,11 +70,6 @@ class DemoSettings:
         from kappatune.selection.budget import Budget
 
         return Budget.parse_params(self.budget)
-
-
-def default_settings() -> dict[str, Any]:
-    """The defaults of :class:`DemoSettings`, without building one (no heavy imports)."""
-    return {f.name: f.default for f in fields(DemoSettings)}
 
 
 @dataclass(frozen=True)

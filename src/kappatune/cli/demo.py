@@ -21,11 +21,9 @@ what the model already knew. Everything runs offline.
 
 
 def add_parser(sub: Any) -> None:
-    from types import SimpleNamespace
+    from kappatune.demo import DemoSettings
+    from kappatune.settings import add_flags
 
-    from kappatune.demo import DEFAULT_MODEL, default_settings
-
-    d = SimpleNamespace(**default_settings())
     p = sub.add_parser(
         "demo",
         help="the whole path on built-in data: analyze, select, fine-tune, task and control"
@@ -37,40 +35,7 @@ def add_parser(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=DEFAULT_MODEL,
-        help=f"causal LM: built-in name, directory, .gguf or cached HF id (default: {DEFAULT_MODEL})",
-    )
-    p.add_argument(
-        "--budget-params",
-        default=d.budget,
-        metavar="N|P%",
-        help="parameters to train: a count or a percentage of the model"
-        f" (default: {d.budget.replace('%', '%%')})",
-    )
-    p.add_argument(
-        "--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})"
-    )
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr:g})")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"rows per step (default: {d.batch_size})",
-    )
-    p.add_argument(
-        "--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default: {d.seq_len})"
-    )
-    p.add_argument(
-        "--eval-sequences",
-        type=int,
-        default=d.eval_sequences,
-        help=f"sequences in each of the task and control sets (default: {d.eval_sequences})",
-    )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"data order seed (default: {d.seed})")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: auto)")
+    add_flags(p, DemoSettings)
     p.add_argument("--output", "-o", type=Path, help="also write the figures as JSON here")
     p.set_defaults(run=run)
 
@@ -155,18 +120,9 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.cli.quiet import quiet_transformers
     from kappatune.demo import DemoSettings, run_demo
     from kappatune.jsonio import atomic_write_json
+    from kappatune.settings import from_args
 
-    settings = DemoSettings(
-        model=args.model,
-        budget=args.budget_params,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        eval_sequences=args.eval_sequences,
-        seed=args.seed,
-        device=args.device,
-    )
+    settings = from_args(DemoSettings, args)
     if args.output is not None and args.output.is_dir():
         raise KappaTuneError(f"--output {args.output} is a directory; give a file name")
     quiet_transformers()
