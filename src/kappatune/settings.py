@@ -187,12 +187,14 @@ def _flag_kwargs(f: dataclasses.Field[Any], tp: Any, defaults: bool) -> dict[str
     return kw
 
 
+def argument_group(parser: argparse.ArgumentParser, title: str) -> Any:
+    """The parser's argument group called ``title`` (made if there is none)."""
+    found = [g for g in parser._action_groups if g.title == title]
+    return found[0] if found else parser.add_argument_group(title)
+
+
 def _group(parser: Any, title: str | None, exclusive: str | None, made: dict[str, Any]) -> Any:
-    target = parser
-    if title is not None:
-        groups = getattr(parser, "_action_groups", [])
-        found = [g for g in groups if g.title == title]
-        target = found[0] if found else parser.add_argument_group(title)
+    target = parser if title is None else argument_group(parser, title)
     if exclusive is None:
         return target
     if exclusive not in made:
@@ -381,6 +383,7 @@ def check_choices(value: str, known: Sequence[str], what: str) -> None:
 
 __all__ = [
     "add_flags",
+    "argument_group",
     "check_choices",
     "cli_fields",
     "dest_of",

@@ -82,54 +82,36 @@ def add_parser(sub: Any) -> None:
         help="print the memory each method would need (weights, gradients, optimizer state,"
         " activations at --batch-size x --seq-len) without loading weights; train nothing",
     )
-    t = p.add_argument_group("training")
-    length = t.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the data")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
-    t.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
-    t.add_argument(
-        "--scheduler",
-        default="constant",
-        choices=("constant", "linear", "cosine"),
-        help="learning rate after warm-up: constant, or decaying linearly / along a cosine"
-        " to 0 at the last step (default: constant)",
-    )
-    t.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default: 4)")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
+    from kappatune.settings import add_flags, argument_group
+    from kappatune.training.config import LoraSettings, TrainConfig
+
+    before_rows = ("steps", "epochs", "lr", "warmup_steps", "scheduler", "batch_size", "grad_accum")
+    add_flags(p, TrainConfig, only=before_rows)  # --seed is the selection flags'
+    t = argument_group(p, "training")
     t.add_argument("--seq-len", type=int, default=128, help="tokens per row (default: 128)")
     t.add_argument("--no-pack", action="store_true", help="one example per row instead of packing")
-    t.add_argument(
-        "--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)"
-    )
-    t.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)"
-    )
+    add_flags(p, TrainConfig, only=("weight_decay", "max_grad_norm"))
     t.add_argument(
         "--checkpoint-every",
         type=int,
         default=50,
         help="checkpoint interval in steps (default: 50)",
     )
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    t.add_argument("--device", default="auto", help=f"{_devices()} (default: auto)")
     t.add_argument(
         "--trust-remote-code", action="store_true", help="allow the model's own Python code"
     )
-    lora = p.add_argument_group("LoRA (lora, kappa-lora)")
-    lora.add_argument(
-        "--lora-r",
-        type=int,
-        help="rank (default: 8; with --budget-params, fitted to it unless given, and then the"
-        " module count is fitted)",
-    )
-    lora.add_argument("--lora-alpha", type=int, help="alpha (default: 2 x rank)")
-    lora.add_argument(
-        "--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)"
-    )
+    add_flags(p, LoraSettings)
     add_watch_flags(p)
     add_publish_flags(p)
     add_config_flag(p)
     p.set_defaults(run=run)
+
+
+def _devices() -> str:
+    from kappatune.devices import DEVICES
+
+    return f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]}"
 
 
 # --------------------------------------------------------------------------- validation

@@ -25,133 +25,21 @@ import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import check_schema
 from kappatune.selection.core import Selection
+from kappatune.training.config import DEFAULT_LORA_R as DEFAULT_LORA_R
+from kappatune.training.config import SCHEDULERS as SCHEDULERS
+from kappatune.training.config import SCHEMA_VERSION as SCHEMA_VERSION
+from kappatune.training.config import (  # declared without torch, for the CLI's flags
+    LoraSettings,
+    StopRule,
+    TrainConfig,
+)
 from kappatune.training.data import IGNORE_INDEX, Batch, TokenizedData
 from kappatune.training.freezing import param_numel, param_shape
 
 log = logging.getLogger(__name__)
 
 METHODS = ("selective", "kappa-lora", "lora", "full")
-SCHEDULERS = ("constant", "linear", "cosine")
-SCHEMA_VERSION = 1
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. Exactly one of ``steps`` and ``epochs``."""
-
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    scheduler: str = "constant"
-    batch_size: int = 4
-    grad_accum: int = 1
-    seed: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    shuffle: bool = True
-    schema_version: int = SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise KappaTuneError("give exactly one of --steps and --epochs")
-        if self.steps is not None and self.steps < 1:
-            raise KappaTuneError(f"--steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and not 0 < self.epochs < math.inf:
-            raise KappaTuneError(f"--epochs must be a positive finite number, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise KappaTuneError(f"--lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise KappaTuneError(f"--warmup must be at least 0, got {self.warmup_steps}")
-        if self.scheduler not in SCHEDULERS:
-            raise KappaTuneError(
-                f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
-            )
-        if self.batch_size < 1:
-            raise KappaTuneError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.grad_accum < 1:
-            raise KappaTuneError(f"--grad-accum must be at least 1, got {self.grad_accum}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise KappaTuneError(
-                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"
-            )
-        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
-            raise KappaTuneError(
-                f"max grad norm must be a positive finite number or None, got {self.max_grad_norm}"
-            )
-
-    def total_steps(self, n_rows: int, world: int = 1) -> int:
-        """Optimizer steps for a data set of ``n_rows`` rows (``world`` processes share a step)."""
-        if self.steps is not None:
-            return self.steps
-        assert self.epochs is not None
-        micro = math.ceil(n_rows / self.batch_size)
-        return max(1, math.ceil(self.epochs * micro / (self.grad_accum * world)))
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TrainConfig:
-        check_schema(d, "train config", SCHEMA_VERSION)
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        kwargs["betas"] = tuple(kwargs.get("betas", (0.9, 0.999)))
-        return cls(**kwargs)
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """Stop early when the bias-corrected EMA of the training loss reaches ``target_loss``,
-    and in any case after ``max_steps``."""
-
-    target_loss: float | None = None
-    ema_decay: float = 0.9
-    min_steps: int = 1
-    max_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.ema_decay < 1:
-            raise KappaTuneError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise KappaTuneError(f"max steps must be at least 1, got {self.max_steps}")
-        if self.min_steps < 1:
-            raise KappaTuneError(f"min steps must be at least 1, got {self.min_steps}")
-
-
-DEFAULT_LORA_R = 8
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA for the ``lora`` and ``kappa-lora`` methods; with ``budget_params`` the rank
-    (``r=None``) or the module count (``r`` given) is chosen to fit the budget."""
-
-    r: int | None = DEFAULT_LORA_R
-    alpha: int | None = None
-    dropout: float = 0.0
-    budget_params: int | None = None
-    greedy: bool = False  # module count fitting: skip a misfit and fill on (else a prefix)
-
-    def __post_init__(self) -> None:
-        if self.r is None and self.budget_params is None:
-            raise KappaTuneError("LoRA needs a rank or a parameter budget")
-        if self.r is not None and self.r < 1:
-            raise KappaTuneError(f"LoRA rank must be at least 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise KappaTuneError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.budget_params is not None and self.budget_params < 1:
-            raise KappaTuneError(
-                f"LoRA parameter budget must be at least 1, got {self.budget_params}"
-            )
 
 
 # --------------------------------------------------------------------------- methods
