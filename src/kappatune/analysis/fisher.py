@@ -42,10 +42,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from kappatune import settings
 from kappatune.analysis import names
 from kappatune.analysis.fisher_batched import DEFAULT_BATCH
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import check_schema, decode_float, encode_float
+from kappatune.settings import setting
 
 if TYPE_CHECKING:
     from kappatune.analysis.spectra import SpectrumRow
@@ -69,11 +71,17 @@ Key = tuple[str, int]
 class FisherOptions:
     """How to estimate the Fisher diagonal. Validated on construction."""
 
-    kinds: tuple[str, ...] = ("true",)
-    tokens: int = 4096
-    seed: int = 0
-    damping: float = 1e-8
-    samples: int = 1
+    kinds: tuple[str, ...] = setting(
+        ("true",),
+        choices=lambda: KINDS,
+        help="labels sampled from the model (true) and/or the data's labels (empirical)",
+    )
+    tokens: int = setting(4096, help="predicted tokens to use")
+    seed: int = setting(0, help="seed of the data sample and of label sampling")
+    damping: float = setting(
+        1e-8, flag="--lambda", help="damping of the log-volume 1/2 sum log(F_ii + lambda)"
+    )
+    samples: int = setting(1, help="label draws per example for the true Fisher")
 
     def __post_init__(self) -> None:
         if not self.kinds:
@@ -91,19 +99,11 @@ class FisherOptions:
             raise KappaTuneError(f"samples per example must be at least 1, got {self.samples}")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kinds"] = list(self.kinds)
-        return d
+        return settings.to_json(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FisherOptions:
-        return cls(
-            kinds=tuple(str(k) for k in d["kinds"]),
-            tokens=int(d["tokens"]),
-            seed=int(d["seed"]),
-            damping=float(d["damping"]),
-            samples=int(d.get("samples", 1)),
-        )
+        return settings.from_json(cls, d, "Fisher options")
 
 
 # --------------------------------------------------------------------------- objectives
