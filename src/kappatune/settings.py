@@ -11,7 +11,7 @@ and :func:`add_flags` (argparse flags), :func:`from_args` (flags -> settings), :
 changes results) are derived from it. Metadata keys, all optional but ``help``:
 
 ``help``
-    the flag's help; `` (default: X)`` is added unless the text already says "default".
+    the flag's help; `` (default: X)`` is added unless the text already gives the default.
 ``flag``
     the flag when it is not ``--field-name`` (``"--lambda"``; a bare name is a positional).
     A boolean is a ``--name`` switch, or ``--no-name`` when it defaults to true.
@@ -152,8 +152,10 @@ def _help(f: dataclasses.Field[Any], tp: Any) -> str:
     choices = _choices(f)
     if isinstance(choices, Mapping):
         default = next((k for k, v in choices.items() if v == default), default)
-    hidden = default is None or tp is bool or (isinstance(default, tuple | list) and not default)
-    if "default" not in text.lower() and not hidden:
+    switch = tp is bool and not isinstance(choices, Mapping)
+    hidden = default is None or switch or (isinstance(default, tuple | list) and not default)
+    says = "(default" in text or "default:" in text
+    if not says and not hidden:
         text += f" (default: {_show(default)})"
     return text.replace("%", "%%")  # argparse formats help with %
 

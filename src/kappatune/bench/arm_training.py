@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kappatune.bench.config import checkpoint_steps as checkpoint_steps  # declared there
 from kappatune.bench.evaluate import accepts_logits_to_keep
 from kappatune.bench.store import Metrics, Point
-from kappatune.errors import KappaTuneError
 from kappatune.training.data import IGNORE_INDEX, TokenizedData
 
 Evaluate = Callable[[nn.Module], Metrics]
@@ -72,17 +72,6 @@ class SparseLossLM(nn.Module):
             ignore_index=IGNORE_INDEX,
         )
         return SimpleNamespace(loss=loss, logits=logits)
-
-
-def checkpoint_steps(steps: int, count: int) -> tuple[int, ...]:
-    """``count`` steps spread evenly over a run of ``steps``, the last one at the end."""
-    if steps < 1:
-        raise KappaTuneError(f"--steps must be at least 1, got {steps}")
-    if not 1 <= count <= steps:
-        raise KappaTuneError(
-            f"--checkpoints {count} must be between 1 and --steps {steps} (one evaluation per step at most)"
-        )
-    return tuple(round(steps * (i + 1) / count) for i in range(count))
 
 
 @dataclass(frozen=True)

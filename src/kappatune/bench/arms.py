@@ -22,6 +22,7 @@ from torch import nn
 
 from kappatune.analysis.spectra import SpectrumRow
 from kappatune.bench import peers
+from kappatune.bench.config import DEFAULT_ARMS as DEFAULT_ARMS  # declared without torch
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
@@ -167,7 +168,6 @@ register_arm(
         needs_fisher=True,
     )
 )
-DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
 PEER_ARMS = ("osf", "mica", "pissa", "corda-kpm", "spectrum", "mlp-lora")
 KEEP_DATA_MARK = "uses data of what to keep"
 

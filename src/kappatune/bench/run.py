@@ -11,14 +11,13 @@ what is done and recomputes what a changed setting made stale.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import logging
 import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +25,16 @@ import torch
 from torch import nn
 
 from kappatune.bench import arms as arms_mod
-from kappatune.bench.arm_training import SparseLossLM, checkpoint_steps, train_with_checkpoints
+from kappatune.bench.arm_training import SparseLossLM, train_with_checkpoints
 from kappatune.bench.arms import Arm, ArmContext
+from kappatune.bench.config import (  # declared without torch, for the CLI's flags
+    DTYPE_NAMES,
+    PER_ARM,
+    BenchSettings,
+)
+from kappatune.bench.config import NOT_IN_KEY as NOT_IN_KEY
+from kappatune.bench.config import EvalSizes as EvalSizes
+from kappatune.bench.config import lr_grid_around as lr_grid_around
 from kappatune.bench.evaluate import BaseReference, ControlResult, control_eval, label_accuracy
 from kappatune.bench.fronts import accuracy_noise_floor, ppl_noise_floor
 from kappatune.bench.knowledge import BUILTIN as BUILTIN_KNOWLEDGE
@@ -51,157 +58,23 @@ from kappatune.bench.store import (
     RunResult,
     config_hash,
 )
-from kappatune.bench.tokenized import EvalSizes, PreparedScenario, evenly, prepare
+from kappatune.bench.tokenized import PreparedScenario, evenly, prepare
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
-from kappatune.selection.budget import Budget
+from kappatune.settings import key_fields
 from kappatune.training.data import special_tokens
 
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = 2
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def lr_grid_around(lr: float, count: int = 3, span: float = 10.0) -> tuple[float, ...]:
-    """``count`` learning rates spread evenly in log space over ``span`` x, centred on ``lr``
-    (3 significant digits): 1e-4 -> 3.16e-05, 0.0001, 0.000316."""
-    if count == 1:
-        return (lr,)
-    lo = math.log10(lr) - math.log10(span) / 2
-    step = math.log10(span) / (count - 1)
-    return tuple(float(f"{10 ** (lo + i * step):.3g}") for i in range(count))
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """Everything but the scenarios. Every field changes results unless it is listed in
-    :data:`NOT_IN_KEY` (see :func:`run_key`)."""
-
-    model: str = "gemma-3-270m"
-    arms: tuple[str, ...] = arms_mod.DEFAULT_ARMS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 16
-    checkpoints: int = 4
-    lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-arm overrides of the default
-    lr_count: int = 3  # default grid: this many rates over 10x around the arm's usual rate
-    warmups: tuple[tuple[str, int], ...] = ()
-    budget: str = "2%"
-    batch_size: int = 4
-    eval_batch_size: int = 4
-    sizes: EvalSizes = field(default_factory=EvalSizes)
-    knowledge: str = "builtin:dictd"  # builtin:dictd, a JSONL file, or "none"
-    knowledge_seed: int = 0
-    lora_fraction: float = 0.2
-    fisher_tokens: int = 1024
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    dtype: str = "float32"
-    autocast: bool = False  # bfloat16 autocast of the training steps (evaluation stays full)
-    device: str = "auto"
-    forgetting_budget: float = 1.0  # headline 2: control perplexity up at most this many %
-    bootstrap: int = 1000
-    kl_cache_mb: float = 1024.0
-
-    def __post_init__(self) -> None:
-        if not self.arms:
-            raise KappaTuneError("no arms to run (the base model is always measured)")
-        dupes = sorted({a for a in self.arms if self.arms.count(a) > 1})
-        if dupes:
-            raise KappaTuneError(f"arm(s) listed twice: {', '.join(dupes)}")
-        for a in self.arms:
-            if a == "base":
-                raise KappaTuneError("'base' is always measured; do not list it in --arms")
-            arms_mod.get_arm(a)
-        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
-            raise KappaTuneError(f"--seeds must be distinct integers, got {list(self.seeds)}")
-        for label, pairs in (("--lr-grid", self.lr_grid), ("--warmup", self.warmups)):
-            for arm, value in pairs:
-                if arm not in self.arms:
-                    raise KappaTuneError(f"{label} {arm}={value}: {arm!r} is not among --arms")
-        for arm, grid in self.lr_grid:
-            if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
-                shown = ",".join(f"{x:g}" for x in grid)
-                raise KappaTuneError(
-                    f"--lr-grid {arm}={shown}: every learning rate must be positive"
-                )
-            if len(set(grid)) != len(grid):
-                raise KappaTuneError(f"--lr-grid {arm}: a learning rate is listed twice")
-        if self.lr_count < 1:
-            raise KappaTuneError(f"--lr-count must be at least 1, got {self.lr_count}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise KappaTuneError("batch sizes must be at least 1")
-        if self.dtype not in DTYPES:
-            raise KappaTuneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise KappaTuneError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.fisher_tokens < 1:
-            raise KappaTuneError(f"--fisher-tokens must be at least 1, got {self.fisher_tokens}")
-        if not self.forgetting_budget > 0:
-            raise KappaTuneError("--forgetting-budget must be positive (percent of control ppl)")
-        if self.bootstrap < 10:
-            raise KappaTuneError("--bootstrap needs at least 10 resamples")
-        checkpoint_steps(self.steps, self.checkpoints)
-        self.budget_spec()
-
-    def budget_spec(self) -> Budget:
-        return Budget.parse_params(self.budget)
-
-    def checkpoint_steps(self) -> tuple[int, ...]:
-        return checkpoint_steps(self.steps, self.checkpoints)
-
-    def lrs_for(self, name: str) -> tuple[float, ...]:
-        given = dict(self.lr_grid)
-        if name in given:
-            return tuple(given[name])
-        return lr_grid_around(arms_mod.get_arm(name).lr, self.lr_count)
-
-    def arm(self, name: str, lr: float | None = None) -> Arm:
-        warm = dict(self.warmups)
-        return arms_mod.with_overrides(arms_mod.get_arm(name), lr, warm.get(name))
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "sizes":
-                out.update(dataclasses.asdict(value))
-            elif f.name == "lr_grid":
-                out["lr_grid"] = {a: list(self.lrs_for(a)) for a in self.arms}
-            elif f.name == "warmups":
-                out["warmups"] = {a: self.arm(a).warmup for a in self.arms}
-            elif isinstance(value, tuple):
-                out[f.name] = list(value)
-            else:
-                out[f.name] = value
-        return out
-
-
-# Settings that do not change one run's result, and why. Everything else is in the run key.
-NOT_IN_KEY = {
-    "arms": "the other arms run do not change this arm's runs (the arm is in the key)",
-    "seeds": "the run's own seed is in the key",
-    "lr_grid": "the run's own learning rate is in the key",
-    "lr_count": "the run's own learning rate is in the key",
-    "forgetting_budget": "read off the stored points when reporting",
-    "bootstrap": "resamples for the reported intervals, computed from the stored points",
-    "kl_cache_mb": "cached or recomputed, the base log-probabilities are the same numbers",
-}
-PER_ARM = {"warmups"}  # only the run's own arm's entry is in the key
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 def run_key_fields(settings: BenchSettings, arm: str) -> dict[str, Any]:
     """The settings that determine a run of ``arm``: every field but :data:`NOT_IN_KEY`."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(settings):
-        if f.name in NOT_IN_KEY:
-            continue
-        value = getattr(settings, f.name)
-        if f.name in PER_ARM:
-            value = dict(value).get(arm)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        out[f.name] = value
+    out = key_fields(settings)
+    for name in PER_ARM:
+        out[name] = dict(getattr(settings, name)).get(arm)
     return out
 
 

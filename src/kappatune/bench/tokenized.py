@@ -13,32 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kappatune.bench.config import EvalSizes as EvalSizes  # declared there
 from kappatune.bench.evaluate import EvalSequence, LabelExample, tokenize_options
 from kappatune.bench.records import Split
 from kappatune.bench.scenarios import Scenario, ScenarioData
 from kappatune.errors import KappaTuneError
 from kappatune.training.data import Example, PackConfig, TokenizedData, special_tokens, tokenize
-
-
-@dataclass(frozen=True)
-class EvalSizes:
-    seq_len: int = 64
-    task_sequences: int = 32
-    task_examples: int = 100
-    control_sequences: int = 64
-    max_row_len: int = 512
-    knowledge_questions: int = 400
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 4:
-            raise KappaTuneError(f"--seq-len must be at least 4, got {self.seq_len}")
-        for name in ("task_sequences", "task_examples", "control_sequences", "knowledge_questions"):
-            if getattr(self, name) < 1:
-                raise KappaTuneError(f"{name.replace('_', '-')} must be at least 1")
-        if self.max_row_len < self.seq_len:
-            raise KappaTuneError(
-                f"max row length {self.max_row_len} is below --seq-len {self.seq_len}"
-            )
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from collections.abc import Sequence
@@ -31,16 +32,22 @@ mlp-lora.
 Results are saved per (arm, lr, seed) after each checkpoint: rerun the same command to resume.
 """
 
+
+def _defaults() -> dict[str, Any]:
+    """The flags' built-in values (:class:`BenchSettings`' defaults); the arms stay unset, so
+    the canonical command keeps meaning "the default arms"."""
+    from kappatune.bench.config import BenchSettings, EvalSizes
+    from kappatune.settings import to_args
+
+    defaults = BenchSettings.__new__(BenchSettings)  # the defaults, unchecked (no arm registry)
+    for f in dataclasses.fields(BenchSettings):
+        object.__setattr__(
+            defaults, f.name, f.default_factory() if f.name == "sizes" else f.default
+        )
+    return {**to_args(BenchSettings, defaults), **to_args(EvalSizes, EvalSizes()), "arms": None}
+
+
 # Built-in defaults, then presets: a flag given on the command line always wins.
-DEFAULTS: dict[str, Any] = {
-    "model": "gemma-3-270m", "arms": None, "seeds": [0, 1, 2], "steps": 16, "checkpoints": 4,
-    "lr_grid": [], "lr_count": 3, "warmup": [], "budget_params": "2%", "seq_len": 64,
-    "max_row_len": 512, "batch_size": 4, "eval_batch_size": 4, "task_sequences": 32,
-    "task_examples": 100, "control_sequences": 64, "knowledge": "builtin:dictd",
-    "knowledge_questions": 400, "knowledge_seed": 0, "lora_fraction": 0.2, "fisher_tokens": 1024,
-    "dtype": "float32", "autocast": "off", "device": "auto", "forgetting_budget": 1.0,
-    "bootstrap": 1000, "kl_cache_mb": 1024.0,
-}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     # 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice: 90-120 s a run on a
     # quiet 2-core CPU, about 70 min in all (benchmarks/results/bench_cpu: the runs' timings)
@@ -63,10 +70,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every unset flag from the preset (if any), then from :data:`DEFAULTS`."""
+    """Fill every unset flag from the preset (if any), then from the settings' defaults."""
     preset = PRESETS[args.preset] if args.preset else {}
     out = argparse.Namespace(**vars(args))
-    for dest, value in DEFAULTS.items():
+    for dest, value in _defaults().items():
         if getattr(out, dest, None) is None:
             setattr(out, dest, preset.get(dest, value))
     if not out.scenarios and not out.config and not out.train and "scenarios" in preset:
@@ -122,92 +129,11 @@ def add_parser(sub: Any) -> None:
         help="cpu: about 70 min on a quiet 2-core CPU; gpu: the full grid on one GPU",
     )
     add("--config", type=Path, help="YAML/JSON file describing scenarios")
-    add(
-        "--model",
-        help="causal LM: built-in name, directory, .gguf, cached hub id (default gemma-3-270m)",
-    )
-    add(
-        "--arms",
-        nargs="+",
-        help="arms to train (default: full lora kappa kappa-lora random highest)",
-    )
-    add("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2); same seed = same data order")
-    add("--steps", type=int, help="training steps per run (default 16)")
-    add(
-        "--checkpoints",
-        type=int,
-        help="evaluations per run, evenly spaced, the last at the end (default 4)",
-    )
-    add(
-        "--lr-grid",
-        nargs="+",
-        metavar="[ARM=]LR,LR,...",
-        help="learning rates per arm, e.g. full=1e-5,3e-5,1e-4 (default: --lr-count over 10x around each arm's usual rate)",
-    )
-    add("--lr-count", type=int, help="learning rates in the default grid (default 3)")
-    add("--warmup", nargs="+", metavar="[ARM=]N", help="warm-up steps, e.g. --warmup full=4")
-    add(
-        "--budget-params",
-        help="trainable-parameter budget shared by all arms: N, 2.5M or P%% of the model (default 2%%)",
-    )
-    add("--seq-len", type=int, help="tokens per packed text row (default 64)")
-    add("--max-row-len", type=int, help="longest prompt+completion row allowed (default 512)")
-    add("--batch-size", type=int, help="training rows per step (default 4)")
-    add("--eval-batch-size", type=int, help="rows per evaluation forward pass (default 4)")
-    add("--task-sequences", type=int, help="held-out rows for perplexity tasks (default 32)")
-    add("--task-examples", type=int, help="held-out examples for label tasks (default 100)")
-    add(
-        "--control-sequences",
-        type=int,
-        help="control rows (default 64; at least 10 for the noise floor)",
-    )
-    add(
-        "--knowledge",
-        metavar="builtin:dictd|FILE.jsonl|none",
-        help="knowledge-retention questions (default builtin:dictd: Debian's dict-elements and dict-gcide)",
-    )
-    add("--knowledge-questions", type=int, help="built-in knowledge questions (default 400)")
-    add(
-        "--knowledge-seed",
-        type=int,
-        help="seed of the built-in questions' choice and distractors (default 0)",
-    )
-    add(
-        "--forgetting-budget",
-        type=float,
-        help="headline 2: best gain with control ppl up at most this %% (default 1)",
-    )
-    add(
-        "--bootstrap",
-        type=int,
-        help="bootstrap resamples for intervals and noise floors (default 1000)",
-    )
-    add(
-        "--lora-fraction",
-        type=float,
-        help="fraction of linear layers KappaTune-LoRA adapts (default 0.2)",
-    )
-    add(
-        "--fisher-tokens",
-        type=int,
-        help="training tokens for the fisher arm's scores (default 1024)",
-    )
-    add(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="weights' dtype (default float32)",
-    )
-    add(
-        "--autocast",
-        choices=("off", "bf16"),
-        help="bfloat16 autocast of training steps (default off)",
-    )
-    add(
-        "--kl-cache-mb",
-        type=float,
-        help="memory for the base model's control log-probabilities; beyond it they are recomputed (default 1024)",
-    )
-    add("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    from kappatune.bench.config import BenchSettings, EvalSizes
+    from kappatune.settings import add_flags
+
+    add_flags(p, BenchSettings, defaults=False)  # unset flags come from --preset, then defaults
+    add_flags(p, EvalSizes, defaults=False)
     add(
         "--output",
         type=Path,
@@ -271,9 +197,8 @@ def scenarios_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     """Settings from resolved arguments (see :func:`resolve`)."""
-    from kappatune.bench.arms import DEFAULT_ARMS
-    from kappatune.bench.run import BenchSettings
-    from kappatune.bench.tokenized import EvalSizes
+    from kappatune.bench.config import DEFAULT_ARMS, BenchSettings, EvalSizes
+    from kappatune.settings import from_args
 
     arms = tuple(args.arms) if args.arms else DEFAULT_ARMS
     warm_all: str | None = None
@@ -289,37 +214,24 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             raise KappaTuneError(f"cannot read --warmup {v!r}: use N or ARM=N") from None
     if warm_all is not None:
         warmups = [(a, int(warm_all)) for a in arms if a not in dict(warmups)] + warmups
-    sizes = EvalSizes(
-        seq_len=args.seq_len,
-        task_sequences=args.task_sequences,
-        task_examples=args.task_examples,
-        control_sequences=args.control_sequences,
-        max_row_len=args.max_row_len,
-        knowledge_questions=args.knowledge_questions,
+    return from_args(
+        BenchSettings,
+        args,
+        arms=arms,
+        lr_grid=tuple(_grid(args.lr_grid, arms)),
+        warmups=tuple(warmups),
+        sizes=from_args(EvalSizes, args),
     )
-    return BenchSettings(
-        model=args.model, arms=arms, seeds=tuple(args.seeds), steps=args.steps,
-        checkpoints=args.checkpoints, lr_grid=tuple(_grid(args.lr_grid, arms)),
-        lr_count=args.lr_count, warmups=tuple(warmups), budget=args.budget_params,
-        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, sizes=sizes,
-        knowledge=args.knowledge, knowledge_seed=args.knowledge_seed,
-        lora_fraction=args.lora_fraction, fisher_tokens=args.fisher_tokens, dtype=args.dtype,
-        autocast=args.autocast == "bf16", device=args.device,
-        forgetting_budget=args.forgetting_budget, bootstrap=args.bootstrap,
-        kl_cache_mb=args.kl_cache_mb,
-    )  # fmt: skip
 
 
-_FLAGS = (
-    "config", *DEFAULTS, "output", "name", "train", "heldout", "control", "task_metric", "options",
-    "template",
-)  # fmt: skip
+_SCENARIO_FLAGS = ("output", "name", "train", "heldout", "control", "task_metric", "options",
+                   "template")  # fmt: skip
 
 
 def canonical_command(args: argparse.Namespace) -> str:
     """The command with every setting spelled out (what reproduces this run, preset resolved)."""
     words = ["kappatune", "bench", *args.scenarios]
-    for dest in _FLAGS:
+    for dest in ("config", *_defaults(), *_SCENARIO_FLAGS):
         value = getattr(args, dest, None)
         if value is None or value == []:
             continue
@@ -404,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "command": command,
         "preset": args.preset,
-        "settings": settings.to_json(),
+        "settings": settings.resolved_json(),
         "scenarios": [s.to_json() for s in scenarios],
     }
     curves: dict[tuple[str, str], list[list[float]]] = {}
