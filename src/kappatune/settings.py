@@ -265,10 +265,19 @@ def from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
 
 def to_args(cls: Any, settings: Any) -> dict[str, Any]:
     """The flag values (by destination) that :func:`from_args` turns into ``settings``."""
+    return _as_args(cls, {f.name: getattr(settings, f.name) for f in cli_fields(cls)})
+
+
+def flag_defaults(cls: Any) -> dict[str, Any]:
+    """The flag values (by destination) of the fields' defaults, without building ``cls``."""
+    return _as_args(cls, {f.name: _default(f) for f in cli_fields(cls)})
+
+
+def _as_args(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     hints = _hints(cls)
     out: dict[str, Any] = {}
     for f in cli_fields(cls):
-        value = getattr(settings, f.name)
+        value = values[f.name]
         choices = _choices(f)
         if isinstance(choices, Mapping):
             value = next(k for k, v in choices.items() if v == value)
@@ -390,6 +399,7 @@ __all__ = [
     "cli_fields",
     "dest_of",
     "digest",
+    "flag_defaults",
     "flag_of",
     "flags_of",
     "from_args",

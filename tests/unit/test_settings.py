@@ -397,3 +397,29 @@ def test_from_json_refuses_a_non_object_and_a_bad_value_in_one_line() -> None:
         settings.from_json(StopRule, [1])  # type: ignore[arg-type]
     with pytest.raises(KappaTuneError, match="EMA decay must be in"):
         settings.from_json(StopRule, {"ema_decay": 2})
+
+
+@pytest.mark.parametrize(
+    "cls", [AnalyzeOptions, SelectOptions, ProbeSettings, DemoSettings, BenchSettings, EvalSizes]
+)
+def test_flag_values_round_trip(cls: type) -> None:
+    obj = CHANGED[cls]
+    args = argparse.Namespace(**settings.to_args(cls, obj))
+    given = {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(cls)
+        if not f.metadata.get("cli", True)
+    }
+    if cls is SelectOptions:  # --quota takes TYPE=N words
+        args.quota = [f"{k}={v}" for k, v in obj.quotas]
+    if cls is BenchSettings:  # per-arm words: the CLI parses them knowing the arms
+        given |= {"lr_grid": obj.lr_grid, "warmups": obj.warmups}
+    assert settings.from_args(cls, args, **given) == obj
+
+
+def test_bench_presets_name_only_bench_flags() -> None:
+    from kappatune.cli import bench as cli_bench
+
+    known = set(cli_bench._defaults()) | {"scenarios"}
+    for name, preset in cli_bench.PRESETS.items():
+        assert set(preset) <= known, name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 from collections.abc import Sequence
@@ -37,14 +36,9 @@ def _defaults() -> dict[str, Any]:
     """The flags' built-in values (:class:`BenchSettings`' defaults); the arms stay unset, so
     the canonical command keeps meaning "the default arms"."""
     from kappatune.bench.config import BenchSettings, EvalSizes
-    from kappatune.settings import to_args
+    from kappatune.settings import flag_defaults
 
-    defaults = BenchSettings.__new__(BenchSettings)  # the defaults, unchecked (no arm registry)
-    for f in dataclasses.fields(BenchSettings):
-        object.__setattr__(
-            defaults, f.name, f.default_factory() if f.name == "sizes" else f.default
-        )
-    return {**to_args(BenchSettings, defaults), **to_args(EvalSizes, EvalSizes()), "arms": None}
+    return {**flag_defaults(BenchSettings), **flag_defaults(EvalSizes), "arms": None}
 
 
 # Built-in defaults, then presets: a flag given on the command line always wins.
