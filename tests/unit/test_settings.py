@@ -368,6 +368,7 @@ def test_a_newly_registered_policy_is_accepted_by_select(
         ("bench", "--device", "kappatune.devices:DEVICES"),
         ("bench", "--dtype", "kappatune.bench.config:DTYPE_NAMES"),
         ("bench", "--preset", "kappatune.cli.bench:PRESETS"),
+        ("bench", "--task-metric", "kappatune.bench.scenarios:TASK_METRICS"),
     ],
 )
 def test_cli_choices_come_from_their_registries(command: str, flag: str, registry: str) -> None:
@@ -378,6 +379,15 @@ def test_cli_choices_come_from_their_registries(command: str, flag: str, registr
     known = tuple(value()) if callable(value) else tuple(value)
     action = next(a for a in _subparser(command)._actions if flag in a.option_strings)
     assert tuple(action.choices or ()) == known
+
+
+def test_select_formats_are_the_exporters() -> None:
+    from kappatune.cli.select import FORMATS
+    from kappatune.selection.exports import EXPORTERS
+
+    assert tuple(FORMATS) == tuple(EXPORTERS)  # the exporters import torch; the CLI may not
+    action = next(a for a in _subparser("select")._actions if "--format" in a.option_strings)
+    assert tuple(action.choices or ()) == tuple(EXPORTERS)
 
 
 # --------------------------------------------------------------------------- the module itself

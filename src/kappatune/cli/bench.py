@@ -110,12 +110,14 @@ def add_parser(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from kappatune.bench.scenarios import BUILTIN_SCENARIOS, TASK_METRICS
+
     add = p.add_argument
     add(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="built-in scenarios: code, digits (default: both)",
+        help=f"built-in scenarios: {', '.join(BUILTIN_SCENARIOS)} (default: all of them)",
     )
     add(
         "--preset",
@@ -142,7 +144,7 @@ def add_parser(sub: Any) -> None:
     )
     g.add_argument("--heldout", help="task held-out data")
     g.add_argument("--control", help="control data (what the model should not forget)")
-    g.add_argument("--task-metric", choices=("perplexity", "accuracy"), default="perplexity")
+    g.add_argument("--task-metric", choices=TASK_METRICS, default=TASK_METRICS[0])
     g.add_argument("--options", nargs="+", default=[], help="label options of an accuracy task")
     g.add_argument(
         "--template", help="prompt template of label records (default '{text}\\nLabel: ')"
