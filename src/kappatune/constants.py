@@ -3,3 +3,6 @@
 # Tokens the model samples itself for the self-Fisher scores: 4 sequences of 128
 # (benchmarks/results/self_fisher_stability.md).
 SELF_FISHER_TOKENS = 508
+
+# Predicted tokens of the task data for the Fisher scores (FisherOptions, select --fisher-tokens).
+FISHER_TOKENS = 4096

@@ -45,6 +45,7 @@ import torch
 from kappatune import settings
 from kappatune.analysis import names
 from kappatune.analysis.fisher_batched import DEFAULT_BATCH
+from kappatune.constants import FISHER_TOKENS
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import check_schema, decode_float, encode_float
 from kappatune.settings import setting
@@ -76,7 +77,7 @@ class FisherOptions:
         choices=lambda: KINDS,
         help="labels sampled from the model (true) and/or the data's labels (empirical)",
     )
-    tokens: int = setting(4096, help="predicted tokens to use")
+    tokens: int = setting(FISHER_TOKENS, help="predicted tokens to use")
     seed: int = setting(0, help="seed of the data sample and of label sampling")
     damping: float = setting(
         1e-8, flag="--lambda", help="damping of the log-volume 1/2 sum log(F_ii + lambda)"

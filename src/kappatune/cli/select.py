@@ -56,10 +56,15 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
         metavar="FILE",
         help="data to compute Fisher scores on for --policy fisher",
     )
-    g.add_argument(
-        "--fisher-tokens", type=int, default=4096, help="tokens for --fisher-data (default: 4096)"
-    )
+    from kappatune.constants import FISHER_TOKENS
     from kappatune.constants import SELF_FISHER_TOKENS as DEFAULT_TOKENS
+
+    g.add_argument(
+        "--fisher-tokens",
+        type=int,
+        default=FISHER_TOKENS,
+        help=f"tokens for --fisher-data (default: {FISHER_TOKENS})",
+    )
 
     g.add_argument(
         "--self-fisher-tokens",
