@@ -40,7 +40,7 @@ def test_every_help_text_prints_plain_percent_signs(capsys) -> None:  # type: ig
     for command, text in texts.items():
         assert "%%" not in text, command
     assert "--budget-params 10% --format peft" in texts[""]
-    assert "or P% of the model (default 2%)" in texts["bench"]
+    assert "or P% of the model (default: 2%)" in texts["bench"]
 
 
 def test_version(capsys) -> None:  # type: ignore[no-untyped-def]
