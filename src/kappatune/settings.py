@@ -45,9 +45,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -386,16 +387,21 @@ def flags_of(cls: Any) -> dict[str, str]:
     return {f.name: flag_of(f) for f in cli_fields(cls)}
 
 
-def check_choices(value: str, known: Sequence[str], what: str) -> None:
-    """One line naming the known values when ``value`` is not one of them."""
-    if value not in known:
-        raise KappaTuneError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+def check_regexes(**patterns: str | None) -> None:
+    """One line naming the flag (``--include``) when a given pattern is not a valid regex."""
+    for name, pattern in patterns.items():
+        if pattern is None:
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise KappaTuneError(f"invalid --{name} regex {pattern!r}: {exc}") from None
 
 
 __all__ = [
     "add_flags",
     "argument_group",
-    "check_choices",
+    "check_regexes",
     "cli_fields",
     "dest_of",
     "digest",

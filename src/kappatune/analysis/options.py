@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kappatune.devices import DEVICES
 from kappatune.errors import KappaTuneError
-from kappatune.settings import setting
+from kappatune.settings import check_regexes, setting
 
 if TYPE_CHECKING:
     import torch
@@ -64,12 +63,7 @@ class AnalyzeOptions:
     )
 
     def __post_init__(self) -> None:
-        for label, pattern in (("include", self.include), ("exclude", self.exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise KappaTuneError(f"invalid --{label} regex {pattern!r}: {exc}") from None
+        check_regexes(include=self.include, exclude=self.exclude)
         if self.max_dim is not None and self.max_dim < 1:
             raise KappaTuneError(f"--max-dim must be at least 1, got {self.max_dim}")
         if self.device not in DEVICES:

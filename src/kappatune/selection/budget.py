@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI cho
     from kappatune.analysis.spectra import SpectrumRow
 
 from kappatune.selection.policies import row_kappa
-from kappatune.settings import setting
+from kappatune.settings import check_regexes, setting
 
 _PARAM_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -205,12 +205,7 @@ class SelectOptions:
             raise KappaTuneError(
                 f"unknown fill mode {self.fill!r} (known: {', '.join(FILL_MODES)})"
             )
-        for label, pattern in (("include", self.include), ("exclude", self.exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise KappaTuneError(f"invalid --{label} regex {pattern!r}: {exc}") from None
+        check_regexes(include=self.include, exclude=self.exclude)
         seen: set[str] = set()
         for kind, count in self.quotas:
             if kind in seen:
