@@ -38,7 +38,7 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -49,6 +49,7 @@ from kappatune.jsonio import check_schema, decode_float, encode_float
 
 if TYPE_CHECKING:
     from kappatune.analysis.spectra import SpectrumRow
+    from kappatune.training.data import TokenizedData
     from kappatune.training.layout import Part
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ IGNORE_INDEX = -100
 ProgressHook = Callable[[int, int], None]
 Example = Mapping[str, torch.Tensor]
 Key = tuple[str, int]
+Plan = Sequence[tuple[Example, int]]  # examples and the predicted tokens each one contributes
 
 
 # --------------------------------------------------------------------------- options
@@ -123,7 +125,22 @@ class Objective(Protocol):
         ...
 
 
-def _logits_of(output: Any) -> torch.Tensor:
+@runtime_checkable
+class BatchedObjective(Objective, Protocol):
+    """An objective that can also predict a batch of equally long examples in one pass."""
+
+    def lead(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        """The leading (example, ...) dimensions of a batch's activations."""
+        ...
+
+    def batch_predictions(
+        self, model: torch.nn.Module, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, P, V)`` and labels ``(B, P)`` of the batch."""
+        ...
+
+
+def _logits_of(output: object) -> torch.Tensor:
     logits = getattr(output, "logits", output)
     if isinstance(output, tuple | list):
         logits = output[0]
@@ -542,7 +559,7 @@ def fisher_diagonals(
         progress(0, options.tokens)
     looped = [n for n, _ in named]
     with _grad_only_for(model, [p for _, p in named]):
-        if batch_size > 1 and hasattr(objective, "batch_predictions"):
+        if batch_size > 1 and isinstance(objective, BatchedObjective):
             from kappatune.analysis.fisher_batched import run_batched
 
             looped = run_batched(model, named, plan, objective, options, accs, batch_size, progress)
@@ -680,7 +697,7 @@ def fisher_scores(
     return row_scores(parts, diagonals.tensors[kind], rows, measure, damping)
 
 
-def examples_from_tokenized(data: Any) -> list[dict[str, torch.Tensor]]:
+def examples_from_tokenized(data: TokenizedData) -> list[dict[str, torch.Tensor]]:
     """Causal-LM examples from :class:`kappatune.training.data.TokenizedData` rows (labels kept)."""
     return [
         {

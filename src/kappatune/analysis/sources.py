@@ -16,7 +16,6 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import torch
 
@@ -83,7 +82,7 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
-def _shard(root: Path, index: Path, name: Any) -> Path:
+def _shard(root: Path, index: Path, name: object) -> Path:
     """The shard an index names, refused unless it is a relative path inside ``root``."""
     if not isinstance(name, str):
         raise KappaTuneError(

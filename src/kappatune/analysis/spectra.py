@@ -10,10 +10,10 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -193,11 +193,11 @@ class Analysis:
                 source=str(d["source"]),
                 fingerprint=str(d["fingerprint"]),
                 tensors=tuple(
-                    _loaded(SpectrumRow, "tensors", i, r, version)
+                    _loaded(lambda x: SpectrumRow.from_json(x, version), "tensors", i, r)
                     for i, r in enumerate(d["tensors"])
                 ),
                 skipped=tuple(
-                    _loaded(SkippedRow, "skipped", i, s, version)
+                    _loaded(SkippedRow.from_json, "skipped", i, s, full=False)
                     for i, s in enumerate(d["skipped"])
                 ),
                 schema_version=version,
@@ -227,17 +227,18 @@ class Analysis:
 
 _MAX_COUNT = 2**62  # no dimension or element count of a real tensor comes near this
 _NONNEGATIVE = ("sigma_max", "sigma_min", "stable_rank", "effective_rank")
+_Row = TypeVar("_Row", "SpectrumRow", "SkippedRow")
 
 
-def _loaded(kind: Any, section: str, index: int, row: Any, version: int) -> Any:
-    """``kind.from_json(row)`` after :func:`check_row_json`; errors name the row."""
+def _loaded(
+    load: Callable[[Mapping[str, Any]], _Row], section: str, index: int, row: Any, full: bool = True
+) -> _Row:
+    """``load(row)`` after :func:`check_row_json`; errors name the row."""
     name = row.get("name") if isinstance(row, dict) else None
     where = f"{section}[{index}]" + (f" ({name})" if isinstance(name, str) else "")
     try:
-        check_row_json(row, full=kind is SpectrumRow)
-        if kind is SpectrumRow:
-            return SpectrumRow.from_json(row, version)
-        return kind.from_json(row)
+        check_row_json(row, full=full)
+        return load(row)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         problem = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise KappaTuneError(f"malformed analysis JSON: {where}: {problem}") from None
@@ -445,7 +446,7 @@ class _ByteBudget:
                 self._cond.notify_all()
 
 
-def _blas_single_thread(workers: int) -> Any:
+def _blas_single_thread(workers: int) -> AbstractContextManager[object]:
     if workers <= 1:
         return nullcontext()
     from threadpoolctl import threadpool_limits
