@@ -259,9 +259,7 @@ def _passes(
     return out
 
 
-def _forward(
-    job: _Job, batch: Plan, grad: bool
-) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
+def _forward(job: _Job, batch: Plan, grad: bool) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
     """The batch's logits and labels (cut to each example's budget), its module calls recorded."""
     from kappatune.analysis.fisher import _limit_labels
 

@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +32,7 @@ from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
     from kappatune.analysis.fisher import Key, ProgressHook
     from kappatune.analysis.spectra import SpectrumRow
 
