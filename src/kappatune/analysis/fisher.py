@@ -676,9 +676,34 @@ def fisher_scores(
     With ``rows`` (an analysis of the checkpoint files), the scores are those rows' (see
     :func:`row_scores`) and only the parameters they live in are measured.
     """
+    options = _score_options(kind, measure, tokens, seed, damping)
+    return _fisher_scores(
+        model, examples, options, measure, objective=objective, only=only, rows=rows,
+        progress=progress, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def _score_options(
+    kind: str, measure: str, tokens: int, seed: int, damping: float
+) -> FisherOptions:
     if measure not in MEASURES:
         raise KappaTuneError(f"unknown Fisher measure {measure!r} (known: {', '.join(MEASURES)})")
-    options = FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
+    return FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
+
+
+def _fisher_scores(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    options: FisherOptions,
+    measure: str,
+    *,
+    objective: Objective | None = None,
+    only: Collection[str] | None = None,
+    rows: Sequence[SpectrumRow] | None = None,
+    progress: ProgressHook | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict[Key, float]:
+    (kind,) = options.kinds
     if rows is None:
         result = compute_fisher(
             model, examples, options, objective=objective, only=only, progress=progress,
@@ -694,7 +719,7 @@ def fisher_scores(
         model, examples, options, objective=objective, only=params, progress=progress,
         batch_size=batch_size,
     )  # fmt: skip
-    return row_scores(parts, diagonals.tensors[kind], rows, measure, damping)
+    return row_scores(parts, diagonals.tensors[kind], rows, measure, options.damping)
 
 
 def examples_from_tokenized(data: TokenizedData) -> list[dict[str, torch.Tensor]]:
@@ -721,9 +746,9 @@ def load_model_and_examples(
     from kappatune.training.data import PackConfig, load_tokenized
     from kappatune.training.models import load_causal_lm
 
-    PackConfig(seq_len=seq_len)  # validate before loading anything heavy
+    pack = PackConfig(seq_len=seq_len)  # validated before anything heavy is loaded
     model, tokenizer = load_causal_lm(model_spec, dtype=dtype)
-    data = load_tokenized(list(data_files), tokenizer, PackConfig(seq_len=seq_len))
+    data = load_tokenized(list(data_files), tokenizer, pack)
     examples = examples_from_tokenized(data)
     stats = {
         "sequences": len(data),
@@ -751,11 +776,6 @@ def fisher_scores_for(
     files into ``seq_len`` rows with :mod:`kappatune.training.data` (BOS first in each row), and returns
     :func:`fisher_scores` keyed like ``SpectrumRow.key``. For the select/train/bench commands.
     """
-    FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)  # validate first
-    if measure not in MEASURES:
-        raise KappaTuneError(f"unknown Fisher measure {measure!r} (known: {', '.join(MEASURES)})")
+    options = _score_options(kind, measure, tokens, seed, damping)  # before anything heavy
     model, examples, _ = load_model_and_examples(model_spec, data_files, seq_len=seq_len)
-    return fisher_scores(
-        model, examples, kind=kind, measure=measure, tokens=tokens, seed=seed, damping=damping,
-        rows=rows, progress=progress,
-    )  # fmt: skip
+    return _fisher_scores(model, examples, options, measure, rows=rows, progress=progress)
