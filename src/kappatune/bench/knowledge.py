@@ -18,12 +18,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kappatune.bench.evaluate import _pad, accepts_logits_to_keep, model_device
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DICTD_DIR = Path("/usr/share/dictd")
 BUILTIN = "builtin:dictd"
@@ -257,7 +260,7 @@ class TokenizedQuestion:
 
 
 def tokenize_questions(
-    tokenizer: Any, questions: Sequence[Question], prefix: Sequence[int]
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question], prefix: Sequence[int]
 ) -> tuple[TokenizedQuestion, ...]:
     """Prompt (after ``prefix``) and each option as it follows the prompt; every option must
     tokenize to at least one known token and the options of a question must differ in ids."""
@@ -372,7 +375,7 @@ def mc_accuracy(
     return McResult(tuple(correct))
 
 
-def single_token(tokenizer: Any) -> Accept:
+def single_token(tokenizer: PreTrainedTokenizerBase) -> Accept:
     """Accepts an answer that the tokenizer writes as one known token."""
     unk = getattr(tokenizer, "unk_token_id", None)
 

@@ -14,11 +14,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.bench.summary import ArmSummary, SeedPoint
 from kappatune.bench.verdict import MeasureVerdict, interval_text, sentences
 from kappatune.jsonio import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_float
+
+if TYPE_CHECKING:  # rich and matplotlib are imported when a table or a plot is made
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from rich.table import Table
 
 SCHEMA_VERSION = 2
 COLUMNS = (
@@ -115,7 +120,7 @@ def _knowledge(row: ArmSummary, n: float) -> str:
 
 def rich_table(
     rows: Sequence[ArmSummary], title: str, floors: Mapping[str, Mapping[str, float]] | None = None
-) -> Any:
+) -> Table:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
@@ -241,11 +246,22 @@ def _gain_unit(metric: str | None) -> str:
     return "accuracy change, pp" if metric == "accuracy" else "held-out ppl drop, %"
 
 
-def _png(fig: Any, axes: Any, used: int) -> bytes:
+def _panels(rows: int, cols: int, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """A figure of ``rows`` x ``cols`` panels drawn off-screen, its axes in reading order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return fig, list(axes.flat)
+
+
+def _png(fig: Figure, axes: Sequence[Axes], used: int) -> bytes:
     """The figure as PNG bytes (axes past the first ``used`` hidden); closes the figure."""
     import matplotlib.pyplot as plt
 
-    for ax in list(axes.flat)[used:]:
+    for ax in axes[used:]:
         ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -257,17 +273,14 @@ def _png(fig: Any, axes: Any, used: int) -> bytes:
 def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> bytes:
     """One panel per (scenario, forgetting measure): every arm's mean points, its front as a
     line; arrows mark the better direction on both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     cols = max(1, min(len(vs), 3))
     rows = max(1, math.ceil(len(vs) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.6 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = _panels(rows, cols, (5.5 * cols, 4.6 * rows))
+    cmap = colormaps["tab10"]
     arms = list(dict.fromkeys(a.arm for v in vs for a in v.arms))
-    for ax, v in zip(axes.flat, vs, strict=False):
+    for ax, v in zip(axes, vs, strict=False):
         for a in v.arms:
             i = arms.index(a.arm)
             xs = [p.gain for p in a.front]
@@ -291,17 +304,14 @@ def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> byte
 
 def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str]) -> bytes:
     """Every (arm, lr, seed, checkpoint) point: task gain (x) against control ppl rise (y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     panels = sorted({p.scenario for p in points})
     arms = list(dict.fromkeys(p.arm for p in points))
     cols = max(1, min(len(panels), 2))
-    fig, axes = plt.subplots(1, cols, figsize=(6 * cols, 4.5), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, scenario in zip(axes.flat, panels, strict=False):
+    fig, axes = _panels(1, cols, (6 * cols, 4.5))
+    cmap = colormaps["tab10"]
+    for ax, scenario in zip(axes, panels, strict=False):
         for i, arm in enumerate(arms):
             sel = [p for p in points if (p.scenario, p.arm) == (scenario, arm)]
             if sel:
@@ -319,18 +329,13 @@ def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str])
 
 def loss_curves_png(curves: Mapping[tuple[str, str], Sequence[Sequence[float]]]) -> bytes:
     """Training loss per step, one panel per scenario, one line per (arm, seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     scenarios = sorted({s for s, _ in curves})
     arms = list(dict.fromkeys(a for _, a in curves))
-    fig, axes = plt.subplots(
-        1, max(1, len(scenarios)), figsize=(6 * max(1, len(scenarios)), 4), squeeze=False
-    )
-    cmap = plt.get_cmap("tab10")
-    for ax, scenario in zip(axes.flat, scenarios, strict=False):
+    fig, axes = _panels(1, max(1, len(scenarios)), (6 * max(1, len(scenarios)), 4))
+    cmap = colormaps["tab10"]
+    for ax, scenario in zip(axes, scenarios, strict=False):
         for i, arm in enumerate(arms):
             for j, losses in enumerate(curves.get((scenario, arm), ())):
                 ax.plot(range(1, len(losses) + 1), losses, color=cmap(i % 10), lw=1, alpha=0.8,
