@@ -247,6 +247,7 @@ def _progress_bars(settings: ProbeSettings) -> tuple[ProbeProgress, Callable[[],
 
 
 def run(args: argparse.Namespace) -> int:
+    from kappatune.cli.console import wide_console
     from kappatune.cli.quiet import quiet_transformers
     from kappatune.outputs import write_all
     from kappatune.probe.run import run_probe
@@ -273,22 +274,13 @@ def run(args: argparse.Namespace) -> int:
         rendered.append(("CSV", args.csv, report.csv_text().encode("utf-8")))
     if args.plot:
         rendered.append(("plot", args.plot, report.png()))
-    console = _console()
+    console = wide_console(160)
     _print_report(console, args.model, args.top, report)
     write_all([(path, payload) for _, path, payload in rendered])
     for label, path, _ in rendered:
         console.print(f"wrote {label}: {path}")
     console.print(report.conclusion(), soft_wrap=True)
     return 0
-
-
-def _console() -> Console:
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 160)
-    return console
 
 
 def _print_report(console: Console, model: str, top: int, report: ProbeReport) -> None:

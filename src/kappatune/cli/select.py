@@ -349,8 +349,7 @@ def check_output(path: Path | None, fmt: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from kappatune.cli.console import wide_console
     from kappatune.outputs import write_all
     from kappatune.selection.exports import render
 
@@ -365,9 +364,7 @@ def run(args: argparse.Namespace) -> int:
     model_type = None if args.source.endswith(".json") else model_type_of(args.source)
     text = render(selection, args.format, model_type)
     stdout = to_stdout(args.output)
-    console = Console(highlight=False, stderr=stdout)  # the export alone on stdout
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
+    console = wide_console(stderr=stdout)  # the export alone on stdout
     print_selection(console, selection, args.top)
     if stdout:
         sys.stdout.write(text)

@@ -42,8 +42,9 @@ def estimates(args: argparse.Namespace, lora_settings: Any) -> list[Any]:
 
 
 def run_dry(args: argparse.Namespace, lora_settings: Any) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from kappatune.cli.console import wide_console
 
     rows = estimates(args, lora_settings)
     table = Table(
@@ -73,9 +74,7 @@ def run_dry(args: argparse.Namespace, lora_settings: Any) -> int:
             f"{transient / _MB:,.0f}",
             f"{e.total / _MB:,.0f}",
         )
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
+    console = wide_console()
     console.print(table)
     console.print(
         "* the --method asked for. Total = weights + gradients + optimizer state + the larger of"
