@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.policies import policy_names  # the registry; importing it loads no torch
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kappatune.analysis.fisher import Key
+    from kappatune.analysis.spectra import Analysis, SpectrumRow
+    from kappatune.selection.budget import Budget, SelectOptions
+    from kappatune.selection.core import Selection
 
 SELF_FISHER_POLICIES = ("self-fisher", "interference")
 TASK_FISHER_POLICIES = ("fisher", "interference")
@@ -144,7 +153,7 @@ def add_parser(sub: Any) -> None:
 # --------------------------------------------------------------------------- shared helpers
 
 
-def budget_from_args(args: argparse.Namespace) -> Any:
+def budget_from_args(args: argparse.Namespace) -> Budget | None:
     from kappatune.selection.budget import Budget
 
     if args.budget_tensors is not None:
@@ -160,7 +169,7 @@ def budget_from_args(args: argparse.Namespace) -> Any:
     return Budget(fraction=DEFAULT_FRACTION)
 
 
-def options_from_args(args: argparse.Namespace) -> Any:
+def options_from_args(args: argparse.Namespace) -> SelectOptions:
     from kappatune.selection.budget import SelectOptions, parse_quota
 
     return SelectOptions(
@@ -205,7 +214,9 @@ def validate_selection_args(args: argparse.Namespace) -> None:
     options_from_args(args)
 
 
-def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | None = None) -> Any:
+def load_analysis(
+    source: str, progress_desc: str = "analyzing", policy: str | None = None
+) -> Analysis:
     """An Analysis from a JSON file, or computed (cached) from a checkpoint.
 
     Policies other than ``snr`` need kappa only, so they take the faster kappa-only route (rows
@@ -233,7 +244,7 @@ def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | N
         bar.close()
 
 
-def _read_fisher_scores(path: Path) -> Any:
+def _read_fisher_scores(path: Path) -> dict[Key, float]:
     from kappatune.analysis import fisher
 
     try:
@@ -245,7 +256,9 @@ def _read_fisher_scores(path: Path) -> Any:
     return fisher.FisherResult.from_json(data).scores("mean")
 
 
-def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
+def _self_fisher_scores(
+    args: argparse.Namespace, model_spec: str, rows: Sequence[SpectrumRow]
+) -> dict[Key, float]:
     from kappatune.analysis.self_fisher import SelfFisherOptions, policy_scores_for
     from kappatune.cli.quiet import quiet_transformers
 
@@ -261,7 +274,9 @@ def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) ->
     )
 
 
-def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
+def _fisher_scores(
+    args: argparse.Namespace, model_spec: str, rows: Sequence[SpectrumRow]
+) -> dict[Key, float]:
     from kappatune.analysis import fisher
 
     if args.fisher_scores:
@@ -272,8 +287,11 @@ def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
 
 
 def selection_from_args(
-    args: argparse.Namespace, analysis: Any, model_spec: str | None = None, budget: Any = None
-) -> Any:
+    args: argparse.Namespace,
+    analysis: Analysis,
+    model_spec: str | None = None,
+    budget: Budget | None = None,
+) -> Selection:
     """The selection the flags ask for; ``budget`` (a Budget) replaces the budget flags."""
     from kappatune.selection.core import select
 
@@ -287,7 +305,7 @@ def selection_from_args(
     return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
 
 
-def print_selection(console: Any, selection: Any, top: int) -> None:
+def print_selection(console: Console, selection: Selection, top: int) -> None:
     from rich.table import Table
 
     console.print(f"[bold]{selection.source}[/bold]  {selection.describe()}")
