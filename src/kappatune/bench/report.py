@@ -12,7 +12,7 @@ import html
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -394,35 +394,48 @@ def verdict_text(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> li
     return out
 
 
-def markdown_report(
-    rows: Sequence[ArmSummary],
-    vs: Sequence[MeasureVerdict],
-    meta: Mapping[str, Any],
-    notes: Sequence[str],
-    metrics: Mapping[str, str],
-    floors: Mapping[str, Mapping[str, float]],
-    conclusion: str,
-) -> str:
-    parts = ["# kappatune bench\n", f"**Verdict.** {conclusion}\n"]
-    parts.append("".join(f"- {s}\n" for s in verdict_text(vs, metrics)))
+@dataclass(frozen=True)
+class ReportContent:
+    """What the Markdown and the HTML report both show."""
+
+    rows: Sequence[ArmSummary]
+    vs: Sequence[MeasureVerdict]
+    meta: Mapping[str, Any]
+    notes: Sequence[str]
+    metrics: Mapping[str, str]
+    floors: Mapping[str, Mapping[str, float]]
+    conclusion: str
+
+    def command(self) -> str:
+        return str(self.meta.get("command", ""))
+
+    def settings(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.meta.get("settings", {}).items())
+
+    def headline_rows(self) -> list[list[str]]:
+        units = {s: (" pp" if m == "accuracy" else " %") for s, m in self.metrics.items()}
+        return headline_rows(self.vs, units)
+
+
+def markdown_report(c: ReportContent) -> str:
+    parts = ["# kappatune bench\n", f"**Verdict.** {c.conclusion}\n"]
+    parts.append("".join(f"- {s}\n" for s in verdict_text(c.vs, c.metrics)))
     parts.append("![Pareto fronts](pareto.png)\n")
-    parts.append(f"Command: `{meta.get('command', '')}`\n")
-    setting = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
-    parts.append(f"Settings: {setting}\n")
+    parts.append(f"Command: `{c.command()}`\n")
+    parts.append(f"Settings: {c.settings()}\n")
     parts.append(EXPLAIN + "\n")
-    parts.append("".join(f"- {line}\n" for line in floor_lines(floors)))
-    units = {s: (" pp" if m == "accuracy" else " %") for s, m in metrics.items()}
+    parts.append("".join(f"- {line}\n" for line in floor_lines(c.floors)))
     parts.append("## Headline numbers\n")
-    parts.append(_md(HEADLINE_COLUMNS, headline_rows(vs, units)))
-    comp = comparison_rows(vs)
+    parts.append(_md(HEADLINE_COLUMNS, c.headline_rows()))
+    comp = comparison_rows(c.vs)
     if comp:
         parts.append("## Differences at matched gain (negative: the reference forgets less)\n")
         parts.append(_md(COMPARISON_COLUMNS, comp))
     parts.append("## Every point (mean over seeds)\n")
-    parts.append(markdown_table(rows, floors))
-    if notes:
+    parts.append(markdown_table(c.rows, c.floors))
+    if c.notes:
         parts.append("## Notes\n")
-        parts.append("".join(f"- {n}\n" for n in notes))
+        parts.append("".join(f"- {n}\n" for n in c.notes))
     parts.append("![task gain vs forgetting](gain_vs_forgetting.png)\n")
     parts.append("![training loss](loss_curves.png)\n")
     return "\n".join(parts)
@@ -434,16 +447,7 @@ def _html_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def html_report(
-    rows: Sequence[ArmSummary],
-    vs: Sequence[MeasureVerdict],
-    meta: Mapping[str, Any],
-    notes: Sequence[str],
-    metrics: Mapping[str, str],
-    floors: Mapping[str, Mapping[str, float]],
-    conclusion: str,
-    images: Mapping[str, bytes],
-) -> str:
+def html_report(c: ReportContent, images: Mapping[str, bytes]) -> str:
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
@@ -451,28 +455,26 @@ def html_report(
         "code{background:#f4f4f4;padding:2px 4px}"
     )
     esc = html.escape
-    body = [f"<h1>kappatune bench</h1><p><b>Verdict.</b> {esc(conclusion)}</p>"]
-    body.append("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in verdict_text(vs, metrics)) + "</ul>")
+    body = [f"<h1>kappatune bench</h1><p><b>Verdict.</b> {esc(c.conclusion)}</p>"]
+    body.append(
+        "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in verdict_text(c.vs, c.metrics)) + "</ul>"
+    )
     for name, png in images.items():
         data = base64.b64encode(png).decode("ascii")
         body.append(
             f'<h2>{esc(name)}</h2><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
         )
-    body.append(f"<p>Command: <code>{esc(str(meta.get('command', '')))}</code></p>")
-    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
-    body.append(f"<p>Settings: {esc(settings)}</p><p>{esc(EXPLAIN)}</p>")
-    body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in floor_lines(floors)) + "</ul>")
-    units = {s: (" pp" if m == "accuracy" else " %") for s, m in metrics.items()}
-    body.append(
-        "<h2>Headline numbers</h2>" + _html_table(HEADLINE_COLUMNS, headline_rows(vs, units))
-    )
-    comp = comparison_rows(vs)
+    body.append(f"<p>Command: <code>{esc(c.command())}</code></p>")
+    body.append(f"<p>Settings: {esc(c.settings())}</p><p>{esc(EXPLAIN)}</p>")
+    body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in floor_lines(c.floors)) + "</ul>")
+    body.append("<h2>Headline numbers</h2>" + _html_table(HEADLINE_COLUMNS, c.headline_rows()))
+    comp = comparison_rows(c.vs)
     if comp:
         body.append("<h2>Differences at matched gain</h2>" + _html_table(COMPARISON_COLUMNS, comp))
     body.append("<h2>Every point (mean over seeds)</h2>")
-    body.append(_html_table(COLUMNS, [cells(r, floors.get(r.scenario)) for r in rows]))
-    if notes:
-        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    body.append(_html_table(COLUMNS, [cells(r, c.floors.get(r.scenario)) for r in c.rows]))
+    if c.notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in c.notes) + "</ul>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>kappatune bench</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
@@ -506,8 +508,9 @@ def write_report(
     files["summary.json"] = summary_json(rows, points, vs, meta)
     files["summary.csv"] = summary_csv(rows)
     files["seeds.csv"] = seeds_csv(points)
-    files["report.md"] = markdown_report(rows, vs, meta, notes, metrics, floors, conclusion)
-    files["report.html"] = html_report(rows, vs, meta, notes, metrics, floors, conclusion, images)
+    shown = ReportContent(rows, vs, meta, notes, metrics, floors, conclusion)
+    files["report.md"] = markdown_report(shown)
+    files["report.html"] = html_report(shown, images)
     written = []
     for name, content in files.items():
         path = out_dir / name
