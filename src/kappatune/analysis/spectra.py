@@ -29,6 +29,7 @@ from kappatune.jsonio import (
     check_schema,
     decode_float,
     encode_float,
+    fields_json,
     read_json_object,
 )
 
@@ -122,10 +123,8 @@ class SpectrumRow:
         return (self.name, -1 if self.expert is None else self.expert)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = fields_json(self, _FLOAT_FIELDS)
         d["shape"] = list(self.shape)
-        for f in _FLOAT_FIELDS:
-            d[f] = encode_float(d[f])
         d["snr"] = None if self.snr is None else encode_float(self.snr)
         return d
 

@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
-    from kappatune.cli.console import wide_console
 
     _check_outputs(args)
     if args.top < 0:
@@ -142,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
             "; ".join(f"{n} {r}" for r, n, _ in _skips(analysis)) or "the source has no tensors"
         )
         raise KappaTuneError(f"no candidate matrices in {analysis.source} ({reasons})")
-    console = wide_console()
+    from kappatune.cli.console import wide_console
+
+    console: Console = wide_console()
     _print_report(console, analysis, elapsed, args.top)
     _write_outputs(args, analysis)
     for flag, path in (("JSON", args.output), ("CSV", args.csv), ("plot", args.plot)):

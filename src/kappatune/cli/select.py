@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from kappatune.analysis.fisher import Key
     from kappatune.analysis.spectra import Analysis, SpectrumRow
-    from kappatune.selection.budget import Budget, SelectOptions
+    from kappatune.selection.budget import Budget
     from kappatune.selection.core import Selection
 
 SELF_FISHER_POLICIES = ("self-fisher", "interference")
@@ -169,7 +169,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
     return Budget(fraction=DEFAULT_FRACTION)
 
 
-def options_from_args(args: argparse.Namespace) -> SelectOptions:
+def options_from_args(args: argparse.Namespace) -> Any:
     from kappatune.selection.budget import SelectOptions, parse_quota
 
     return SelectOptions(
