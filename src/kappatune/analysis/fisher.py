@@ -45,7 +45,7 @@ import torch
 from kappatune.analysis import names
 from kappatune.analysis.fisher_batched import DEFAULT_BATCH
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import check_schema, decode_float, fields_json
+from kappatune.jsonio import check_schema, decode_float, encode_float
 
 if TYPE_CHECKING:
     from kappatune.analysis.spectra import SpectrumRow
@@ -273,7 +273,10 @@ class FisherRow:
         return float(getattr(self, measure))
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(self, MEASURES)
+        d = asdict(self)
+        for f in MEASURES:
+            d[f] = encode_float(d[f])
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FisherRow:

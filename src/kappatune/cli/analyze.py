@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kappatune.cli.console import wide_console
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
@@ -141,9 +142,7 @@ def run(args: argparse.Namespace) -> int:
             "; ".join(f"{n} {r}" for r, n, _ in _skips(analysis)) or "the source has no tensors"
         )
         raise KappaTuneError(f"no candidate matrices in {analysis.source} ({reasons})")
-    from kappatune.cli.console import wide_console
-
-    console: Console = wide_console()
+    console = wide_console()
     _print_report(console, analysis, elapsed, args.top)
     _write_outputs(args, analysis)
     for flag, path in (("JSON", args.output), ("CSV", args.csv), ("plot", args.plot)):
