@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from kappatune.training.memory import MemoryEstimate
 
 #: ``train``'s LoRA settings from its flags and the model's parameter count.
-LoraFromArgs = Callable[[argparse.Namespace, int], "LoraSettings"]
+LoraFromArgs = Callable[[argparse.Namespace, int], "LoraSettings | None"]
 
 METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")
 _MB = 2**20
