@@ -304,11 +304,6 @@ def _argmax(scores: Sequence[float]) -> int:
     return best
 
 
-def label_rows(n_examples: int, options: Sequence[tuple[int, ...]]) -> int:
-    """How many forward rows :func:`label_accuracy` runs (its progress unit)."""
-    return n_examples if all(len(o) == 1 for o in options) else n_examples * len(options)
-
-
 def label_accuracy(
     model: torch.nn.Module,
     examples: Sequence[LabelExample],
