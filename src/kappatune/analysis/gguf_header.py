@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import short
+from kappatune.errors import KappaTuneError, short
 
 if TYPE_CHECKING:  # gguf is an optional dependency, imported when a GGUF file is read
     from gguf.constants import GGMLQuantizationType

@@ -15,8 +15,7 @@ import torch
 from kappatune.analysis.gguf_header import GGUFHeader
 from kappatune.analysis.gguf_header import read_header as read_gguf_header
 from kappatune.analysis.source_base import TensorEntry, content_digest, read_chunks
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import short
+from kappatune.errors import KappaTuneError, short
 
 if TYPE_CHECKING:
     from gguf.constants import GGMLQuantizationType

@@ -23,8 +23,7 @@ from kappatune.analysis.gguf_source import GGUFSource
 from kappatune.analysis.safetensors_source import SafetensorsSource
 from kappatune.analysis.source_base import Source
 from kappatune.analysis.torch_source import StateDictSource, TorchBinSource
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import clip, short, shown
+from kappatune.errors import KappaTuneError, clip, short, shown
 
 BUILTIN_MODELS = ("gemma-3-270m", "all-minilm-l6-v2")
 

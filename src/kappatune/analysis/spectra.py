@@ -22,8 +22,7 @@ from kappatune.analysis.cache import Matrix, SpectrumCache, rows_problem
 from kappatune.analysis.source_base import RowStreamingSource, Source, TensorEntry, streamed_digest
 from kappatune.analysis.sources import open_source
 from kappatune.devices import DEVICES, require_float64, resolve_device
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import one_line
+from kappatune.errors import KappaTuneError, one_line
 from kappatune.jsonio import (
     atomic_write_json,
     check_schema,
