@@ -22,7 +22,7 @@ from kappatune.analysis.cache import Matrix, SpectrumCache, rows_problem
 from kappatune.analysis.source_base import RowStreamingSource, Source, TensorEntry, streamed_digest
 from kappatune.analysis.sources import open_source
 from kappatune.devices import DEVICES, require_float64, resolve_device
-from kappatune.errors import KappaTuneError, one_line
+from kappatune.errors import KappaTuneError
 from kappatune.jsonio import (
     atomic_write_json,
     check_schema,
@@ -205,6 +205,8 @@ class Analysis:
         except KeyError as exc:
             raise KappaTuneError(f"malformed analysis JSON: no {exc}") from None
         except (TypeError, ValueError, OverflowError) as exc:
+            from kappatune.errors import one_line
+
             raise KappaTuneError(f"malformed analysis JSON: {one_line(str(exc))}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
