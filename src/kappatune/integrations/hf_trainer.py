@@ -61,13 +61,9 @@ class KappaTuneCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self._selected: set[int] = set()
 
     def on_init_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
+        model: nn.Module | None = kwargs.get("model")  # the Trainer passes its model by keyword
         if model is None:
             raise KappaTuneError("KappaTuneCallback: the Trainer was built without a model")
         groups = apply_selection(model, self.selection)
@@ -84,14 +80,10 @@ class KappaTuneCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         return control
 
     def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
+        model: nn.Module | None = kwargs.get("model")
+        optimizer: torch.optim.Optimizer | None = kwargs.get("optimizer")
         if model is not None:
             extra = [
                 n
@@ -114,13 +106,9 @@ class KappaTuneCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         return control
 
     def on_train_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
+        model: nn.Module | None = kwargs.get("model")  # the Trainer passes its model by keyword
         if self._digests is not None and model is not None:
             changed = check_frozen(model, self._digests)
             if changed:
