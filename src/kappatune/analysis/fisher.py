@@ -577,7 +577,7 @@ def fisher_diagonals(
 def _run_loop(
     model: torch.nn.Module,
     named: Sequence[tuple[str, torch.nn.Parameter]],
-    plan: Sequence[tuple[Example, int]],
+    plan: Plan,
     objective: Objective,
     options: FisherOptions,
     accs: Mapping[str, Mapping[str, torch.Tensor]],
