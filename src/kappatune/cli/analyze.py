@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.cli.console import wide_console
 from kappatune.errors import KappaTuneError
@@ -24,7 +24,7 @@ EPILOG = """examples:
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "analyze",
         help="per-tensor condition numbers and spectral metrics of a checkpoint",

@@ -105,7 +105,7 @@ def _grid(values: Sequence[str], arms: Sequence[str]) -> list[tuple[str, tuple[f
     return named
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
         help="forgetting benchmark: KappaTune against full FT, LoRA, random and highest-kappa",

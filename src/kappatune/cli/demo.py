@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.errors import KappaTuneError
 
@@ -27,7 +27,7 @@ what the model already knew. Everything runs offline.
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from types import SimpleNamespace
 
     from kappatune.demo import DEFAULT_MODEL, default_settings

@@ -32,7 +32,7 @@ Fisher information (the premise of KappaTune); values near 0 mean kappa says lit
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "probe",
         help="Fisher information in the weights against kappa, with rank correlations",

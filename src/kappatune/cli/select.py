@@ -123,7 +123,7 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
     )
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "select",
         help="choose the tensors to fine-tune (policy + budget) and export them",
