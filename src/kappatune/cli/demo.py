@@ -27,7 +27,7 @@ what the model already knew. Everything runs offline.
 """
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: Any) -> None:
     from types import SimpleNamespace
 
     from kappatune.demo import DEFAULT_MODEL, default_settings
