@@ -678,8 +678,8 @@ def fisher_scores(
     """
     options = _score_options(kind, measure, tokens, seed, damping)
     return _fisher_scores(
-        model, examples, options, measure, objective=objective, only=only, rows=rows,
-        progress=progress, batch_size=batch_size,
+        model, examples, options, measure, rows=rows, progress=progress, objective=objective,
+        only=only, batch_size=batch_size,
     )  # fmt: skip
 
 
@@ -697,12 +697,13 @@ def _fisher_scores(
     options: FisherOptions,
     measure: str,
     *,
+    rows: Sequence[SpectrumRow] | None,
+    progress: ProgressHook | None,
     objective: Objective | None = None,
     only: Collection[str] | None = None,
-    rows: Sequence[SpectrumRow] | None = None,
-    progress: ProgressHook | None = None,
     batch_size: int = DEFAULT_BATCH,
 ) -> dict[Key, float]:
+    """:func:`fisher_scores` with its options built (and checked) already."""
     (kind,) = options.kinds
     if rows is None:
         result = compute_fisher(
