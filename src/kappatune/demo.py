@@ -22,11 +22,17 @@ from kappatune.errors import KappaTuneError
 from kappatune.settings import setting
 
 if TYPE_CHECKING:  # importing this module stays light: `kappatune --help` reads the defaults
+    from collections.abc import Sequence
+
     import torch
     from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
+    from kappatune.analysis.spectra import Analysis
+    from kappatune.bench.tokenized import PreparedScenario
     from kappatune.selection.budget import Budget
     from kappatune.selection.core import Selection
+    from kappatune.training.loop import TrainResult
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -155,7 +161,7 @@ class DemoReporter(Protocol):
     """Sees each stage as it finishes (the CLI prints; the library default is silent)."""
 
     def stage(self, text: str) -> None: ...
-    def analysed(self, analysis: Any) -> None: ...
+    def analysed(self, analysis: Analysis) -> None: ...
     def selected(self, selection: Selection) -> None: ...
     def step(self, step: int, total: int, loss: float) -> None: ...
     def measured(self, when: str, ppl: Perplexities) -> None: ...
@@ -165,7 +171,7 @@ class QuietReporter:
     def stage(self, text: str) -> None:
         pass
 
-    def analysed(self, analysis: Any) -> None:
+    def analysed(self, analysis: Analysis) -> None:
         pass
 
     def selected(self, selection: Selection) -> None:
@@ -181,7 +187,7 @@ class QuietReporter:
 # --------------------------------------------------------------------------- the steps
 
 
-def analyze_linear(model: nn.Module) -> Any:
+def analyze_linear(model: nn.Module) -> Analysis:
     """Exact spectra of the model's linear layers (the output head excluded), cached."""
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
     from kappatune.bench.arms import linear_weight_names
@@ -191,7 +197,7 @@ def analyze_linear(model: nn.Module) -> Any:
     return analyze(model, AnalyzeOptions(include=include))
 
 
-def choose(analysis: Any, model: nn.Module, settings: DemoSettings) -> Selection:
+def choose(analysis: Analysis, model: nn.Module, settings: DemoSettings) -> Selection:
     """The lowest-kappa prefix of the linear layers that fits the parameter budget."""
     from kappatune.bench.arms import candidate_rows
     from kappatune.selection.core import select
@@ -208,7 +214,7 @@ def choose(analysis: Any, model: nn.Module, settings: DemoSettings) -> Selection
     )
 
 
-def demo_data(tokenizer: Any, settings: DemoSettings) -> Any:
+def demo_data(tokenizer: PreTrainedTokenizerBase, settings: DemoSettings) -> PreparedScenario:
     """The bench's built-in ``code`` scenario, tokenized (training rows and both eval sets)."""
     from kappatune.bench.scenarios import builtin_scenario
     from kappatune.bench.tokenized import EvalSizes, prepare
@@ -222,7 +228,7 @@ def demo_data(tokenizer: Any, settings: DemoSettings) -> Any:
     return prepare(scenario, scenario.load(), tokenizer, sizes)
 
 
-def measure(model: nn.Module, prepared: Any, batch_size: int) -> Perplexities:
+def measure(model: nn.Module, prepared: PreparedScenario, batch_size: int) -> Perplexities:
     from kappatune.bench.evaluate import perplexity
 
     task = perplexity(model, prepared.task_sequences, pad_id=prepared.pad_id, batch_size=batch_size)
@@ -233,11 +239,11 @@ def measure(model: nn.Module, prepared: Any, batch_size: int) -> Perplexities:
 def fine_tune(
     model: nn.Module,
     selection: Selection,
-    prepared: Any,
+    prepared: PreparedScenario,
     settings: DemoSettings,
     reporter: DemoReporter,
     device: torch.device,
-) -> tuple[Any, tuple[str, ...]]:
+) -> tuple[TrainResult, tuple[str, ...]]:
     """Selective fine-tuning of ``selection``; returns the loop's result and any frozen tensor
     whose bytes changed (none, unless something is broken)."""
     from kappatune.training.freezing import check_frozen, frozen_digests
@@ -270,7 +276,7 @@ def loss_window(steps: int) -> int:
     return max(1, steps // 10)
 
 
-def _mean(xs: Any) -> float:
+def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 

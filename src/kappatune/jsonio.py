@@ -7,9 +7,13 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 def encode_float(x: float) -> float | str | None:
@@ -19,6 +23,14 @@ def encode_float(x: float) -> float | str | None:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return float(x)
+
+
+def fields_json(obj: DataclassInstance, floats: Iterable[str]) -> dict[str, Any]:
+    """``asdict(obj)`` with the fields named in ``floats`` written by :func:`encode_float`."""
+    d = asdict(obj)
+    for f in floats:
+        d[f] = encode_float(d[f])
+    return d
 
 
 def decode_float(x: Any) -> float:

@@ -4,7 +4,6 @@ import pytest
 
 from kappatune.bench.fronts import (
     FrontPoint,
-    accuracy_change_interval,
     accuracy_noise_floor,
     difference_at_gain_interval,
     forgetting_at_gain,
@@ -91,10 +90,6 @@ def test_noise_floors() -> None:
     assert ppl_noise_floor([2.0] * 20, [10] * 20, resamples=50) == 0.0
     assert ppl_noise_floor([1.0, 3.0] * 10, [10] * 20, resamples=200) > 1.0
     assert accuracy_noise_floor([True] * 30, resamples=50) == 0.0
-    change, lo, hi = accuracy_change_interval(50, 40, 100)
-    assert change == pytest.approx(-10.0)
-    half = 1.96 * math.sqrt((0.25 + 0.24) / 100) * 100
-    assert (lo, hi) == (pytest.approx(-10.0 - half), pytest.approx(-10.0 + half))
 
 
 def test_paired_noise_of_a_change() -> None:

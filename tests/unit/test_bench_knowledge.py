@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kappatune.bench import knowledge as K
+from kappatune.bench.evaluate import option_row_scores
 from kappatune.errors import KappaTuneError
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -159,8 +160,10 @@ def test_mc_scoring_on_a_known_answer() -> None:
     hit = 4.0 - math.log(math.exp(4.0) + 15)
     miss = -math.log(math.exp(4.0) + 15)
     rows = K._mc_rows(items)
-    scores = K._score_rows(model, rows, items, 0)
-    by = {(r.question, r.option): s for r, s in zip(rows, scores, strict=True)}
+    scores = option_row_scores(
+        model, rows, [q.prompt for q in items], [q.options for q in items], 0
+    )
+    by = {(r.item, r.option): s for r, s in zip(rows, scores, strict=True)}
     assert by[(0, -1)] == pytest.approx([miss, hit, miss], abs=1e-5)
     assert by[(1, 0)] == pytest.approx([2 * hit], abs=1e-5)
     assert by[(1, 1)] == pytest.approx([hit + miss], abs=1e-5)

@@ -27,7 +27,7 @@ def test_equal_singular_values_have_no_deficit() -> None:
 
 
 @pytest.mark.parametrize(("kappa", "loss"), [(2, 0.223), (5, 0.956), (10, 1.619), (100, 3.912)])
-def test_worked_numbers_of_method_md(kappa: float, loss: float) -> None:
+def test_worked_numbers_of_the_two_value_deficit(kappa: float, loss: float) -> None:
     s = np.array([kappa, 1.0]) * 0.37  # the deficit is scale-invariant
     assert metrics.entropy_deficit(s) == pytest.approx(-loss, abs=5e-4)
     assert metrics.two_value_entropy_loss(kappa) == pytest.approx(-loss, abs=5e-4)

@@ -1,4 +1,4 @@
-"""Theory checks: the closed forms in kappatune.analysis.metrics against Monte Carlo and method.md.
+"""Theory checks: the closed forms of kappatune.analysis.metrics against Monte Carlo.
 
 Monte Carlo entropy of y = W x, x ~ N(0, v I): y is Gaussian with covariance v W W^T, so its
 differential entropy is (m/2) log(2 pi e) + 1/2 log det Cov(y). We estimate log det Cov(y)
@@ -76,7 +76,7 @@ def test_monte_carlo_output_entropy_matches_closed_form(
 
 
 @pytest.mark.parametrize(("kappa", "loss"), [(2, 0.223), (5, 0.956), (10, 1.619), (100, 3.912)])
-def test_two_value_entropy_deficit_matches_method_md(kappa: float, loss: float) -> None:
+def test_two_value_entropy_deficit_matches_worked_numbers(kappa: float, loss: float) -> None:
     s = np.array([kappa, 1.0])
     assert -entropy_deficit(s) == pytest.approx(loss, abs=5e-4)
     assert two_value_entropy_loss(kappa) == pytest.approx(entropy_deficit(s), abs=1e-12)

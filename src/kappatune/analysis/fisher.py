@@ -38,7 +38,7 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -52,6 +52,7 @@ from kappatune.settings import setting
 
 if TYPE_CHECKING:
     from kappatune.analysis.spectra import SpectrumRow
+    from kappatune.training.data import TokenizedData
     from kappatune.training.layout import Part
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ IGNORE_INDEX = -100
 ProgressHook = Callable[[int, int], None]
 Example = Mapping[str, torch.Tensor]
 Key = tuple[str, int]
+Plan = Sequence[tuple[Example, int]]  # examples and the predicted tokens each one contributes
 
 
 # --------------------------------------------------------------------------- options
@@ -124,7 +126,22 @@ class Objective(Protocol):
         ...
 
 
-def _logits_of(output: Any) -> torch.Tensor:
+@runtime_checkable
+class BatchedObjective(Objective, Protocol):
+    """An objective that can also predict a batch of equally long examples in one pass."""
+
+    def lead(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        """The leading (example, ...) dimensions of a batch's activations."""
+        ...
+
+    def batch_predictions(
+        self, model: torch.nn.Module, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, P, V)`` and labels ``(B, P)`` of the batch."""
+        ...
+
+
+def _logits_of(output: object) -> torch.Tensor:
     logits = getattr(output, "logits", output)
     if isinstance(output, tuple | list):
         logits = output[0]
@@ -543,7 +560,7 @@ def fisher_diagonals(
         progress(0, options.tokens)
     looped = [n for n, _ in named]
     with _grad_only_for(model, [p for _, p in named]):
-        if batch_size > 1 and hasattr(objective, "batch_predictions"):
+        if batch_size > 1 and isinstance(objective, BatchedObjective):
             from kappatune.analysis.fisher_batched import run_batched
 
             looped = run_batched(model, named, plan, objective, options, accs, batch_size, progress)
@@ -561,7 +578,7 @@ def fisher_diagonals(
 def _run_loop(
     model: torch.nn.Module,
     named: Sequence[tuple[str, torch.nn.Parameter]],
-    plan: Sequence[tuple[Example, int]],
+    plan: Plan,
     objective: Objective,
     options: FisherOptions,
     accs: Mapping[str, Mapping[str, torch.Tensor]],
@@ -660,9 +677,35 @@ def fisher_scores(
     With ``rows`` (an analysis of the checkpoint files), the scores are those rows' (see
     :func:`row_scores`) and only the parameters they live in are measured.
     """
+    options = _score_options(kind, measure, tokens, seed, damping)
+    return _fisher_scores(
+        model, examples, options, measure, rows=rows, progress=progress, objective=objective,
+        only=only, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def _score_options(
+    kind: str, measure: str, tokens: int, seed: int, damping: float
+) -> FisherOptions:
     if measure not in MEASURES:
         raise KappaTuneError(f"unknown Fisher measure {measure!r} (known: {', '.join(MEASURES)})")
-    options = FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
+    return FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)
+
+
+def _fisher_scores(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    options: FisherOptions,
+    measure: str,
+    *,
+    rows: Sequence[SpectrumRow] | None,
+    progress: ProgressHook | None,
+    objective: Objective | None = None,
+    only: Collection[str] | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict[Key, float]:
+    """:func:`fisher_scores` with its options built (and checked) already."""
+    (kind,) = options.kinds
     if rows is None:
         result = compute_fisher(
             model, examples, options, objective=objective, only=only, progress=progress,
@@ -678,10 +721,10 @@ def fisher_scores(
         model, examples, options, objective=objective, only=params, progress=progress,
         batch_size=batch_size,
     )  # fmt: skip
-    return row_scores(parts, diagonals.tensors[kind], rows, measure, damping)
+    return row_scores(parts, diagonals.tensors[kind], rows, measure, options.damping)
 
 
-def examples_from_tokenized(data: Any) -> list[dict[str, torch.Tensor]]:
+def examples_from_tokenized(data: TokenizedData) -> list[dict[str, torch.Tensor]]:
     """Causal-LM examples from :class:`kappatune.training.data.TokenizedData` rows (labels kept)."""
     return [
         {
@@ -705,9 +748,9 @@ def load_model_and_examples(
     from kappatune.training.data import PackConfig, load_tokenized
     from kappatune.training.models import load_causal_lm
 
-    PackConfig(seq_len=seq_len)  # validate before loading anything heavy
+    pack = PackConfig(seq_len=seq_len)  # validated before anything heavy is loaded
     model, tokenizer = load_causal_lm(model_spec, dtype=dtype)
-    data = load_tokenized(list(data_files), tokenizer, PackConfig(seq_len=seq_len))
+    data = load_tokenized(list(data_files), tokenizer, pack)
     examples = examples_from_tokenized(data)
     stats = {
         "sequences": len(data),
@@ -735,11 +778,6 @@ def fisher_scores_for(
     files into ``seq_len`` rows with :mod:`kappatune.training.data` (BOS first in each row), and returns
     :func:`fisher_scores` keyed like ``SpectrumRow.key``. For the select/train/bench commands.
     """
-    FisherOptions(kinds=(kind,), tokens=tokens, seed=seed, damping=damping)  # validate first
-    if measure not in MEASURES:
-        raise KappaTuneError(f"unknown Fisher measure {measure!r} (known: {', '.join(MEASURES)})")
+    options = _score_options(kind, measure, tokens, seed, damping)  # before anything heavy
     model, examples, _ = load_model_and_examples(model_spec, data_files, seq_len=seq_len)
-    return fisher_scores(
-        model, examples, kind=kind, measure=measure, tokens=tokens, seed=seed, damping=damping,
-        rows=rows, progress=progress,
-    )  # fmt: skip
+    return _fisher_scores(model, examples, options, measure, rows=rows, progress=progress)

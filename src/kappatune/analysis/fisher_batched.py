@@ -26,10 +26,19 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from kappatune.analysis.fisher import (
+        BatchedObjective,
+        Example,
+        FisherOptions,
+        Plan,
+        ProgressHook,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,9 @@ class _Capture:
     leaves: list[torch.Tensor] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
 
-    def hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+    def hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object
+    ) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor) or not _leads_with(output, self.lead):
             self.bad.add(id(module))
             return None
@@ -131,13 +142,13 @@ def _hooks(modules: Sequence[nn.Module], capture: _Capture) -> Iterator[None]:
 # --------------------------------------------------------------------------- per-example grads
 
 
-def _slice(x: Any, b: int, lead: int) -> Any:
+def _slice(x: object, b: int, lead: int) -> object:
     if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == lead:
         return x[b : b + 1]
     return x
 
 
-def _detach(x: Any) -> Any:
+def _detach(x: object) -> object:
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
@@ -194,10 +205,10 @@ def _acc_dtype(p: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- the batched pass
 
 
-def _batches(plan: Sequence[tuple[Any, int]], size: int) -> Iterator[list[tuple[Any, int]]]:
+def _batches(plan: Plan, size: int) -> Iterator[list[tuple[Example, int]]]:
     """Consecutive plan entries whose tensors have equal shapes, at most ``size`` at a time."""
-    batch: list[tuple[Any, int]] = []
-    shape: tuple[Any, ...] | None = None
+    batch: list[tuple[Example, int]] = []
+    shape: tuple[tuple[str, tuple[int, ...]], ...] | None = None
     for ex, take in plan:
         s = tuple((k, tuple(v.shape)) for k, v in sorted(ex.items()))
         if batch and (len(batch) == size or s != shape):
@@ -214,8 +225,8 @@ class _Job:
     model: nn.Module
     named: Mapping[str, nn.Parameter]
     owned: Mapping[str, list[tuple[nn.Module, str]]]
-    objective: Any
-    options: Any
+    objective: BatchedObjective
+    options: FisherOptions
     accs: Mapping[str, Mapping[str, torch.Tensor]]  # kind -> name -> accumulator
 
 
@@ -248,9 +259,7 @@ def _passes(
     return out
 
 
-def _forward(
-    job: _Job, batch: Sequence[tuple[Any, int]], grad: bool
-) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
+def _forward(job: _Job, batch: Plan, grad: bool) -> tuple[_Capture, torch.Tensor, torch.Tensor]:
     """The batch's logits and labels (cut to each example's budget), its module calls recorded."""
     from kappatune.analysis.fisher import _limit_labels
 
@@ -284,7 +293,7 @@ def _backward(
     return list(grads[len(calls) :])
 
 
-def _check(job: _Job, first: tuple[Any, int]) -> None:
+def _check(job: _Job, first: tuple[Example, int]) -> None:
     """On the first example alone, with its data labels: the rebuilt gradient of each weight
     must equal autograd's (a weight also used outside its module's forward would differ)."""
     capture, logits, labels = _forward(job, [first], grad=True)
@@ -303,7 +312,7 @@ def _check(job: _Job, first: tuple[Any, int]) -> None:
         raise Unbatchable(wrong)
 
 
-def _run_batch(job: _Job, batch: Sequence[tuple[Any, int]], generator: torch.Generator) -> None:
+def _run_batch(job: _Job, batch: Plan, generator: torch.Generator) -> None:
     capture, logits, labels = _forward(job, batch, grad=False)
     passes = _passes(logits, labels, job, generator)
     for i, (kind, loss, weight) in enumerate(passes):
@@ -329,12 +338,12 @@ def _agrees(summed: torch.Tensor | None, batch_grad: torch.Tensor | None) -> boo
 def run_batched(
     model: nn.Module,
     named: Sequence[tuple[str, nn.Parameter]],
-    plan: Sequence[tuple[Any, int]],
-    objective: Any,
-    options: Any,
+    plan: Plan,
+    objective: BatchedObjective,
+    options: FisherOptions,
     accs: Mapping[str, Mapping[str, torch.Tensor]],
     batch_size: int,
-    progress: Any = None,
+    progress: ProgressHook | None = None,
 ) -> list[str]:
     """Accumulate ``F_hat * tokens`` of every weight it can into ``accs``, ``batch_size``
     examples per pass; returns the names left for the one-example loop (in model order)."""
@@ -355,7 +364,7 @@ def run_batched(
     return rest
 
 
-def _run_all(job: _Job, plan: Sequence[tuple[Any, int]], batch_size: int, progress: Any) -> None:
+def _run_all(job: _Job, plan: Plan, batch_size: int, progress: ProgressHook | None) -> None:
     device = next(iter(job.named.values())).device
     generator = torch.Generator(device=device).manual_seed(job.options.seed)
     done = 0

@@ -16,10 +16,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import short
+from kappatune.errors import KappaTuneError, short
+
+if TYPE_CHECKING:  # gguf is an optional dependency, imported when a GGUF file is read
+    from gguf.constants import GGMLQuantizationType
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 4  # arrays of arrays; llama.cpp itself reads none
@@ -48,7 +50,7 @@ _MIN_TENSOR = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 class GGUFTensor:
     name: str
     ne: tuple[int, ...]  # GGML order: fastest-varying dimension first
-    qtype: Any  # gguf.GGMLQuantizationType
+    qtype: GGMLQuantizationType
     offset: int  # absolute in the file
     nbytes: int
 
@@ -71,7 +73,7 @@ def _fail(message: str) -> NoReturn:
 class _Reader:
     """Positioned reads from a memory map; every read is checked against the file's end."""
 
-    def __init__(self, buf: Any, size: int) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, size: int) -> None:
         self.buf, self.size, self.pos = buf, size, 0
 
     def left(self) -> int:
@@ -143,7 +145,9 @@ class _Reader:
         return None
 
 
-def _quant_sizes() -> tuple[Any, Any]:
+def _quant_sizes() -> tuple[
+    dict[GGMLQuantizationType, tuple[int, int]], type[GGMLQuantizationType]
+]:
     try:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     except ImportError:

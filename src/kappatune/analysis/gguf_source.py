@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,8 +15,10 @@ import torch
 from kappatune.analysis.gguf_header import GGUFHeader
 from kappatune.analysis.gguf_header import read_header as read_gguf_header
 from kappatune.analysis.source_base import TensorEntry, content_digest, read_chunks
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import short
+from kappatune.errors import KappaTuneError, short
+
+if TYPE_CHECKING:
+    from gguf.constants import GGMLQuantizationType
 
 _GGUF_BLOCK = {
     "attn_q": "self_attn.q_proj",
@@ -63,7 +65,7 @@ _GGUF_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
 @functools.cache
-def _gguf_decodable(kind: Any) -> bool:
+def _gguf_decodable(kind: GGMLQuantizationType) -> bool:
     """Whether gguf-py can dequantize this type (tried on one zero block)."""
     import gguf
 

@@ -102,9 +102,9 @@ def two_value_entropy_loss(kappa: float) -> float:
     return math.log(2.0 * kappa / (1.0 + kappa * kappa))
 
 
-# Spectrum (cognitivecomputations/spectrum, spectrum.py at commit 0ed1756, April 2025):
-# ModelModifier.calculate_snr_for_layer, marchenko_pastur_threshold, estimate_sigma_with_full_iqr.
-SPECTRUM_COMMIT = "0ed1756bc4a7920249860bcd0a32b551bcdf6d1f"
+# Spectrum (cognitivecomputations/spectrum, spectrum.py at commit
+# 0ed1756bc4a7920249860bcd0a32b551bcdf6d1f, April 2025): ModelModifier.calculate_snr_for_layer,
+# marchenko_pastur_threshold, estimate_sigma_with_full_iqr.
 _IQR_TO_SIGMA = 1.349  # IQR of a standard normal distribution
 
 

@@ -19,8 +19,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import clip, short
+from kappatune.errors import KappaTuneError, clip, short
 
 MAX_HEADER = 100_000_000  # the safetensors library's limit
 _U64 = 1 << 64

@@ -9,8 +9,7 @@ import torch
 
 from kappatune.analysis.safetensors_header import read_header
 from kappatune.analysis.source_base import TensorEntry, content_digest, read_chunks
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import short
+from kappatune.errors import KappaTuneError, short
 
 
 class SafetensorsSource:

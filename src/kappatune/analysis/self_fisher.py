@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +31,8 @@ from kappatune.constants import SELF_FISHER_TOKENS
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from kappatune.analysis.fisher import Key, ProgressHook
     from kappatune.analysis.spectra import SpectrumRow
 
@@ -74,7 +76,7 @@ def check_generative(model: torch.nn.Module) -> None:
         )
 
 
-def bos_of(model: torch.nn.Module, tokenizer: Any = None) -> int:
+def bos_of(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
     """The id every sample starts with: the tokenizer's BOS, else the config's, else EOS."""
     config = getattr(model, "config", None)
     for value in (

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from kappatune.analysis.source_base import Source, TensorEntry
 from kappatune.analysis.spectra import (
@@ -57,14 +58,11 @@ def backend_for(device: str, cuda: bool, nccl: bool) -> str:
     return "cpu:gloo,cuda:nccl" if device != "cpu" and cuda and nccl else "gloo"
 
 
-def _process_group(device: str) -> Any:
-    import torch.distributed as dist
-
+def _init_process_group(device: str) -> None:
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         backend = backend_for(device, cuda, cuda and dist.is_nccl_available())
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
-    return dist
 
 
 def analyze_sharded(
@@ -77,7 +75,7 @@ def analyze_sharded(
     if options.device != "cpu" and torch.cuda.is_available():  # before NCCL sees the device
         local = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
         torch.cuda.set_device(int(local) % torch.cuda.device_count())
-    dist = _process_group(options.device)
+    _init_process_group(options.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     the_plan = plan(source, options)
     part: Computed | dict[str, str]
@@ -87,7 +85,7 @@ def analyze_sharded(
         )
     except KappaTuneError as exc:
         part = {_ERROR_KEY: f"rank {rank}: {exc}"}
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    gathered: list[Any] | None = [None] * world if rank == 0 else None  # each rank's part
     dist.gather_object(part, gathered, dst=0)
     if _ERROR_KEY in part:
         raise KappaTuneError(str(part[_ERROR_KEY]))

@@ -25,7 +25,7 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    locator: Any = field(default=None, compare=False, repr=False)
+    locator: Any = field(default=None, compare=False, repr=False)  # each source's own handle
     unreadable: str | None = field(default=None, compare=False)  # why it cannot be decoded
 
     @property
@@ -86,7 +86,7 @@ def _digest_prefix(dtype: str, shape: tuple[int, ...]) -> bytes:
     return f"{dtype}|{','.join(map(str, shape))}|".encode()
 
 
-def _hasher() -> Any:
+def _hasher() -> xxhash.xxh3_128:
     """xxh3-128 of the raw bytes: about 20x faster than blake2b here (cache key version 2)."""
     return xxhash.xxh3_128()
 

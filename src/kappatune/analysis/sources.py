@@ -16,7 +16,6 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import torch
 
@@ -24,8 +23,7 @@ from kappatune.analysis.gguf_source import GGUFSource
 from kappatune.analysis.safetensors_source import SafetensorsSource
 from kappatune.analysis.source_base import Source
 from kappatune.analysis.torch_source import StateDictSource, TorchBinSource
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import clip, short, shown
+from kappatune.errors import KappaTuneError, clip, short, shown
 
 BUILTIN_MODELS = ("gemma-3-270m", "all-minilm-l6-v2")
 
@@ -83,7 +81,7 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
-def _shard(root: Path, index: Path, name: Any) -> Path:
+def _shard(root: Path, index: Path, name: object) -> Path:
     """The shard an index names, refused unless it is a relative path inside ``root``."""
     if not isinstance(name, str):
         raise KappaTuneError(

@@ -10,10 +10,10 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,12 +23,12 @@ from kappatune.analysis.options import AnalyzeOptions
 from kappatune.analysis.source_base import RowStreamingSource, Source, TensorEntry, streamed_digest
 from kappatune.analysis.sources import open_source
 from kappatune.errors import KappaTuneError
-from kappatune.errtext import one_line
 from kappatune.jsonio import (
     atomic_write_json,
     check_schema,
     decode_float,
     encode_float,
+    fields_json,
     read_json_object,
 )
 
@@ -73,10 +73,8 @@ class SpectrumRow:
         return (self.name, -1 if self.expert is None else self.expert)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = fields_json(self, _FLOAT_FIELDS)
         d["shape"] = list(self.shape)
-        for f in _FLOAT_FIELDS:
-            d[f] = encode_float(d[f])
         d["snr"] = None if self.snr is None else encode_float(self.snr)
         return d
 
@@ -144,11 +142,11 @@ class Analysis:
                 source=str(d["source"]),
                 fingerprint=str(d["fingerprint"]),
                 tensors=tuple(
-                    _loaded(SpectrumRow, "tensors", i, r, version)
+                    _loaded(lambda x: SpectrumRow.from_json(x, version), "tensors", i, r)
                     for i, r in enumerate(d["tensors"])
                 ),
                 skipped=tuple(
-                    _loaded(SkippedRow, "skipped", i, s, version)
+                    _loaded(SkippedRow.from_json, "skipped", i, s, full=False)
                     for i, s in enumerate(d["skipped"])
                 ),
                 schema_version=version,
@@ -158,6 +156,8 @@ class Analysis:
         except KeyError as exc:
             raise KappaTuneError(f"malformed analysis JSON: no {exc}") from None
         except (TypeError, ValueError, OverflowError) as exc:
+            from kappatune.errors import one_line
+
             raise KappaTuneError(f"malformed analysis JSON: {one_line(str(exc))}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -178,17 +178,18 @@ class Analysis:
 
 _MAX_COUNT = 2**62  # no dimension or element count of a real tensor comes near this
 _NONNEGATIVE = ("sigma_max", "sigma_min", "stable_rank", "effective_rank")
+_Row = TypeVar("_Row", "SpectrumRow", "SkippedRow")
 
 
-def _loaded(kind: Any, section: str, index: int, row: Any, version: int) -> Any:
-    """``kind.from_json(row)`` after :func:`check_row_json`; errors name the row."""
+def _loaded(
+    load: Callable[[Mapping[str, Any]], _Row], section: str, index: int, row: Any, full: bool = True
+) -> _Row:
+    """``load(row)`` after :func:`check_row_json`; errors name the row."""
     name = row.get("name") if isinstance(row, dict) else None
     where = f"{section}[{index}]" + (f" ({name})" if isinstance(name, str) else "")
     try:
-        check_row_json(row, full=kind is SpectrumRow)
-        if kind is SpectrumRow:
-            return SpectrumRow.from_json(row, version)
-        return kind.from_json(row)
+        check_row_json(row, full=full)
+        return load(row)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         problem = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise KappaTuneError(f"malformed analysis JSON: {where}: {problem}") from None
@@ -396,7 +397,7 @@ class _ByteBudget:
                 self._cond.notify_all()
 
 
-def _blas_single_thread(workers: int) -> Any:
+def _blas_single_thread(workers: int) -> AbstractContextManager[object]:
     if workers <= 1:
         return nullcontext()
     from threadpoolctl import threadpool_limits

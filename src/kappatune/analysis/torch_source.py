@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -12,7 +11,7 @@ from kappatune.analysis.source_base import TensorEntry, tensor_digest
 from kappatune.errors import KappaTuneError
 
 
-def _flatten_state(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+def _flatten_state(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if isinstance(obj, torch.Tensor):
         out[prefix.rstrip(".")] = obj
@@ -52,7 +51,7 @@ class TorchBinSource:
         return t, tensor_digest(t)
 
 
-def _safe_torch_load(path: Path) -> Any:
+def _safe_torch_load(path: Path) -> object:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

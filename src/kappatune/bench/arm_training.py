@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from kappatune.bench.config import checkpoint_steps as checkpoint_steps  # decla
 from kappatune.bench.evaluate import accepts_logits_to_keep
 from kappatune.bench.store import Metrics, Point
 from kappatune.training.data import IGNORE_INDEX, TokenizedData
+
+if TYPE_CHECKING:
+    from kappatune.training.loop import LoopState, TrainConfig
 
 Evaluate = Callable[[nn.Module], Metrics]
 StepHook = Callable[[int, float], None]
@@ -93,7 +96,7 @@ def train_with_checkpoints(
     model: nn.Module,
     param_groups: list[dict[str, Any]],
     data: TokenizedData,
-    config: Any,
+    config: TrainConfig,
     checkpoints: Sequence[int],
     evaluate: Evaluate,
     *,
@@ -105,14 +108,14 @@ def train_with_checkpoints(
 ) -> Trained:
     """Train ``config.steps`` steps; at each checkpoint evaluate (or take the stored point from
     ``done``, keyed by step) and hand the point to ``on_point`` (which stores it at once)."""
-    from kappatune.training.loop import StopRule, TrainConfig, train_loop
+    from kappatune.training.loop import StopRule, train_loop
 
-    assert isinstance(config, TrainConfig) and config.steps == max(checkpoints)
+    assert config.steps == max(checkpoints)
     wrapper = SparseLossLM(model)
     points: list[Point] = []
     stored = dict(done or {})
 
-    def hook(state: Any) -> None:
+    def hook(state: LoopState) -> None:
         if on_step is not None:
             on_step(state.step, state.losses[-1])
         if state.step in checkpoints:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -27,6 +27,9 @@ from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
 from kappatune.training.data import TokenizedData
+
+if TYPE_CHECKING:
+    from kappatune.training.loop import PreparedModel
 
 RowKey = tuple[str, int]
 
@@ -261,8 +264,8 @@ def prepare_arm(
     ctx: ArmContext,
     weight_decay: float = 0.0,
     keep: TokenizedData | None = None,
-) -> Any:
-    """``kappatune.training.loop.prepare_model`` for this arm: a PreparedModel (model, groups, counts).
+) -> PreparedModel:
+    """``kappatune.training.loop.prepare_model`` for this arm: the model, its groups and counts.
 
     ``keep``: the data of what to keep, for arms that use it (CorDA-KPM).
     """

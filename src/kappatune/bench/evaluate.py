@@ -203,38 +203,44 @@ def tokenize_options(tokenizer: object, options: Sequence[str]) -> tuple[tuple[i
     return tuple(out)
 
 
+Options = Sequence[tuple[int, ...]]  # the token ids of each answer option
+
+
 @dataclass(frozen=True)
-class _Row:
+class OptionRow:
+    """One forward row of option scoring: an item's prompt followed by one of its options."""
+
     ids: tuple[int, ...]
-    example: int
+    item: int
     option: int  # -1: a prompt-only row that scores every single-token option at once
 
 
-def _rows(examples: Sequence[LabelExample], options: Sequence[tuple[int, ...]]) -> list[_Row]:
+def _rows(examples: Sequence[LabelExample], options: Options) -> list[OptionRow]:
     if all(len(o) == 1 for o in options):
-        return [_Row(ex.prompt, i, -1) for i, ex in enumerate(examples)]
+        return [OptionRow(ex.prompt, i, -1) for i, ex in enumerate(examples)]
     return [
-        _Row(ex.prompt + opt, i, j)
+        OptionRow(ex.prompt + opt, i, j)
         for i, ex in enumerate(examples)
         for j, opt in enumerate(options)
     ]
 
 
-def _row_scores(
+def option_row_scores(
     model: torch.nn.Module,
-    rows: Sequence[_Row],
-    examples: Sequence[LabelExample],
-    options: Sequence[tuple[int, ...]],
+    rows: Sequence[OptionRow],
+    prompts: Sequence[tuple[int, ...]],
+    options: Sequence[Options],
     pad_id: int,
 ) -> list[list[float]]:
-    """For each row: log-likelihood of its option (or of every option for a prompt-only row)."""
+    """For each row: log-likelihood of its option (or of every option for a prompt-only row);
+    ``prompts[i]`` and ``options[i]`` are item i's."""
     device = model_device(model)
     ids, mask = _pad([r.ids for r in rows], pad_id)
     # positions whose next-token distribution is needed: the last prompt token onwards
     needed: list[list[int]] = []
     for r in rows:
-        p = len(examples[r.example].prompt)
-        length = 1 if r.option < 0 else len(options[r.option])
+        p = len(prompts[r.item])
+        length = 1 if r.option < 0 else len(options[r.item][r.option])
         needed.append(list(range(p - 1, p - 1 + length)))
     keep = sorted({pos for ps in needed for pos in ps})
     kwargs: dict[str, object] = {}
@@ -249,13 +255,45 @@ def _row_scores(
     for b, (r, ps) in enumerate(zip(rows, needed, strict=True)):
         if r.option < 0:
             at = logp[b, index[ps[0]]]
-            scores.append([float(at[o[0]]) for o in options])
+            scores.append([float(at[o[0]]) for o in options[r.item]])
         else:
-            toks = options[r.option]
+            toks = options[r.item][r.option]
             scores.append(
                 [sum(float(logp[b, index[pos], t]) for pos, t in zip(ps, toks, strict=True))]
             )
     return scores
+
+
+def option_scores(
+    model: torch.nn.Module,
+    rows: Sequence[OptionRow],
+    prompts: Sequence[tuple[int, ...]],
+    options: Sequence[Options],
+    *,
+    pad_id: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> list[list[float]]:
+    """The log-likelihood of every option of every item (``[item][option]``), scoring
+    ``rows`` in order, ``batch_size`` a pass, in eval mode (the model's mode is restored)."""
+    table = [[-math.inf] * len(opts) for opts in options]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                scored = option_row_scores(model, chunk, prompts, options, pad_id)
+                for r, s in zip(chunk, scored, strict=True):
+                    if r.option < 0:
+                        table[r.item] = s
+                    else:
+                        table[r.item][r.option] = s[0]
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return table
 
 
 def _argmax(scores: Sequence[float]) -> int:
@@ -264,11 +302,6 @@ def _argmax(scores: Sequence[float]) -> int:
         if v > scores[best]:
             best = j
     return best
-
-
-def label_rows(n_examples: int, options: Sequence[tuple[int, ...]]) -> int:
-    """How many forward rows :func:`label_accuracy` runs (its progress unit)."""
-    return n_examples if all(len(o) == 1 for o in options) else n_examples * len(options)
 
 
 def label_accuracy(
@@ -294,24 +327,10 @@ def label_accuracy(
             raise KappaTuneError(
                 f"label index {ex.label} is out of range for {len(options)} options"
             )
-    rows = _rows(examples, options)
-    table: list[list[float]] = [[-math.inf] * len(options) for _ in examples]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                scored = _row_scores(model, chunk, examples, options, pad_id)
-                for r, s in zip(chunk, scored, strict=True):
-                    if r.option < 0:
-                        table[r.example] = s
-                    else:
-                        table[r.example][r.option] = s[0]
-                if progress is not None:
-                    progress(len(chunk))
-    finally:
-        model.train(was_training)
+    table = option_scores(
+        model, _rows(examples, options), [ex.prompt for ex in examples], [options] * len(examples),
+        pad_id=pad_id, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
     preds = tuple(_argmax(s) for s in table)
     correct = sum(int(p == ex.label) for p, ex in zip(preds, examples, strict=True))
     nll = -sum(table[i][ex.label] for i, ex in enumerate(examples))

@@ -240,14 +240,3 @@ def accuracy_noise_floor(
         for _ in range(resamples)
     )
     return percentile(devs, 0.95)
-
-
-def accuracy_change_interval(
-    base_correct: int, correct: int, total: int, z: float = 1.96
-) -> tuple[float, float, float]:
-    """Change of accuracy in percentage points with a normal-approximation binomial 95 %
-    interval (the two accuracies treated as independent proportions: a conservative width)."""
-    p0, p1 = base_correct / total, correct / total
-    half = z * math.sqrt((p0 * (1 - p0) + p1 * (1 - p1)) / total)
-    d = p1 - p0
-    return 100 * d, 100 * (d - half), 100 * (d + half)

@@ -18,12 +18,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kappatune.bench.evaluate import _pad, accepts_logits_to_keep, model_device
+from kappatune.bench.evaluate import OptionRow, option_scores
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DICTD_DIR = Path("/usr/share/dictd")
 BUILTIN = "builtin:dictd"
@@ -257,7 +260,7 @@ class TokenizedQuestion:
 
 
 def tokenize_questions(
-    tokenizer: Any, questions: Sequence[Question], prefix: Sequence[int]
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question], prefix: Sequence[int]
 ) -> tuple[TokenizedQuestion, ...]:
     """Prompt (after ``prefix``) and each option as it follows the prompt; every option must
     tokenize to at least one known token and the options of a question must differ in ids."""
@@ -280,55 +283,16 @@ def tokenize_questions(
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class _McRow:
-    ids: tuple[int, ...]
-    question: int
-    option: int  # -1: every option is one token; the prompt row scores them all
-
-
-def _mc_rows(items: Sequence[TokenizedQuestion]) -> list[_McRow]:
+def _mc_rows(items: Sequence[TokenizedQuestion]) -> list[OptionRow]:
+    """A prompt row per question whose options are all one token, else a row per option."""
     rows = []
     for i, q in enumerate(items):
         if all(len(o) == 1 for o in q.options):
-            rows.append(_McRow(q.prompt, i, -1))
+            rows.append(OptionRow(q.prompt, i, -1))
         else:
-            rows.extend(_McRow(q.prompt + o, i, j) for j, o in enumerate(q.options))
+            rows.extend(OptionRow(q.prompt + o, i, j) for j, o in enumerate(q.options))
     # rows that need the same positions share a batch: logits are kept for the union of them
-    return sorted(
-        rows, key=lambda r: (len(items[r.question].prompt), len(r.ids), r.question, r.option)
-    )
-
-
-def _score_rows(
-    model: torch.nn.Module, rows: Sequence[_McRow], items: Sequence[TokenizedQuestion], pad: int
-) -> list[list[float]]:
-    device = model_device(model)
-    ids, mask = _pad([r.ids for r in rows], pad)
-    spans = []
-    for r in rows:
-        p = len(items[r.question].prompt)
-        n = 1 if r.option < 0 else len(items[r.question].options[r.option])
-        spans.append(range(p - 1, p - 1 + n))
-    keep = sorted({pos for s in spans for pos in s})
-    kwargs: dict[str, Any] = {}
-    index = {pos: pos for pos in keep}
-    if accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
-        index = {pos: k for k, pos in enumerate(keep)}
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
-                   **kwargs).logits  # fmt: skip
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for b, (r, span) in enumerate(zip(rows, spans, strict=True)):
-        q = items[r.question]
-        if r.option < 0:
-            at = logp[b, index[span[0]]]
-            out.append([float(at[o[0]]) for o in q.options])
-        else:
-            toks = q.options[r.option]
-            out.append([sum(float(logp[b, index[p], t]) for p, t in zip(span, toks, strict=True))])
-    return out
+    return sorted(rows, key=lambda r: (len(items[r.item].prompt), len(r.ids), r.item, r.option))
 
 
 @dataclass(frozen=True)
@@ -350,21 +314,10 @@ def mc_accuracy(
     """Argmax over options of the summed option-token log-likelihood (ties: lowest index)."""
     if not items:
         raise KappaTuneError("no multiple-choice questions to score")
-    table = [[-math.inf] * len(q.options) for q in items]
-    rows = _mc_rows(items)
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                for r, s in zip(chunk, _score_rows(model, chunk, items, pad_id), strict=True):
-                    if r.option < 0:
-                        table[r.question] = s
-                    else:
-                        table[r.question][r.option] = s[0]
-    finally:
-        model.train(was)
+    table = option_scores(
+        model, _mc_rows(items), [q.prompt for q in items], [q.options for q in items],
+        pad_id=pad_id, batch_size=batch_size,
+    )  # fmt: skip
     correct = []
     for q, s in zip(items, table, strict=True):
         best = max(range(len(s)), key=lambda j: (s[j], -j))
@@ -372,7 +325,7 @@ def mc_accuracy(
     return McResult(tuple(correct))
 
 
-def single_token(tokenizer: Any) -> Accept:
+def single_token(tokenizer: PreTrainedTokenizerBase) -> Accept:
     """Accepts an answer that the tokenizer writes as one known token."""
     unk = getattr(tokenizer, "unk_token_id", None)
 

@@ -19,13 +19,18 @@ import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
 from kappatune.training.data import TokenizedData
+
+if TYPE_CHECKING:  # peft is imported when a peer is built
+    from peft import LoraConfig, OSFConfig
+
+    from kappatune.training.loop import PreparedModel
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 KEEP_ROWS_MAX = 256  # CorDA covariance rows (PEFT suggests about hidden / tokens * 128 samples)
@@ -152,7 +157,7 @@ def plan(model: nn.Module, method: str, budget: int) -> PeerPlan:
     return PeerPlan(method, tuple(names), rank, rank * per_rank, budget)
 
 
-def peft_config(model: nn.Module, the_plan: PeerPlan) -> Any:
+def peft_config(model: nn.Module, the_plan: PeerPlan) -> LoraConfig | OSFConfig:
     spec = PEERS[the_plan.method]
     if spec.init is None:
         from peft import OSFConfig
@@ -201,8 +206,8 @@ def build(
     budget: int,
     keep: TokenizedData | None = None,
     weight_decay: float = 0.0,
-) -> Any:
-    """``kappatune.training.loop.PreparedModel`` for a peer method: the PEFT-wrapped model and its groups."""
+) -> PreparedModel:
+    """The PEFT-wrapped model of a peer method and its parameter groups."""
     from peft import get_peft_model
 
     from kappatune.training.loop import PreparedModel, decay_groups
@@ -216,8 +221,10 @@ def build(
                 f"arm {method!r} uses data of what to keep, and the scenario has none:"
                 " give the control split more rows than the control evaluation uses"
             )
+        import peft
         from peft.tuners.lora.corda import preprocess_corda
 
+        assert isinstance(config, peft.LoraConfig)  # CorDA initialises LoRA
         preprocess_corda(model, config, run_model=lambda: _run_on(model, keep))
     peft_model = get_peft_model(model, config)
     groups = decay_groups(peft_model, weight_decay)

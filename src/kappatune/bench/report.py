@@ -12,13 +12,18 @@ import html
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.bench.summary import ArmSummary, SeedPoint
 from kappatune.bench.verdict import MeasureVerdict, interval_text, sentences
 from kappatune.jsonio import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_float
+
+if TYPE_CHECKING:  # rich and matplotlib are imported when a table or a plot is made
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from rich.table import Table
 
 SCHEMA_VERSION = 2
 COLUMNS = (
@@ -115,7 +120,7 @@ def _knowledge(row: ArmSummary, n: float) -> str:
 
 def rich_table(
     rows: Sequence[ArmSummary], title: str, floors: Mapping[str, Mapping[str, float]] | None = None
-) -> Any:
+) -> Table:
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
@@ -241,11 +246,22 @@ def _gain_unit(metric: str | None) -> str:
     return "accuracy change, pp" if metric == "accuracy" else "held-out ppl drop, %"
 
 
-def _png(fig: Any, axes: Any, used: int) -> bytes:
+def _panels(rows: int, cols: int, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """A figure of ``rows`` x ``cols`` panels drawn off-screen, its axes in reading order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return fig, list(axes.flat)
+
+
+def _png(fig: Figure, axes: Sequence[Axes], used: int) -> bytes:
     """The figure as PNG bytes (axes past the first ``used`` hidden); closes the figure."""
     import matplotlib.pyplot as plt
 
-    for ax in list(axes.flat)[used:]:
+    for ax in axes[used:]:
         ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -257,17 +273,14 @@ def _png(fig: Any, axes: Any, used: int) -> bytes:
 def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> bytes:
     """One panel per (scenario, forgetting measure): every arm's mean points, its front as a
     line; arrows mark the better direction on both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     cols = max(1, min(len(vs), 3))
     rows = max(1, math.ceil(len(vs) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.6 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = _panels(rows, cols, (5.5 * cols, 4.6 * rows))
+    cmap = colormaps["tab10"]
     arms = list(dict.fromkeys(a.arm for v in vs for a in v.arms))
-    for ax, v in zip(axes.flat, vs, strict=False):
+    for ax, v in zip(axes, vs, strict=False):
         for a in v.arms:
             i = arms.index(a.arm)
             xs = [p.gain for p in a.front]
@@ -291,17 +304,14 @@ def pareto_png(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> byte
 
 def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str]) -> bytes:
     """Every (arm, lr, seed, checkpoint) point: task gain (x) against control ppl rise (y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     panels = sorted({p.scenario for p in points})
     arms = list(dict.fromkeys(p.arm for p in points))
     cols = max(1, min(len(panels), 2))
-    fig, axes = plt.subplots(1, cols, figsize=(6 * cols, 4.5), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, scenario in zip(axes.flat, panels, strict=False):
+    fig, axes = _panels(1, cols, (6 * cols, 4.5))
+    cmap = colormaps["tab10"]
+    for ax, scenario in zip(axes, panels, strict=False):
         for i, arm in enumerate(arms):
             sel = [p for p in points if (p.scenario, p.arm) == (scenario, arm)]
             if sel:
@@ -319,18 +329,13 @@ def gain_forgetting_png(points: Sequence[SeedPoint], metrics: Mapping[str, str])
 
 def loss_curves_png(curves: Mapping[tuple[str, str], Sequence[Sequence[float]]]) -> bytes:
     """Training loss per step, one panel per scenario, one line per (arm, seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     scenarios = sorted({s for s, _ in curves})
     arms = list(dict.fromkeys(a for _, a in curves))
-    fig, axes = plt.subplots(
-        1, max(1, len(scenarios)), figsize=(6 * max(1, len(scenarios)), 4), squeeze=False
-    )
-    cmap = plt.get_cmap("tab10")
-    for ax, scenario in zip(axes.flat, scenarios, strict=False):
+    fig, axes = _panels(1, max(1, len(scenarios)), (6 * max(1, len(scenarios)), 4))
+    cmap = colormaps["tab10"]
+    for ax, scenario in zip(axes, scenarios, strict=False):
         for i, arm in enumerate(arms):
             for j, losses in enumerate(curves.get((scenario, arm), ())):
                 ax.plot(range(1, len(losses) + 1), losses, color=cmap(i % 10), lw=1, alpha=0.8,
@@ -389,35 +394,48 @@ def verdict_text(vs: Sequence[MeasureVerdict], metrics: Mapping[str, str]) -> li
     return out
 
 
-def markdown_report(
-    rows: Sequence[ArmSummary],
-    vs: Sequence[MeasureVerdict],
-    meta: Mapping[str, Any],
-    notes: Sequence[str],
-    metrics: Mapping[str, str],
-    floors: Mapping[str, Mapping[str, float]],
-    conclusion: str,
-) -> str:
-    parts = ["# kappatune bench\n", f"**Verdict.** {conclusion}\n"]
-    parts.append("".join(f"- {s}\n" for s in verdict_text(vs, metrics)))
+@dataclass(frozen=True)
+class ReportContent:
+    """What the Markdown and the HTML report both show."""
+
+    rows: Sequence[ArmSummary]
+    vs: Sequence[MeasureVerdict]
+    meta: Mapping[str, Any]
+    notes: Sequence[str]
+    metrics: Mapping[str, str]
+    floors: Mapping[str, Mapping[str, float]]
+    conclusion: str
+
+    def command(self) -> str:
+        return str(self.meta.get("command", ""))
+
+    def settings(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.meta.get("settings", {}).items())
+
+    def headline_rows(self) -> list[list[str]]:
+        units = {s: (" pp" if m == "accuracy" else " %") for s, m in self.metrics.items()}
+        return headline_rows(self.vs, units)
+
+
+def markdown_report(c: ReportContent) -> str:
+    parts = ["# kappatune bench\n", f"**Verdict.** {c.conclusion}\n"]
+    parts.append("".join(f"- {s}\n" for s in verdict_text(c.vs, c.metrics)))
     parts.append("![Pareto fronts](pareto.png)\n")
-    parts.append(f"Command: `{meta.get('command', '')}`\n")
-    setting = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
-    parts.append(f"Settings: {setting}\n")
+    parts.append(f"Command: `{c.command()}`\n")
+    parts.append(f"Settings: {c.settings()}\n")
     parts.append(EXPLAIN + "\n")
-    parts.append("".join(f"- {line}\n" for line in floor_lines(floors)))
-    units = {s: (" pp" if m == "accuracy" else " %") for s, m in metrics.items()}
+    parts.append("".join(f"- {line}\n" for line in floor_lines(c.floors)))
     parts.append("## Headline numbers\n")
-    parts.append(_md(HEADLINE_COLUMNS, headline_rows(vs, units)))
-    comp = comparison_rows(vs)
+    parts.append(_md(HEADLINE_COLUMNS, c.headline_rows()))
+    comp = comparison_rows(c.vs)
     if comp:
         parts.append("## Differences at matched gain (negative: the reference forgets less)\n")
         parts.append(_md(COMPARISON_COLUMNS, comp))
     parts.append("## Every point (mean over seeds)\n")
-    parts.append(markdown_table(rows, floors))
-    if notes:
+    parts.append(markdown_table(c.rows, c.floors))
+    if c.notes:
         parts.append("## Notes\n")
-        parts.append("".join(f"- {n}\n" for n in notes))
+        parts.append("".join(f"- {n}\n" for n in c.notes))
     parts.append("![task gain vs forgetting](gain_vs_forgetting.png)\n")
     parts.append("![training loss](loss_curves.png)\n")
     return "\n".join(parts)
@@ -429,16 +447,7 @@ def _html_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def html_report(
-    rows: Sequence[ArmSummary],
-    vs: Sequence[MeasureVerdict],
-    meta: Mapping[str, Any],
-    notes: Sequence[str],
-    metrics: Mapping[str, str],
-    floors: Mapping[str, Mapping[str, float]],
-    conclusion: str,
-    images: Mapping[str, bytes],
-) -> str:
+def html_report(c: ReportContent, images: Mapping[str, bytes]) -> str:
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
@@ -446,28 +455,26 @@ def html_report(
         "code{background:#f4f4f4;padding:2px 4px}"
     )
     esc = html.escape
-    body = [f"<h1>kappatune bench</h1><p><b>Verdict.</b> {esc(conclusion)}</p>"]
-    body.append("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in verdict_text(vs, metrics)) + "</ul>")
+    body = [f"<h1>kappatune bench</h1><p><b>Verdict.</b> {esc(c.conclusion)}</p>"]
+    body.append(
+        "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in verdict_text(c.vs, c.metrics)) + "</ul>"
+    )
     for name, png in images.items():
         data = base64.b64encode(png).decode("ascii")
         body.append(
             f'<h2>{esc(name)}</h2><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
         )
-    body.append(f"<p>Command: <code>{esc(str(meta.get('command', '')))}</code></p>")
-    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
-    body.append(f"<p>Settings: {esc(settings)}</p><p>{esc(EXPLAIN)}</p>")
-    body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in floor_lines(floors)) + "</ul>")
-    units = {s: (" pp" if m == "accuracy" else " %") for s, m in metrics.items()}
-    body.append(
-        "<h2>Headline numbers</h2>" + _html_table(HEADLINE_COLUMNS, headline_rows(vs, units))
-    )
-    comp = comparison_rows(vs)
+    body.append(f"<p>Command: <code>{esc(c.command())}</code></p>")
+    body.append(f"<p>Settings: {esc(c.settings())}</p><p>{esc(EXPLAIN)}</p>")
+    body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in floor_lines(c.floors)) + "</ul>")
+    body.append("<h2>Headline numbers</h2>" + _html_table(HEADLINE_COLUMNS, c.headline_rows()))
+    comp = comparison_rows(c.vs)
     if comp:
         body.append("<h2>Differences at matched gain</h2>" + _html_table(COMPARISON_COLUMNS, comp))
     body.append("<h2>Every point (mean over seeds)</h2>")
-    body.append(_html_table(COLUMNS, [cells(r, floors.get(r.scenario)) for r in rows]))
-    if notes:
-        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    body.append(_html_table(COLUMNS, [cells(r, c.floors.get(r.scenario)) for r in c.rows]))
+    if c.notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in c.notes) + "</ul>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>kappatune bench</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
@@ -501,8 +508,9 @@ def write_report(
     files["summary.json"] = summary_json(rows, points, vs, meta)
     files["summary.csv"] = summary_csv(rows)
     files["seeds.csv"] = seeds_csv(points)
-    files["report.md"] = markdown_report(rows, vs, meta, notes, metrics, floors, conclusion)
-    files["report.html"] = html_report(rows, vs, meta, notes, metrics, floors, conclusion, images)
+    shown = ReportContent(rows, vs, meta, notes, metrics, floors, conclusion)
+    files["report.md"] = markdown_report(shown)
+    files["report.html"] = html_report(shown, images)
     written = []
     for name, content in files.items():
         path = out_dir / name

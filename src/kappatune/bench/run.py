@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -63,6 +63,13 @@ from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.settings import key_fields
 from kappatune.training.data import special_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from kappatune.analysis.spectra import SpectrumRow
+
+Scores = dict[tuple[str, int], float]  # Fisher-type scores by (tensor, expert or -1)
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +242,8 @@ def reference_loss(
 @dataclass
 class Loaded:
     model: nn.Module
-    tokenizer: Any
-    rows: tuple[Any, ...]
+    tokenizer: PreTrainedTokenizerBase
+    rows: tuple[SpectrumRow, ...]
     fingerprint: str
     total_params: int
 
@@ -256,7 +263,7 @@ def load_model(spec: str, settings: BenchSettings) -> Loaded:
 
 
 def arm_context(
-    loaded: Loaded, settings: BenchSettings, seed: int, fisher: Any = None
+    loaded: Loaded, settings: BenchSettings, seed: int, fisher: Scores | None = None
 ) -> ArmContext:
     return ArmContext(
         rows=loaded.rows,
@@ -307,7 +314,7 @@ def train_one(
     arm: Arm,
     seed: int,
     settings: BenchSettings,
-    fisher: Any,
+    fisher: Scores | None,
     reporter: Reporter,
     store: ResultStore,
     want: str,
@@ -389,7 +396,7 @@ def _fisher_scores(
     prepared: PreparedScenario,
     settings: BenchSettings,
     policy: str | None = "fisher",
-) -> Any:
+) -> Scores:
     from kappatune.analysis.fisher import examples_from_tokenized, fisher_scores
 
     if policy in ("self-fisher", "interference"):
@@ -403,7 +410,7 @@ def _fisher_scores(
 
 
 def knowledge_questions(
-    settings: BenchSettings, tokenizer: Any = None
+    settings: BenchSettings, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> tuple[tuple[Question, ...], str | None]:
     """The knowledge control's questions, and why there are none when there are none.
 
@@ -437,7 +444,7 @@ def _scores_message(name: str, policy: str | None, settings: BenchSettings) -> s
 
 def _self_fisher_scores(
     loaded: Loaded, prepared: PreparedScenario, settings: BenchSettings, policy: str
-) -> Any:
+) -> Scores:
     """Scores of the self-fisher (model's own samples, default size) and interference arms."""
     from kappatune.analysis.fisher import examples_from_tokenized, fisher_scores
     from kappatune.analysis.self_fisher import bos_of, interference_scores, self_fisher_scores
@@ -600,7 +607,7 @@ def _scenario_runs(
     reporter: Reporter,
 ) -> list[RunResult]:
     out: list[RunResult] = []
-    fisher: dict[str | None, Any] = {}  # policy -> its scores
+    fisher: dict[str | None, Scores] = {}  # policy -> its scores
     prepared = evaluator.prepared
     name = prepared.scenario.name
     want_steps = set(settings.checkpoint_steps())

@@ -153,19 +153,15 @@ class Scenario:
         return scenario_from_mapping(d, None)
 
 
-def _builtin(name: str, **kw: Any) -> Scenario:
-    return Scenario(name=name, **kw)
-
-
 BUILTIN_SCENARIOS: dict[str, Scenario] = {
-    "code": _builtin(
-        "code",
+    "code": Scenario(
+        name="code",
         train=DataSpec("builtin:python-stdlib-train"),
         heldout=DataSpec("builtin:python-stdlib-heldout"),
         control=DataSpec("builtin:python-docs-prose"),
     ),
-    "digits": _builtin(
-        "digits",
+    "digits": Scenario(
+        name="digits",
         train=DataSpec("builtin:digits-train"),
         heldout=DataSpec("builtin:digits-heldout"),
         control=DataSpec("builtin:python-docs-prose"),

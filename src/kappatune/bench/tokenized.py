@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kappatune.bench.config import EvalSizes as EvalSizes  # declared there
 from kappatune.bench.evaluate import EvalSequence, LabelExample, tokenize_options
@@ -19,6 +19,9 @@ from kappatune.bench.records import Split
 from kappatune.bench.scenarios import Scenario, ScenarioData
 from kappatune.errors import KappaTuneError
 from kappatune.training.data import Example, PackConfig, TokenizedData, special_tokens, tokenize
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def _examples(split: Split) -> list[Example]:
     return [Example(r.prompt, r.completion) for r in split.records]
 
 
-def _row_len(tokenizer: Any, split: Split, eos: bool, limit: int) -> int:
+def _row_len(tokenizer: PreTrainedTokenizerBase, split: Split, eos: bool, limit: int) -> int:
     """Length of the longest prefix + prompt + completion row (error past ``limit``)."""
     prefix = len(special_tokens(tokenizer).prefix)
     longest, which = 0, 0
@@ -70,7 +73,9 @@ def _row_len(tokenizer: Any, split: Split, eos: bool, limit: int) -> int:
     return max(2, longest)
 
 
-def tokenize_split(tokenizer: Any, split: Split, sizes: EvalSizes) -> TokenizedData:
+def tokenize_split(
+    tokenizer: PreTrainedTokenizerBase, split: Split, sizes: EvalSizes
+) -> TokenizedData:
     if split.kind == "text":
         return tokenize(tokenizer, _examples(split), PackConfig(seq_len=sizes.seq_len))
     eos = split.kind == "pairs"
@@ -100,7 +105,9 @@ def keep_rows(control_rows: TokenizedData, sizes: EvalSizes) -> TokenizedData | 
     return control_rows.subset(rest) if rest else None
 
 
-def label_examples(tokenizer: Any, split: Split, k: int) -> tuple[LabelExample, ...]:
+def label_examples(
+    tokenizer: PreTrainedTokenizerBase, split: Split, k: int
+) -> tuple[LabelExample, ...]:
     prefix = special_tokens(tokenizer).prefix
     out = []
     for i in evenly(len(split.records), k):
@@ -111,7 +118,7 @@ def label_examples(tokenizer: Any, split: Split, k: int) -> tuple[LabelExample, 
     return tuple(out)
 
 
-def digest(parts: Sequence[Any]) -> str:
+def digest(parts: Sequence[object]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, TokenizedData):
@@ -124,7 +131,7 @@ def digest(parts: Sequence[Any]) -> str:
 
 
 def prepare(
-    scenario: Scenario, data: ScenarioData, tokenizer: Any, sizes: EvalSizes
+    scenario: Scenario, data: ScenarioData, tokenizer: PreTrainedTokenizerBase, sizes: EvalSizes
 ) -> PreparedScenario:
     """Tokenize the three splits; check label options tokenize before anything runs."""
     options: tuple[tuple[int, ...], ...] = ()

@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from kappatune.cli.console import wide_console
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kappatune.analysis.spectra import Analysis, AnalyzeOptions, ProgressHook, SpectrumRow
 
 EPILOG = """examples:
   kappatune analyze gemma-3-270m
@@ -18,7 +24,7 @@ EPILOG = """examples:
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "analyze",
         help="per-tensor condition numbers and spectral metrics of a checkpoint",
@@ -53,7 +59,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     check_file(args.plot, "--plot", (".png",))
 
 
-def _write_outputs(args: argparse.Namespace, analysis: Any) -> None:
+def _write_outputs(args: argparse.Namespace, analysis: Analysis) -> None:
     """The JSON, CSV and PNG asked for: all of them, or none when one cannot be written."""
     from kappatune.analysis import report
     from kappatune.jsonio import json_bytes
@@ -70,7 +76,6 @@ def _write_outputs(args: argparse.Namespace, analysis: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from tqdm import tqdm
 
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
@@ -108,9 +113,7 @@ def run(args: argparse.Namespace) -> int:
             "; ".join(f"{n} {r}" for r, n, _ in _skips(analysis)) or "the source has no tensors"
         )
         raise KappaTuneError(f"no candidate matrices in {analysis.source} ({reasons})")
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
+    console = wide_console()
     _print_report(console, analysis, elapsed, args.top)
     _write_outputs(args, analysis)
     for flag, path in (("JSON", args.output), ("CSV", args.csv), ("plot", args.plot)):
@@ -119,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_sharded(source: str, options: Any, progress: Any) -> Any:
+def _analyze_sharded(
+    source: str, options: AnalyzeOptions, progress: ProgressHook
+) -> Analysis | None:
     import torch.distributed as dist
 
     from kappatune.analysis.sharded import analyze_sharded
@@ -131,13 +136,13 @@ def _analyze_sharded(source: str, options: Any, progress: Any) -> Any:
             dist.destroy_process_group()
 
 
-def _skips(analysis: Any) -> list[tuple[str, int, list[str]]]:
+def _skips(analysis: Analysis) -> list[tuple[str, int, list[str]]]:
     from kappatune.analysis.report import skip_summary
 
     return skip_summary(analysis)
 
 
-def _print_report(console: Any, analysis: Any, elapsed: float, top: int) -> None:
+def _print_report(console: Console, analysis: Analysis, elapsed: float, top: int) -> None:
     from rich.table import Table
 
     from kappatune.analysis.report import format_kappa, kappa_order, module_summary
@@ -150,7 +155,7 @@ def _print_report(console: Any, analysis: Any, elapsed: float, top: int) -> None
         f"{elapsed:.2f} s ({', '.join(methods)})"
     )
 
-    def table(title: str, subset: list[Any]) -> Table:
+    def table(title: str, subset: list[SpectrumRow]) -> Table:
         t = Table(title=title, title_justify="left")
         for col in ("name", "expert", "shape", "kappa", "sigma_max", "sigma_min", "eff. rank"):
             t.add_column(col, justify="left" if col == "name" else "right")

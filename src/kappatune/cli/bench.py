@@ -7,9 +7,16 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from kappatune.bench.run import BenchSettings
+    from kappatune.bench.scenarios import Scenario
+    from kappatune.bench.store import RunResult
 
 EPILOG = """examples:
   kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~70 min, 2 cores)
@@ -99,7 +106,7 @@ def _grid(values: Sequence[str], arms: Sequence[str]) -> list[tuple[str, tuple[f
     return named
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
         help="forgetting benchmark: KappaTune against full FT, LoRA, random and highest-kappa",
@@ -152,7 +159,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def scenarios_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
+def scenarios_from_args(args: argparse.Namespace) -> tuple[Scenario, ...]:
     from kappatune.bench.scenarios import (
         BUILTIN_SCENARIOS,
         builtin_scenario,
@@ -160,7 +167,7 @@ def scenarios_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
         scenario_from_mapping,
     )
 
-    out: list[Any] = [builtin_scenario(n) for n in args.scenarios]
+    out: list[Scenario] = [builtin_scenario(n) for n in args.scenarios]
     if args.config is not None:
         out.extend(load_config(args.config))
     flags = (args.train, args.heldout, args.control)
@@ -191,7 +198,7 @@ def scenarios_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Settings from resolved arguments (see :func:`resolve`)."""
     from kappatune.bench.config import DEFAULT_ARMS, BenchSettings, EvalSizes
     from kappatune.settings import from_args
@@ -245,7 +252,7 @@ class BarReporter:
     def __init__(self, total_runs: int) -> None:
         self.total = total_runs
         self.done = 0
-        self.bar: Any = None
+        self.bar: tqdm | None = None
 
     def message(self, text: str) -> None:
         from tqdm import tqdm
@@ -269,7 +276,7 @@ class BarReporter:
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.refresh()
 
-    def run_finished(self, result: Any, reused: bool) -> None:
+    def run_finished(self, result: RunResult, reused: bool) -> None:
         self.done += 1
         if self.bar is not None:
             self.bar.close()

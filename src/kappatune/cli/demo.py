@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kappatune.analysis.spectra import Analysis
+    from kappatune.demo import DemoResult, Perplexities
+    from kappatune.selection.core import Selection
 
 EPILOG = """examples:
   kappatune demo                                  # Gemma 3 270M, the built-in default
@@ -43,13 +50,13 @@ def add_parser(sub: Any) -> None:
 class ConsoleReporter:
     """Prints each stage as a plain line (readable without a terminal, e.g. under nohup)."""
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
 
     def stage(self, text: str) -> None:
         self.console.print(f"[bold]>[/bold] {text}")
 
-    def analysed(self, analysis: Any) -> None:
+    def analysed(self, analysis: Analysis) -> None:
         rows = [r for r in analysis.tensors if math.isfinite(r.kappa)]
         if not rows:
             return
@@ -60,7 +67,7 @@ class ConsoleReporter:
             f" to {high.kappa:.3g} ({high.name})"
         )
 
-    def selected(self, selection: Any) -> None:
+    def selected(self, selection: Selection) -> None:
         from kappatune.cli.select import print_selection
 
         print_selection(self.console, selection, top=10)
@@ -70,14 +77,14 @@ class ConsoleReporter:
         if step % every == 0 or step in (1, total):
             self.console.print(f"  step {step}/{total}  loss {loss:.4f}")
 
-    def measured(self, when: str, ppl: Any) -> None:
+    def measured(self, when: str, ppl: Perplexities) -> None:
         self.console.print(
             f"  perplexity {when}: task (unseen Python code) {ppl.task:.3f},"
             f" control (English prose) {ppl.control:.3f}"
         )
 
 
-def _summary(console: Any, result: Any) -> None:
+def _summary(console: Console, result: DemoResult) -> None:
     from rich.table import Table
 
     from kappatune.demo import loss_window
@@ -115,8 +122,7 @@ def _summary(console: Any, result: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from kappatune.cli.console import wide_console
     from kappatune.cli.quiet import quiet_transformers
     from kappatune.demo import DemoSettings, run_demo
     from kappatune.jsonio import atomic_write_json
@@ -126,9 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.is_dir():
         raise KappaTuneError(f"--output {args.output} is a directory; give a file name")
     quiet_transformers()
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
+    console = wide_console()
     result = run_demo(settings, ConsoleReporter(console))
     _summary(console, result)
     if args.output is not None:

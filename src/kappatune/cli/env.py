@@ -7,7 +7,6 @@ import importlib.metadata
 import os
 import platform
 import sys
-from typing import Any
 
 _PACKAGES = (
     "kappatune",
@@ -28,7 +27,7 @@ _PACKAGES = (
 )
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("env", help="print versions for bug reports")
     p.set_defaults(run=run)
 

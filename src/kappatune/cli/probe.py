@@ -16,7 +16,11 @@ from kappatune.errors import KappaTuneError
 from kappatune.probe.run import MEASURES
 
 if TYPE_CHECKING:
-    from kappatune.probe.run import ProbeReport, ProbeRow, ProbeSettings
+    from collections.abc import Callable
+
+    from rich.console import Console
+
+    from kappatune.probe.run import ProbeProgress, ProbeReport, ProbeRow, ProbeSettings
 
 EPILOG = """examples:
   kappatune probe gemma-3-270m --data notes.txt --tokens 2048 --seq-len 128
@@ -28,7 +32,7 @@ Fisher information (the premise of KappaTune); values near 0 mean kappa says lit
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "probe",
         help="Fisher information in the weights against kappa, with rank correlations",
@@ -83,7 +87,7 @@ def _check_output(path: Path | None, flag: str, suffix: str) -> None:
 # --------------------------------------------------------------------------- console
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def _fmt(x: float | str | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, str):
@@ -99,7 +103,7 @@ def _ci(c: Mapping[str, Any]) -> str:
     return f"{_fmt(c['estimate'], 2)} \\[{_fmt(c['ci_low'], 2)},{_fmt(c['ci_high'], 2)}]"
 
 
-def _print_rows(console: Any, rows: Sequence[ProbeRow], kinds: Sequence[str], top: int) -> None:
+def _print_rows(console: Console, rows: Sequence[ProbeRow], kinds: Sequence[str], top: int) -> None:
     from rich.table import Table
 
     from kappatune.analysis.report import format_kappa
@@ -130,7 +134,7 @@ def _print_rows(console: Any, rows: Sequence[ProbeRow], kinds: Sequence[str], to
 
 
 def _print_correlations(
-    console: Any, correlations: list[dict[str, Any]], kinds: Sequence[str]
+    console: Console, correlations: list[dict[str, Any]], kinds: Sequence[str]
 ) -> None:
     from rich.table import Table
 
@@ -159,7 +163,7 @@ def _print_correlations(
         console.print(t)
 
 
-def _print_spectral(console: Any, correlations: list[dict[str, Any]]) -> None:
+def _print_spectral(console: Console, correlations: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     t = Table(
@@ -184,7 +188,7 @@ def _print_spectral(console: Any, correlations: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def _progress_bars(settings: ProbeSettings) -> tuple[Any, Any]:
+def _progress_bars(settings: ProbeSettings) -> tuple[ProbeProgress, Callable[[], None]]:
     """A progress hook for :func:`run_probe` with one tqdm bar per stage, and a closer."""
     from tqdm import tqdm
 
@@ -192,7 +196,7 @@ def _progress_bars(settings: ProbeSettings) -> tuple[Any, Any]:
         "kappa": ("tensor", "kappa"),
         "fisher": ("tok", f"Fisher ({'+'.join(settings.kinds)})"),
     }
-    bars: dict[str, Any] = {}
+    bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage not in bars:
@@ -212,6 +216,7 @@ def _progress_bars(settings: ProbeSettings) -> tuple[Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kappatune.cli.console import wide_console
     from kappatune.cli.quiet import quiet_transformers
     from kappatune.outputs import write_all
     from kappatune.probe.run import run_probe
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         rendered.append(("CSV", args.csv, report.csv_text().encode("utf-8")))
     if args.plot:
         rendered.append(("plot", args.plot, report.png()))
-    console = _console()
+    console = wide_console(160)
     _print_report(console, args.model, args.top, report)
     write_all([(path, payload) for _, path, payload in rendered])
     for label, path, _ in rendered:
@@ -247,16 +252,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 160)
-    return console
-
-
-def _print_report(console: Any, model: str, top: int, report: ProbeReport) -> None:
+def _print_report(console: Console, model: str, top: int, report: ProbeReport) -> None:
     settings, timings = report.settings, report.timings
     console.print(
         f"[bold]{model}[/bold]  {len(report.rows)} matrices  {settings.tokens} tokens in "

@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.policies import policy_names  # the registry; importing it loads no torch
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kappatune.analysis.fisher import Key
+    from kappatune.analysis.spectra import Analysis, SpectrumRow
+    from kappatune.selection.budget import Budget
+    from kappatune.selection.core import Selection
 
 SELF_FISHER_POLICIES = ("self-fisher", "interference")
 TASK_FISHER_POLICIES = ("fisher", "interference")
@@ -92,7 +101,7 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
     add_flags(p, SelectOptions, only=("include", "exclude", "module_types", "quotas"))
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "select",
         help="choose the tensors to fine-tune (policy + budget) and export them",
@@ -122,7 +131,7 @@ def add_parser(sub: Any) -> None:
 # --------------------------------------------------------------------------- shared helpers
 
 
-def budget_from_args(args: argparse.Namespace) -> Any:
+def budget_from_args(args: argparse.Namespace) -> Budget | None:
     from kappatune.selection.budget import Budget
 
     if args.budget_tensors is not None:
@@ -176,7 +185,9 @@ def validate_selection_args(args: argparse.Namespace) -> None:
     options_from_args(args)
 
 
-def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | None = None) -> Any:
+def load_analysis(
+    source: str, progress_desc: str = "analyzing", policy: str | None = None
+) -> Analysis:
     """An Analysis from a JSON file, or computed (cached) from a checkpoint.
 
     Policies other than ``snr`` need kappa only, so they take the faster kappa-only route (rows
@@ -204,7 +215,7 @@ def load_analysis(source: str, progress_desc: str = "analyzing", policy: str | N
         bar.close()
 
 
-def _read_fisher_scores(path: Path) -> Any:
+def _read_fisher_scores(path: Path) -> dict[Key, float]:
     from kappatune.analysis import fisher
 
     try:
@@ -216,7 +227,9 @@ def _read_fisher_scores(path: Path) -> Any:
     return fisher.FisherResult.from_json(data).scores("mean")
 
 
-def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
+def _self_fisher_scores(
+    args: argparse.Namespace, model_spec: str, rows: Sequence[SpectrumRow]
+) -> dict[Key, float]:
     from kappatune.analysis.self_fisher import SelfFisherOptions, policy_scores_for
     from kappatune.cli.quiet import quiet_transformers
 
@@ -232,7 +245,9 @@ def _self_fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) ->
     )
 
 
-def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
+def _fisher_scores(
+    args: argparse.Namespace, model_spec: str, rows: Sequence[SpectrumRow]
+) -> dict[Key, float]:
     from kappatune.analysis import fisher
 
     if args.fisher_scores:
@@ -243,8 +258,11 @@ def _fisher_scores(args: argparse.Namespace, model_spec: str, rows: Any) -> Any:
 
 
 def selection_from_args(
-    args: argparse.Namespace, analysis: Any, model_spec: str | None = None, budget: Any = None
-) -> Any:
+    args: argparse.Namespace,
+    analysis: Analysis,
+    model_spec: str | None = None,
+    budget: Budget | None = None,
+) -> Selection:
     """The selection the flags ask for; ``budget`` (a Budget) replaces the budget flags."""
     from kappatune.selection.core import select
 
@@ -258,7 +276,7 @@ def selection_from_args(
     return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
 
 
-def print_selection(console: Any, selection: Any, top: int) -> None:
+def print_selection(console: Console, selection: Selection, top: int) -> None:
     from rich.table import Table
 
     console.print(f"[bold]{selection.source}[/bold]  {selection.describe()}")
@@ -320,8 +338,7 @@ def check_output(path: Path | None, fmt: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from kappatune.cli.console import wide_console
     from kappatune.outputs import write_all
     from kappatune.selection.exports import render
 
@@ -336,9 +353,7 @@ def run(args: argparse.Namespace) -> int:
     model_type = None if args.source.endswith(".json") else model_type_of(args.source)
     text = render(selection, args.format, model_type)
     stdout = to_stdout(args.output)
-    console = Console(highlight=False, stderr=stdout)  # the export alone on stdout
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
+    console = wide_console(stderr=stdout)  # the export alone on stdout
     print_selection(console, selection, args.top)
     if stdout:
         sys.stdout.write(text)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kappatune.selection.core import Selection
+    from kappatune.training.loop import LoraSettings
+    from kappatune.training.memory import MemoryEstimate
+
+#: ``train``'s LoRA settings from its flags and the model's parameter count.
+LoraFromArgs = Callable[[argparse.Namespace, int], "LoraSettings | None"]
 
 METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")
 _MB = 2**20
 
 
-def _selection_for(args: argparse.Namespace) -> Any:
+def _selection_for(args: argparse.Namespace) -> Selection:
     """The selection ``train`` would use (a --selection file, or the policy flags on the analysis)."""
     from kappatune.cli.select import load_analysis, selection_from_args
     from kappatune.selection.core import Selection
@@ -22,7 +31,7 @@ def _selection_for(args: argparse.Namespace) -> Any:
     )
 
 
-def estimates(args: argparse.Namespace, lora_settings: Any) -> list[Any]:
+def estimates(args: argparse.Namespace, lora_settings: LoraFromArgs) -> list[MemoryEstimate]:
     """One MemoryEstimate per method, from the config on the meta device."""
     from kappatune.training import memory
 
@@ -41,9 +50,10 @@ def estimates(args: argparse.Namespace, lora_settings: Any) -> list[Any]:
     return out
 
 
-def run_dry(args: argparse.Namespace, lora_settings: Any) -> int:
-    from rich.console import Console
+def run_dry(args: argparse.Namespace, lora_settings: LoraFromArgs) -> int:
     from rich.table import Table
+
+    from kappatune.cli.console import wide_console
 
     rows = estimates(args, lora_settings)
     table = Table(
@@ -73,9 +83,7 @@ def run_dry(args: argparse.Namespace, lora_settings: Any) -> int:
             f"{transient / _MB:,.0f}",
             f"{e.total / _MB:,.0f}",
         )
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 140)
+    console = wide_console()
     console.print(table)
     console.print(
         "* the --method asked for. Total = weights + gradients + optimizer state + the larger of"

@@ -16,12 +16,18 @@ Axolotl imports this module; kappatune itself never does.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from kappatune.selection.budget import Budget
+
+Config = MutableMapping[str, Any]  # Axolotl's configuration (a DictDefault): YAML values
 
 
 class KappaTuneArgs(BaseModel):
@@ -35,7 +41,7 @@ class KappaTuneArgs(BaseModel):
     kappatune_seed: int = 0
 
 
-def _budget(cfg: Any) -> Any:
+def _budget(cfg: Config) -> Budget:
     from kappatune.selection.budget import Budget
 
     params, tensors = cfg.get("kappatune_budget_params"), cfg.get("kappatune_budget_tensors")
@@ -44,10 +50,10 @@ def _budget(cfg: Any) -> Any:
             "the kappatune plugin needs exactly one of kappatune_budget_params and"
             " kappatune_budget_tensors"
         )
-    return Budget.parse_params(str(params)) if params is not None else Budget(tensors=int(tensors))
+    return Budget.parse_params(str(params)) if tensors is None else Budget(tensors=int(tensors))
 
 
-def unfrozen_parameters(cfg: Any) -> list[str]:
+def unfrozen_parameters(cfg: Config) -> list[str]:
     """Axolotl ``unfrozen_parameters`` for the configuration's model, policy and budget."""
     from kappatune.analysis.spectra import analyze
     from kappatune.selection.budget import SelectOptions
@@ -75,7 +81,7 @@ class KappaTunePlugin(BasePlugin):  # type: ignore[misc]
     def get_input_args(self) -> str:
         return "kappatune.integrations.axolotl.KappaTuneArgs"
 
-    def pre_model_load(self, cfg: Any) -> None:
+    def pre_model_load(self, cfg: Config) -> None:
         if cfg.get("unfrozen_parameters"):
             raise KappaTuneError(
                 "the kappatune plugin sets unfrozen_parameters itself; remove them from the config"

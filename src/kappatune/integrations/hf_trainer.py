@@ -16,13 +16,17 @@ Works with TRL's ``SFTTrainer`` (a Trainer subclass) and with plain accelerate l
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.core import Selection
 from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,9 @@ class KappaTuneCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self._selected: set[int] = set()
 
     def on_init_end(
-        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
-    ) -> Any:
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        model: nn.Module | None = kwargs.get("model")  # the Trainer passes its model by keyword
         if model is None:
             raise KappaTuneError("KappaTuneCallback: the Trainer was built without a model")
         groups = apply_selection(model, self.selection)
@@ -75,14 +80,10 @@ class KappaTuneCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         return control
 
     def on_train_begin(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        model: nn.Module | None = None,
-        optimizer: Any = None,
-        **kwargs: Any,
-    ) -> Any:
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        model: nn.Module | None = kwargs.get("model")
+        optimizer: torch.optim.Optimizer | None = kwargs.get("optimizer")
         if model is not None:
             extra = [
                 n
@@ -105,8 +106,9 @@ class KappaTuneCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         return control
 
     def on_train_end(
-        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
-    ) -> Any:
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        model: nn.Module | None = kwargs.get("model")  # the Trainer passes its model by keyword
         if self._digests is not None and model is not None:
             changed = check_frozen(model, self._digests)
             if changed:

@@ -17,13 +17,16 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.core import Selection
 from kappatune.training.layout import locate, locate_by_type
+
+if TYPE_CHECKING:  # peft is imported when a config is built
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def lora_config(
     dropout: float = 0.0,
     model: nn.Module | None = None,
     **kwargs: Any,
-) -> Any:
+) -> LoraConfig:
     """``peft.LoraConfig`` adapting exactly the selected modules (alpha defaults to 2 r).
 
     Pass ``model`` where transformers fuses the checkpoint's experts (see :func:`peft_targets`).
@@ -212,7 +215,7 @@ def config_from_targets(
     alpha: int | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> Any:
+) -> LoraConfig:
     """``peft.LoraConfig`` for explicit targets (e.g. a :class:`LoraPlan`'s); alpha defaults to 2 r."""
     from peft import LoraConfig
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from scipy import stats
 
 from kappatune.errors import KappaTuneError
-from kappatune.jsonio import decode_float, encode_float
+from kappatune.jsonio import decode_float, fields_json
 
 METHODS = ("spearman", "kendall")
 MIN_PAIRS = 3
@@ -47,10 +47,7 @@ class RankCorrelation:
             )
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        for f in _FLOATS:
-            d[f] = encode_float(d[f])
-        return d
+        return fields_json(self, _FLOATS)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RankCorrelation:

@@ -25,12 +25,17 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune import settings
 from kappatune.errors import KappaTuneError
 from kappatune.settings import setting
+
+if TYPE_CHECKING:  # the CLI imports this module for its defaults: torch stays unloaded
+    from kappatune.analysis.fisher import FisherOptions, FisherResult
+    from kappatune.analysis.spectra import Analysis
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "kappatune.probe.run"
@@ -80,9 +85,10 @@ class ProbeSettings:
             raise KappaTuneError(f"--bootstrap must be 0 or more, got {self.bootstrap}")
         if not 0.0 < self.confidence < 1.0:
             raise KappaTuneError(f"--confidence must be between 0 and 1, got {self.confidence}")
-        self.fisher_options()  # validates kinds, tokens, lambda and samples
+        _ = self.fisher_options  # validates kinds, tokens, lambda and samples; kept for the run
 
-    def fisher_options(self) -> Any:
+    @cached_property
+    def fisher_options(self) -> FisherOptions:
         from kappatune.analysis.fisher import FisherOptions
 
         return FisherOptions(
@@ -149,7 +155,7 @@ class ProbeRow:
         }
 
 
-def join_rows(analysis: Any, results: Mapping[str, Any]) -> list[ProbeRow]:
+def join_rows(analysis: Analysis, results: Mapping[str, FisherResult]) -> list[ProbeRow]:
     """One row per analysed matrix, in the analysis order, with each kind's Fisher measures."""
     by_kind = {kind: {r.key: r for r in res.rows} for kind, res in results.items()}
     rows = []
@@ -184,14 +190,14 @@ def correlate(rows: Sequence[ProbeRow], settings: ProbeSettings) -> list[dict[st
 
 
 def spectral_scores(
-    analysis: Any, rows: Sequence[ProbeRow], kinds: Sequence[str]
+    analysis: Analysis, rows: Sequence[ProbeRow], kinds: Sequence[str]
 ) -> dict[str, list[float]]:
     """Per matrix, in ``rows`` order: kappa, Spectrum's SNR and each kind's Fisher mean."""
     snr = {r.key: r.snr for r in analysis.tensors}
     keys = [(r.name, -1 if r.expert is None else r.expert) for r in rows]
     out: dict[str, list[float]] = {
         "kappa": [r.kappa for r in rows],
-        "snr": [math.nan if snr.get(k) is None else float(snr[k]) for k in keys],  # type: ignore[arg-type]
+        "snr": [math.nan if (v := snr.get(k)) is None else float(v) for k in keys],
     }
     for kind in kinds:
         out[f"fisher-{kind}"] = [r.fisher[kind]["mean"] for r in rows]
@@ -199,7 +205,7 @@ def spectral_scores(
 
 
 def spectral_correlations(
-    analysis: Any, rows: Sequence[ProbeRow], settings: ProbeSettings
+    analysis: Analysis, rows: Sequence[ProbeRow], settings: ProbeSettings
 ) -> list[dict[str, Any]]:
     """Rank correlations between kappa, SNR and Fisher (not Fisher with Fisher), all and per type."""
     from kappatune.probe.correlation import pairwise_correlations
@@ -268,7 +274,7 @@ def csv_text(rows: Sequence[ProbeRow], kinds: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _signed(x: Any) -> str:
+def _signed(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:+.3f}"
@@ -325,8 +331,8 @@ class ProbeReport:
     data_files: tuple[Path, ...]
     data_stats: Mapping[str, int]
     settings: ProbeSettings
-    analysis: Any  # kappatune.analysis.spectra.Analysis
-    results: Mapping[str, Any]  # kind -> kappatune.analysis.fisher.FisherResult
+    analysis: Analysis
+    results: Mapping[str, FisherResult]  # kind -> its Fisher estimate
     rows: tuple[ProbeRow, ...]
     correlations: list[dict[str, Any]]
     spectral: list[dict[str, Any]]  # kappa, Spectrum's SNR and Fisher, pairwise
@@ -429,7 +435,7 @@ def run_probe(
 
     start = time.perf_counter()
     results = fisher.compute_fisher(
-        net, examples, settings.fisher_options(), only=[r.name for r in analysis.tensors],
+        net, examples, settings.fisher_options, only=[r.name for r in analysis.tensors],
         progress=lambda d, t: hook("fisher", d, t),
     )  # fmt: skip
     timings["fisher"] = time.perf_counter() - start

@@ -18,8 +18,7 @@ from collections.abc import Generator, Iterator
 from functools import cache
 from pathlib import Path
 
-from kappatune.errors import KappaTuneError
-from kappatune.errtext import one_line
+from kappatune.errors import KappaTuneError, one_line
 
 _EXTRA = frozenset(
     {
