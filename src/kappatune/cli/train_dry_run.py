@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")
 _MB = 2**20
 
 
@@ -27,18 +26,13 @@ def estimates(args: argparse.Namespace, lora_settings: Any) -> list[Any]:
     from kappatune.training import memory
 
     config = memory.config_of(args.model, args.trust_remote_code)
-    selection = _selection_for(args)
-    out = []
-    for method in METHOD_ORDER:
-        model_params = sum(p.numel() for p in memory.meta_model(config).parameters())
-        lora = lora_settings(args, model_params) if method in ("lora", "kappa-lora") else None
-        sel = selection if method in ("selective", "kappa-lora") else None
-        out.append(
-            memory.estimate(
-                lambda: memory.meta_model(config), method, args.batch_size, args.seq_len, sel, lora
-            )
-        )
-    return out
+    return memory.method_estimates(
+        config,
+        args.batch_size,
+        args.seq_len,
+        _selection_for(args),
+        lambda model_params: lora_settings(args, model_params),
+    )
 
 
 def run_dry(args: argparse.Namespace, lora_settings: Any) -> int:
