@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from kappatune.selection.core import Selection, select
     from kappatune.selection.policies import policy_names, register_policy
     from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
+    from kappatune.training.methods import get_method, method_names
     from kappatune.training.models import analysis_source, load_causal_lm
+    from kappatune.training.recipe import RunSettings, resume_training, run_training
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,10 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("analysis_source", "load_causal_lm"), "kappatune.training.models"),
     **dict.fromkeys(("FisherOptions", "compute_fisher"), "kappatune.analysis.fisher"),
     **dict.fromkeys(("ProbeReport", "ProbeSettings", "run_probe"), "kappatune.probe.run"),
+    **dict.fromkeys(("get_method", "method_names"), "kappatune.training.methods"),
+    **dict.fromkeys(
+        ("RunSettings", "resume_training", "run_training"), "kappatune.training.recipe"
+    ),
     "run_bench": "kappatune.bench.run",
 }
 
@@ -73,6 +79,7 @@ __all__ = [
     "KappaTuneError",
     "ProbeReport",
     "ProbeSettings",
+    "RunSettings",
     "SelectOptions",
     "Selection",
     "SkippedRow",
@@ -85,13 +92,17 @@ __all__ = [
     "compute_fisher",
     "freeze_for_trainer",
     "frozen_digests",
+    "get_method",
     "load_causal_lm",
     "lora_config",
+    "method_names",
     "policy_names",
     "rank_for_budget",
     "register_policy",
+    "resume_training",
     "run_bench",
     "run_probe",
+    "run_training",
     "select",
 ]
 

@@ -320,9 +320,7 @@ def test_watch_bar_in_a_terminal_lines_otherwise(tmp_path: Path, terminal: bool)
     printed: list[str] = []
     evals = iter([2.5, 2.25])
     display = Display(total=5, start=0, log_every=2, print_line=printed.append, terminal=terminal)
-    watch = StepWatch(
-        RunLog(tmp_path), evaluate=lambda: next(evals), eval_every=3, display=display
-    )
+    watch = StepWatch(RunLog(tmp_path), evaluate=lambda: next(evals), eval_every=3, display=display)
     for s in range(1, 6):
         watch(StepRecord(s, 5, 3.0, 1e-3, 10, 0.1))
     if terminal:

@@ -179,9 +179,7 @@ def _prepare_lora(
     peft_model = get_peft_model(model, config)
     groups = decay_groups(peft_model, weight_decay)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return PreparedModel(
-        peft_model, groups, method.name, trainable, lora_r=r, lora_targets=targets
-    )
+    return PreparedModel(peft_model, groups, method.name, trainable, lora_r=r, lora_targets=targets)
 
 
 def lora_plan(

@@ -455,7 +455,9 @@ def settings_from_run(
             trust_remote_code=trust_remote_code,
             save_dtype=save_dtype,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise KappaTuneError(f"cannot read {out / RUN_FILE}: it has no {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
         if isinstance(exc, KappaTuneError):
             raise
         raise KappaTuneError(f"cannot read {out / RUN_FILE}: {exc}") from None
