@@ -205,7 +205,7 @@ def build(
     """``kappatune.training.loop.PreparedModel`` for a peer method: the PEFT-wrapped model and its groups."""
     from peft import get_peft_model
 
-    from kappatune.training.loop import PreparedModel, decay_groups
+    from kappatune.training.methods import PreparedModel, decay_groups
 
     require_peft(method)
     the_plan = plan(model, method, budget)
