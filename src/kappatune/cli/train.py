@@ -178,16 +178,12 @@ def _lora_settings(args: argparse.Namespace, total_params: int | None) -> LoraSe
     )
 
 
-def _validate(args: argparse.Namespace) -> None:
-    from kappatune.training.data import PackConfig
-
+def _validate(args: argparse.Namespace) -> RunSettings:
+    """The run's settings, after every check that needs no model or data."""
     method = get_method(args.method)
     if args.steps is None and args.epochs is None:
         raise KappaTuneError("give --steps N or --epochs N")
-    _train_config(args)
-    PackConfig(seq_len=args.seq_len, pack=not args.no_pack)
-    if args.checkpoint_every < 1:
-        raise KappaTuneError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    settings = settings_from_args(args)
     if args.lora_r is not None and args.lora_r < 1:
         raise KappaTuneError(f"--lora-r must be at least 1, got {args.lora_r}")
     if method.lora:
@@ -206,6 +202,7 @@ def _validate(args: argparse.Namespace) -> None:
     check_dir(args.output, "--output")
     validate_watch(args)
     validate_publish(args)
+    return settings
 
 
 def _selection(args: argparse.Namespace) -> SelectionSource | None:
@@ -281,16 +278,14 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.cli.train_watch import ConsoleReporter
     from kappatune.training.recipe import run_training
 
-    _validate(args)
+    settings = _validate(args)
     quiet_transformers()
     if args.dry_run:  # memory per method from the config alone: no weights, nothing written
         from kappatune.cli.train_dry_run import run_dry
 
         return run_dry(args, _lora_settings)
     console = Console(highlight=False, stderr=False)
-    outcome = run_training(
-        settings_from_args(args), reporter=ConsoleReporter(console, args.log_every)
-    )
+    outcome = run_training(settings, reporter=ConsoleReporter(console, args.log_every))
     if outcome.target is not None and outcome.is_main:
         push(outcome.target, args, console)
     return 0

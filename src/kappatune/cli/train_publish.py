@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.training.methods import get_method
 from kappatune.training.publish import SAVE_DTYPES
 
 
@@ -34,12 +33,9 @@ def add_publish_flags(p: argparse.ArgumentParser) -> None:
 
 
 def validate_publish(args: argparse.Namespace) -> None:
+    """--push-to-hub's checks (--save-dtype's are RunSettings')."""
     from kappatune.training.publish import check_repo_id
 
-    if args.save_dtype != "auto" and get_method(args.method).lora:
-        raise KappaTuneError(
-            f"--save-dtype applies to --method selective or full, not {args.method}"
-        )
     if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)
     elif args.hub_private:

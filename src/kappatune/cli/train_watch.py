@@ -58,14 +58,10 @@ def add_watch_flags(p: argparse.ArgumentParser) -> None:
 
 
 def validate_watch(args: argparse.Namespace) -> None:
+    """--report-to and --log-every (--eval-every's checks are RunSettings')."""
     check_reporters(args.report_to)
     if args.log_every < 1:
         raise KappaTuneError(f"--log-every must be at least 1, got {args.log_every}")
-    if args.eval_every is not None:
-        if args.eval_data is None:
-            raise KappaTuneError("--eval-every needs --eval-data FILE")
-        if args.eval_every < 1:
-            raise KappaTuneError(f"--eval-every must be at least 1, got {args.eval_every}")
 
 
 class Display:

@@ -97,6 +97,8 @@ class RunSettings:
             )
         if self.eval_every is not None and self.eval_data is None:
             raise KappaTuneError("--eval-every needs --eval-data FILE")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise KappaTuneError(f"--eval-every must be at least 1, got {self.eval_every}")
 
     @property
     def training_method(self) -> TrainingMethod:
@@ -220,17 +222,56 @@ def run_training(
     (same settings), or nothing when the directory holds the finished run. ``engine``
     defaults to :func:`make_engine`'s choice."""
     from kappatune.training.accelerate_engine import broadcast_from_main
+    from kappatune.training.run_dir import run_record, run_status, write_run_files
+
+    if engine is None:
+        engine = make_engine(settings)
+    events: RunReporter = reporter if reporter is not None and engine.is_main else SilentReporter()
+    method, out = settings.training_method, settings.output
+    inputs = _load(settings, engine, events)
+    lora = _lora(settings, inputs.model) if method.lora else None
+    record = run_record(
+        model=settings.model, method=method.name, data=settings.data, pack=settings.pack,
+        train=settings.train, lora=lora, selection=inputs.selection,
+        checkpoint_every=settings.checkpoint_every, eval_data=settings.eval_data,
+        processes=_processes(engine),
+    )  # fmt: skip
+    status: RunStatus = broadcast_from_main(lambda: run_status(out, record), str, _status)
+    if status == "done":
+        events.finished(out)
+        return RunOutcome(out, status, is_main=engine.is_main)
+    events.header(settings.model, method.name, inputs.data, _where(engine))
+    if (note := _note(engine)) is not None:
+        events.note(note)
+    prepared = _prepare(inputs.model, method, inputs.selection, lora, settings.train)
+    if engine.is_main:
+        write_run_files(out, record, inputs.selection)
+    engine.wait()
+    session = _Session(
+        settings, engine, events, prepared, inputs.tokenizer, inputs.data, inputs.eval_data,
+        inputs.selection,
+    )  # fmt: skip
+    return _train(session, status, record)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    data: TokenizedData
+    eval_data: TokenizedData | None
+    selection: Selection | None
+    model: nn.Module
+    tokenizer: Any
+
+
+def _load(settings: RunSettings, engine: Engine, events: RunReporter) -> _Inputs:
+    """Data, selection (made on the main rank), model and tokenizer, checked against each other."""
     from kappatune.training.data import load_examples, tokenize
     from kappatune.training.layout import locate
     from kappatune.training.models import check_seq_len, load_causal_lm
-    from kappatune.training.run_dir import run_record, run_status, write_run_files
 
-    engine = engine or make_engine(settings)
-    events: RunReporter = reporter if reporter is not None and engine.is_main else SilentReporter()
-    method, out = settings.training_method, settings.output
     examples = load_examples(list(settings.data))
     eval_examples = None if settings.eval_data is None else load_examples(list(settings.eval_data))
-    selection = _selection(settings, engine)
+    selection = _selection(settings)
     model, tokenizer = load_causal_lm(settings.model, trust_remote_code=settings.trust_remote_code)
     check_seq_len(settings.pack.seq_len, model, tokenizer)
     data = tokenize(tokenizer, examples, settings.pack)
@@ -240,26 +281,7 @@ def run_training(
     if selection is not None:
         locate(model, selection)
     _log_placement(engine, model, selection)
-    lora = _lora(settings, model) if method.lora else None
-    record = run_record(
-        model=settings.model, method=method.name, data=settings.data, pack=settings.pack,
-        train=settings.train, lora=lora, selection=selection,
-        checkpoint_every=settings.checkpoint_every, eval_data=settings.eval_data,
-        processes=_processes(engine),
-    )  # fmt: skip
-    status: RunStatus = broadcast_from_main(lambda: run_status(out, record), str, _status)
-    if status == "done":
-        events.finished(out)
-        return RunOutcome(out, status, is_main=engine.is_main)
-    events.header(settings.model, method.name, data, _where(engine))
-    if (note := _note(engine)) is not None:
-        events.note(note)
-    prepared = _prepare(model, method, selection, lora, settings.train)
-    if engine.is_main:
-        write_run_files(out, record, selection)
-    engine.wait()
-    session = _Session(settings, engine, events, prepared, tokenizer, data, eval_data, selection)
-    return _train(session, status, record)
+    return _Inputs(data, eval_data, selection, model, tokenizer)
 
 
 def _status(value: Any) -> RunStatus:
@@ -267,7 +289,7 @@ def _status(value: Any) -> RunStatus:
     return value  # type: ignore[no-any-return]
 
 
-def _selection(settings: RunSettings, engine: Engine) -> Selection | None:
+def _selection(settings: RunSettings) -> Selection | None:
     """The run's selection, made on the main rank and sent to the others."""
     from kappatune.training.accelerate_engine import broadcast_selection
 
