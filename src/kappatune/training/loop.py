@@ -351,7 +351,7 @@ class LocalEngine:
     world: int = 1
     rank: int = 0
     collective: bool = False
-    model: nn.Module | None = field(default=None, init=False, repr=False)
+    model: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:

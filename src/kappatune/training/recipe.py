@@ -7,7 +7,8 @@ decides. Rerunning the same settings resumes from the last checkpoint;
 :func:`resume_training` does that from the run directory alone. The recipe is quiet: it
 tells a :class:`RunReporter` (on the main rank only) what a command line would print.
 
-    from kappatune.training.recipe import RunSettings, run_training, resume_training
+    from pathlib import Path
+    from kappatune import RunSettings, resume_training, run_training
     from kappatune.training.loop import TrainConfig
 
     settings = RunSettings("gemma-3-270m", ("task.txt",), "selective", Path("runs/sel"),
