@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
     from kappatune.training.methods import get_method, method_names
     from kappatune.training.models import analysis_source, load_causal_lm
-    from kappatune.training.recipe import RunSettings, resume_training, run_training
+    from kappatune.training.recipe import resume_training, run_training
+    from kappatune.training.run_settings import RunSettings
 
 __version__ = "0.1.0"
 
@@ -64,9 +65,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("FisherOptions", "compute_fisher"), "kappatune.analysis.fisher"),
     **dict.fromkeys(("ProbeReport", "ProbeSettings", "run_probe"), "kappatune.probe.run"),
     **dict.fromkeys(("get_method", "method_names"), "kappatune.training.methods"),
-    **dict.fromkeys(
-        ("RunSettings", "resume_training", "run_training"), "kappatune.training.recipe"
-    ),
+    **dict.fromkeys(("resume_training", "run_training"), "kappatune.training.recipe"),
+    "RunSettings": "kappatune.training.run_settings",
     "run_bench": "kappatune.bench.run",
 }
 

@@ -22,7 +22,8 @@ from kappatune.selection.core import select
 from kappatune.training.data import PackConfig
 from kappatune.training.loop import Engine, LocalEngine, TrainConfig
 from kappatune.training.methods import get_method, method_names
-from kappatune.training.recipe import RunSettings, resume_training, run_training
+from kappatune.training.recipe import resume_training, run_training
+from kappatune.training.run_settings import RunSettings
 from tests.unit._tiny_models import save_tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6

@@ -1,6 +1,6 @@
 """``kappatune train MODEL --data FILE... --method ... --output DIR``: fine-tune and save.
 
-The command parses its flags into :class:`kappatune.training.recipe.RunSettings` and runs
+The command parses its flags into :class:`kappatune.training.run_settings.RunSettings` and runs
 :func:`kappatune.training.recipe.run_training` (one process, or every process of an
 ``accelerate launch`` / ``torchrun``); :mod:`kappatune.cli.train_watch` prints what it reports.
 
@@ -28,7 +28,7 @@ from kappatune.training.methods import get_method, method_names
 if TYPE_CHECKING:
     from kappatune.selection.budget import Budget
     from kappatune.training.loop import LoraSettings, TrainConfig
-    from kappatune.training.recipe import RunSettings, SelectionSource
+    from kappatune.training.run_settings import RunSettings, SelectionSource
 
 EPILOG = """examples:
   kappatune train gemma-3-270m --data task.txt --method selective --budget-params 5% --steps 100 -o runs/sel
@@ -241,7 +241,7 @@ def _modules_budget(args: argparse.Namespace) -> Budget | None:
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     from kappatune.training.data import PackConfig
-    from kappatune.training.recipe import RunSettings
+    from kappatune.training.run_settings import RunSettings
 
     def lora(total_params: int) -> LoraSettings:
         settings = _lora_settings(args, total_params)

@@ -1,6 +1,6 @@
 """One training recipe: data, selection and model in, a finished run directory out.
 
-:func:`run_training` trains a :class:`RunSettings` into its run directory
+:func:`run_training` trains a :class:`~kappatune.training.run_settings.RunSettings` into its run directory
 (:mod:`kappatune.training.run_dir`) on one process or, under ``accelerate launch`` /
 ``torchrun``, on all of them: :func:`make_engine` picks the engine, the one place that
 decides. Rerunning the same settings resumes from the last checkpoint;
@@ -20,18 +20,17 @@ tells a :class:`RunReporter` (on the main rank only) what a command line would p
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.core import Selection
-from kappatune.training.data import PackConfig
 from kappatune.training.loop import LoraSettings, TrainConfig
-from kappatune.training.methods import TrainingMethod, get_method
-from kappatune.training.publish import SAVE_DTYPES
+from kappatune.training.methods import TrainingMethod
 from kappatune.training.run_dir import CHECKPOINT, RunStatus
+from kappatune.training.run_report import RunReporter, SilentReporter
+from kappatune.training.run_settings import RunSettings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,71 +38,9 @@ if TYPE_CHECKING:
     from kappatune.training.data import TokenizedData
     from kappatune.training.loop import Engine, TrainResult
     from kappatune.training.methods import PreparedModel
-    from kappatune.training.run_log import StepDisplay, StepWatch
+    from kappatune.training.run_log import StepWatch
 
 log = logging.getLogger(__name__)
-
-SelectionSource = Selection | Path | Callable[[], Selection]
-LoraSource = LoraSettings | Callable[[int], LoraSettings]
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """One training run. ``selection`` (methods that need one): a Selection, a selection
-    JSON file, or a function that makes it (called on the main rank only). ``lora`` (LoRA
-    methods; default rank 8): settings, or a function of the model's parameter count (a
-    budget given as a share of the model)."""
-
-    model: str
-    data: tuple[str, ...]
-    method: str
-    output: Path
-    train: TrainConfig
-    pack: PackConfig = field(default_factory=PackConfig)
-    selection: SelectionSource | None = None
-    lora: LoraSource | None = None
-    checkpoint_every: int = 50
-    eval_data: tuple[str, ...] | None = None
-    eval_every: int | None = None
-    report_to: tuple[str, ...] = ()  # trackers: tensorboard, wandb
-    device: str = "auto"
-    trust_remote_code: bool = False
-    save_dtype: str = "auto"  # selective, full: auto keeps the checkpoint's dtype
-
-    def __post_init__(self) -> None:
-        method = self.training_method
-        if not self.data:
-            raise KappaTuneError("no training data")
-        if self.checkpoint_every < 1:
-            raise KappaTuneError(
-                f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"
-            )
-        if method.needs_selection and self.selection is None:
-            raise KappaTuneError(
-                f"method {self.method!r} needs a selection (--selection FILE or policy flags)"
-            )
-        if not method.needs_selection and self.selection is not None:
-            raise KappaTuneError(
-                f"--selection only applies to --method selective or kappa-lora, not {self.method}"
-            )
-        if not method.lora and self.lora is not None:
-            raise KappaTuneError(f"LoRA settings apply to LoRA methods, not {self.method}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise KappaTuneError(
-                f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}"
-            )
-        if self.save_dtype != "auto" and method.lora:
-            raise KappaTuneError(
-                f"--save-dtype applies to --method selective or full, not {self.method}"
-            )
-        if self.eval_every is not None and self.eval_data is None:
-            raise KappaTuneError("--eval-every needs --eval-data FILE")
-        if self.eval_every is not None and self.eval_every < 1:
-            raise KappaTuneError(f"--eval-every must be at least 1, got {self.eval_every}")
-
-    @property
-    def training_method(self) -> TrainingMethod:
-        return get_method(self.method)
 
 
 @dataclass(frozen=True)
@@ -116,56 +53,6 @@ class RunOutcome:
     result: TrainResult | None = None
     target: Path | None = None
     is_main: bool = True
-
-
-class RunReporter(Protocol):
-    """What a run tells its user (called on the main rank only)."""
-
-    def unfit(self, data: TokenizedData, seq_len: int) -> None:
-        """Examples dropped or cut with packing off (one example per row)."""
-
-    def finished(self, output: Path) -> None:
-        """``output`` already holds the finished run: nothing to do."""
-
-    def header(self, model: str, method: str, data: TokenizedData, where: str) -> None: ...
-
-    def note(self, text: str) -> None: ...
-
-    def start(
-        self, prepared: PreparedModel, resumed_at: int | None, total: int, checkpoint: Path
-    ) -> None:
-        """Training starts (``resumed_at``: the checkpoint's step, None for a fresh start)."""
-
-    def progress(self, total: int, start: int) -> StepDisplay | None: ...
-
-    def done(self, result: TrainResult, output: Path, processes: int | None) -> None: ...
-
-
-class SilentReporter:
-    """The library's default: tells nothing (see the ``logging`` records instead)."""
-
-    def unfit(self, data: TokenizedData, seq_len: int) -> None:
-        log.warning("%d example(s) dropped, %d truncated", data.dropped, data.truncated)
-
-    def finished(self, output: Path) -> None:
-        log.info("%s already holds the finished run", output)
-
-    def header(self, model: str, method: str, data: TokenizedData, where: str) -> None:
-        log.info("%s %s: %d rows x %d tokens on %s", model, method, len(data), data.seq_len, where)
-
-    def note(self, text: str) -> None:
-        log.info("%s", text)
-
-    def start(
-        self, prepared: PreparedModel, resumed_at: int | None, total: int, checkpoint: Path
-    ) -> None:
-        log.info("starting at step %d of %d", resumed_at or 0, total)
-
-    def progress(self, total: int, start: int) -> StepDisplay | None:
-        return None
-
-    def done(self, result: TrainResult, output: Path, processes: int | None) -> None:
-        log.info("done: %d steps; saved to %s", result.steps, output)
 
 
 # --------------------------------------------------------------------------- engines
@@ -440,52 +327,6 @@ def _save(s: _Session, result: TrainResult, evals: dict[str, Any]) -> Path:
 # --------------------------------------------------------------------------- resume
 
 
-def settings_from_run(
-    run_dir: str | Path,
-    *,
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    report_to: tuple[str, ...] = (),
-    eval_every: int | None = None,
-    save_dtype: str = "auto",
-) -> RunSettings:
-    """The settings recorded in ``run_dir/run.json`` (and ``selection.json``); paths in it are
-    as they were given, so resume from the directory the run was started in."""
-    from kappatune.training.run_dir import RUN_FILE, RUN_FORMAT, SELECTION_FILE, read_record
-
-    out = Path(run_dir)
-    if not (out / RUN_FILE).is_file():
-        raise KappaTuneError(f"{out} holds no kappatune run ({RUN_FILE})")
-    record = read_record(out)
-    try:
-        if record["format"] != RUN_FORMAT:
-            raise ValueError(f"unknown format {record['format']!r}")
-        eval_data = record["eval_data"]
-        return RunSettings(
-            model=str(record["model"]),
-            data=tuple(str(d) for d in record["data"]),
-            method=str(record["method"]),
-            output=out,
-            train=TrainConfig.from_json(record["train"]),
-            pack=PackConfig(seq_len=int(record["seq_len"]), pack=bool(record["pack"])),
-            selection=None if record["selection"] is None else out / SELECTION_FILE,
-            lora=None if record["lora"] is None else LoraSettings(**record["lora"]),
-            checkpoint_every=int(record["checkpoint_every"]),
-            eval_data=None if eval_data is None else tuple(str(d) for d in eval_data),
-            eval_every=eval_every,
-            report_to=report_to,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            save_dtype=save_dtype,
-        )
-    except KeyError as exc:
-        raise KappaTuneError(f"cannot read {out / RUN_FILE}: it has no {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, KappaTuneError):
-            raise
-        raise KappaTuneError(f"cannot read {out / RUN_FILE}: {exc}") from None
-
-
 def resume_training(
     run_dir: str | Path,
     *,
@@ -496,4 +337,6 @@ def resume_training(
     """Continue the run in ``run_dir`` from its last checkpoint (or start it over when it has
     none; nothing when it is finished), with the settings its ``run.json`` records.
     ``options``: those :func:`settings_from_run` takes (device, trust_remote_code, ...)."""
+    from kappatune.training.run_settings import settings_from_run
+
     return run_training(settings_from_run(run_dir, **options), engine=engine, reporter=reporter)
