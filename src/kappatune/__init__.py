@@ -33,7 +33,10 @@ if TYPE_CHECKING:
     from kappatune.selection.core import Selection, select
     from kappatune.selection.policies import policy_names, register_policy
     from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
+    from kappatune.training.methods import get_method, method_names
     from kappatune.training.models import analysis_source, load_causal_lm
+    from kappatune.training.recipe import resume_training, run_training
+    from kappatune.training.run_settings import RunSettings
 
 __version__ = "0.1.0"
 
@@ -56,6 +59,9 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("analysis_source", "load_causal_lm"), "kappatune.training.models"),
     **dict.fromkeys(("FisherOptions", "compute_fisher"), "kappatune.analysis.fisher"),
     **dict.fromkeys(("ProbeReport", "ProbeSettings", "run_probe"), "kappatune.probe.run"),
+    **dict.fromkeys(("get_method", "method_names"), "kappatune.training.methods"),
+    **dict.fromkeys(("resume_training", "run_training"), "kappatune.training.recipe"),
+    "RunSettings": "kappatune.training.run_settings",
     "run_bench": "kappatune.bench.run",
 }
 
@@ -68,6 +74,7 @@ __all__ = [
     "KappaTuneError",
     "ProbeReport",
     "ProbeSettings",
+    "RunSettings",
     "SelectOptions",
     "Selection",
     "SkippedRow",
@@ -80,13 +87,17 @@ __all__ = [
     "compute_fisher",
     "freeze_for_trainer",
     "frozen_digests",
+    "get_method",
     "load_causal_lm",
     "lora_config",
+    "method_names",
     "policy_names",
     "rank_for_budget",
     "register_policy",
+    "resume_training",
     "run_bench",
     "run_probe",
+    "run_training",
     "select",
 ]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kappatune.cli import train as train_cli
 from kappatune.cli.main import main
 from kappatune.selection.core import Selection
+from kappatune.training.loop import LocalEngine
 from tests.unit._tiny_models import save_tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
@@ -164,18 +164,18 @@ def test_train_resumes_from_checkpoint(
     ]
     ref = tmp_path / "ref"
     assert run(base(model, data, ref, *args), capsys)[0] == 0  # uninterrupted reference
-    original = train_cli._save_checkpoint
+    original = LocalEngine.save_checkpoint
 
-    def interrupted(out, m, state):  # type: ignore[no-untyped-def]
-        original(out, m, state)
+    def interrupted(engine, folder, state):  # type: ignore[no-untyped-def]
+        original(engine, folder, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_cli, "_save_checkpoint", interrupted)
+    monkeypatch.setattr(LocalEngine, "save_checkpoint", interrupted)
     out = tmp_path / "run"
     code, _, err = run(base(model, data, out, *args), capsys)
     assert code == 130 and "interrupted" in err
     assert (out / "checkpoint" / "manifest.json").is_file() and not (out / "result.json").exists()
-    monkeypatch.setattr(train_cli, "_save_checkpoint", original)
+    monkeypatch.setattr(LocalEngine, "save_checkpoint", original)
     code, stdout, err = run(base(model, data, out, *args), capsys)
     assert code == 0, err
     assert "resuming from step 2 of 3" in stdout
@@ -357,14 +357,14 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     data = root / "train.txt"
     data.write_text(TEXT)
     out = root / "run"
-    original = train_cli._save_checkpoint
+    original = LocalEngine.save_checkpoint
 
-    def interrupted(o, m, state):  # type: ignore[no-untyped-def]
-        original(o, m, state)
+    def interrupted(engine, folder, state):  # type: ignore[no-untyped-def]
+        original(engine, folder, state)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_cli, "_save_checkpoint", interrupted)
+        mp.setattr(LocalEngine, "save_checkpoint", interrupted)
         assert main([str(a) for a in base(model, data, out, *RESUME_ARGS)]) == 130
     return model, data, out
 

@@ -313,28 +313,25 @@ def test_quiet_third_party_is_scoped() -> None:
 
 @pytest.mark.parametrize("terminal", [True, False])
 def test_watch_bar_in_a_terminal_lines_otherwise(tmp_path: Path, terminal: bool) -> None:
-    from kappatune.cli.train_watch import Watch
+    from kappatune.cli.train_watch import Display
     from kappatune.training.loop import StepRecord
+    from kappatune.training.run_log import StepWatch
 
     printed: list[str] = []
     evals = iter([2.5, 2.25])
-    watch = Watch(
-        RunLog(tmp_path),
-        total=5,
-        start=0,
-        log_every=2,
-        evaluate=lambda: next(evals),
-        eval_every=3,
-        print_line=printed.append,
-        terminal=terminal,
-    )
+    display = Display(total=5, start=0, log_every=2, print_line=printed.append, terminal=terminal)
+    watch = StepWatch(RunLog(tmp_path), evaluate=lambda: next(evals), eval_every=3, display=display)
     for s in range(1, 6):
         watch(StepRecord(s, 5, 3.0, 1e-3, 10, 0.1))
     if terminal:
-        assert watch.bar is not None and watch.bar.n == 5 and printed == []
+        assert display.bar is not None and display.bar.n == 5 and printed == []
     else:
         # every 2nd step, the eval steps (3 and the last) and the last step
         assert [x.split("/")[0] for x in printed] == ["step 2", "step 3", "step 4", "step 5"]
         assert printed[1].endswith("eval loss 2.5000") and printed[3].endswith("eval loss 2.2500")
     watch.close()
     assert watch.log.evals() == [{"step": 3, "eval_loss": 2.5}, {"step": 5, "eval_loss": 2.25}]
+    assert watch.eval_summary() == {
+        "eval": [{"step": 3, "eval_loss": 2.5}, {"step": 5, "eval_loss": 2.25}],
+        "final_eval_loss": 2.25,
+    }

@@ -29,7 +29,7 @@ from kappatune.training.freezing import (
     trainable_names,
     trainable_parameters,
 )
-from kappatune.training.loop import decay_groups
+from kappatune.training.methods import decay_groups
 from tests.unit._tiny_models import save_tiny_model, tiny_llama
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 6
@@ -232,19 +232,19 @@ def test_deepspeed_config_auto_entries_come_from_the_flags() -> None:
 def test_resume_point(tmp_path: Path) -> None:
     from kappatune.training.checkpoint import write_manifest
 
-    assert dt.resume_point(tmp_path) is None
     ckpt = tmp_path / "checkpoint"
+    assert dt.resume_point(ckpt) is None
     ckpt.mkdir()
     meta = {"step": 1, "losses": [2.5], "step_times": [0.5], "ema": 0.25}
     (ckpt / "loop.json").write_text(json.dumps({"format": 1, "state": meta}))
     with pytest.raises(KappaTuneError, match="written by a single-process run"):
-        dt.resume_point(tmp_path)
+        dt.resume_point(ckpt)
     (ckpt / "accelerate").mkdir()
     torch.save({"w": torch.ones(2)}, ckpt / "accelerate" / "optimizer.bin")
     with pytest.raises(KappaTuneError, match=r"has no manifest.json"):
-        dt.resume_point(tmp_path)
+        dt.resume_point(ckpt)
     write_manifest(ckpt, ("loop.json", "accelerate/optimizer.bin"), {})
-    assert dt.resume_point(tmp_path) == (ckpt / "accelerate", meta)
+    assert dt.resume_point(ckpt) == (ckpt / "accelerate", meta)
 
 
 class _Marker:
@@ -290,7 +290,7 @@ def test_resume_point_refuses_a_planted_pickle(tmp_path: Path, name: str) -> Non
         torch.save({"state": _Marker(marker)}, path)
     write_manifest(ckpt, ("loop.json", f"accelerate/{name}", "accelerate/pytorch_model/latest"), {})
     with pytest.raises(KappaTuneError) as err:
-        dt.resume_point(tmp_path)
+        dt.resume_point(ckpt)
     assert str(err.value).startswith(f"{path}")
     assert "would call io.open when loaded; it is not loaded" in str(err.value)
     assert not marker.exists()

@@ -27,6 +27,7 @@ from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
 from kappatune.training.data import TokenizedData
+from kappatune.training.methods import find_method, get_method
 
 if TYPE_CHECKING:
     from kappatune.training.loop import PreparedModel
@@ -36,7 +37,8 @@ RowKey = tuple[str, int]
 
 @dataclass(frozen=True)
 class Arm:
-    """How one arm trains. ``method`` is one of :data:`kappatune.training.loop.METHODS`."""
+    """How one arm trains. ``method`` names a registered training method
+    (:func:`kappatune.training.methods.method_names`) or a PEFT peer (:mod:`.peers`)."""
 
     name: str
     method: str
@@ -48,7 +50,8 @@ class Arm:
     uses_keep_data: bool = False  # trained with data of what to keep (marked in every table)
 
     def __post_init__(self) -> None:
-        if self.method in ("selective", "kappa-lora") and self.policy is None:
+        method = find_method(self.method)
+        if method is not None and method.needs_selection and self.policy is None:
             raise KappaTuneError(f"arm {self.name!r}: method {self.method} needs a policy")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise KappaTuneError(
@@ -249,13 +252,15 @@ class ArmContext:
 
 
 def arm_selection(arm: Arm, ctx: ArmContext) -> Selection | None:
-    if arm.method == "selective":
-        assert arm.policy is not None
-        return ctx.selection(arm.policy)
-    if arm.method == "kappa-lora":
-        assert arm.policy is not None
+    """The arm's selection: the shared budget, or, for a LoRA method on a selection, the
+    policy's first ``lora_fraction`` (the adapter is sized to the budget instead)."""
+    method = find_method(arm.method)
+    if method is None or not method.needs_selection:
+        return None
+    assert arm.policy is not None
+    if method.lora:
         return ctx.selection(arm.policy, Budget(fraction=ctx.lora_fraction))
-    return None
+    return ctx.selection(arm.policy)
 
 
 def prepare_arm(
@@ -275,7 +280,7 @@ def prepare_arm(
         return peers.build(model, arm.method, ctx.budget_params(), keep, weight_decay)
     selection = arm_selection(arm, ctx)
     lora = None
-    if arm.method in ("lora", "kappa-lora"):
+    if get_method(arm.method).lora:
         lora = LoraSettings(r=None, budget_params=ctx.budget_params())
     return prepare_model(model, arm.method, selection, lora, weight_decay=weight_decay)
 

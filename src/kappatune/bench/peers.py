@@ -210,7 +210,7 @@ def build(
     """The PEFT-wrapped model of a peer method and its parameter groups."""
     from peft import get_peft_model
 
-    from kappatune.training.loop import PreparedModel, decay_groups
+    from kappatune.training.methods import PreparedModel, decay_groups
 
     require_peft(method)
     the_plan = plan(model, method, budget)

@@ -277,7 +277,8 @@ def arm_context(
 
 def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
     """Resolve every arm's selection and LoRA rank now, so a bad budget fails before training."""
-    from kappatune.training.loop import LoraSettings, lora_plan
+    from kappatune.training.loop import LoraSettings
+    from kappatune.training.methods import find_method, lora_plan
 
     info: dict[str, Any] = {}
     for seed in settings.seeds:
@@ -291,7 +292,8 @@ def check_arms(loaded: Loaded, settings: BenchSettings) -> dict[str, Any]:
             if sel is not None:
                 entry["tensors"] = sel.tensor_count
                 entry["selected_params"] = sel.param_count
-            if arm.method in ("lora", "kappa-lora"):
+            method = find_method(arm.method)  # None: a PEFT peer
+            if method is not None and method.lora:
                 targets, r = lora_plan(
                     loaded.model,
                     arm.method,

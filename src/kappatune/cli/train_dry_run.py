@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 #: ``train``'s LoRA settings from its flags and the model's parameter count.
 LoraFromArgs = Callable[[argparse.Namespace, int], "LoraSettings | None"]
 
-METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")
 _MB = 2**20
 
 
@@ -36,18 +35,13 @@ def estimates(args: argparse.Namespace, lora_settings: LoraFromArgs) -> list[Mem
     from kappatune.training import memory
 
     config = memory.config_of(args.model, args.trust_remote_code)
-    selection = _selection_for(args)
-    out = []
-    for method in METHOD_ORDER:
-        model_params = sum(p.numel() for p in memory.meta_model(config).parameters())
-        lora = lora_settings(args, model_params) if method in ("lora", "kappa-lora") else None
-        sel = selection if method in ("selective", "kappa-lora") else None
-        out.append(
-            memory.estimate(
-                lambda: memory.meta_model(config), method, args.batch_size, args.seq_len, sel, lora
-            )
-        )
-    return out
+    return memory.method_estimates(
+        config,
+        args.batch_size,
+        args.seq_len,
+        _selection_for(args),
+        lambda model_params: lora_settings(args, model_params),
+    )
 
 
 def run_dry(args: argparse.Namespace, lora_settings: LoraFromArgs) -> int:

@@ -1,8 +1,9 @@
-"""How ``kappatune train`` shows a run: step lines or a bar, ``log.jsonl``, trackers, eval loss.
+"""How ``kappatune train`` shows a run: its flags for logging and evaluation, and what it prints.
 
-The loop hands each step to :class:`Watch` (a :data:`kappatune.training.loop.StepObserver`);
-``Watch`` evaluates when due, writes the step to the run log (and trackers), then prints a
-plain line (stdout not a terminal: nohup, schedulers, CI) or moves a progress bar (terminal).
+The recipe (:mod:`kappatune.training.recipe`) evaluates, writes ``log.jsonl`` and feeds the
+trackers (:class:`kappatune.training.run_log.StepWatch`); :class:`ConsoleReporter` prints
+what it reports, and its :class:`Display` shows each logged step as a plain line (stdout
+not a terminal: nohup, schedulers, CI) or moves a progress bar (terminal).
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.training.run_log import REPORTERS, LogLine, RunLog, check_reporters, format_line
+from kappatune.training.run_log import REPORTERS, LogLine, check_reporters, format_line
 
 if TYPE_CHECKING:
-    from kappatune.training.loop import StepRecord
+    from rich.console import Console
+
+    from kappatune.training.data import TokenizedData
+    from kappatune.training.loop import TrainResult
+    from kappatune.training.methods import PreparedModel
 
 
 def add_watch_flags(p: argparse.ArgumentParser) -> None:
@@ -53,41 +58,27 @@ def add_watch_flags(p: argparse.ArgumentParser) -> None:
 
 
 def validate_watch(args: argparse.Namespace) -> None:
+    """--report-to and --log-every (--eval-every's checks are RunSettings')."""
     check_reporters(args.report_to)
     if args.log_every < 1:
         raise KappaTuneError(f"--log-every must be at least 1, got {args.log_every}")
-    if args.eval_every is not None:
-        if args.eval_data is None:
-            raise KappaTuneError("--eval-every needs --eval-data FILE")
-        if args.eval_every < 1:
-            raise KappaTuneError(f"--eval-every must be at least 1, got {args.eval_every}")
 
 
-def eval_due(step: int, total: int, every: int | None) -> bool:
-    """Evaluate every ``every`` steps and at the last step."""
-    return step == total or (every is not None and step % every == 0)
-
-
-class Watch:
-    """The CLI's step observer. ``evaluate`` (None: no eval split) gives the eval loss now."""
+class Display:
+    """Logged steps as a progress bar (terminal) or as a plain line every ``log_every`` steps,
+    on evaluation steps and at the last step."""
 
     def __init__(
         self,
-        log: RunLog,
         *,
         total: int,
         start: int,
         log_every: int,
-        evaluate: Callable[[], float] | None,
-        eval_every: int | None,
         print_line: Callable[[str], None],
         terminal: bool | None = None,
     ) -> None:
-        self.log = log
         self.total = total
         self.log_every = log_every
-        self.evaluate = evaluate
-        self.eval_every = eval_every
         self.print_line = print_line
         self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self.bar = self._bar(start) if self.terminal else None
@@ -97,16 +88,7 @@ class Watch:
 
         return tqdm(total=self.total, initial=start, unit="step", desc="training")
 
-    def __call__(self, record: StepRecord) -> None:
-        due = self.evaluate is not None and eval_due(
-            record.step, record.total_steps, self.eval_every
-        )
-        eval_loss = self.evaluate() if due and self.evaluate is not None else None
-        line = self.log.line(record, eval_loss)
-        self.log.write(line)
-        self._show(line)
-
-    def _show(self, line: LogLine) -> None:
+    def show(self, line: LogLine) -> None:
         r = line.record
         if self.bar is not None:
             post = {"loss": f"{r.loss:.4f}", "lr": f"{r.lr:.1e}"}
@@ -120,37 +102,54 @@ class Watch:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.log.close()
 
 
-def open_watch(
-    args: argparse.Namespace,
-    *,
-    total: int,
-    start: int,
-    evaluate: Callable[[], float] | None,
-    print_line: Callable[[str], None],
-    resolved: dict[str, Any],
-) -> Watch:
-    """The run log (trimmed to ``start``), trackers and printer for one session of a run."""
-    from kappatune.training.run_log import make_reporters
-
-    reporters = make_reporters(args.report_to, Path(args.output), resolved)
-    log = RunLog(Path(args.output), start_step=start, reporters=reporters)
-    return Watch(
-        log,
-        total=total,
-        start=start,
-        log_every=args.log_every,
-        evaluate=evaluate,
-        eval_every=args.eval_every,
-        print_line=print_line,
-    )
+def print_line(text: str) -> None:
+    print(text, flush=True)  # plain and unwrapped, flushed at once for nohup and schedulers
 
 
-def eval_summary(watch: Watch) -> dict[str, Any]:
-    """What result.json says about evaluation (empty without an eval split)."""
-    evals = watch.log.evals()
-    if not evals:
-        return {}
-    return {"eval": evals, "final_eval_loss": evals[-1]["eval_loss"]}
+class ConsoleReporter:
+    """What ``kappatune train`` prints (a :class:`kappatune.training.recipe.RunReporter`)."""
+
+    def __init__(self, console: Console, log_every: int) -> None:
+        self.console = console
+        self.log_every = log_every
+
+    def unfit(self, data: TokenizedData, seq_len: int) -> None:
+        print(
+            f"kappatune: warning: --no-pack with --seq-len {seq_len}: {data.dropped} example(s)"
+            f" dropped (completion starts past the row), {data.truncated} truncated",
+            file=sys.stderr,
+        )
+
+    def finished(self, output: Path) -> None:
+        self.console.print(f"{output} already holds the finished run (result.json); nothing to do")
+
+    def header(self, model: str, method: str, data: TokenizedData, where: str) -> None:
+        self.console.print(
+            f"[bold]{model}[/bold]  {method}  {len(data)} rows x {data.seq_len} tokens"
+            f" ({data.n_label_tokens:,} labelled)  on {where}"
+        )
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def start(
+        self, prepared: PreparedModel, resumed_at: int | None, total: int, checkpoint: Path
+    ) -> None:
+        if resumed_at is not None:
+            self.console.print(f"resuming from step {resumed_at} of {total} ({checkpoint})")
+        self.console.print(
+            f"trainable parameters: {prepared.trainable_params:,}"
+            + (f"  (LoRA rank {prepared.lora_r})" if prepared.lora_r else "")
+        )
+
+    def progress(self, total: int, start: int) -> Display:
+        return Display(total=total, start=start, log_every=self.log_every, print_line=print_line)
+
+    def done(self, result: TrainResult, output: Path, processes: int | None) -> None:
+        where = "" if processes is None else f" on {processes} processes"
+        self.console.print(
+            f"done: {result.steps} steps{where}, final loss {result.final_loss:.4f},"
+            f" {result.mean_step_time:.2f} s/step; saved to {output}"
+        )

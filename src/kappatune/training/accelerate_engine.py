@@ -23,7 +23,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +31,10 @@ from torch import nn
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
 from kappatune.training.freezing import is_partitioned
+
+if TYPE_CHECKING:
+    from kappatune.training.loop import LoopState, TrainConfig
+    from kappatune.training.methods import PreparedModel
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +245,9 @@ class AccelerateEngine:
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def save_checkpoint(self, out: Path, loop_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, folder: Path, state: LoopState) -> None:
         """Collective: every rank writes its part; rank 0 swaps the folder in atomically."""
-        tmp, final = out / ".checkpoint.tmp", out / "checkpoint"
+        tmp = folder.parent / f".{folder.name}.tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -254,11 +258,23 @@ class AccelerateEngine:
             from kappatune.jsonio import atomic_write_json
             from kappatune.training.checkpoint import LOOP_JSON, swap_in, write_manifest
 
-            atomic_write_json(tmp / LOOP_JSON, {"format": 1, "state": loop_state})
+            atomic_write_json(tmp / LOOP_JSON, {"format": 1, "state": loop_meta(state)})
             files = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
             write_manifest(tmp, files, {})
-            swap_in(tmp, final)
+            swap_in(tmp, folder)
         self.wait()
+
+    def load_checkpoint(
+        self, folder: Path, prepared: PreparedModel, config: TrainConfig, total_steps: int
+    ) -> dict[str, Any] | None:
+        """The loop meta of ``folder``'s checkpoint (see :func:`resume_point`); accelerate's
+        state (model, optimizer, scheduler) is loaded in :meth:`prepare`, which refuses one
+        that changes a frozen tensor."""
+        point = resume_point(folder)
+        if point is None:
+            return None
+        self.resume_from, meta = point
+        return meta
 
     def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
         """Collective: gather the full state dict (FSDP, ZeRO-3); rank 0 writes ``target``
@@ -305,7 +321,7 @@ def frozen_digests(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def loop_meta(state: Any) -> dict[str, Any]:
+def loop_meta(state: LoopState) -> dict[str, Any]:
     """What ``loop.json`` keeps next to accelerate's state (optimizer and scheduler live there)."""
     return {
         "step": state.step,
@@ -315,8 +331,8 @@ def loop_meta(state: Any) -> dict[str, Any]:
     }
 
 
-def resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(save_state folder, loop meta) of the checkpoint in ``out``, or None when there is none.
+def resume_point(ckpt: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(save_state folder, loop meta) of the checkpoint folder ``ckpt``, or None when there is none.
 
     Every file is checked against the manifest's sizes and digests, and every pickle that
     accelerate, DeepSpeed or torch.distributed.checkpoint would load is scanned first
@@ -331,7 +347,6 @@ def resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
         verify_files,
     )
 
-    ckpt = out / "checkpoint"
     if not ckpt.exists():
         return None
     if not (ckpt / CHECKPOINT_STATE).is_dir():

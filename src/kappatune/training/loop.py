@@ -1,8 +1,8 @@
-"""A plain PyTorch training loop, and the four ways of preparing a model for it.
+"""A plain PyTorch training loop, and the engines it runs on.
 
-``prepare_model(model, method, selection, lora)`` sets up ``selective`` (freeze all but the
-selection), ``kappa-lora`` (LoRA on the selected modules), ``lora`` (LoRA on every linear
-layer) or ``full`` fine-tuning and returns the optimizer parameter groups.
+``prepare_model(model, method, selection, lora)`` sets up one of the registered training
+methods (:mod:`kappatune.training.methods`: ``selective``, ``kappa-lora``, ``lora``,
+``full``) and returns the optimizer parameter groups.
 ``train_loop(model, data, config, stop)`` then runs AdamW with warm-up and a schedule,
 gradient accumulation (token-weighted), optional stopping when an exponential moving
 average of the training loss reaches a target, and records the loss and time of every
@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -35,140 +38,22 @@ from kappatune.training.config import (  # declared without torch, for the CLI's
     TrainConfig,
 )
 from kappatune.training.data import IGNORE_INDEX, Batch, TokenizedData
-from kappatune.training.freezing import param_numel, param_shape
+from kappatune.training.freezing import param_numel
+from kappatune.training.methods import PreparedModel, TrainingMethod, decay_groups, get_method
 
 log = logging.getLogger(__name__)
-
-METHODS = ("selective", "kappa-lora", "lora", "full")
-
-
-# --------------------------------------------------------------------------- methods
-
-
-@dataclass
-class PreparedModel:
-    """A model ready to train: possibly PEFT-wrapped, with its optimizer groups."""
-
-    model: nn.Module
-    param_groups: list[dict[str, Any]]
-    method: str
-    trainable_params: int
-    lora_r: int | None = None
-    lora_targets: dict[str, list[str] | None] | None = None
-
-
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decay (ndim >= 2) and no-decay groups."""
-    decay: list[tuple[str, nn.Parameter]] = []
-    no_decay: list[tuple[str, nn.Parameter]] = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if len(param_shape(p)) >= 2 else no_decay).append((name, p))
-    groups = [
-        {
-            "params": [p for _, p in decay],
-            "names": [n for n, _ in decay],
-            "weight_decay": weight_decay,
-            "group": "decay",
-        },
-        {
-            "params": [p for _, p in no_decay],
-            "names": [n for n, _ in no_decay],
-            "weight_decay": 0.0,
-            "group": "no_decay",
-        },
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def _prepare_full(model: nn.Module, weight_decay: float) -> PreparedModel:
-    for p in model.parameters():
-        p.requires_grad_(True)
-    groups = decay_groups(model, weight_decay)
-    return PreparedModel(model, groups, "full", sum(p.numel() for p in model.parameters()))
-
-
-def _prepare_selective(
-    model: nn.Module, selection: Selection, weight_decay: float
-) -> PreparedModel:
-    from kappatune.training.freezing import apply_selection, trainable_parameters
-
-    groups = apply_selection(model, selection, weight_decay=weight_decay)
-    return PreparedModel(model, groups, "selective", trainable_parameters(model))
-
-
-def _prepare_lora(
-    model: nn.Module,
-    targets: dict[str, list[str] | None],
-    r: int,
-    lora: LoraSettings,
-    method: str,
-    weight_decay: float,
-) -> PreparedModel:
-    from peft import get_peft_model
-
-    from kappatune.integrations.lora import config_from_targets
-
-    config = config_from_targets(targets, r, lora.alpha, dropout=lora.dropout)
-    peft_model = get_peft_model(model, config)
-    groups = decay_groups(peft_model, weight_decay)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return PreparedModel(peft_model, groups, method, trainable, lora_r=r, lora_targets=targets)
-
-
-def lora_plan(
-    model: nn.Module, method: str, selection: Selection | None, lora: LoraSettings
-) -> tuple[dict[str, list[str] | None], int]:
-    """The LoRA targets and rank for ``lora`` / ``kappa-lora`` (budget-fitted when asked)."""
-    from kappatune.integrations import lora as kl
-
-    if method == "lora":
-        targets = kl.all_linear_targets(model)
-        if lora.budget_params is None:
-            assert lora.r is not None
-            return targets, lora.r
-        per_rank = sum(c for _, c in kl.rank_costs(model, targets))
-        r = lora.budget_params // per_rank
-        if r < 1:
-            raise KappaTuneError(
-                f"LoRA budget {lora.budget_params:,} is below rank 1 on all linear layers ({per_rank:,})"
-            )
-        return targets, r
-    assert selection is not None
-    if lora.budget_params is None:
-        assert lora.r is not None
-        return kl.peft_targets(selection, model), lora.r
-    if lora.r is None:
-        plan = kl.rank_for_budget(model, selection, lora.budget_params)
-    else:
-        plan = kl.modules_for_budget(
-            model, selection, lora.r, lora.budget_params, greedy=lora.greedy
-        )
-    return plan.targets, plan.r
 
 
 def prepare_model(
     model: nn.Module,
-    method: str,
+    method: str | TrainingMethod,
     selection: Selection | None = None,
     lora: LoraSettings | None = None,
     weight_decay: float = 0.0,
 ) -> PreparedModel:
-    """Set up ``model`` for one of :data:`METHODS` and return it with its parameter groups."""
-    if method not in METHODS:
-        raise KappaTuneError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method in ("selective", "kappa-lora") and selection is None:
-        raise KappaTuneError(
-            f"method {method!r} needs a selection (--selection FILE or policy flags)"
-        )
-    if method == "full":
-        return _prepare_full(model, weight_decay)
-    if method == "selective":
-        assert selection is not None
-        return _prepare_selective(model, selection, weight_decay)
-    settings = lora or LoraSettings()
-    targets, r = lora_plan(model, method, selection, settings)
-    return _prepare_lora(model, targets, r, settings, method, weight_decay)
+    """Set up ``model`` for a registered method (see :func:`kappatune.training.methods.get_method`)
+    and return it with its parameter groups."""
+    return get_method(method).prepare(model, selection, lora, weight_decay)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -293,11 +178,20 @@ class Engine(Protocol):
     (``kappatune.training.accelerate_engine.AccelerateEngine``). Each of the ``world`` ranks trains
     on every ``world``-th micro-batch; ``backward`` gets the rank's share of the
     token-weighted step loss. A ``collective`` engine runs every micro-batch (ranks
-    exchange gradients in lock step), even one without labelled tokens."""
+    exchange gradients in lock step), even one without labelled tokens.
+
+    The engine also owns what a run keeps on disk: ``save_checkpoint`` and
+    ``load_checkpoint`` (resume) and ``save_model``, each collective (every rank calls it;
+    the main rank writes), with ``wait`` as the barrier between ranks."""
 
     world: int
     rank: int
     collective: bool
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes files and talks (rank 0)."""
+        ...
 
     def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]: ...
 
@@ -313,17 +207,47 @@ class Engine(Protocol):
         """Sum of ``value`` over the ranks."""
         ...
 
+    def wait(self) -> None:
+        """Barrier: return when every rank has called it."""
+        ...
+
+    def save_checkpoint(self, folder: Path, state: LoopState) -> None:
+        """Write the trained tensors and the loop ``state`` to ``folder`` (replaced atomically)."""
+        ...
+
+    def load_checkpoint(
+        self, folder: Path, prepared: PreparedModel, config: TrainConfig, total_steps: int
+    ) -> dict[str, Any] | None:
+        """The loop state to resume from (``train_loop``'s ``resume``), or None when there is
+        no ``folder``. Before anything is loaded the checkpoint is verified (manifest digests,
+        nothing unpickled); one that would change a frozen tensor is refused."""
+        ...
+
+    def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
+        """Save the trained model (a PEFT model: its adapter) and ``tokenizer`` to ``target``
+        (replaced atomically), floating-point tensors cast to ``dtype`` when given."""
+        ...
+
 
 @dataclass
 class LocalEngine:
-    """One process, on ``device`` (default: where the model's parameters are)."""
+    """One process, on ``device`` (default: where the model's parameters are); ``prepare``
+    moves the model there (the optimizer's parameters stay the same objects)."""
 
     device: torch.device | str | None = None
     world: int = 1
     rank: int = 0
     collective: bool = False
+    model: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+        if self.device is not None:
+            model.to(self.device)
+        self.model = model
         return model, optimizer, scheduler
 
     def device_of(self, model: nn.Module) -> torch.device:
@@ -342,6 +266,59 @@ class LocalEngine:
 
     def total(self, value: float) -> float:
         return value
+
+    def wait(self) -> None:
+        return None
+
+    def save_checkpoint(self, folder: Path, state: LoopState) -> None:
+        """safetensors and JSON with a manifest of digests (nothing pickled); see
+        :mod:`kappatune.training.checkpoint`."""
+        from kappatune.training.checkpoint import swap_in, write_checkpoint
+
+        assert self.model is not None, "prepare() first"
+        tmp = folder.parent / f".{folder.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint(tmp, _trainable_state(self.model), state.state_dict())
+        swap_in(tmp, folder)
+
+    def load_checkpoint(
+        self, folder: Path, prepared: PreparedModel, config: TrainConfig, total_steps: int
+    ) -> dict[str, Any] | None:
+        """Copies the checkpoint's tensors into ``prepared.model``. Only the run's own trainable
+        tensors, with their shapes and dtypes, are accepted, only from files that match the
+        manifest's digests, and only with a loop state shaped like the one this run writes."""
+        from kappatune.training.checkpoint import TensorSpec, check_loop_state, read_checkpoint
+
+        if not folder.exists():
+            return None
+        params = {n: p for n, p in prepared.model.named_parameters() if p.requires_grad}
+        tensors, state = read_checkpoint(folder, {n: TensorSpec.of(p) for n, p in params.items()})
+        shapes = [[tuple(p.shape) for p in g["params"]] for g in prepared.param_groups]
+        reference = reference_state(prepared.param_groups, config, total_steps)
+        check_loop_state(folder, state, reference, shapes)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+        return state
+
+    def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
+        assert self.model is not None, "prepare() first"
+        if dtype is not None:
+            self.model.to(dtype)
+        tmp = target.parent / f".{target.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp)  # type: ignore[operator]  # safetensors; PEFT: the adapter
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def micro_batches(data: TokenizedData, config: TrainConfig, start: int = 0) -> Iterator[Batch]:

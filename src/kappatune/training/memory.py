@@ -23,12 +23,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from kappatune.selection.core import Selection
+    from kappatune.training.loop import LoraSettings
 
 LOGITS_CHAIN = 3  # logits-sized tensors alive at once in the loss backward (grad, upcast, softmax)
 ADAM_MOMENTS = 2
@@ -146,3 +150,27 @@ def estimate(
         backward_transient=LOGITS_CHAIN * _logits_bytes(model, batch, seq_len),
         step_transient=ADAM_TEMPORARIES * train_bytes,
     )
+
+
+METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")  # the order a table lists them in
+
+
+def method_estimates(
+    config: Any,
+    batch: int,
+    seq_len: int,
+    selection: Selection | None,
+    lora_for: Callable[[int], LoraSettings | None],
+) -> list[MemoryEstimate]:
+    """One estimate per method of :data:`METHOD_ORDER` on the meta model of ``config``;
+    ``lora_for(model parameters)`` gives the LoRA methods' settings."""
+    from kappatune.training.methods import get_method
+
+    out = []
+    for name in METHOD_ORDER:
+        method = get_method(name)
+        model_params = sum(p.numel() for p in meta_model(config).parameters())
+        lora = lora_for(model_params) if method.lora else None
+        sel = selection if method.needs_selection else None
+        out.append(estimate(lambda: meta_model(config), name, batch, seq_len, sel, lora))
+    return out

@@ -14,8 +14,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kappatune.selection.core import Selection
+
+if TYPE_CHECKING:
+    from kappatune.training.loop import TrainResult
+    from kappatune.training.methods import PreparedModel
 
 CARD_NAME = "README.md"
 TOP_ENTRIES = 10
@@ -153,3 +158,38 @@ def data_names(specs: Sequence[object]) -> tuple[str, ...]:
         text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
         out.append(Path(text).name if Path(text).expanduser().exists() else text)
     return tuple(out)
+
+
+def write_run_card(
+    target: Path,
+    *,
+    model_spec: str,
+    method: str,
+    adapter: bool,
+    data: Sequence[object],
+    result: TrainResult,
+    prepared: PreparedModel,
+    selection: Selection | None,
+    final_eval: float | None,
+) -> Path:
+    """The card of a ``kappatune train`` output folder ``target``."""
+    import kappatune
+    from kappatune.training.models import portable_name
+
+    facts = CardFacts(
+        base_model=portable_name(model_spec),
+        method=method,
+        data=data_names(data),
+        steps=result.steps,
+        final_loss=result.final_loss,
+        trainable_params=prepared.trainable_params,
+        version=kappatune.__version__,
+        adapter=adapter,
+        policy=None if selection is None else selection.policy,
+        selected=() if selection is None else selected_tensors(selection),
+        selected_count=0 if selection is None else selection.entry_count,
+        lora_r=prepared.lora_r,
+        eval_loss=final_eval,
+        tags=("lora",) if adapter else (),
+    )
+    return write_card(target, facts)

@@ -1,12 +1,16 @@
-"""Upload a trained output folder (``model/`` or ``adapter/``) to the Hugging Face Hub."""
+"""A trained output folder (``model/`` or ``adapter/``) made to travel: the dtype it is saved
+in, the adapter's portable base-model name, and the upload to the Hugging Face Hub."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    import torch
 
 _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
@@ -44,3 +48,26 @@ def push_folder(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KappaTuneError(f"--push-to-hub {repo_id}: {first}") from None
     return str(url)
+
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def output_dtype(adapter: bool, model_spec: str, save_dtype: str) -> torch.dtype | None:
+    """The dtype a trained model is saved in: ``save_dtype``, or with ``auto`` the dtype its
+    checkpoint was stored in; None for an adapter (saved as trained)."""
+    from kappatune.training.models import checkpoint_dtype, parse_dtype
+
+    if adapter:
+        return None
+    if save_dtype == "auto":
+        return checkpoint_dtype(model_spec)
+    return parse_dtype(save_dtype)
+
+
+def name_base_model(model: Any, model_spec: str) -> None:
+    """Name the base model of a PEFT model's adapters portably (never a cache path)."""
+    from kappatune.training.models import portable_name
+
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = portable_name(model_spec)

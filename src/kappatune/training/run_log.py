@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -145,6 +145,59 @@ class RunLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def eval_due(step: int, total: int, every: int | None) -> bool:
+    """Evaluate every ``every`` steps and at the last step."""
+    return step == total or (every is not None and step % every == 0)
+
+
+class StepDisplay(Protocol):
+    """Shows logged steps to a user (a progress bar, printed lines)."""
+
+    def show(self, line: LogLine) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StepWatch:
+    """The run's step observer: evaluates when due (``evaluate`` None: no eval split), writes
+    the step to the run log (and trackers), then hands the line to ``display``."""
+
+    def __init__(
+        self,
+        log: RunLog,
+        *,
+        evaluate: Callable[[], float] | None = None,
+        eval_every: int | None = None,
+        display: StepDisplay | None = None,
+    ) -> None:
+        self.log = log
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.display = display
+
+    def __call__(self, record: StepRecord) -> None:
+        due = self.evaluate is not None and eval_due(
+            record.step, record.total_steps, self.eval_every
+        )
+        eval_loss = self.evaluate() if due and self.evaluate is not None else None
+        line = self.log.line(record, eval_loss)
+        self.log.write(line)
+        if self.display is not None:
+            self.display.show(line)
+
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.close()
+        self.log.close()
+
+    def eval_summary(self) -> dict[str, Any]:
+        """What result.json says about evaluation (empty without an eval split)."""
+        evals = self.log.evals()
+        if not evals:
+            return {}
+        return {"eval": evals, "final_eval_loss": evals[-1]["eval_loss"]}
 
 
 # --------------------------------------------------------------------------- trackers
