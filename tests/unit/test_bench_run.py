@@ -255,3 +255,51 @@ def test_missing_dict_packages_skip_the_knowledge_control_with_a_reason(
         (),
         None,
     )
+
+
+def test_another_bootstrap_recomputes_the_floors_alone(
+    setup: tuple[Path, Scenario, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, scenario, mc = setup
+    one = dict(arms=("kappa",), seeds=(0,), lr_grid=(("kappa", (1e-4,)),), steps=2, checkpoints=1)
+    first = run_bench([scenario], _settings(model, mc, **one), tmp_path)
+    stored = tmp_path / "runs" / "toy" / "base.json"
+    assert json.loads(stored.read_text())["floors_bootstrap"] == 20
+    run_file = (tmp_path / "runs" / "toy" / "kappa-lr0.0001-seed0.json").read_bytes()
+    trained: list[str] = []
+    monkeypatch.setattr(run_mod, "train_one", lambda _l, _e, arm, *a, **k: trained.append(arm))
+    again = run_bench([scenario], _settings(model, mc, bootstrap=20, **one), tmp_path)
+    assert again.bases["toy"].to_json() == first.bases["toy"].to_json()
+    changed = run_bench([scenario], _settings(model, mc, bootstrap=37, **one), tmp_path)
+    base, old = changed.bases["toy"], first.bases["toy"]
+    assert trained == []  # the run is reused: its key does not depend on the bootstrap count
+    assert (tmp_path / "runs" / "toy" / "kappa-lr0.0001-seed0.json").read_bytes() == run_file
+    assert base.config_hash == old.config_hash and base.metrics == old.metrics
+    assert base.floors_bootstrap == 37 and set(base.floors) == set(old.floors)
+    assert base.floors != old.floors
+    assert json.loads(stored.read_text())["floors_bootstrap"] == 37
+    legacy = {k: v for k, v in json.loads(stored.read_text()).items() if k != "floors_bootstrap"}
+    stored.write_text(json.dumps(legacy))  # written before the count was stored: recomputed
+    assert run_bench([scenario], _settings(model, mc, **one), tmp_path).bases["toy"].floors == (
+        old.floors
+    )
+
+
+def test_stored_cpu_benchmark_runs_keep_their_keys() -> None:
+    from kappatune.bench.store import RunResult
+    from kappatune.cli import bench as cli_bench
+    from kappatune.cli.main import build_parser
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_cpu"
+    command = json.loads((root / "bench.json").read_text())["command"].split()
+    assert command[:2] == ["kappatune", "bench"]
+    settings = cli_bench.settings_from_args(
+        cli_bench.resolve(build_parser().parse_args(command[1:]))
+    )
+    runs = sorted((root / "runs" / "code").glob("*-seed*.json"))
+    base = json.loads((root / "runs" / "code" / "base.json").read_text())["config_hash"]
+    assert len(runs) == 12
+    for path in runs:
+        r = RunResult.from_json(json.loads(path.read_text()))
+        key = run_key(base, settings.arm(r.arm, r.lr), r.lr, r.seed, settings)
+        assert key == r.config_hash, path.name

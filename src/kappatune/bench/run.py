@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -542,6 +542,24 @@ def _arm_notes(info: dict[str, Any], loaded: Loaded) -> list[str]:
     return out
 
 
+def _floors(
+    ctl: ControlResult,
+    hits: Sequence[bool],
+    task_ctl: ControlResult | None,
+    mc: McResult | None,
+    bootstrap: int,
+) -> dict[str, float]:
+    """The base model's noise floors (half-widths of 95 % bootstrap bands)."""
+    floors = {"control_ppl": ppl_noise_floor(ctl.nll_sums, ctl.tokens, bootstrap)}
+    if task_ctl is not None:
+        floors["task_gain"] = ppl_noise_floor(task_ctl.nll_sums, task_ctl.tokens, bootstrap)
+    else:
+        floors["task_gain"] = accuracy_noise_floor(hits, bootstrap)
+    if mc is not None:
+        floors["knowledge"] = accuracy_noise_floor(mc.correct, bootstrap)
+    return floors
+
+
 def _base(
     loaded: Loaded,
     evaluator: Evaluator,
@@ -565,25 +583,24 @@ def _base(
         }
     )
     base = store.load_base(prepared.scenario.name, base_hash)
-    if base is not None:
+    if base is not None and base.floors_bootstrap == settings.bootstrap:
         return base
-    reporter.message(f"{prepared.scenario.name}: evaluating the base model and its noise floors")
+    # the bootstrap count is not in the base's key (the run keys depend on it, and the trained
+    # runs do not depend on it): floors made with another count are recomputed, alone
+    what = "its noise floors" if base is not None else "the base model and its noise floors"
+    reporter.message(f"{prepared.scenario.name}: evaluating {what}")
     started = time.perf_counter()
     model = loaded.model
     task, hits, task_ctl = evaluator.task(model)
     ctl = evaluator.control(model, with_kl=False)
     mc = evaluator.mc(model)
+    floors = _floors(ctl, hits, task_ctl, mc, settings.bootstrap)
+    if base is not None:
+        base = replace(base, floors=floors, floors_bootstrap=settings.bootstrap)
+        store.save_base(base)
+        return base
     metrics = _metrics(task, ctl, mc, task_ctl)
     metrics.control["kl"] = 0.0  # the base model against itself
-    floors = {"control_ppl": ppl_noise_floor(ctl.nll_sums, ctl.tokens, settings.bootstrap)}
-    if task_ctl is not None:
-        floors["task_gain"] = ppl_noise_floor(
-            task_ctl.nll_sums, task_ctl.tokens, settings.bootstrap
-        )
-    else:
-        floors["task_gain"] = accuracy_noise_floor(hits, settings.bootstrap)
-    if mc is not None:
-        floors["knowledge"] = accuracy_noise_floor(mc.correct, settings.bootstrap)
     base = BaseResult(
         prepared.scenario.name,
         base_hash,
@@ -595,6 +612,7 @@ def _base(
         knowledge_correct=mc.correct if mc is not None else (),
         control_tokens=ctl.tokens,
         task_tokens=task_ctl.tokens if task_ctl is not None else (),
+        floors_bootstrap=settings.bootstrap,
     )
     store.save_base(base)
     return base

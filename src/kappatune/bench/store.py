@@ -184,6 +184,7 @@ class BaseResult:
     knowledge_correct: tuple[bool, ...] = ()
     control_tokens: tuple[int, ...] = ()  # scored tokens per control sequence
     task_tokens: tuple[int, ...] = ()  # scored tokens per held-out task sequence
+    floors_bootstrap: int | None = None  # resamples the floors took (None: not recorded)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -200,6 +201,7 @@ class BaseResult:
             "knowledge_correct": [int(c) for c in self.knowledge_correct],
             "control_tokens": list(self.control_tokens),
             "task_tokens": list(self.task_tokens),
+            "floors_bootstrap": self.floors_bootstrap,
         }
 
     @classmethod
@@ -216,6 +218,9 @@ class BaseResult:
             knowledge_correct=tuple(bool(c) for c in d.get("knowledge_correct") or ()),
             control_tokens=tuple(int(t) for t in d.get("control_tokens") or ()),
             task_tokens=tuple(int(t) for t in d.get("task_tokens") or ()),
+            floors_bootstrap=None
+            if d.get("floors_bootstrap") is None
+            else int(d["floors_bootstrap"]),
         )
 
 
