@@ -259,6 +259,41 @@ def test_select_fisher_policy_from_data(tmp_path: Path, capsys: pytest.CaptureFi
     assert [e.key for e in Selection.load(out_file).entries] == expected
 
 
+def test_a_registered_policy_gets_the_fisher_scores_it_declares(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kappatune.analysis.fisher import fisher_scores_for
+    from kappatune.selection import policies
+
+    monkeypatch.setattr(policies, "_POLICIES", dict(policies._POLICIES))
+
+    @policies.register_policy("test-most-fisher", policies.PolicySpec(task_fisher=True))
+    def most_fisher(rows, ctx):  # type: ignore[no-untyped-def]
+        return sorted(rows, key=lambda r: (-ctx.scores[r.key], r.key))
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    out_file = tmp_path / "f.json"
+    argv = ["select", str(model_dir), "--policy", "test-most-fisher", "--budget-tensors", "3"]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "kappatune: error: --policy test-most-fisher needs --fisher-scores FILE or --fisher-data FILE..."
+    )
+    argv += ["--fisher-data", str(text), "--fisher-tokens", "40", "-o", str(out_file)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    scores = fisher_scores_for(model_dir, [text], tokens=40, seed=0)
+    expected = sorted(scores, key=lambda k: (-scores[k], k))[:3]
+    assert [e.key for e in Selection.load(out_file).entries] == expected
+    assert policies.policy_names(lambda spec: spec.task_fisher) == (
+        "fisher",
+        "interference",
+        "test-most-fisher",
+    )
+
+
 def _edit_first_row(path: Path, **changes: object) -> None:
     doc = json.loads(path.read_text())
     doc["tensors"][0].update(changes)

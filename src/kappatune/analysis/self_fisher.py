@@ -201,18 +201,22 @@ def policy_scores_for(
     task_tokens: int = 4096,
     progress: ProgressHook | None = None,
 ) -> dict[Key, float]:
-    """Scores of the ``self-fisher`` or ``interference`` policy for a causal LM on disk.
+    """Scores of a policy that needs self-Fisher (``self-fisher``, ``interference``) for a causal
+    LM on disk.
 
-    ``interference`` needs the task's squared gradients: ``task_scores`` (mean per parameter)
-    or ``task_files`` packed like :func:`kappatune.analysis.fisher.load_model_and_examples`.
+    A policy that needs task Fisher too (``interference``) needs the task's squared gradients:
+    ``task_scores`` (mean per parameter) or ``task_files`` packed like
+    :func:`kappatune.analysis.fisher.load_model_and_examples`.
     """
     from kappatune.analysis.fisher import fisher_scores, load_model_and_examples
+    from kappatune.selection.policies import policy_spec
     from kappatune.training.models import load_causal_lm
 
-    if policy not in ("self-fisher", "interference"):
+    spec = policy_spec(policy)
+    if not spec.self_fisher:
         raise KappaTuneError(f"no self-Fisher scores for policy {policy!r}")
-    if policy == "interference" and task_scores is None and not task_files:
-        raise KappaTuneError("policy 'interference' needs task data (--fisher-data FILE...)")
+    if spec.task_fisher and task_scores is None and not task_files:
+        raise KappaTuneError(f"policy {policy!r} needs task data (--fisher-data FILE...)")
     if task_files and task_scores is None:
         model, examples, _ = load_model_and_examples(
             model_spec, task_files, seq_len=options.seq_len
@@ -227,7 +231,7 @@ def policy_scores_for(
     own = self_fisher_scores(
         model, options, bos=bos_of(model, tokenizer), rows=rows, progress=progress
     )
-    if policy == "self-fisher":
+    if not spec.task_fisher:
         return own
     assert task_scores is not None
     return interference_scores(task_scores, own, options.damping)

@@ -26,6 +26,7 @@ from kappatune.bench.config import DEFAULT_ARMS as DEFAULT_ARMS  # declared with
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
+from kappatune.selection.policies import policy_spec
 from kappatune.training.data import TokenizedData
 from kappatune.training.methods import find_method, get_method
 
@@ -46,7 +47,6 @@ class Arm:
     lr: float
     warmup: int
     description: str
-    needs_fisher: bool = False
     uses_keep_data: bool = False  # trained with data of what to keep (marked in every table)
 
     def __post_init__(self) -> None:
@@ -59,6 +59,11 @@ class Arm:
             )
         if self.warmup < 0:
             raise KappaTuneError(f"arm {self.name!r}: warm-up must be >= 0, got {self.warmup}")
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Its policy needs Fisher-type scores (the policy registry says which)."""
+        return self.policy is not None and policy_spec(self.policy).needs_scores
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -122,7 +127,6 @@ register_arm(
         1e-4,
         1,
         "lowest-Fisher matrices (data-dependent)",
-        needs_fisher=True,
     )
 )
 # Peers. Learning rates from each method's own documentation:
@@ -160,7 +164,6 @@ register_arm(
         1e-4,
         1,
         "lowest self-Fisher matrices (the model's own samples, data-free)",
-        needs_fisher=True,
     )
 )
 register_arm(
@@ -171,7 +174,6 @@ register_arm(
         1e-4,
         1,
         "largest task gradient over self-Fisher (uses the training data)",
-        needs_fisher=True,
     )
 )
 PEER_ARMS = ("osf", "mica", "pissa", "corda-kpm", "spectrum", "mlp-lora")
@@ -192,7 +194,6 @@ def with_overrides(arm: Arm, lr: float | None, warmup: int | None) -> Arm:
         arm.lr if lr is None else lr,
         arm.warmup if warmup is None else warmup,
         arm.description,
-        arm.needs_fisher,
         arm.uses_keep_data,
     )
 

@@ -61,6 +61,7 @@ from kappatune.bench.store import (
 from kappatune.bench.tokenized import PreparedScenario, evenly, prepare
 from kappatune.devices import resolve_device
 from kappatune.errors import KappaTuneError
+from kappatune.selection.policies import policy_spec
 from kappatune.settings import key_fields
 from kappatune.training.data import special_tokens
 
@@ -397,11 +398,11 @@ def _fisher_scores(
     loaded: Loaded,
     prepared: PreparedScenario,
     settings: BenchSettings,
-    policy: str | None = "fisher",
+    policy: str = "fisher",
 ) -> Scores:
     from kappatune.analysis.fisher import examples_from_tokenized, fisher_scores
 
-    if policy in ("self-fisher", "interference"):
+    if policy_spec(policy).self_fisher:
         return _self_fisher_scores(loaded, prepared, settings, policy)
     return fisher_scores(
         loaded.model,
@@ -435,12 +436,13 @@ def knowledge_questions(
     return read_questions(Path(settings.knowledge).expanduser()), None
 
 
-def _scores_message(name: str, policy: str | None, settings: BenchSettings) -> str:
-    if policy == "fisher":
+def _scores_message(name: str, policy: str, settings: BenchSettings) -> str:
+    spec = policy_spec(policy)
+    if not spec.self_fisher:
         return f"{name}: Fisher scores on {settings.fisher_tokens} training tokens"
     from kappatune.analysis.self_fisher import DEFAULT_TOKENS
 
-    task = f" and {settings.fisher_tokens} training tokens" if policy == "interference" else ""
+    task = f" and {settings.fisher_tokens} training tokens" if spec.task_fisher else ""
     return f"{name}: {policy} scores on {DEFAULT_TOKENS} tokens the model samples{task}"
 
 
@@ -454,7 +456,7 @@ def _self_fisher_scores(
     own = self_fisher_scores(
         loaded.model, bos=bos_of(loaded.model, loaded.tokenizer), rows=loaded.rows
     )
-    if policy == "self-fisher":
+    if not policy_spec(policy).task_fisher:
         return own
     task = fisher_scores(
         loaded.model, examples_from_tokenized(prepared.train), kind="empirical",
@@ -643,7 +645,7 @@ def _scenario_runs(
                     reporter.run_finished(done, reused=True)
                     out.append(done)
                     continue
-                if arm.needs_fisher and arm.policy not in fisher:
+                if arm.policy is not None and arm.needs_fisher and arm.policy not in fisher:
                     reporter.message(_scores_message(name, arm.policy, settings))
                     fisher[arm.policy] = _fisher_scores(loaded, prepared, settings, arm.policy)
                 result = train_one(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kappatune.errors import KappaTuneError
-from kappatune.selection.policies import policy_names  # the registry; importing it loads no torch
+from kappatune.selection.policies import policy_names, policy_spec  # no torch (the registry)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from kappatune.selection.budget import Budget
     from kappatune.selection.core import Selection
 
-SELF_FISHER_POLICIES = ("self-fisher", "interference")
-TASK_FISHER_POLICIES = ("fisher", "interference")
-FULL_SPECTRUM_POLICIES = ("snr",)  # need more than kappa from the analysis
 FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
 DEFAULT_FRACTION = 0.2
 
@@ -37,9 +34,15 @@ EPILOG = """examples:
   kappatune select gemma-3-270m --policy self-fisher --budget-tensors 20 -o self.json
   kappatune select gemma-3-270m --policy interference --fisher-data task.txt -o inter.json
 
-Without a budget flag, 'all', 'last-layers' and --quota keep every candidate they pass;
+Without a budget flag, {keeps_all} and --quota keep every candidate they pass;
 the other policies keep the first 20% of the candidates (PEFT's default).
 """
+
+
+def _needing(what: str) -> str:
+    """The registered policies whose spec sets ``what``, as help text ("a, b or c")."""
+    names = [f"'{n}'" for n in policy_names(lambda spec: bool(getattr(spec, what)))]
+    return " or ".join(", ".join(names).rsplit(", ", 1)) if names else "(none)"
 
 
 def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> None:
@@ -56,14 +59,15 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
         help=f"one of {', '.join(policy_names())} (default: lowest-kappa)",
     )
     add_flags(p, SelectOptions, only=("seed", "last_layers"))
+    task = _needing("task_fisher")
     g.add_argument(
-        "--fisher-scores", type=Path, metavar="FILE", help="Fisher result JSON for --policy fisher"
+        "--fisher-scores", type=Path, metavar="FILE", help=f"Fisher result JSON for --policy {task}"
     )
     g.add_argument(
         "--fisher-data",
         nargs="+",
         metavar="FILE",
-        help="data to compute Fisher scores on for --policy fisher",
+        help=f"data to compute Fisher scores on for --policy {task}",
     )
     from kappatune.constants import FISHER_TOKENS
     from kappatune.constants import SELF_FISHER_TOKENS as DEFAULT_TOKENS
@@ -80,7 +84,7 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
         type=int,
         default=DEFAULT_TOKENS,
         metavar="N",
-        help="tokens the model samples itself for --policy self-fisher or interference"
+        help=f"tokens the model samples itself for --policy {_needing('self_fisher')}"
         f" (default: {DEFAULT_TOKENS})",
     )
     b = p.add_argument_group("budget (one of)").add_mutually_exclusive_group()
@@ -107,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="choose the tensors to fine-tune (policy + budget) and export them",
         description="Order the candidate matrices with a policy (lowest kappa by default), keep a "
         "budget of them, and write a manifest, Axolotl YAML or PEFT target JSON.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(keeps_all=_needing("keeps_all")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -142,7 +146,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
         return Budget.parse_params(args.budget_params)
     if args.kappa_max is not None:
         return Budget(kappa_max=args.kappa_max)
-    if args.policy in ("all", "last-layers") or args.quota:
+    if policy_spec(args.policy).keeps_all or args.quota:
         return None
     return Budget(fraction=DEFAULT_FRACTION)
 
@@ -156,26 +160,24 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 def validate_selection_args(args: argparse.Namespace) -> None:
     """Everything about the selection flags that can be checked without reading weights."""
-    if args.policy not in policy_names():
-        raise KappaTuneError(
-            f"unknown selection policy {args.policy!r} (known: {', '.join(policy_names())})"
-        )
-    if args.policy in TASK_FISHER_POLICIES and not (args.fisher_scores or args.fisher_data):
+    spec = policy_spec(args.policy)
+    if spec.task_fisher and not (args.fisher_scores or args.fisher_data):
         raise KappaTuneError(
             f"--policy {args.policy} needs --fisher-scores FILE or --fisher-data FILE..."
         )
-    if args.policy not in TASK_FISHER_POLICIES and (args.fisher_scores or args.fisher_data):
+    if not spec.task_fisher and (args.fisher_scores or args.fisher_data):
         raise KappaTuneError(
-            "--fisher-scores/--fisher-data only apply to --policy fisher or interference"
+            "--fisher-scores/--fisher-data only apply to --policy "
+            + _needing("task_fisher").replace("'", "")
         )
-    if args.policy in SELF_FISHER_POLICIES:
+    if spec.self_fisher:
         from kappatune.analysis.self_fisher import SelfFisherOptions
 
         SelfFisherOptions(tokens=args.self_fisher_tokens)
     if args.fisher_scores and args.fisher_data:
         raise KappaTuneError("give --fisher-scores or --fisher-data, not both")
-    if args.policy == "last-layers" and args.last_layers is None:
-        raise KappaTuneError("--policy last-layers needs --last-layers N")
+    if spec.last_layers and args.last_layers is None:
+        raise KappaTuneError(f"--policy {args.policy} needs --last-layers N")
     if args.fisher_scores and not args.fisher_scores.is_file():
         raise KappaTuneError(f"no such Fisher file: {args.fisher_scores}")
     for f in args.fisher_data or ():
@@ -190,8 +192,9 @@ def load_analysis(
 ) -> Analysis:
     """An Analysis from a JSON file, or computed (cached) from a checkpoint.
 
-    Policies other than ``snr`` need kappa only, so they take the faster kappa-only route (rows
-    leave the other metrics null); ``snr`` needs every singular value."""
+    Most policies need kappa only, so they take the faster kappa-only route (rows leave the
+    other metrics null); those whose spec says ``full_spectrum`` (``snr``) get every singular
+    value."""
     from tqdm import tqdm
 
     from kappatune.analysis.spectra import Analysis, AnalyzeOptions, analyze
@@ -209,7 +212,8 @@ def load_analysis(
         bar.refresh()
 
     try:
-        options = AnalyzeOptions(kappa_only=policy not in FULL_SPECTRUM_POLICIES)
+        full = policy is not None and policy_spec(policy).full_spectrum
+        options = AnalyzeOptions(kappa_only=not full)
         return analyze(source, options, progress=progress)
     finally:
         bar.close()
@@ -267,11 +271,11 @@ def selection_from_args(
     from kappatune.selection.core import select
 
     scores = None
-    if args.policy == "fisher":
-        spec = model_spec or analysis.source
-        scores = _fisher_scores(args, spec, analysis.tensors)
-    elif args.policy in SELF_FISHER_POLICIES:
+    spec = policy_spec(args.policy)
+    if spec.self_fisher:  # with task_fisher too: the task's gradient over the self-Fisher
         scores = _self_fisher_scores(args, model_spec or analysis.source, analysis.tensors)
+    elif spec.task_fisher:
+        scores = _fisher_scores(args, model_spec or analysis.source, analysis.tensors)
     budget = budget if budget is not None else budget_from_args(args)
     return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
 

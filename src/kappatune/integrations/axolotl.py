@@ -59,6 +59,7 @@ def unfrozen_parameters(cfg: Config) -> list[str]:
     from kappatune.selection.budget import SelectOptions
     from kappatune.selection.core import select
     from kappatune.selection.exports import axolotl_patterns
+    from kappatune.selection.policies import policy_spec
     from kappatune.training.layout import model_type_of
     from kappatune.training.models import analysis_source
 
@@ -66,8 +67,10 @@ def unfrozen_parameters(cfg: Config) -> list[str]:
     if not source:
         raise KappaTuneError("the kappatune plugin needs base_model (or kappatune_model)")
     policy = cfg.get("kappatune_policy") or "lowest-kappa"
-    if policy == "fisher":
-        raise KappaTuneError("the kappatune plugin does not run the data-dependent fisher policy")
+    if policy_spec(policy).needs_scores:
+        raise KappaTuneError(
+            f"the kappatune plugin does not run the {policy} policy (it needs Fisher-type scores)"
+        )
     options = SelectOptions(
         seed=int(cfg.get("kappatune_seed") or 0), fill=cfg.get("kappatune_fill") or "prefix"
     )

@@ -33,7 +33,7 @@ from kappatune.selection.budget import (
     skipped_before_last,
     take,
 )
-from kappatune.selection.policies import KAPPA_POLICIES, PolicyContext, RowKey, get_policy
+from kappatune.selection.policies import PolicyContext, RowKey, get_policy, policy_spec
 
 SCHEMA_VERSION = 1
 
@@ -285,7 +285,7 @@ def select(
             f"empty selection: the filters (include={options.include!r}, exclude={options.exclude!r},"
             f" module types={list(options.module_types)}) leave 0 of {len(rows)} candidates"
         )
-    if policy in KAPPA_POLICIES:
+    if policy_spec(policy).kappa:
         candidates = _with_kappa(candidates, policy)
     ctx = PolicyContext(seed=options.seed, last_layers=options.last_layers, scores=scores)
     policy_order = ordered = fn(candidates, ctx)

@@ -2,7 +2,8 @@
 
 A policy is a plain function ``(rows, ctx) -> list[SpectrumRow]`` that returns the candidates
 in the order they should be trained (most wanted first), registered by name with
-:func:`register_policy`. Every order is total and deterministic: ties break on
+:func:`register_policy`, with a :class:`PolicySpec` saying what it needs (Fisher-type scores,
+every singular value, ``--last-layers``): the CLI and the benchmark read it from here. Every order is total and deterministic: ties break on
 (kappa, name, expert), and nothing is ever taken from an unordered collection.
 """
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI cho
 
 
 RowKey = tuple[str, int]
-KAPPA_POLICIES = ("lowest-kappa", "highest-kappa")
 
 
 @dataclass(frozen=True)
@@ -34,33 +34,66 @@ class PolicyContext:
     scores: Mapping[RowKey, float] | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a policy needs besides the rows; callers (CLI, benchmark) provide it.
+
+    With both ``task_fisher`` and ``self_fisher``, ``ctx.scores`` are the task's squared
+    gradients over the self-Fisher (:func:`kappatune.analysis.self_fisher.interference_scores`).
+    """
+
+    task_fisher: bool = False  # Fisher scores on task data (--fisher-data or --fisher-scores)
+    self_fisher: bool = False  # Fisher scores on the model's own samples (data-free)
+    full_spectrum: bool = False  # every singular value (SNR), not the faster kappa-only analysis
+    kappa: bool = False  # ranks by kappa: candidates without one (NaN) are left out
+    last_layers: bool = False  # needs --last-layers N
+    keeps_all: bool = False  # without a budget, it keeps every candidate (others: the first 20%)
+
+    @property
+    def needs_scores(self) -> bool:
+        """Needs Fisher-type scores in ``ctx.scores``."""
+        return self.task_fisher or self.self_fisher
+
+
+NEEDS_ROWS_ONLY = PolicySpec()
 Policy = Callable[[Sequence["SpectrumRow"], PolicyContext], list["SpectrumRow"]]
-_POLICIES: dict[str, Policy] = {}
+_POLICIES: dict[str, tuple[Policy, PolicySpec]] = {}
 
 
-def register_policy(name: str) -> Callable[[Policy], Policy]:
-    """Decorator: make ``fn`` available as ``select(..., policy=name)``."""
+def register_policy(name: str, needs: PolicySpec = NEEDS_ROWS_ONLY) -> Callable[[Policy], Policy]:
+    """Decorator: make ``fn`` available as ``select(..., policy=name)``; ``needs`` says what it
+    needs besides the rows (``kappatune select`` computes the Fisher scores it asks for)."""
 
     def deco(fn: Policy) -> Policy:
-        if name in _POLICIES and _POLICIES[name] is not fn:
+        if name in _POLICIES and _POLICIES[name] != (fn, needs):
             raise ValueError(f"selection policy {name!r} is already registered")
-        _POLICIES[name] = fn
+        _POLICIES[name] = (fn, needs)
         return fn
 
     return deco
 
 
-def policy_names() -> tuple[str, ...]:
-    return tuple(sorted(_POLICIES))
+def policy_names(where: Callable[[PolicySpec], bool] | None = None) -> tuple[str, ...]:
+    """Registered policies, sorted; ``where``: only those whose spec it accepts."""
+    return tuple(sorted(n for n, (_, spec) in _POLICIES.items() if where is None or where(spec)))
 
 
-def get_policy(name: str) -> Policy:
+def _registered(name: str) -> tuple[Policy, PolicySpec]:
     try:
         return _POLICIES[name]
     except KeyError:
         raise KappaTuneError(
             f"unknown selection policy {name!r} (known: {', '.join(policy_names())})"
         ) from None
+
+
+def get_policy(name: str) -> Policy:
+    return _registered(name)[0]
+
+
+def policy_spec(name: str) -> PolicySpec:
+    """What the registered policy ``name`` needs (one line for an unknown name)."""
+    return _registered(name)[1]
 
 
 def row_kappa(row: SpectrumRow) -> float:
@@ -72,13 +105,13 @@ def kappa_order_key(row: SpectrumRow) -> tuple[bool, float, str, int]:
     return (math.isnan(row.kappa), row_kappa(row), row.name, row.key[1])
 
 
-@register_policy("lowest-kappa")
+@register_policy("lowest-kappa", PolicySpec(kappa=True))
 def lowest_kappa(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """The paper's policy: least specialised (lowest condition number) first."""
     return sorted(rows, key=kappa_order_key)
 
 
-@register_policy("highest-kappa")
+@register_policy("highest-kappa", PolicySpec(kappa=True))
 def highest_kappa(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Control: most specialised first (NaN kappa last)."""
     return sorted(rows, key=lambda r: (math.isnan(r.kappa), -row_kappa(r), r.name, r.key[1]))
@@ -92,13 +125,13 @@ def random_order(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[Spectr
     return out
 
 
-@register_policy("all")
+@register_policy("all", PolicySpec(keeps_all=True))
 def all_rows(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Every candidate, in checkpoint order."""
     return list(rows)
 
 
-@register_policy("last-layers")
+@register_policy("last-layers", PolicySpec(last_layers=True, keeps_all=True))
 def last_layers(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """LLaMA-Factory's freeze mode: matrices of the last N layers, last layer first."""
     n = ctx.last_layers
@@ -116,7 +149,7 @@ def last_layers(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[Spectru
     return sorted(chosen, key=lambda r: (-(r.layer or 0), *kappa_order_key(r)))
 
 
-@register_policy("fisher")
+@register_policy("fisher", PolicySpec(task_fisher=True))
 def least_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Data-dependent control: least Fisher information (``ctx.scores[row.key]``) first."""
     scores = ctx.scores
@@ -149,7 +182,7 @@ def _checked_snr(row: SpectrumRow) -> float:
     return row.snr
 
 
-@register_policy("snr")
+@register_policy("snr", PolicySpec(full_spectrum=True))
 def spectrum_snr(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Spectrum's rule: highest SNR first within each module type, the types interleaved.
 
@@ -191,14 +224,14 @@ def _scores_for(
     return scores
 
 
-@register_policy("self-fisher")
+@register_policy("self-fisher", PolicySpec(self_fisher=True))
 def least_self_fisher(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Data-free: least Fisher information on the model's own samples (per parameter) first."""
     scores = _scores_for(rows, ctx, "self-fisher", "self-Fisher")
     return sorted(rows, key=lambda r: (scores[r.key], *kappa_order_key(r)))
 
 
-@register_policy("interference")
+@register_policy("interference", PolicySpec(task_fisher=True, self_fisher=True))
 def most_interference(rows: Sequence[SpectrumRow], ctx: PolicyContext) -> list[SpectrumRow]:
     """Task squared gradient over self-Fisher, largest first: matrices the task needs and the
     model's own behaviour hardly uses (``ctx.scores`` from
