@@ -369,6 +369,7 @@ def test_a_newly_registered_policy_is_accepted_by_select(
         ("bench", "--dtype", "kappatune.bench.config:DTYPE_NAMES"),
         ("bench", "--preset", "kappatune.cli.bench:PRESETS"),
         ("bench", "--task-metric", "kappatune.bench.scenarios:TASK_METRICS"),
+        ("bench", "--arms", "kappatune.bench.arms:arm_names"),
     ],
 )
 def test_cli_choices_come_from_their_registries(command: str, flag: str, registry: str) -> None:

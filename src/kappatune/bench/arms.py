@@ -18,19 +18,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from kappatune.analysis.spectra import SpectrumRow
-from kappatune.bench import peers
-from kappatune.bench.config import DEFAULT_ARMS as DEFAULT_ARMS  # declared without torch
+from kappatune.bench.config import DEFAULT_ARMS as DEFAULT_ARMS
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
 from kappatune.selection.policies import policy_spec
-from kappatune.training.data import TokenizedData
 from kappatune.training.methods import find_method, get_method
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the registry loads no torch (the CLI's --arms choices); peers are lazy
+    from torch import nn
+
+    from kappatune.analysis.spectra import SpectrumRow
+    from kappatune.training.data import TokenizedData
     from kappatune.training.loop import PreparedModel
 
 RowKey = tuple[str, int]
@@ -275,6 +274,7 @@ def prepare_arm(
 
     ``keep``: the data of what to keep, for arms that use it (CorDA-KPM).
     """
+    from kappatune.bench import peers
     from kappatune.training.loop import LoraSettings, prepare_model
 
     if peers.is_peer(arm.method):
@@ -291,6 +291,8 @@ def prepare_arm(
 
 def check_peer(model: nn.Module, arm: Arm, ctx: ArmContext) -> dict[str, Any]:
     """For ``check_arms``: PEFT has the method and the budget fits; a note for the report."""
+    from kappatune.bench import peers
+
     if not peers.is_peer(arm.method):
         return {}
     return dict(peers.check(model, arm.method, ctx.budget_params()))

@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from kappatune.selection.budget import Budget
 
 DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
+
+
+def _arm_names() -> tuple[str, ...]:
+    """The registered arms (:mod:`kappatune.bench.arms` loads no torch): ``--arms`` choices."""
+    from kappatune.bench.arms import arm_names
+
+    return arm_names()
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -84,7 +91,9 @@ class BenchSettings:
     )
     arms: tuple[str, ...] = setting(
         DEFAULT_ARMS,
-        help="arms to train",
+        help="arms to train (listed below)",
+        choices=_arm_names,
+        metavar="ARM",
         key=False,
         why="the other arms run do not change this arm's runs (the arm is in the key)",
     )

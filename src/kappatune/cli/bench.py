@@ -32,9 +32,6 @@ model: control perplexity, KL divergence on the control text, and general-knowle
 (built from Debian's dict-elements and dict-gcide, or --knowledge FILE.jsonl with lines
 {"question": ..., "options": [...], "answer": ...}). The report compares arms on their
 learning/forgetting fronts at a matched task gain.
-arms: full, lora, kappa, kappa-lora, random, highest (default), fisher and interference
-(data-dependent), self-fisher (data-free), and the peers osf, mica, pissa, corda-kpm, spectrum,
-mlp-lora.
 Results are saved per (arm, lr, seed) after each checkpoint: rerun the same command to resume.
 """
 
@@ -106,6 +103,17 @@ def _grid(values: Sequence[str], arms: Sequence[str]) -> list[tuple[str, tuple[f
     return named
 
 
+def _arms_help() -> str:
+    """The registered arms (--arms), with what each trains; the default ones marked."""
+    from kappatune.bench.arms import arm_names, get_arm
+    from kappatune.bench.config import DEFAULT_ARMS
+
+    width = max(map(len, arm_names()))
+    lines = [f"  {n:<{width}}  {'*' if n in DEFAULT_ARMS else ' '} {get_arm(n).description}"
+             for n in arm_names()]  # fmt: skip
+    return "arms (* = default):\n" + "\n".join(lines) + "\n"
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
@@ -114,7 +122,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         " learned (held-out task metric) and what it forgot (control perplexity, KL from the base"
         " model, general-knowledge questions), against the untouched base model; compare arms on"
         " their learning/forgetting fronts at a matched task gain.",
-        epilog=EPILOG,
+        epilog=EPILOG + _arms_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from kappatune.bench.scenarios import BUILTIN_SCENARIOS, TASK_METRICS
