@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kappatune.selection.budget import Budget
 
 DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _arm_names() -> tuple[str, ...]:
@@ -30,7 +31,6 @@ def _arm_names() -> tuple[str, ...]:
     from kappatune.bench.arms import arm_names
 
     return arm_names()
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def lr_grid_around(lr: float, count: int = 3, span: float = 10.0) -> tuple[float, ...]:

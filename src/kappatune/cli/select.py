@@ -6,18 +6,21 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.errors import KappaTuneError
+from kappatune.selection.budget import BUDGET_FLAGS  # declared without torch
 from kappatune.selection.policies import policy_names, policy_spec  # no torch (the registry)
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from kappatune.analysis.fisher import Key
+    from kappatune.analysis.self_fisher import SelfFisherOptions
     from kappatune.analysis.spectra import Analysis, SpectrumRow
-    from kappatune.selection.budget import Budget
+    from kappatune.selection.budget import Budget, SelectOptions
     from kappatune.selection.core import Selection
 
 FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
@@ -88,19 +91,14 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
         f" (default: {DEFAULT_TOKENS})",
     )
     b = p.add_argument_group("budget (one of)").add_mutually_exclusive_group()
-    b.add_argument("--budget-tensors", type=int, metavar="N", help="train the first N matrices")
-    b.add_argument(
-        "--budget-fraction", type=float, metavar="F", help="train this fraction of the candidates"
-    )
-    b.add_argument(
-        "--budget-params",
-        metavar="N|P%",
-        help="trainable parameters: a count (5M, 300k) or a percentage of the model"
-        + ("; with lora/kappa-lora, the adapter's size (see below)" if lora_note else ""),
-    )
-    b.add_argument(
-        "--kappa-max", type=float, metavar="K", help="train every candidate with kappa <= K"
-    )
+    lora = "; with lora/kappa-lora, the adapter's size (see below)" if lora_note else ""
+    for flag in BUDGET_FLAGS:
+        b.add_argument(
+            f"--{flag.name}",
+            type=flag.type,
+            metavar=flag.metavar,
+            help=flag.help + (lora if flag.name == "budget-params" else ""),
+        )
     add_flags(p, SelectOptions, only=("fill",))
     add_flags(p, SelectOptions, only=("include", "exclude", "module_types", "quotas"))
 
@@ -136,29 +134,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget | None:
-    from kappatune.selection.budget import Budget
+    from kappatune.selection.budget import Budget, budget_from_flags
 
-    if args.budget_tensors is not None:
-        return Budget(tensors=args.budget_tensors)
-    if args.budget_fraction is not None:
-        return Budget(fraction=args.budget_fraction)
-    if args.budget_params is not None:
-        return Budget.parse_params(args.budget_params)
-    if args.kappa_max is not None:
-        return Budget(kappa_max=args.kappa_max)
+    budget = budget_from_flags(vars(args))
+    if budget is not None:
+        return budget
     if policy_spec(args.policy).keeps_all or args.quota:
         return None
     return Budget(fraction=DEFAULT_FRACTION)
 
 
-def options_from_args(args: argparse.Namespace) -> Any:
+def options_from_args(args: argparse.Namespace) -> SelectOptions:
     from kappatune.selection.budget import SelectOptions
     from kappatune.settings import from_args
 
     return from_args(SelectOptions, args)
 
 
-def validate_selection_args(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class SelectionFlags:
+    """What the selection flags ask for, checked: built once, then used."""
+
+    policy: str
+    budget: Budget | None
+    options: SelectOptions
+    self_fisher: SelfFisherOptions | None  # for a policy that needs self-Fisher scores
+
+
+def validate_selection_args(args: argparse.Namespace) -> SelectionFlags:
     """Everything about the selection flags that can be checked without reading weights."""
     spec = policy_spec(args.policy)
     if spec.task_fisher and not (args.fisher_scores or args.fisher_data):
@@ -170,10 +173,11 @@ def validate_selection_args(args: argparse.Namespace) -> None:
             "--fisher-scores/--fisher-data only apply to --policy "
             + _needing("task_fisher").replace("'", "")
         )
+    self_fisher = None
     if spec.self_fisher:
         from kappatune.analysis.self_fisher import SelfFisherOptions
 
-        SelfFisherOptions(tokens=args.self_fisher_tokens)
+        self_fisher = SelfFisherOptions(tokens=args.self_fisher_tokens, seed=args.seed)
     if args.fisher_scores and args.fisher_data:
         raise KappaTuneError("give --fisher-scores or --fisher-data, not both")
     if spec.last_layers and args.last_layers is None:
@@ -183,8 +187,7 @@ def validate_selection_args(args: argparse.Namespace) -> None:
     for f in args.fisher_data or ():
         if not Path(f).exists():
             raise KappaTuneError(f"no such data file: {f}")
-    budget_from_args(args)
-    options_from_args(args)
+    return SelectionFlags(args.policy, budget_from_args(args), options_from_args(args), self_fisher)
 
 
 def load_analysis(
@@ -232,16 +235,19 @@ def _read_fisher_scores(path: Path) -> dict[Key, float]:
 
 
 def _self_fisher_scores(
-    args: argparse.Namespace, model_spec: str, rows: Sequence[SpectrumRow]
+    args: argparse.Namespace,
+    options: SelfFisherOptions,
+    model_spec: str,
+    rows: Sequence[SpectrumRow],
 ) -> dict[Key, float]:
-    from kappatune.analysis.self_fisher import SelfFisherOptions, policy_scores_for
+    from kappatune.analysis.self_fisher import policy_scores_for
     from kappatune.cli.quiet import quiet_transformers
 
     quiet_transformers()
     return policy_scores_for(
         args.policy,
         model_spec,
-        SelfFisherOptions(tokens=args.self_fisher_tokens, seed=args.seed),
+        options,
         rows=rows,
         task_files=args.fisher_data or (),
         task_scores=_read_fisher_scores(args.fisher_scores) if args.fisher_scores else None,
@@ -266,18 +272,22 @@ def selection_from_args(
     analysis: Analysis,
     model_spec: str | None = None,
     budget: Budget | None = None,
+    flags: SelectionFlags | None = None,
 ) -> Selection:
-    """The selection the flags ask for; ``budget`` (a Budget) replaces the budget flags."""
+    """The selection the flags ask for (``flags``: as :func:`validate_selection_args` returned
+    them, else checked now); ``budget`` (a Budget) replaces the budget flags."""
     from kappatune.selection.core import select
 
+    flags = flags if flags is not None else validate_selection_args(args)
     scores = None
-    spec = policy_spec(args.policy)
-    if spec.self_fisher:  # with task_fisher too: the task's gradient over the self-Fisher
-        scores = _self_fisher_scores(args, model_spec or analysis.source, analysis.tensors)
+    spec = policy_spec(flags.policy)
+    if flags.self_fisher is not None:  # with task_fisher too: the task's gradient over it
+        spec_model = model_spec or analysis.source
+        scores = _self_fisher_scores(args, flags.self_fisher, spec_model, analysis.tensors)
     elif spec.task_fisher:
         scores = _fisher_scores(args, model_spec or analysis.source, analysis.tensors)
-    budget = budget if budget is not None else budget_from_args(args)
-    return select(analysis, args.policy, budget, options_from_args(args), scores=scores)
+    budget = budget if budget is not None else flags.budget
+    return select(analysis, flags.policy, budget, flags.options, scores=scores)
 
 
 def print_selection(console: Console, selection: Selection, top: int) -> None:
@@ -346,12 +356,11 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.outputs import write_all
     from kappatune.selection.exports import render
 
-    validate_selection_args(args)
+    flags = validate_selection_args(args)
     check_output(args.output, args.format)
     analysis = load_analysis(args.source, policy=args.policy)
-    selection = selection_from_args(
-        args, analysis, model_spec=None if args.source.endswith(".json") else args.source
-    )
+    model_spec = None if args.source.endswith(".json") else args.source
+    selection = selection_from_args(args, analysis, model_spec=model_spec, flags=flags)
     from kappatune.training.layout import model_type_of
 
     model_type = None if args.source.endswith(".json") else model_type_of(args.source)

@@ -15,6 +15,7 @@ with the same DIR resumes from the last checkpoint. Flags can come from ``--conf
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from kappatune.errors import KappaTuneError
 from kappatune.training.methods import get_method, method_names
 
 if TYPE_CHECKING:
+    from kappatune.cli.select import SelectionFlags
     from kappatune.selection.budget import Budget
     from kappatune.training.loop import LoraSettings, TrainConfig
     from kappatune.training.run_settings import RunSettings, SelectionSource
@@ -178,7 +180,8 @@ def _validate(args: argparse.Namespace) -> RunSettings:
         if not args.selection.is_file():
             raise KappaTuneError(f"no such selection file: {args.selection}")
     if method.needs_selection:
-        validate_selection_args(args)
+        flags = validate_selection_args(args)
+        settings = replace(settings, selection=_selection(args, flags))
     from kappatune.outputs import check_dir
 
     check_dir(args.output, "--output")
@@ -187,8 +190,11 @@ def _validate(args: argparse.Namespace) -> RunSettings:
     return settings
 
 
-def _selection(args: argparse.Namespace) -> SelectionSource | None:
-    """The selection file, or how to make the selection from the policy flags."""
+def _selection(
+    args: argparse.Namespace, flags: SelectionFlags | None = None
+) -> SelectionSource | None:
+    """The selection file, or how to make the selection from the policy flags (``flags``:
+    as validated)."""
     if not get_method(args.method).needs_selection:
         return None
     if args.selection is not None:
@@ -199,8 +205,9 @@ def _selection(args: argparse.Namespace) -> SelectionSource | None:
         from kappatune.training.models import analysis_source
 
         analysis = load_analysis(analysis_source(args.model), policy=args.policy)
+        budget = _modules_budget(args)
         return selection_from_args(
-            args, analysis, model_spec=args.model, budget=_modules_budget(args)
+            args, analysis, model_spec=args.model, budget=budget, flags=flags
         )
 
     return make

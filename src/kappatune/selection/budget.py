@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +126,47 @@ class Budget:
 
 
 _BUDGET_FIELDS = ("tensors", "fraction", "params", "params_percent", "kappa_max")
+
+
+@dataclass(frozen=True)
+class BudgetFlag:
+    """One kind of budget as a command-line flag: ``--<name> VALUE`` is ``make(type(VALUE))``."""
+
+    name: str  # the flag without "--"
+    metavar: str
+    type: Callable[[str], Any]
+    help: str
+    make: Callable[[Any], Budget]
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+#: The budget flags of ``select`` and ``train`` (one of them), in the order help shows them.
+BUDGET_FLAGS = (
+    BudgetFlag("budget-tensors", "N", int, "train the first N matrices",
+               lambda n: Budget(tensors=n)),
+    BudgetFlag("budget-fraction", "F", float, "train this fraction of the candidates",
+               lambda f: Budget(fraction=f)),
+    BudgetFlag("budget-params", "N|P%", str,
+               "trainable parameters: a count (5M, 300k) or a percentage of the model",
+               lambda text: Budget.parse_params(text)),
+    BudgetFlag("kappa-max", "K", float, "train every candidate with kappa <= K",
+               lambda k: Budget(kappa_max=k)),
+)  # fmt: skip
+
+
+def budget_from_flags(values: Mapping[str, Any]) -> Budget | None:
+    """The budget of the one budget flag given (by argparse dest), or None when none is."""
+    given = [f for f in BUDGET_FLAGS if values.get(f.dest) is not None]
+    if len(given) > 1:
+        raise KappaTuneError(
+            f"give one budget flag, not {' and '.join('--' + f.name for f in given)}"
+        )
+    return given[0].make(values[given[0].dest]) if given else None
+
+
 MAX_PARAMS = 2**53  # counts above this are not exact in a float (and no model is near it)
 
 
