@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kappatune.cli.command import add_command
 from kappatune.cli.console import wide_console
 from kappatune.errors import KappaTuneError
 
@@ -25,13 +26,13 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "analyze",
         help="per-tensor condition numbers and spectral metrics of a checkpoint",
         description="Exact per-tensor spectra (kappa, sigma_max/min, log-volume, entropy deficit, "
         "stable and effective rank), streamed tensor by tensor from the checkpoint files.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "source",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kappatune.cli.command import add_command
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
@@ -115,7 +116,8 @@ def _arms_help() -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "bench",
         help="forgetting benchmark: KappaTune against full FT, LoRA, random and highest-kappa",
         description="Fine-tune each arm at several learning rates on a new task and measure what it"
@@ -123,7 +125,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         " model, general-knowledge questions), against the untouched base model; compare arms on"
         " their learning/forgetting fronts at a matched task gain.",
         epilog=EPILOG + _arms_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from kappatune.bench.scenarios import BUILTIN_SCENARIOS, TASK_METRICS
 

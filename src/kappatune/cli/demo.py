@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kappatune.cli.command import add_command
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ def add_parser(sub: Any) -> None:
     from kappatune.demo import DemoSettings
     from kappatune.settings import add_flags
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "demo",
         help="the whole path on built-in data: analyze, select, fine-tune, task and control"
         " perplexity before and after",
@@ -40,7 +42,6 @@ def add_parser(sub: Any) -> None:
         "perplexity on unseen Python code (the task) and on English prose (the control)\n"
         "before and after.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(p, DemoSettings)
     p.add_argument("--output", "-o", type=Path, help="also write the figures as JSON here")

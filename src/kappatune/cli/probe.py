@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kappatune.cli.command import add_command
 from kappatune.errors import KappaTuneError
 from kappatune.probe.run import MEASURES
 
@@ -33,14 +34,14 @@ Fisher information (the premise of KappaTune); values near 0 mean kappa says lit
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "probe",
         help="Fisher information in the weights against kappa, with rank correlations",
         description="Diagonal Fisher information per tensor from a data sample, next to kappa, "
         "with Spearman/Kendall rank correlations (bootstrap intervals) over all tensors and per "
         "module type.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "model",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kappatune.cli.command import add_command
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import BUDGET_FLAGS  # declared without torch
 from kappatune.selection.policies import policy_names, policy_spec  # no torch (the registry)
@@ -104,13 +105,13 @@ def add_selection_flags(p: argparse.ArgumentParser, lora_note: bool = False) -> 
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "select",
         help="choose the tensors to fine-tune (policy + budget) and export them",
         description="Order the candidate matrices with a policy (lowest kappa by default), keep a "
         "budget of them, and write a manifest, Axolotl YAML or PEFT target JSON.",
         epilog=EPILOG.format(keeps_all=_needing("keeps_all")),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "source", help="analysis JSON from 'kappatune analyze', or anything 'analyze' accepts"

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kappatune.cli.command import add_command
 from kappatune.cli.config import add_config_flag
 from kappatune.cli.select import add_selection_flags, validate_selection_args
 from kappatune.cli.train_publish import add_publish_flags, validate_publish
@@ -54,12 +55,12 @@ Multi-process (DDP, FSDP with fsdp_use_orig_params, DeepSpeed ZeRO-2/3):
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "train",
         help="fine-tune a causal LM: selective (KappaTune), kappa-lora, lora or full",
         description="Fine-tune a causal language model on text/JSONL files with a plain PyTorch loop.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "model", help="model directory, .gguf file, built-in name (gemma-3-270m) or cached HF id"
@@ -121,20 +122,10 @@ def _devices() -> str:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from kappatune.settings import from_args
     from kappatune.training.loop import TrainConfig
 
-    return TrainConfig(
-        steps=args.steps,
-        epochs=args.epochs,
-        lr=args.lr,
-        warmup_steps=args.warmup,
-        scheduler=args.scheduler,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seed=args.seed,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-    )
+    return from_args(TrainConfig, args)  # type: ignore[no-any-return]
 
 
 def _lora_settings(args: argparse.Namespace, total_params: int | None) -> LoraSettings | None:

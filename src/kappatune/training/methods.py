@@ -229,27 +229,14 @@ def _selection_plan(
     return plan.targets, plan.r
 
 
-register_method(
-    TrainingMethod(
-        "selective", "KappaTune: train the selected tensors, freeze the rest",
-        needs_selection=True, lora=False, preparer=_prepare_selective,
-    )
-)  # fmt: skip
-register_method(
-    TrainingMethod(
-        "kappa-lora", "LoRA on the selected modules",
-        needs_selection=True, lora=True, preparer=_prepare_lora,
-    )
-)  # fmt: skip
-register_method(
-    TrainingMethod(
-        "lora", "LoRA on every linear layer",
-        needs_selection=False, lora=True, preparer=_prepare_lora,
-    )
-)  # fmt: skip
-register_method(
-    TrainingMethod(
-        "full", "full fine-tuning: every parameter",
-        needs_selection=False, lora=False, preparer=_prepare_full,
-    )
-)  # fmt: skip
+for _method in (
+    TrainingMethod("selective", "KappaTune: train the selected tensors, freeze the rest",
+                   needs_selection=True, lora=False, preparer=_prepare_selective),
+    TrainingMethod("kappa-lora", "LoRA on the selected modules",
+                   needs_selection=True, lora=True, preparer=_prepare_lora),
+    TrainingMethod("lora", "LoRA on every linear layer",
+                   needs_selection=False, lora=True, preparer=_prepare_lora),
+    TrainingMethod("full", "full fine-tuning: every parameter",
+                   needs_selection=False, lora=False, preparer=_prepare_full),
+):  # fmt: skip
+    register_method(_method)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kappatune.selection.core import Selection
+from kappatune.selection.core import Selection, SelectionEntry
 
 if TYPE_CHECKING:
     from kappatune.training.loop import TrainResult
@@ -26,12 +26,7 @@ CARD_NAME = "README.md"
 TOP_ENTRIES = 10
 
 
-@dataclass(frozen=True)
-class SelectedTensor:
-    name: str
-    expert: int | None
-    kappa: float
-    numel: int
+SelectedTensor = SelectionEntry  # a selected matrix as the card lists it (name, expert, kappa)
 
 
 @dataclass(frozen=True)
@@ -60,9 +55,7 @@ class CardFacts:
 
 def selected_tensors(selection: Selection, top: int = TOP_ENTRIES) -> tuple[SelectedTensor, ...]:
     """The first ``top`` entries of the selection, in its order (the policy's order)."""
-    return tuple(
-        SelectedTensor(e.name, e.expert, e.kappa, e.numel) for e in selection.entries[:top]
-    )
+    return selection.entries[:top]
 
 
 def _selection_section(facts: CardFacts) -> list[str]:
