@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from kappatune.probe.run import ProbeReport, ProbeSettings, run_probe
     from kappatune.selection.budget import Budget, SelectOptions
     from kappatune.selection.core import Selection, select
-    from kappatune.selection.policies import policy_names, register_policy
+    from kappatune.selection.policies import PolicySpec, policy_names, register_policy
     from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
     from kappatune.training.methods import get_method, method_names
     from kappatune.training.models import analysis_source, load_causal_lm
@@ -48,7 +48,9 @@ _LAZY: dict[str, str] = {
     "AnalyzeOptions": "kappatune.analysis.options",
     **dict.fromkeys(("Budget", "SelectOptions"), "kappatune.selection.budget"),
     **dict.fromkeys(("Selection", "select"), "kappatune.selection.core"),
-    **dict.fromkeys(("policy_names", "register_policy"), "kappatune.selection.policies"),
+    **dict.fromkeys(
+        ("PolicySpec", "policy_names", "register_policy"), "kappatune.selection.policies"
+    ),
     **dict.fromkeys(
         ("apply_selection", "check_frozen", "frozen_digests"), "kappatune.training.freezing"
     ),
@@ -72,6 +74,7 @@ __all__ = [
     "FisherOptions",
     "KappaTuneCallback",
     "KappaTuneError",
+    "PolicySpec",
     "ProbeReport",
     "ProbeSettings",
     "RunSettings",
