@@ -36,7 +36,9 @@ def char_tokenizer(add_bos: bool = True) -> Any:
     )
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> Any:
+def tiny_llama(seed: int = 0, layers: int = 2, tied: bool = False) -> Any:
+    """A Llama with hidden size 32, 4 heads (2 key/value heads) and the 128-token vocabulary;
+    ``tied``: the head shares the embedding's weight."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -51,7 +53,7 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> Any:
         bos_token_id=2,
         eos_token_id=1,
         pad_token_id=0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config)
 
