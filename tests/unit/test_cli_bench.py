@@ -2,53 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from kappatune.cli.main import main
-from tests.unit._tiny_models import save_tiny_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("clibench")
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "the", "big", "red", "dog"]
-    text = " ".join(words[(i * 5) % len(words)] for i in range(500))
-    paths = {
-        "model": save_tiny_model(root / "tiny", seed=0),
-        "train": root / "train.txt",
-        "held": root / "held.txt",
-        "control": root / "control.txt",
-        "lab_train": root / "lab_train.jsonl",
-        "lab_test": root / "lab_test.jsonl",
-        "empty": root / "empty.txt",
-    }
-    paths["train"].write_text(text)
-    paths["held"].write_text(text[::-1])
-    paths["control"].write_text("".join(f"x = {i} + {2 * i}\n" for i in range(120)))
-    paths["mc"] = root / "mc.jsonl"
-    paths["mc"].write_text(
-        "".join(
-            json.dumps({"question": f"{i} then", "options": [f" {i + 1}", f" {i + 3}"],
-                        "answer": f" {i + 1}"}) + "\n"
-            for i in range(12)
-        )
-    )  # fmt: skip
-    paths["empty"].write_text("\n")
-    for name, n in (("lab_train", 20), ("lab_test", 6)):
-        rows = [
-            {"text": ("good " if i % 2 else "bad ") + str(i), "label": "yes" if i % 2 else "no"}
-            for i in range(n)
-        ]
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+def files(toy_bench: dict[str, Path]) -> dict[str, Path]:
+    return toy_bench
 
 
 def _common(files: dict[str, Path], out: Path) -> list[str]:
