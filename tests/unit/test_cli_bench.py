@@ -75,101 +75,29 @@ def test_end_to_end_text_and_label_scenarios(
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == mtimes
 
 
+DATA = ["--train", "{train}", "--heldout", "{held}", "--control", "{control}"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--train", "{missing}", "--heldout", "{held}", "--control", "{control}"], "no such file"),
-        (
-            ["--train", "{empty}", "--heldout", "{held}", "--control", "{control}"],
-            "the file is empty",
-        ),
-        (
-            [
-                "--train",
-                "{lab_train}",
-                "--heldout",
-                "{lab_test}",
-                "--control",
-                "{control}",
-                "--task-metric",
-                "accuracy",
-                "--options",
-                "yes",
-                "n\u00f6",
-            ],
-            "label 'no' is not one of the options",
-        ),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--budget-params",
-                "90M",
-            ],
-            "exceeds the",
-        ),
+        (["--train", "{empty}", "--heldout", "{held}", "--control", "{control}"],
+         "the file is empty"),
+        (["--train", "{lab_train}", "--heldout", "{lab_test}", "--control", "{control}",
+          "--task-metric", "accuracy", "--options", "yes", "n\u00f6"],
+         "label 'no' is not one of the options"),
+        ([*DATA, "--budget-params", "90M"], "exceeds the"),
         (["nonexistent"], "unknown scenario 'nonexistent'"),
         (["--train", "{train}"], "needs --train, --heldout and --control"),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--lr-grid",
-                "kappa=fast",
-            ],
-            "cannot read --lr-grid",
-        ),
+        ([*DATA, "--lr-grid", "kappa=fast"], "cannot read --lr-grid"),
         (["code", "--lr-grid", "kappa=1e-4,-1e-4"], "every learning rate must be positive"),
         (["code", "--checkpoints", "3"], "--checkpoints 3 must be between 1 and --steps 2"),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--control-sequences",
-                "5",
-            ],
-            "5 control sequences are too few for a noise floor",
-        ),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--knowledge",
-                "{bad_mc}",
-            ],
-            "answer ' 9' is not among the options",
-        ),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--knowledge",
-                "{unk_mc}",
-            ],
-            "option 'é' of 'q' does not tokenize",
-        ),
+        ([*DATA, "--control-sequences", "5"], "5 control sequences are too few for a noise floor"),
+        ([*DATA, "--knowledge", "{bad_mc}"], "answer ' 9' is not among the options"),
+        ([*DATA, "--knowledge", "{unk_mc}"], "option 'é' of 'q' does not tokenize"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(
     files: dict[str, Path],
     tmp_path: Path,
