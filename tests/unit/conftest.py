@@ -11,10 +11,11 @@ import torch
 from tests.unit._tiny_models import write_toy_bench
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def _one_torch_thread() -> Iterator[None]:
     """The tiny models' matrices are too small to split across threads: a second thread only
-    spins, and on 2 cores it more than doubles the CPU time of the training tests."""
+    spins, and on 2 cores it more than doubles the CPU time of the training tests. The
+    integration tier, on real models, keeps torch's default."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
