@@ -94,7 +94,11 @@ def write_toy_bench(root: Path) -> dict[str, Path]:
         {"text": ("good " if i % 2 else "bad ") + str(i), "label": "yes" if i % 2 else "no"}
         for i in range(20)
     ]
-    rows = {"mc.jsonl": questions, "lab_train.jsonl": labelled, "lab_test.jsonl": labelled[:6]}
+    rows: dict[str, list[dict[str, Any]]] = {
+        "mc.jsonl": questions,
+        "lab_train.jsonl": labelled,
+        "lab_test.jsonl": labelled[:6],
+    }
     for name, content in texts.items():
         (root / name).write_text(content)
     for name, items in rows.items():
