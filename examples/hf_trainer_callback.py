@@ -15,8 +15,15 @@ import tempfile
 import datasets
 from transformers import Trainer, TrainingArguments
 
-from kappatune import Budget, KappaTuneCallback, analysis_source, analyze, load_causal_lm, select
-from kappatune.training.data import pack_texts
+from kappatune import (
+    Budget,
+    KappaTuneCallback,
+    analysis_source,
+    analyze,
+    load_causal_lm,
+    pack_texts,
+    select,
+)
 
 
 def main() -> None:

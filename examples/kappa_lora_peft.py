@@ -15,14 +15,16 @@ from peft import get_peft_model
 from kappatune import (
     Budget,
     SelectOptions,
+    all_linear_targets,
     analysis_source,
     analyze,
     load_causal_lm,
     lora_config,
+    lora_param_count,
+    peft_targets,
     rank_for_budget,
     select,
 )
-from kappatune.integrations.lora import all_linear_targets, lora_param_count, peft_targets
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from kappatune import (
     check_frozen,
     frozen_digests,
     load_causal_lm,
+    pack_texts,
     select,
 )
-from kappatune.training.data import pack_texts
 
 
 def main() -> None:

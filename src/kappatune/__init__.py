@@ -27,11 +27,19 @@ if TYPE_CHECKING:
     from kappatune.analysis.spectra import Analysis, SkippedRow, SpectrumRow, analyze
     from kappatune.bench.run import run_bench
     from kappatune.integrations.hf_trainer import KappaTuneCallback, freeze_for_trainer
-    from kappatune.integrations.lora import lora_config, rank_for_budget
+    from kappatune.integrations.lora import (
+        all_linear_targets,
+        lora_config,
+        lora_param_count,
+        peft_targets,
+        rank_for_budget,
+    )
     from kappatune.probe.run import ProbeReport, ProbeSettings, run_probe
     from kappatune.selection.budget import Budget, SelectOptions
     from kappatune.selection.core import Selection, select
     from kappatune.selection.policies import PolicySpec, policy_names, register_policy
+    from kappatune.training.config import LoraSettings, StopRule, TrainConfig
+    from kappatune.training.data import pack_texts
     from kappatune.training.freezing import apply_selection, check_frozen, frozen_digests
     from kappatune.training.methods import get_method, method_names
     from kappatune.training.models import analysis_source, load_causal_lm
@@ -65,6 +73,11 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("resume_training", "run_training"), "kappatune.training.recipe"),
     "RunSettings": "kappatune.training.run_settings",
     "run_bench": "kappatune.bench.run",
+    **dict.fromkeys(("LoraSettings", "StopRule", "TrainConfig"), "kappatune.training.config"),
+    "pack_texts": "kappatune.training.data",
+    **dict.fromkeys(
+        ("all_linear_targets", "lora_param_count", "peft_targets"), "kappatune.integrations.lora"
+    ),
 }
 
 __all__ = [
@@ -74,6 +87,7 @@ __all__ = [
     "FisherOptions",
     "KappaTuneCallback",
     "KappaTuneError",
+    "LoraSettings",
     "PolicySpec",
     "ProbeReport",
     "ProbeSettings",
@@ -82,7 +96,10 @@ __all__ = [
     "Selection",
     "SkippedRow",
     "SpectrumRow",
+    "StopRule",
+    "TrainConfig",
     "__version__",
+    "all_linear_targets",
     "analysis_source",
     "analyze",
     "apply_selection",
@@ -93,7 +110,10 @@ __all__ = [
     "get_method",
     "load_causal_lm",
     "lora_config",
+    "lora_param_count",
     "method_names",
+    "pack_texts",
+    "peft_targets",
     "policy_names",
     "rank_for_budget",
     "register_policy",

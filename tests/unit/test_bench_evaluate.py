@@ -11,21 +11,9 @@ from kappatune.bench.evaluate import (
     tokenize_options,
 )
 from kappatune.errors import KappaTuneError
+from tests.unit._tiny_models import tiny_llama
 
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+pytest.importorskip("transformers")
 
 
 SEQS = [

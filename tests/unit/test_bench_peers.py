@@ -16,13 +16,13 @@ from kappatune.bench import arms, peers
 from kappatune.bench import run as run_mod
 from kappatune.bench.arms import ArmContext, candidate_rows, get_arm, prepare_arm
 from kappatune.bench.run import BenchSettings, run_bench
-from kappatune.bench.scenarios import DataSpec, Scenario
+from kappatune.bench.scenarios import Scenario
 from kappatune.bench.tokenized import EvalSizes, prepare
 from kappatune.cli.main import main
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.training.data import TokenizedData
-from tests.unit._tiny_models import char_tokenizer, save_tiny_model, tiny_llama
+from tests.unit._tiny_models import char_tokenizer, tiny_llama, toy_scenario
 
 BUDGET = 4096
 # tiny Llama: q 32x32, k 16x32, v 16x32, o 32x32, gate 64x32, up 64x32, down 32x64; 2 layers
@@ -62,14 +62,6 @@ EXPECTED = {
     # gate/up/down: 96 each per rank, 576 in all -> r = 7
     "mlp-lora": (_names(MLP, LORA), 7 * 576),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -173,22 +165,8 @@ def test_tables_mark_the_arm_that_uses_data_of_what_to_keep() -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scenario, Path]:
-    root = tmp_path_factory.mktemp("peers")
-    model = save_tiny_model(root / "tiny", seed=0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "big", "red", "dog"]
-    text = " ".join(words[(i * 7) % len(words)] for i in range(300))
-    (root / "train.txt").write_text(text)
-    (root / "held.txt").write_text(text[::-1])
-    (root / "control.txt").write_text("".join(f"x{i} = {i} + {i * 3}\n" for i in range(30)))
-    (root / "short.txt").write_text("x = 1\n")
-    scenario = Scenario(
-        "toy",
-        DataSpec(str(root / "train.txt")),
-        DataSpec(str(root / "held.txt")),
-        DataSpec(str(root / "control.txt")),
-    )
-    return model, scenario, root
+def setup(toy_bench: dict[str, Path]) -> tuple[Path, Scenario, Path]:
+    return toy_bench["model"], toy_scenario(toy_bench), toy_bench["train"].parent
 
 
 SIZES = EvalSizes(seq_len=16, task_sequences=3, control_sequences=10)

@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from kappatune.bench import arms as arms_mod
 from kappatune.bench import run as run_mod
@@ -16,40 +15,15 @@ from kappatune.bench.run import (
     run_key,
     run_key_fields,
 )
-from kappatune.bench.scenarios import DataSpec, Scenario
+from kappatune.bench.scenarios import Scenario
 from kappatune.bench.tokenized import EvalSizes
 from kappatune.errors import KappaTuneError
-from tests.unit._tiny_models import save_tiny_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.unit._tiny_models import toy_scenario
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scenario, Path]:
-    root = tmp_path_factory.mktemp("bench")
-    model = save_tiny_model(root / "tiny", seed=0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "the", "big", "red", "dog"]
-    text = " ".join(words[(i * 7) % len(words)] for i in range(600))
-    (root / "train.txt").write_text(text)
-    (root / "held.txt").write_text(text[::-1])
-    (root / "control.txt").write_text("".join(f"x = {i} + {3 * i}\n" for i in range(120)))
-    mc = root / "mc.jsonl"
-    rows = [{"question": f"{i} then", "options": [f" {i + 1}", f" {i + 2}"], "answer": f" {i + 1}"}
-            for i in range(12)]  # fmt: skip
-    mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scenario = Scenario(
-        "toy",
-        DataSpec(str(root / "train.txt")),
-        DataSpec(str(root / "held.txt")),
-        DataSpec(str(root / "control.txt")),
-    )
-    return model, scenario, mc
+def setup(toy_bench: dict[str, Path]) -> tuple[Path, Scenario, Path]:
+    return toy_bench["model"], toy_scenario(toy_bench), toy_bench["mc"]
 
 
 def _settings(model: Path, mc: Path, **kw: Any) -> BenchSettings:

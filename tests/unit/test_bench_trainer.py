@@ -11,14 +11,6 @@ from kappatune.training.loop import TrainConfig
 from tests.unit._tiny_models import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rows(n: int, length: int, label_last_only: bool, seed: int = 0) -> TokenizedData:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 128, (n, length), generator=g)

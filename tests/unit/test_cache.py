@@ -227,15 +227,25 @@ def _index_file(tmp_path: Path) -> Path:
     return index
 
 
-def test_swapped_digests_in_the_stat_index_do_not_swap_kappas(
-    tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    a = analyze(checkpoint, opts(tmp_path))
+def _swap_digests(tmp_path: Path, seal: bool) -> Path:
+    """The stat index with the digests of layers 0 and 3 swapped, re-sealed by hand if ``seal``."""
+    from kappatune.analysis.cache import SpectrumCache
+
     index = _index_file(tmp_path)
     record = json.loads(index.read_text())
     d = record["digests"]
     d["layers.0.w.weight"], d["layers.3.w.weight"] = d["layers.3.w.weight"], d["layers.0.w.weight"]
+    if seal:
+        record["seal"] = SpectrumCache._seal(record["path"], record["stat"], d)
     index.write_text(json.dumps(record))
+    return index
+
+
+def test_swapped_digests_in_the_stat_index_do_not_swap_kappas(
+    tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = analyze(checkpoint, opts(tmp_path))
+    index = _swap_digests(tmp_path, seal=False)
     with caplog.at_level(logging.WARNING, logger="kappatune.analysis.cache"):
         b = analyze(checkpoint, opts(tmp_path))
     assert [r.kappa for r in b.tensors] == [r.kappa for r in a.tensors]
@@ -285,15 +295,8 @@ def test_verify_cache_hashes_every_tensor_even_under_a_forged_index(
     tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A swap re-sealed by hand passes the checksum; --verify-cache does not look at the index."""
-    from kappatune.analysis.cache import SpectrumCache
-
     a = analyze(checkpoint, opts(tmp_path))
-    index = _index_file(tmp_path)
-    record = json.loads(index.read_text())
-    d = record["digests"]
-    d["layers.0.w.weight"], d["layers.3.w.weight"] = d["layers.3.w.weight"], d["layers.0.w.weight"]
-    record["seal"] = SpectrumCache._seal(record["path"], record["stat"], d)
-    index.write_text(json.dumps(record))
+    _swap_digests(tmp_path, seal=True)
     reads: list[str] = []
     from kappatune.analysis.safetensors_source import SafetensorsSource
 

@@ -2,53 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from kappatune.cli.main import main
-from tests.unit._tiny_models import save_tiny_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("clibench")
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "to", "the", "big", "red", "dog"]
-    text = " ".join(words[(i * 5) % len(words)] for i in range(500))
-    paths = {
-        "model": save_tiny_model(root / "tiny", seed=0),
-        "train": root / "train.txt",
-        "held": root / "held.txt",
-        "control": root / "control.txt",
-        "lab_train": root / "lab_train.jsonl",
-        "lab_test": root / "lab_test.jsonl",
-        "empty": root / "empty.txt",
-    }
-    paths["train"].write_text(text)
-    paths["held"].write_text(text[::-1])
-    paths["control"].write_text("".join(f"x = {i} + {2 * i}\n" for i in range(120)))
-    paths["mc"] = root / "mc.jsonl"
-    paths["mc"].write_text(
-        "".join(
-            json.dumps({"question": f"{i} then", "options": [f" {i + 1}", f" {i + 3}"],
-                        "answer": f" {i + 1}"}) + "\n"
-            for i in range(12)
-        )
-    )  # fmt: skip
-    paths["empty"].write_text("\n")
-    for name, n in (("lab_train", 20), ("lab_test", 6)):
-        rows = [
-            {"text": ("good " if i % 2 else "bad ") + str(i), "label": "yes" if i % 2 else "no"}
-            for i in range(n)
-        ]
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+def files(toy_bench: dict[str, Path]) -> dict[str, Path]:
+    return toy_bench
 
 
 def _common(files: dict[str, Path], out: Path) -> list[str]:
@@ -115,101 +75,29 @@ def test_end_to_end_text_and_label_scenarios(
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == mtimes
 
 
+DATA = ["--train", "{train}", "--heldout", "{held}", "--control", "{control}"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--train", "{missing}", "--heldout", "{held}", "--control", "{control}"], "no such file"),
-        (
-            ["--train", "{empty}", "--heldout", "{held}", "--control", "{control}"],
-            "the file is empty",
-        ),
-        (
-            [
-                "--train",
-                "{lab_train}",
-                "--heldout",
-                "{lab_test}",
-                "--control",
-                "{control}",
-                "--task-metric",
-                "accuracy",
-                "--options",
-                "yes",
-                "n\u00f6",
-            ],
-            "label 'no' is not one of the options",
-        ),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--budget-params",
-                "90M",
-            ],
-            "exceeds the",
-        ),
+        (["--train", "{empty}", "--heldout", "{held}", "--control", "{control}"],
+         "the file is empty"),
+        (["--train", "{lab_train}", "--heldout", "{lab_test}", "--control", "{control}",
+          "--task-metric", "accuracy", "--options", "yes", "n\u00f6"],
+         "label 'no' is not one of the options"),
+        ([*DATA, "--budget-params", "90M"], "exceeds the"),
         (["nonexistent"], "unknown scenario 'nonexistent'"),
         (["--train", "{train}"], "needs --train, --heldout and --control"),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--lr-grid",
-                "kappa=fast",
-            ],
-            "cannot read --lr-grid",
-        ),
+        ([*DATA, "--lr-grid", "kappa=fast"], "cannot read --lr-grid"),
         (["code", "--lr-grid", "kappa=1e-4,-1e-4"], "every learning rate must be positive"),
         (["code", "--checkpoints", "3"], "--checkpoints 3 must be between 1 and --steps 2"),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--control-sequences",
-                "5",
-            ],
-            "5 control sequences are too few for a noise floor",
-        ),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--knowledge",
-                "{bad_mc}",
-            ],
-            "answer ' 9' is not among the options",
-        ),
-        (
-            [
-                "--train",
-                "{train}",
-                "--heldout",
-                "{held}",
-                "--control",
-                "{control}",
-                "--knowledge",
-                "{unk_mc}",
-            ],
-            "option 'é' of 'q' does not tokenize",
-        ),
+        ([*DATA, "--control-sequences", "5"], "5 control sequences are too few for a noise floor"),
+        ([*DATA, "--knowledge", "{bad_mc}"], "answer ' 9' is not among the options"),
+        ([*DATA, "--knowledge", "{unk_mc}"], "option 'é' of 'q' does not tokenize"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(
     files: dict[str, Path],
     tmp_path: Path,

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from kappatune.cli.main import main
 
@@ -73,3 +74,20 @@ def test_import_kappatune_loads_no_torch() -> None:
     import kappatune
 
     assert out.stdout.split() == ["False", str(len(kappatune.__all__))]
+
+
+def test_readme_and_examples_import_only_the_public_api() -> None:
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    deep = []
+    for path in sorted((root / "examples").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kappatune."):
+                deep.append(f"{path.name}: {node.module}")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    deep += [
+        f"README.md: {m}" for m in re.findall(r"^\s*from (kappatune\.\S+) import", readme, re.M)
+    ]
+    assert deep == []

@@ -19,6 +19,7 @@ from kappatune.analysis.fisher import (
     fisher_scores,
 )
 from kappatune.errors import KappaTuneError
+from tests.unit._tiny_models import tiny_llama
 
 C, D = 3, 4  # classes, input features of the linear softmax model
 
@@ -260,28 +261,13 @@ def test_true_fisher_of_causal_lm_is_unbiased_for_the_mean_per_token_fisher() ->
 # ----------------------------------------------------------------------------- tiny transformer
 
 
-def _tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _tiny_examples(n: int = 3, t: int = 12) -> list[dict[str, torch.Tensor]]:
     ids = torch.randint(1, 128, (n, t), generator=torch.Generator().manual_seed(1))
     return examples_from_ids(ids)
 
 
 def test_seed_determinism_and_shared_forward_for_both_kinds() -> None:
-    model = _tiny_llama()
+    model = tiny_llama().eval()
     examples = _tiny_examples()
     both = compute_fisher(
         model, examples, FisherOptions(kinds=("true", "empirical"), tokens=30, seed=4)
@@ -310,7 +296,7 @@ def test_rows_align_with_the_spectra_and_model_state_is_restored(
     from kappatune.analysis.spectra import AnalyzeOptions, analyze
 
     monkeypatch.setenv("KAPPATUNE_CACHE", str(tmp_path))
-    model = _tiny_llama()
+    model = tiny_llama().eval()
     model.train()
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
@@ -374,7 +360,7 @@ def test_fused_expert_tensors_give_one_row_per_expert_like_the_spectra() -> None
 
 
 def test_result_json_round_trip() -> None:
-    model = _tiny_llama()
+    model = tiny_llama().eval()
     res = compute_fisher(
         model, _tiny_examples(), FisherOptions(kinds=("empirical",), tokens=10, damping=1e-6)
     )
@@ -390,7 +376,7 @@ def test_fisher_policy_trains_least_fisher_first_with_these_scores() -> None:
     from kappatune.selection.budget import Budget
     from kappatune.selection.core import select
 
-    model = _tiny_llama()
+    model = tiny_llama().eval()
     analysis = analyze(model, AnalyzeOptions(workers=1))
     scores = fisher_scores(model, _tiny_examples(), kind="empirical", measure="mean", tokens=30)
     assert set(scores) == {r.key for r in analysis.tensors}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import kappatune.analysis.fisher as fisher
 from kappatune.analysis.fisher import (
@@ -14,23 +13,8 @@ from kappatune.analysis.fisher import (
     fisher_diagonals,
 )
 from kappatune.errors import KappaTuneError
+from tests.unit._tiny_models import tiny_llama
 from tests.unit.test_fisher import SEQS, Bigram, FusedExperts, LinearSoftmax, _classifier_data
-
-
-def _llama(tied: bool) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _examples(n: int = 6, t: int = 12) -> list[dict[str, torch.Tensor]]:
@@ -64,7 +48,7 @@ def _assert_same(a: fisher.FisherDiagonals, b: fisher.FisherDiagonals, rtol: flo
 @pytest.mark.parametrize("tied", [False, True])
 def test_batched_equals_the_loop_on_a_tiny_llama(tied: bool, monkeypatch) -> None:
     spy = _Spy(monkeypatch)
-    model = _llama(tied)
+    model = tiny_llama(tied=tied).eval()
     opts = FisherOptions(kinds=("true", "empirical"), tokens=60, seed=3, samples=2)
     loop = fisher_diagonals(model, _examples(), opts, batch_size=1)
     assert len(spy.looped) == 1  # every weight

@@ -110,18 +110,7 @@ def test_wrapped_model_names_resolve_by_unique_suffix() -> None:
 
 
 def test_tied_weights_selected_through_alias() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(layers=1, tied=True)
     groups = apply_selection(model, manual(("lm_head.weight", None, 4096)))
     assert trainable_names(model) == ["model.embed_tokens.weight"]
     assert len(groups[0]["params"]) == 1

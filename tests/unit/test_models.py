@@ -37,18 +37,7 @@ def test_load_dtype(tmp_path: Path) -> None:
 
 
 def test_parameter_counts_with_tied_weights() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=True,
-    )
-    m = LlamaForCausalLM(cfg)
+    m = tiny_llama(layers=1, tied=True)
     names = models.parameter_names(m)
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
     untied = tiny_llama(layers=1)
@@ -124,16 +113,5 @@ def test_gguf_dequantized_cache_keyed_by_content(
 
 
 def test_unique_state_drops_tied_alias() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=True,
-    )
-    state = models._unique_state(LlamaForCausalLM(cfg))
+    state = models._unique_state(tiny_llama(layers=1, tied=True))
     assert "model.embed_tokens.weight" in state and "lm_head.weight" not in state

@@ -41,7 +41,13 @@ def test_run_probe_returns_the_report_and_saves_it(tmp_path: Path) -> None:
     assert saved["settings"]["kinds"] == ["empirical"]
     assert set(saved) >= {"rows", "correlations", "spectral_correlations", "timings_s"}
     with (tmp_path / "p.csv").open() as fh:
-        assert [r["name"] for r in csv.DictReader(fh)] == [r.name for r in report.rows]
+        table = list(csv.DictReader(fh))
+    assert [r["name"] for r in table] == [r.name for r in report.rows]
+    # Spectrum's SNR of each matrix, as the analysis computed it, in the CSV and the JSON
+    snr = {r.name: r.snr for r in report.analysis.tensors}
+    assert all(snr[r.name] is not None for r in report.rows)
+    assert [float(r["snr"]) for r in table] == [snr[r.name] for r in report.rows]
+    assert [r["snr"] for r in saved["rows"]] == [snr[r.name] for r in report.rows]
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

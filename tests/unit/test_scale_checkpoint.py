@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -44,19 +43,18 @@ def test_written_checkpoint_has_the_designed_spectra(tmp_path: Path) -> None:
     assert max(abs(r.kappa / expected[r.name] - 1) for r in a.tensors) < 1e-2
 
 
-def test_a_shape_that_is_not_an_architecture_is_one_line_exit_2(tmp_path: Path) -> None:
+def test_a_shape_that_is_not_an_architecture_is_one_line_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import analyze_scale
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**TINY.__dict__, "heads": 5}))
     with pytest.raises(sc.ShapeError, match=r"heads \(5\) must be a multiple of kv_heads \(2\)"):
         sc.load_arch(str(bad))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "analyze_scale.py"), "--sizes", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    monkeypatch.setattr(sys, "argv", ["analyze_scale.py", "--sizes", str(bad)])
+    assert analyze_scale.main() == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: shape 'tiny': heads (5) must be a multiple of kv_heads (2)"
     ]
     bad.write_text(json.dumps({"name": "x", "layers": 2}))

@@ -128,8 +128,6 @@ def test_select_self_fisher_and_interference_from_the_cli(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["all-minilm-l6-v2", "--policy", "self-fisher"],
-         "built-in model 'all-minilm-l6-v2' is not a causal language model"),
         (["MODEL", "--policy", "self-fisher", "--self-fisher-tokens", "0"],
          "--self-fisher-tokens must be at least 1, got 0"),
         (["MODEL", "--policy", "interference"],

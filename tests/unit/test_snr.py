@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kappatune.analysis import names
 from kappatune.analysis.metrics import marchenko_pastur_edge, spectrum_snr
 from kappatune.analysis.spectra import Analysis, AnalyzeOptions, SpectrumRow, analyze
 from kappatune.cli.main import main
@@ -18,6 +18,7 @@ from kappatune.selection.budget import Budget
 from kappatune.selection.core import select
 from kappatune.selection.policies import PolicyContext, get_policy
 from tests.conftest import known_matrix
+from tests.unit.test_selection import row as selection_row
 
 # s = (10, 3, 2, 1) on a 6 x 4 matrix, by hand: quartiles (linear) 1.75 and 4.75, so
 # sigma = 3 / 1.349; beta = 4 / 6; edge = sigma (1 + sqrt(2/3)) = 4.0397 -> signal 10,
@@ -85,24 +86,8 @@ def test_schema_1_analysis_is_read_without_scores() -> None:
 
 
 def row(name: str, snr: float | None, shape: tuple[int, int] = (8, 8)) -> SpectrumRow:
-    return SpectrumRow(
-        name=name,
-        shape=shape,
-        dtype="float32",
-        numel=shape[0] * shape[1],
-        expert=None,
-        kappa=2.0,
-        sigma_max=1.0,
-        sigma_min=0.5,
-        log_volume=0.0,
-        entropy_deficit=0.0,
-        stable_rank=1.0,
-        effective_rank=1.0,
-        layer=names.layer_index(name),
-        module_type=names.module_type(name),
-        method="test",
-        snr=snr,
-    )
+    """A kappa-2 row of ``shape`` with Spectrum's ``snr``."""
+    return dataclasses.replace(selection_row(name, 2.0, shape[0] * shape[1]), shape=shape, snr=snr)
 
 
 def q(i: int) -> str:

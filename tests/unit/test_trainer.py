@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,22 +34,24 @@ def lm_dataset():  # type: ignore[no-untyped-def]
     return datasets.Dataset.from_list(rows)
 
 
+# what the Trainer and the TRL SFTTrainer tests share: 3 quiet CPU steps, nothing saved
+SHORT_RUN: dict[str, Any] = dict(
+    max_steps=3,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    weight_decay=0.1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    logging_steps=1,
+    disable_tqdm=True,
+)
+
+
 def args(tmp_path: Path, **kw):  # type: ignore[no-untyped-def]
     from transformers import TrainingArguments
 
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
+    base = dict(output_dir=str(tmp_path / "out"), **SHORT_RUN, seed=0)
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -115,16 +118,8 @@ def test_trl_sft_trainer(tmp_path: Path) -> None:
     model = tiny_llama(seed=1)
     config = SFTConfig(
         output_dir=str(tmp_path / "sft"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
+        **SHORT_RUN,
         max_length=32,
-        disable_tqdm=True,
         dataset_text_field="text",
     )
     ds = datasets.Dataset.from_list([{"text": t} for t in TEXTS])

@@ -129,7 +129,7 @@ def _file_info(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ProbeRow:
-    """kappa and the Fisher measures of one matrix (or expert)."""
+    """kappa, Spectrum's SNR and the Fisher measures of one matrix (or expert)."""
 
     name: str
     expert: int | None
@@ -138,6 +138,7 @@ class ProbeRow:
     numel: int
     kappa: float
     fisher: Mapping[str, Mapping[str, float]]  # kind -> measure -> value
+    snr: float = math.nan  # nan: undefined (1 x N) or an analysis without SNR (schema 1)
 
     def to_json(self) -> dict[str, Any]:
         from kappatune.jsonio import encode_float
@@ -149,6 +150,7 @@ class ProbeRow:
             "module_type": self.module_type,
             "numel": self.numel,
             "kappa": encode_float(self.kappa),
+            "snr": encode_float(self.snr),
             "fisher": {
                 k: {m: encode_float(v) for m, v in d.items()} for k, d in self.fisher.items()
             },
@@ -167,7 +169,10 @@ def join_rows(analysis: Analysis, results: Mapping[str, FisherResult]) -> list[P
                     f"no Fisher value for {s.name} (expert {s.expert}): names do not match"
                 )
             fisher[kind] = {m: rows_of[s.key].measure(m) for m in MEASURES}
-        rows.append(ProbeRow(s.name, s.expert, s.layer, s.module_type, s.numel, s.kappa, fisher))
+        snr = math.nan if s.snr is None else float(s.snr)
+        rows.append(
+            ProbeRow(s.name, s.expert, s.layer, s.module_type, s.numel, s.kappa, fisher, snr)
+        )
     return rows
 
 
@@ -262,13 +267,13 @@ def csv_text(rows: Sequence[ProbeRow], kinds: Sequence[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
-        ["name", "expert", "layer", "module_type", "numel", "kappa"]
+        ["name", "expert", "layer", "module_type", "numel", "kappa", "snr"]
         + [f"{k}_{m}" for k in kinds for m in MEASURES]
     )
     for r in rows:
         w.writerow(
             [r.name, "" if r.expert is None else r.expert, "" if r.layer is None else r.layer,
-             r.module_type, r.numel, repr(r.kappa)]
+             r.module_type, r.numel, repr(r.kappa), repr(r.snr)]
             + [repr(r.fisher[k][m]) for k in kinds for m in MEASURES]
         )  # fmt: skip
     return buf.getvalue()
