@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.cli.config import add_config_flag
 from kappatune.cli.select import add_selection_flags, validate_selection_args
@@ -27,6 +27,7 @@ from kappatune.training.methods import get_method, method_names
 
 if TYPE_CHECKING:
     from kappatune.selection.budget import Budget
+    from kappatune.selection.core import Selection
     from kappatune.training.loop import LoraSettings, TrainConfig
     from kappatune.training.run_settings import RunSettings, SelectionSource
 
@@ -51,7 +52,7 @@ Multi-process (DDP, FSDP with fsdp_use_orig_params, DeepSpeed ZeRO-2/3):
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a causal LM: selective (KappaTune), kappa-lora, lora or full",
@@ -194,7 +195,7 @@ def _selection(args: argparse.Namespace) -> SelectionSource | None:
     if args.selection is not None:
         return Path(args.selection)
 
-    def make() -> Any:
+    def make() -> Selection:
         from kappatune.cli.select import load_analysis, selection_from_args
         from kappatune.training.models import analysis_source
 
