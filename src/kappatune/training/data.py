@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -205,7 +205,7 @@ def _record_example(record: object, where: str) -> AnyExample | None:
     )
 
 
-def _examples_from_records(records: Iterable[tuple[str, Any]], label: str) -> list[AnyExample]:
+def _examples_from_records(records: Iterable[tuple[str, object]], label: str) -> list[AnyExample]:
     out: list[AnyExample] = []
     total = 0
     for where, record in records:
@@ -233,7 +233,7 @@ def _read_text(path: Path) -> str:
         raise KappaTuneError(f"cannot read data file {path}: {exc.strerror or exc}") from None
 
 
-def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, object]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
