@@ -180,10 +180,12 @@ def verify_files(folder: Path) -> dict[str, Any]:
 
 
 def _verify_file(folder: Path, name: object, entry: object) -> None:
-    valid = isinstance(name, str) and isinstance(entry, dict)
-    if not valid or Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
+    if (
+        not (isinstance(name, str) and isinstance(entry, dict))
+        or Path(name).is_absolute()
+        or ".." in Path(name).parts
+    ):
         raise CheckpointError(folder, f"lists an invalid file {str(name)[:80]!r} in {MANIFEST}")
-    assert isinstance(name, str) and isinstance(entry, dict)  # what ``valid`` says
     path = folder / name
     if not path.is_file():
         raise CheckpointError(folder, f"is missing {name}")
