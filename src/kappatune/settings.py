@@ -50,9 +50,14 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+S = TypeVar("S", bound="DataclassInstance")  # a settings dataclass
 
 _MISSING: Any = dataclasses.MISSING
 _KNOWN_META = {
@@ -76,7 +81,7 @@ def setting(default: Any = _MISSING, *, default_factory: Any = _MISSING, **meta:
 # --------------------------------------------------------------------------- introspection
 
 
-def _fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
+def _fields(cls: type[DataclassInstance]) -> tuple[dataclasses.Field[Any], ...]:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     return dataclasses.fields(cls)
@@ -90,12 +95,12 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     return None
 
 
-def non_key_fields(cls: Any) -> dict[str, str]:
+def non_key_fields(cls: type[DataclassInstance]) -> dict[str, str]:
     """Fields that do not change results, with why: everything else is in the key."""
     return {f.name: f.metadata["why"] for f in _fields(cls) if f.metadata.get("key", True) is False}
 
 
-def cli_fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
+def cli_fields(cls: type[DataclassInstance]) -> tuple[dataclasses.Field[Any], ...]:
     """The fields that have a flag."""
     return tuple(f for f in _fields(cls) if f.metadata.get("cli", True))
 
@@ -113,7 +118,7 @@ def dest_of(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("dest") or flag_of(f).lstrip("-").replace("-", "_"))
 
 
-def _hints(cls: Any) -> dict[str, Any]:
+def _hints(cls: type[DataclassInstance]) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -124,7 +129,7 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
-def _is_negated(f: dataclasses.Field[Any], tp: Any) -> bool:
+def _is_negated(f: dataclasses.Field[Any], tp: object) -> bool:
     return tp is bool and flag_of(f).startswith("--no-") and _default(f) is True
 
 
@@ -136,7 +141,7 @@ def _choices(f: dataclasses.Field[Any]) -> Any:
     return choices() if callable(choices) else choices
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 1e-4, not 0.0001 or 1e-04
         mantissa, _, exponent = f"{value:e}".partition("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
@@ -147,7 +152,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _help(f: dataclasses.Field[Any], tp: Any) -> str:
+def _help(f: dataclasses.Field[Any], tp: object) -> str:
     text = str(f.metadata["help"])
     default = _default(f)
     choices = _choices(f)
@@ -190,13 +195,18 @@ def _flag_kwargs(f: dataclasses.Field[Any], tp: Any, defaults: bool) -> dict[str
     return kw
 
 
-def argument_group(parser: argparse.ArgumentParser, title: str) -> Any:
+def argument_group(parser: argparse._ActionsContainer, title: str) -> argparse._ArgumentGroup:
     """The parser's argument group called ``title`` (made if there is none)."""
     found = [g for g in parser._action_groups if g.title == title]
     return found[0] if found else parser.add_argument_group(title)
 
 
-def _group(parser: Any, title: str | None, exclusive: str | None, made: dict[str, Any]) -> Any:
+def _group(
+    parser: argparse._ActionsContainer,
+    title: str | None,
+    exclusive: str | None,
+    made: dict[str, argparse._MutuallyExclusiveGroup],
+) -> argparse._ActionsContainer:
     target = parser if title is None else argument_group(parser, title)
     if exclusive is None:
         return target
@@ -206,8 +216,8 @@ def _group(parser: Any, title: str | None, exclusive: str | None, made: dict[str
 
 
 def add_flags(
-    parser: argparse.ArgumentParser | Any,
-    cls: Any,
+    parser: argparse._ActionsContainer,
+    cls: type[DataclassInstance],
     *,
     only: Iterable[str] | None = None,
     skip: Iterable[str] = (),
@@ -221,7 +231,7 @@ def add_flags(
     hints = _hints(cls)
     skipped = set(skip)
     wanted = None if only is None else set(only)
-    made: dict[str, Any] = {}
+    made: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in cli_fields(cls):
         if f.name in skipped or (wanted is not None and f.name not in wanted):
             continue
@@ -247,7 +257,7 @@ def _to_field(f: dataclasses.Field[Any], tp: Any, value: Any) -> Any:
     return _tupled(value)
 
 
-def from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
+def from_args(cls: type[S], args: argparse.Namespace, **given: Any) -> S:
     """``cls`` from parsed flags; ``given`` sets fields the flags do not (or overrides them).
 
     A flag whose value is None (not given, no default) leaves the field's default."""
@@ -264,17 +274,17 @@ def from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
     return cls(**kwargs, **given)
 
 
-def to_args(cls: Any, settings: Any) -> dict[str, Any]:
+def to_args(cls: type[DataclassInstance], settings: DataclassInstance) -> dict[str, Any]:
     """The flag values (by destination) that :func:`from_args` turns into ``settings``."""
     return _as_args(cls, {f.name: getattr(settings, f.name) for f in cli_fields(cls)})
 
 
-def flag_defaults(cls: Any) -> dict[str, Any]:
+def flag_defaults(cls: type[DataclassInstance]) -> dict[str, Any]:
     """The flag values (by destination) of the fields' defaults, without building ``cls``."""
     return _as_args(cls, {f.name: _default(f) for f in cli_fields(cls)})
 
 
-def _as_args(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+def _as_args(cls: type[DataclassInstance], values: Mapping[str, Any]) -> dict[str, Any]:
     hints = _hints(cls)
     out: dict[str, Any] = {}
     for f in cli_fields(cls):
@@ -308,7 +318,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(settings: Any) -> dict[str, Any]:
+def to_json(settings: DataclassInstance) -> dict[str, Any]:
     """Every field of a settings object, by its JSON name."""
     out: dict[str, Any] = {}
     for f in _fields(type(settings)):
@@ -321,14 +331,14 @@ def to_json(settings: Any) -> dict[str, Any]:
 def _decoded(f: dataclasses.Field[Any], tp: Any, value: Any) -> Any:
     if "decode" in f.metadata:
         return f.metadata["decode"](value)
-    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
         return from_json(tp, value)
     if tp is Path and value is not None:
         return Path(value)
     return _tupled(value)
 
 
-def from_json(cls: Any, data: Mapping[str, Any], what: str | None = None) -> Any:
+def from_json(cls: type[S], data: Mapping[str, Any], what: str | None = None) -> S:
     """``cls`` from :func:`to_json`'s form; missing fields take their defaults, unknown ones
     are refused (one line)."""
     what = what or cls.__name__
@@ -357,7 +367,7 @@ def from_json(cls: Any, data: Mapping[str, Any], what: str | None = None) -> Any
 # --------------------------------------------------------------------------- key
 
 
-def key_fields(settings: Any) -> dict[str, Any]:
+def key_fields(settings: DataclassInstance) -> dict[str, Any]:
     """The settings that change results: every field but :func:`non_key_fields` (nested
     settings by their own key fields)."""
     out: dict[str, Any] = {}
@@ -371,18 +381,18 @@ def key_fields(settings: Any) -> dict[str, Any]:
     return out
 
 
-def digest(obj: Any) -> str:
+def digest(obj: object) -> str:
     """Stable digest of a JSON-able object (keys sorted; other values by ``str``)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
 
-def settings_key(settings: Any) -> str:
+def settings_key(settings: DataclassInstance) -> str:
     """A stable digest of the settings that change results (the cache or run key)."""
     return digest({"kind": type(settings).__name__, "settings": key_fields(settings)})
 
 
-def flags_of(cls: Any) -> dict[str, str]:
+def flags_of(cls: type[DataclassInstance]) -> dict[str, str]:
     """Field name -> flag, for the fields that have one."""
     return {f.name: flag_of(f) for f in cli_fields(cls)}
 

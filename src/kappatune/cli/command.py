@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 
 def add_command(
-    sub: Any, name: str, *, help: str, description: str, epilog: str
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: str,
 ) -> argparse.ArgumentParser:
     """The ``kappatune NAME`` parser; its epilog (examples) keeps its own line breaks."""
     parser: argparse.ArgumentParser = sub.add_parser(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.cli.command import add_command
 from kappatune.cli.config import add_config_flag
@@ -30,6 +30,7 @@ from kappatune.training.methods import get_method, method_names
 if TYPE_CHECKING:
     from kappatune.cli.select import SelectionFlags
     from kappatune.selection.budget import Budget
+    from kappatune.selection.core import Selection
     from kappatune.training.loop import LoraSettings, TrainConfig
     from kappatune.training.run_settings import RunSettings, SelectionSource
 
@@ -54,7 +55,7 @@ Multi-process (DDP, FSDP with fsdp_use_orig_params, DeepSpeed ZeRO-2/3):
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(
         sub,
         "train",
@@ -191,7 +192,7 @@ def _selection(
     if args.selection is not None:
         return Path(args.selection)
 
-    def make() -> Any:
+    def make() -> Selection:
         from kappatune.cli.select import load_analysis, selection_from_args
         from kappatune.training.models import analysis_source
 

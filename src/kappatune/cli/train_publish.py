@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kappatune.errors import KappaTuneError
 from kappatune.training.publish import SAVE_DTYPES
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_publish_flags(p: argparse.ArgumentParser) -> None:
@@ -42,7 +45,7 @@ def validate_publish(args: argparse.Namespace) -> None:
         raise KappaTuneError("--hub-private needs --push-to-hub REPO_ID")
 
 
-def push(target: Path, args: argparse.Namespace, console: Any) -> None:
+def push(target: Path, args: argparse.Namespace, console: Console) -> None:
     if args.push_to_hub is None:
         return
     from kappatune.training.publish import push_folder

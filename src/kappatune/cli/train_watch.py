@@ -12,13 +12,14 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.errors import KappaTuneError
 from kappatune.training.run_log import REPORTERS, LogLine, check_reporters, format_line
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from tqdm import tqdm
 
     from kappatune.training.data import TokenizedData
     from kappatune.training.loop import TrainResult
@@ -83,7 +84,7 @@ class Display:
         self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self.bar = self._bar(start) if self.terminal else None
 
-    def _bar(self, start: int) -> Any:
+    def _bar(self, start: int) -> tqdm:
         from tqdm import tqdm
 
         return tqdm(total=self.total, initial=start, unit="step", desc="training")

@@ -33,12 +33,19 @@ from kappatune.errors import KappaTuneError
 from kappatune.training.freezing import is_partitioned
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedTokenizerBase
+
+    from kappatune.selection.core import Selection
     from kappatune.training.loop import LoopState, TrainConfig
     from kappatune.training.methods import PreparedModel
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E")  # what goes over the wire: picklable
 _ERROR = "error"
 _VALUE = "value"
 CHECKPOINT_STATE = "accelerate"  # the save_state folder inside checkpoint/
@@ -62,7 +69,7 @@ def _asked_for(engine: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true", "yes")
 
 
-def engine_note(accelerator: Any) -> str | None:
+def engine_note(accelerator: Accelerator) -> str | None:
     """A line for the user when accelerate silently runs another engine than the one asked for."""
     kind = str(accelerator.distributed_type.value)
     if _asked_for("FSDP") and kind != "FSDP":
@@ -72,7 +79,7 @@ def engine_note(accelerator: Any) -> str | None:
     return None
 
 
-def make_accelerator(grad_accum: int, device: str = "auto") -> Any:
+def make_accelerator(grad_accum: int, device: str = "auto") -> Accelerator:
     """An Accelerator configured by the launch environment (``--device cpu``, or no CUDA,
     means gloo on CPU, also under plain torchrun). The scheduler steps once per optimizer
     step: the loop's schedule counts optimizer steps, whatever the world size."""
@@ -94,8 +101,8 @@ def make_accelerator(grad_accum: int, device: str = "auto") -> Any:
 
 def broadcast_from_main(
     compute: Callable[[], T],
-    encode: Callable[[T], Any],
-    decode: Callable[[Any], T],
+    encode: Callable[[T], E],
+    decode: Callable[[E], T],
 ) -> T:
     """``compute()`` on rank 0 only; every rank gets its (encoded, picklable) result.
 
@@ -118,14 +125,14 @@ def broadcast_from_main(
     return decode(message[_VALUE])
 
 
-def broadcast_selection(compute: Callable[[], Any]) -> Any:
+def broadcast_selection(compute: Callable[[], Selection | None]) -> Selection | None:
     """The Selection (or None) that rank 0 computes, on every rank (as Selection JSON)."""
     from kappatune.selection.core import Selection
 
-    def encode(sel: Any) -> Any:
+    def encode(sel: Selection | None) -> dict[str, Any] | None:
         return None if sel is None else sel.to_json()
 
-    def decode(d: Any) -> Any:
+    def decode(d: dict[str, Any] | None) -> Selection | None:
         return None if d is None else Selection.from_json(d)
 
     return broadcast_from_main(compute, encode, decode)
@@ -137,7 +144,7 @@ def _is_fsdp1_flat(model: nn.Module) -> bool:
     return any(isinstance(m, FSDP) and not m._use_orig_params for m in model.modules())
 
 
-def check_fsdp(plugin: Any, model: nn.Module) -> None:
+def check_fsdp(plugin: FullyShardedDataParallelPlugin | None, model: nn.Module) -> None:
     """Raise when FSDP would flatten frozen and trainable tensors into one parameter.
 
     ``plugin`` is accelerate's ``FullyShardedDataParallelPlugin`` (or None); ``model`` is
@@ -159,7 +166,7 @@ class AccelerateEngine:
 
     def __init__(
         self,
-        accelerator: Any,
+        accelerator: Accelerator,
         batch_size: int = 1,
         max_grad_norm: float | None = None,
         resume_from: Path | None = None,
@@ -180,7 +187,9 @@ class AccelerateEngine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler
+    ) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler]:
         check_fsdp(getattr(self.accelerator.state, "fsdp_plugin", None), model)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
@@ -221,7 +230,7 @@ class AccelerateEngine:
     def device_of(self, model: nn.Module) -> torch.device:
         return torch.device(self.accelerator.device)
 
-    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return self.accelerator.accumulate(model)  # type: ignore[no-any-return]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -276,7 +285,9 @@ class AccelerateEngine:
         self.resume_from, meta = point
         return meta
 
-    def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
+    def save_model(
+        self, target: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype | None = None
+    ) -> None:
         """Collective: gather the full state dict (FSDP, ZeRO-3); rank 0 writes ``target``
         (floating-point tensors cast to ``dtype`` when given)."""
         assert self.model is not None, "prepare() first"

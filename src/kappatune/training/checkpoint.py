@@ -52,7 +52,7 @@ class TensorSpec:
 # --------------------------------------------------------------------------- loop-state codec
 
 
-def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def encode_state(obj: object, tensors: dict[str, torch.Tensor]) -> Any:
     """``obj`` as tagged JSON; its tensors go into ``tensors`` (keys t0, t1, ...)."""
     if obj is None or isinstance(obj, bool | int | str):
         return obj
@@ -93,11 +93,11 @@ def decode_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     raise ValueError(f"unexpected value {str(obj)[:60]}")
 
 
-def _is_pair(p: Any) -> bool:
+def _is_pair(p: object) -> bool:
     return isinstance(p, list) and len(p) == 2
 
 
-def _key(k: Any) -> Any:
+def _key(k: object) -> str | int | float | None:
     if k is None or isinstance(k, bool | int | str | float):
         return k
     raise ValueError(f"unexpected dictionary key {str(k)[:60]}")
@@ -179,11 +179,14 @@ def verify_files(folder: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
-def _verify_file(folder: Path, name: Any, entry: Any) -> None:
-    ok = isinstance(name, str) and isinstance(entry, dict)
-    path = folder / str(name)
-    if not ok or Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
+def _verify_file(folder: Path, name: object, entry: object) -> None:
+    if (
+        not (isinstance(name, str) and isinstance(entry, dict))
+        or Path(name).is_absolute()
+        or ".." in Path(name).parts
+    ):
         raise CheckpointError(folder, f"lists an invalid file {str(name)[:80]!r} in {MANIFEST}")
+    path = folder / name
     if not path.is_file():
         raise CheckpointError(folder, f"is missing {name}")
     size = path.stat().st_size
@@ -272,7 +275,7 @@ def check_history(state: Mapping[str, Any]) -> None:
         raise ValueError("ema is not a number")
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -373,10 +376,10 @@ def _same_structure(got: Any, want: Any, where: str) -> None:
         raise ValueError(f"{where} is not a tensor like the run's")
 
 
-def _both_real(got: Any, want: Any) -> bool:
+def _both_real(got: object, want: object) -> bool:
     """An int where a float is expected (e.g. a learning rate written as 1)."""
     return isinstance(want, float) and isinstance(got, int) and not isinstance(got, bool)
 
 
-def _same_tensor_spec(got: Any, want: torch.Tensor) -> bool:
+def _same_tensor_spec(got: object, want: torch.Tensor) -> bool:
     return isinstance(got, torch.Tensor) and TensorSpec.of(got) == TensorSpec.of(want)

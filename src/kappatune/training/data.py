@@ -22,11 +22,14 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ class TokenizedData:
 # --------------------------------------------------------------------------- reading
 
 
-def _chat_example(messages: Any, where: str) -> ChatExample | None:
+def _chat_example(messages: object, where: str) -> ChatExample | None:
     """A ChatExample from a ``messages`` list; None when no assistant turn has text."""
     if not isinstance(messages, list):
         raise KappaTuneError(f"{where}: 'messages' must be a list, got {type(messages).__name__}")
@@ -179,7 +182,7 @@ def _chat_example(messages: Any, where: str) -> ChatExample | None:
     return ChatExample(tuple(turns))
 
 
-def _record_example(record: Any, where: str) -> AnyExample | None:
+def _record_example(record: object, where: str) -> AnyExample | None:
     """An example from one record; None for a record with nothing to learn (empty text)."""
     if not isinstance(record, Mapping):
         raise KappaTuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -202,7 +205,7 @@ def _record_example(record: Any, where: str) -> AnyExample | None:
     )
 
 
-def _examples_from_records(records: Iterable[tuple[str, Any]], label: str) -> list[AnyExample]:
+def _examples_from_records(records: Iterable[tuple[str, object]], label: str) -> list[AnyExample]:
     out: list[AnyExample] = []
     total = 0
     for where, record in records:
@@ -230,7 +233,7 @@ def _read_text(path: Path) -> str:
         raise KappaTuneError(f"cannot read data file {path}: {exc.strerror or exc}") from None
 
 
-def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, object]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -317,7 +320,7 @@ class SpecialTokens:
     pad: int
 
 
-def special_tokens(tokenizer: Any) -> SpecialTokens:
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
     """The prefix the tokenizer's ``add_special_tokens`` puts in front of a text (e.g. BOS)."""
     probe = "a"
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
@@ -334,19 +337,22 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     return SpecialTokens(prefix, None if eos is None else int(eos), int(pad))
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    text: str = tokenizer.apply_chat_template(
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool
+) -> str:
+    text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
+    assert isinstance(text, str)  # tokenize=False renders text
     bos = tokenizer.bos_token
     return text[len(bos) :] if bos and text.startswith(bos) else text  # the packer adds BOS
 
 
-def chat_segments(tokenizer: Any, ex: ChatExample) -> list[tuple[str, bool]]:
+def chat_segments(tokenizer: PreTrainedTokenizerBase, ex: ChatExample) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, labelled) pieces: each assistant turn, as the
     template writes it after the generation prompt (end-of-turn marker included), is labelled."""
     if not getattr(tokenizer, "chat_template", None):
@@ -376,7 +382,9 @@ def chat_segments(tokenizer: Any, ex: ChatExample) -> list[tuple[str, bool]]:
     return [(t, lab) for t, lab in segments if t]
 
 
-def _chat_tokens(tokenizer: Any, ex: ChatExample, eos: int | None) -> tuple[list[int], list[int]]:
+def _chat_tokens(
+    tokenizer: PreTrainedTokenizerBase, ex: ChatExample, eos: int | None
+) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
     for text, labelled in chat_segments(tokenizer, ex):
@@ -389,7 +397,9 @@ def _chat_tokens(tokenizer: Any, ex: ChatExample, eos: int | None) -> tuple[list
     return ids, labels
 
 
-def _example_tokens(tokenizer: Any, ex: AnyExample, eos: int | None) -> tuple[list[int], list[int]]:
+def _example_tokens(
+    tokenizer: PreTrainedTokenizerBase, ex: AnyExample, eos: int | None
+) -> tuple[list[int], list[int]]:
     if isinstance(ex, ChatExample):
         return _chat_tokens(tokenizer, ex, eos)
     prompt = _encode(tokenizer, ex.prompt)
@@ -415,7 +425,9 @@ def _rows_to_data(rows: list[tuple[list[int], list[int]]], seq_len: int, pad: in
 
 
 def tokenize(
-    tokenizer: Any, examples: Sequence[AnyExample], config: PackConfig | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[AnyExample],
+    config: PackConfig | None = None,
 ) -> TokenizedData:
     """Tokenize ``examples`` into fixed-length rows (packed unless ``config.pack`` is False)."""
     config = config or PackConfig()
@@ -470,13 +482,17 @@ def tokenize(
 
 
 def load_tokenized(
-    specs: Sequence[str | os.PathLike[str]], tokenizer: Any, config: PackConfig | None = None
+    specs: Sequence[str | os.PathLike[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    config: PackConfig | None = None,
 ) -> TokenizedData:
     """``tokenize(tokenizer, load_examples(specs), config)``."""
     return tokenize(tokenizer, load_examples(specs), config)
 
 
-def pack_texts(tokenizer: Any, texts: Sequence[str], seq_len: int) -> TokenizedData:
+def pack_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int
+) -> TokenizedData:
     """Plain texts packed into rows of ``seq_len`` tokens (all tokens but the prefix labelled)."""
     usable = [Example.text(t) for t in texts if t.strip()]
     if not usable:

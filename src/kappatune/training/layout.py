@@ -19,13 +19,16 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.core import Selection, SelectionEntry
 from kappatune.selection.policies import RowKey
+
+if TYPE_CHECKING:
+    from transformers.core_model_loading import WeightConverter, WeightTransform
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def match_param(name: str, params: Sequence[str], index: dict[str, list[str]]) -
 _LAYOUT_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 
-def _conversions(model: nn.Module) -> list[Any]:
+def _conversions(model: nn.Module) -> list[WeightTransform]:
     """The model's checkpoint -> model weight transforms (transformers >= 5), in load order."""
     try:
         from transformers import PreTrainedModel
@@ -94,7 +97,7 @@ def model_type_of(source: str | os.PathLike[str]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def conversions_for_type(model_type: str | None) -> list[Any]:
+def conversions_for_type(model_type: str | None) -> list[WeightTransform]:
     """The load-time transforms transformers applies to checkpoints of ``model_type``."""
     if not model_type:
         return []
@@ -109,7 +112,7 @@ def conversions_for_type(model_type: str | None) -> list[Any]:
     return copy.deepcopy(list(transforms or []))
 
 
-def _expert_of(key: str, transform: Any, pattern: str) -> tuple[int, int, int] | str:
+def _expert_of(key: str, transform: WeightConverter, pattern: str) -> tuple[int, int, int] | str:
     """(expert, source position, number of sources) of a key that a WeightConverter fuses."""
     ops = [(type(op).__name__, getattr(op, "dim", None)) for op in transform.operations]
     sources = len(transform.source_patterns)
@@ -126,7 +129,7 @@ def _expert_of(key: str, transform: Any, pattern: str) -> tuple[int, int, int] |
 Followed = tuple[str, tuple[int, int, int] | None]  # model-side name, (expert, position, sources)
 
 
-def follow(name: str, transforms: Sequence[Any]) -> Followed | str:
+def follow(name: str, transforms: Sequence[WeightTransform]) -> Followed | str:
     """Where transformers' load-time renamings and fusions take the checkpoint tensor ``name``.
 
     Returns the model-side name and, for a fused tensor, (expert, position among the fused
@@ -140,14 +143,14 @@ def follow(name: str, transforms: Sequence[Any]) -> Followed | str:
         if type(transform).__name__ != "WeightConverter":
             key = renamed
             continue
-        fused = _expert_of(key, transform, pattern)
+        fused = _expert_of(key, cast("WeightConverter", transform), pattern)
         return fused if isinstance(fused, str) else (renamed, fused)
     return key, None
 
 
 def _through_conversions(
     entry: SelectionEntry,
-    transforms: Sequence[Any],
+    transforms: Sequence[WeightTransform],
     params: Sequence[str],
     index: dict[str, list[str]],
     shapes: dict[str, tuple[int, ...]],
@@ -201,7 +204,7 @@ def locate_entries(model: nn.Module, entries: Iterable[SelectionEntry]) -> dict[
     params = [n for n, _ in named]
     shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in named}
     index = suffix_index(params)
-    transforms: list[Any] | None = None
+    transforms: list[WeightTransform] | None = None
     out: dict[RowKey, Part] = {}
     problems: list[tuple[str, str]] = []
     for entry in entries:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -40,6 +40,10 @@ from kappatune.training.config import (  # declared without torch, for the CLI's
 from kappatune.training.data import IGNORE_INDEX, Batch, TokenizedData
 from kappatune.training.freezing import param_numel
 from kappatune.training.methods import PreparedModel, TrainingMethod, decay_groups, get_method
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +197,13 @@ class Engine(Protocol):
         """True on the rank that writes files and talks (rank 0)."""
         ...
 
-    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]: ...
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler
+    ) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler]: ...
 
     def device_of(self, model: nn.Module) -> torch.device: ...
 
-    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[None]: ...
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -223,7 +229,9 @@ class Engine(Protocol):
         nothing unpickled); one that would change a frozen tensor is refused."""
         ...
 
-    def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
+    def save_model(
+        self, target: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype | None = None
+    ) -> None:
         """Save the trained model (a PEFT model: its adapter) and ``tokenizer`` to ``target``
         (replaced atomically), floating-point tensors cast to ``dtype`` when given."""
         ...
@@ -244,7 +252,9 @@ class LocalEngine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler
+    ) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler]:
         if self.device is not None:
             model.to(self.device)
         self.model = model
@@ -255,7 +265,7 @@ class LocalEngine:
             return torch.device(self.device)
         return next(model.parameters()).device
 
-    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -301,7 +311,9 @@ class LocalEngine:
                 params[name].copy_(t)
         return state
 
-    def save_model(self, target: Path, tokenizer: Any, dtype: torch.dtype | None = None) -> None:
+    def save_model(
+        self, target: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype | None = None
+    ) -> None:
         assert self.model is not None, "prepare() first"
         if dtype is not None:
             self.model.to(dtype)
@@ -384,9 +396,9 @@ def train_loop(
     groups = param_groups if param_groups is not None else decay_groups(model, config.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
     trainable_params = sum(param_numel(p) for p in trainable)  # before an engine shards them
-    optimizer = build_optimizer(groups, config)
+    optimizer: torch.optim.Optimizer = build_optimizer(groups, config)
     total = config.total_steps(len(data), engine.world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
+    scheduler: LRScheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
     model, optimizer, scheduler = engine.prepare(model, optimizer, scheduler)
     state = LoopState(optimizer, scheduler)
     if resume is not None:

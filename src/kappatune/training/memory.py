@@ -31,6 +31,8 @@ from torch import nn
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from kappatune.selection.core import Selection
     from kappatune.training.loop import LoraSettings
 
@@ -64,7 +66,7 @@ class MemoryEstimate:
         return self.weights + self.peak_above_weights
 
 
-def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's transformers config, read from its files only (no weights)."""
     from transformers import AutoConfig
 
@@ -85,7 +87,7 @@ def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> 
         raise KappaTuneError(f"cannot read the config of {os.fspath(spec)!r}: {first}") from None
 
 
-def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+def meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of ``config`` with every tensor on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
@@ -127,8 +129,8 @@ def estimate(
     method: str,
     batch: int,
     seq_len: int,
-    selection: Any = None,
-    lora: Any = None,
+    selection: Selection | None = None,
+    lora: LoraSettings | None = None,
 ) -> MemoryEstimate:
     """Memory of ``method`` on a fresh meta model from ``build`` (see the module text)."""
     from kappatune.training.loop import prepare_model
@@ -156,7 +158,7 @@ METHOD_ORDER = ("full", "selective", "lora", "kappa-lora")  # the order a table 
 
 
 def method_estimates(
-    config: Any,
+    config: PretrainedConfig,
     batch: int,
     seq_len: int,
     selection: Selection | None,

@@ -20,13 +20,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kappatune.analysis.cache import default_cache_dir
 from kappatune.analysis.sources import BUILTIN_MODELS, builtin_path, hub_snapshot
 from kappatune.errors import KappaTuneError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,7 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def _load_from(
     where: str | Path, dtype: torch.dtype, trust_remote_code: bool, label: str
-) -> tuple[Any, Any]:
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
@@ -200,7 +204,7 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
-) -> tuple[Any, Any]:
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a built-in name, a .gguf file, a local directory or a cached hub id.
 
     Hub ids are resolved offline (``local_files_only``); remote code runs only when
@@ -273,7 +277,7 @@ _CONTEXT_KEYS = (
 _NO_LIMIT = 10**9  # above this a tokenizer's model_max_length is transformers' "no limit" marker
 
 
-def context_length(model: Any, tokenizer: Any) -> tuple[int, str] | None:
+def context_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str] | None:
     """(tokens, where it comes from): the model config's position limit, or the tokenizer's
     ``model_max_length`` when that is real and smaller; None when neither says."""
     config = getattr(model, "config", None)
@@ -291,7 +295,7 @@ def context_length(model: Any, tokenizer: Any) -> tuple[int, str] | None:
     return min(found) if found else None
 
 
-def check_seq_len(seq_len: int, model: Any, tokenizer: Any) -> None:
+def check_seq_len(seq_len: int, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
     """Raise when rows of ``seq_len`` tokens do not fit the model's context."""
     limit = context_length(model, tokenizer)
     if limit is not None and seq_len > limit[0]:

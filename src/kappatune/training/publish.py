@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
     import torch
+    from huggingface_hub import HfApi
+    from torch import nn
 
 _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
@@ -21,7 +23,12 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def push_folder(
-    folder: Path, repo_id: str, *, private: bool = False, message: str = "", api: Any = None
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    message: str = "",
+    api: HfApi | None = None,
 ) -> str:
     """Create ``repo_id`` (a model repository; kept if it exists) and upload ``folder``.
 
@@ -65,9 +72,12 @@ def output_dtype(adapter: bool, model_spec: str, save_dtype: str) -> torch.dtype
     return parse_dtype(save_dtype)
 
 
-def name_base_model(model: Any, model_spec: str) -> None:
+def name_base_model(model: nn.Module, model_spec: str) -> None:
     """Name the base model of a PEFT model's adapters portably (never a cache path)."""
+    from peft import PeftModel
+
     from kappatune.training.models import portable_name
 
+    assert isinstance(model, PeftModel), "an adapter method trains a PEFT model"
     for config in model.peft_config.values():
         config.base_model_name_or_path = portable_name(model_spec)

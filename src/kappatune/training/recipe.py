@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kappatune.errors import KappaTuneError
 from kappatune.selection.core import Selection
@@ -34,6 +34,7 @@ from kappatune.training.run_settings import RunSettings
 
 if TYPE_CHECKING:
     from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
     from kappatune.training.data import TokenizedData
     from kappatune.training.loop import Engine, TrainResult
@@ -148,7 +149,7 @@ class _Inputs:
     eval_data: TokenizedData | None
     selection: Selection | None
     model: nn.Module
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
 
 
 def _load(settings: RunSettings, engine: Engine, events: RunReporter) -> _Inputs:
@@ -172,9 +173,9 @@ def _load(settings: RunSettings, engine: Engine, events: RunReporter) -> _Inputs
     return _Inputs(data, eval_data, selection, model, tokenizer)
 
 
-def _status(value: Any) -> RunStatus:
+def _status(value: str) -> RunStatus:
     assert value in ("new", "resume", "done")
-    return value  # type: ignore[no-any-return]
+    return cast("RunStatus", value)
 
 
 def _selection(settings: RunSettings) -> Selection | None:
@@ -237,7 +238,7 @@ class _Session:
     engine: Engine
     events: RunReporter
     prepared: PreparedModel
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     data: TokenizedData
     eval_data: TokenizedData | None
     selection: Selection | None
