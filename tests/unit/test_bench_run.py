@@ -272,7 +272,7 @@ def test_stored_cpu_benchmark_runs_keep_their_keys() -> None:
     )
     runs = sorted((root / "runs" / "code").glob("*-seed*.json"))
     base = json.loads((root / "runs" / "code" / "base.json").read_text())["config_hash"]
-    assert len(runs) == 12
+    assert len(runs) == 36  # 4 arms x 3 learning rates x 3 seeds
     for path in runs:
         r = RunResult.from_json(json.loads(path.read_text()))
         key = run_key(base, settings.arm(r.arm, r.lr), r.lr, r.seed, settings)
