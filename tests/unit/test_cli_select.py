@@ -436,3 +436,38 @@ def test_select_kappa_max_inf_keeps_every_finite_kappa(
     sel = Selection.load(out_file)
     assert sel.budget is not None and sel.budget.kappa_max == float("inf")
     assert sel.entry_count == 9  # every row of the analysis, the kappa = inf one too
+
+
+@pytest.mark.parametrize(
+    ("policy", "extra", "message"),
+    [
+        ("self-fisher", [], "has no config.json: not a Hugging Face model directory"),
+        ("interference", ["--fisher-data", "x.txt"], "has no config.json"),
+        ("fisher", ["--fisher-data", "x.txt"], "has no config.json"),
+    ],
+)
+def test_a_scoring_policy_refuses_an_unloadable_model_before_analysing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    policy: str,
+    extra: list[str],
+    message: str,
+) -> None:
+    from kappatune.analysis import spectra
+
+    model = save_tiny_model(tmp_path / "model")
+    (model / "config.json").unlink()  # weights alone: analysable, but not a loadable causal LM
+    (tmp_path / "x.txt").write_text("some task text\n" * 20, encoding="utf-8")
+
+    def no_analysis(*args: object, **kwargs: object) -> None:
+        raise AssertionError("analysed before refusing")
+
+    monkeypatch.setattr(spectra, "analyze", no_analysis)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sel.json"
+    capsys.readouterr()  # the model's own save messages
+    assert main(["select", str(model), "--policy", policy, *extra, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()

@@ -268,6 +268,17 @@ def _fisher_scores(
     )
 
 
+def check_scoring_model(args: argparse.Namespace, flags: SelectionFlags) -> None:
+    """Refuse, before any analysis, a source that cannot be loaded as the causal LM a policy's
+    scores need (self-Fisher samples from it; task Fisher runs it on --fisher-data)."""
+    from kappatune.training.models import resolve_model
+
+    spec = policy_spec(flags.policy)
+    computes = flags.self_fisher is not None or (spec.task_fisher and not args.fisher_scores)
+    if computes and not args.source.endswith(".json"):
+        resolve_model(args.source)  # reads no weights
+
+
 def selection_from_args(
     args: argparse.Namespace,
     analysis: Analysis,
@@ -359,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
 
     flags = validate_selection_args(args)
     check_output(args.output, args.format)
+    check_scoring_model(args, flags)
     analysis = load_analysis(args.source, policy=args.policy)
     model_spec = None if args.source.endswith(".json") else args.source
     selection = selection_from_args(args, analysis, model_spec=model_spec, flags=flags)
