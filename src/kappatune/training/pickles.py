@@ -13,6 +13,7 @@ pickle naming any other callable, or one the walk cannot follow, is refused.
 from __future__ import annotations
 
 import pickletools
+import zipfile
 from collections.abc import Generator, Iterator
 from functools import cache
 from pathlib import Path
@@ -160,9 +161,13 @@ def _pickles_of(path: Path) -> Iterator[tuple[str, bytes]]:
     with path.open("rb") as fh:
         head = fh.read(4)
     if head == b"PK\x03\x04":
-        # torch.load reads archives with its own reader, not Python's zipfile (the two disagree
-        # on some files): scan exactly the records torch would unpickle
-        records = _torch_records(path)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                records = {m: zf.read(m) for m in zf.namelist() if m.endswith(".pkl")}
+        except zipfile.BadZipFile:
+            # torch.load reads archives with its own reader, which accepts some files that
+            # Python's zipfile rejects: scan exactly the records torch would unpickle
+            records = _torch_records(path)
         for member in sorted(records):
             yield f"{path}:{member}", records[member]
     elif not path.name.endswith(_SKIP_SUFFIXES):  # torch.load unpickles any other file
@@ -198,7 +203,7 @@ def check_folder(folder: Path) -> int:
                         f"{where} would call {', '.join(bad[:3])} when loaded; it is not"
                         " loaded (remove the checkpoint to restart)"
                     )
-        except (ValueError, OSError) as exc:
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
             if isinstance(exc, KappaTuneError):
                 raise
             raise UnsafePickle(
