@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -97,6 +97,34 @@ def make_accelerator(grad_accum: int, device: str = "auto") -> Accelerator:
         raise KappaTuneError(
             f"accelerate cannot start this launch configuration: {first}"
         ) from None
+
+
+@contextlib.contextmanager
+def process_index_of(rank: int) -> Iterator[None]:
+    """Within the block, accelerate's state names this process by the process group's ``rank``.
+
+    Under DeepSpeed on CPU, accelerate never learns the process group that DeepSpeed set up:
+    every rank reports process index 0. ``save_state`` then has all ranks write the same
+    ``random_states_0.pkl`` (and the main-process files) at once, which interleaves into a
+    corrupt archive, and ``load_state`` gives every rank rank 0's RNG state. Only the index
+    is corrected (the counts that size batches stay as accelerate set them), and restored.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    states = [s for s in (PartialState._shared_state, AcceleratorState._shared_state) if s]
+    if not states or all(s.get("process_index") == rank for s in states):
+        yield
+        return
+    keys = ("process_index", "local_process_index")
+    saved = [{k: s.get(k) for k in keys} for s in states]
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    try:
+        for s in states:
+            s.update(process_index=rank, local_process_index=local)
+        yield
+    finally:
+        for s, old in zip(states, saved, strict=True):
+            s.update(old)
 
 
 def broadcast_from_main(
@@ -198,7 +226,8 @@ class AccelerateEngine:
         self.model = model
         if self.resume_from is not None:
             before = frozen_digests(model)
-            self.accelerator.load_state(str(self.resume_from))
+            with process_index_of(self.rank):
+                self.accelerator.load_state(str(self.resume_from))
             changed = sorted(n for n, d in frozen_digests(model).items() if before.get(n) != d)
             if changed:
                 raise KappaTuneError(
@@ -261,7 +290,8 @@ class AccelerateEngine:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.wait()
-        self.accelerator.save_state(str(tmp / CHECKPOINT_STATE))
+        with process_index_of(self.rank):
+            self.accelerator.save_state(str(tmp / CHECKPOINT_STATE))
         self.wait()
         if self.is_main:
             from kappatune.jsonio import atomic_write_json
