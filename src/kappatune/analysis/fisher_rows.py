@@ -51,11 +51,11 @@ def embedding_rows(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int)
     w = weight.detach().requires_grad_(True)
     sparse = getattr(module, "sparse", False)
     try:
-        module.sparse = True
+        setattr(module, "sparse", True)  # noqa: B010 (nn.Module's __setattr__ is typed for tensors)
         with torch.enable_grad():
             out = torch.func.functional_call(module, {attr: w}, args, kwargs)
     finally:
-        module.sparse = sparse
+        setattr(module, "sparse", sparse)  # noqa: B010
     (g,) = torch.autograd.grad(out, w, grad_outputs=call.grad[b : b + 1].detach())
     if g.is_sparse:
         g = g.coalesce()
