@@ -7,8 +7,12 @@ what the pass already computes:
 
 * ``nn.Linear`` weights: ``g_s = sum_t d_t a_t^T``, the output gradients ``d`` times the
   inputs ``a`` of example s's positions (summed over the positions, then squared);
-* ``nn.Embedding`` (and subclasses) and transformers' ``Conv1D`` weights: the module's own
-  vector-Jacobian product for example s's output gradient (``torch.func.vjp``);
+* transformers' ``Conv1D`` weights: the module's own vector-Jacobian product for example s's
+  output gradient (``torch.func.vjp``);
+* weights used by an ``nn.Embedding`` (and subclasses) or by the last linear call of the
+  forward (the output head), tied or not: :mod:`kappatune.analysis.fisher_rows` (the embedding's
+  rows from its own sparse backward; the head's squared gradient computed once for all label
+  sets except on the rows where their output gradients differ);
 * a weight used by several such modules (tied input and output embeddings) sums the
   contributions of every use before squaring.
 
