@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 4  # 1.95x the one-example loop on Gemma 3 270M, CPU (fisher_speed.md)
+DEFAULT_BATCH = 4  # sequences per pass; speed against the loop: benchmarks/results/fisher_speed.md
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once, per weight
 
 
