@@ -7,7 +7,14 @@ for both kinds (true and empirical, one forward shared) over the same tokens and
 * ``loop``: ``batch_size=1``, one forward and one backward pass per sequence and kind (the
   estimator before the batched one);
 * ``batched``: ``batch_size=B`` sequences per pass, per-example gradients rebuilt from each
-  linear layer's inputs and output gradients (and the tied embedding's own product).
+  linear layer's inputs and output gradients; the tied embedding and output head through
+  :mod:`kappatune.analysis.fisher_rows` (embedding rows from a sparse backward, the head's
+  squared gradient shared between label sets except on the rows where they differ).
+
+With ``--profile N`` the batched route runs once more under ``torch.profiler`` (after the timed
+runs, so it does not slow them) and the N operators with the most CPU time are written too.
+The machine's load average is recorded at the start and the end: on a shared machine the
+absolute seconds move with the load; the ratio of the two routes in the same run is the figure.
 
 It checks that both give the same diagonals (largest relative difference per tensor) and
 writes ``fisher_speed.{json,md}`` into ``benchmarks/results``. Usage::
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -60,6 +68,29 @@ def _worst_rel(
     return worst
 
 
+def _profile(fn: Any, top: int) -> list[dict[str, Any]]:
+    """The ``top`` operators by self CPU time of one call of ``fn``: name, seconds, share, calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: (-e.self_cpu_time_total, e.key))
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "seconds": e.self_cpu_time_total / 1e6,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in events[:top]
+    ]
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="sequences per batched pass (default: 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile the batched route: top N ops"
+    )
     args = p.parse_args(argv)
+    load_start = _load()
 
     from kappatune.analysis.fisher import FisherOptions, fisher_diagonals, load_model_and_examples
 
@@ -90,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             {"method": method, "batch_size": batch, "seconds": secs, "examples": diag.examples}
         )
         print(f"{method}: {secs:.1f} s", flush=True)
+    load_end = _load()
+    profile = (
+        _profile(
+            lambda: fisher_diagonals(model, examples, opts, batch_size=args.batch), args.profile
+        )
+        if args.profile
+        else []
+    )
     loop_s = rows[1]["seconds"]
     for r in rows:
         r["speedup"] = loop_s / r["seconds"]
@@ -107,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "max_rel_difference": worst,
+        "load_average_start": load_start,
+        "load_average_end": load_end,
         "rows": rows,
+        "profile_batched": profile,
     }
     lines = [
         f"# Fisher speed: {MODEL}, batched per-example gradients against one pass per sequence",
@@ -127,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
         f"Largest difference between the two diagonals, relative to each tensor's largest entry: {worst:.1e}.",
+        "",
+        f"Load average (1, 5, 15 min) at the start: {load_start}; at the end: {load_end}"
+        f" ({torch.get_num_threads()} threads; the machine was shared, so the seconds are slow"
+        " and the ratio is the figure).",
+        *_profile_lines(profile),
     ]
     md = "\n".join(lines) + "\n"
     print(md)
@@ -134,6 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.out_dir / "fisher_speed.md", md)
     atomic_write_text(args.out_dir / "fisher_speed.json", json.dumps(info, indent=2) + "\n")
     return 0
+
+
+def _profile_lines(profile: list[dict[str, Any]]) -> list[str]:
+    if not profile:
+        return []
+    return [
+        "",
+        f"Where the batched route spends its time (torch.profiler, top {len(profile)} operators"
+        " by self CPU time, one more batched run):",
+        "",
+        "| operator | seconds | share | calls |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {r['op']} | {r['seconds']:.1f} | {100 * r['share']:.1f}% | {r['calls']} |"
+            for r in profile
+        ),
+    ]
 
 
 if __name__ == "__main__":

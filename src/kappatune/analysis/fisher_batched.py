@@ -7,8 +7,12 @@ what the pass already computes:
 
 * ``nn.Linear`` weights: ``g_s = sum_t d_t a_t^T``, the output gradients ``d`` times the
   inputs ``a`` of example s's positions (summed over the positions, then squared);
-* ``nn.Embedding`` (and subclasses) and transformers' ``Conv1D`` weights: the module's own
-  vector-Jacobian product for example s's output gradient (``torch.func.vjp``);
+* transformers' ``Conv1D`` weights: the module's own vector-Jacobian product for example s's
+  output gradient (``torch.func.vjp``);
+* weights used by an ``nn.Embedding`` (and subclasses) or by the last linear call of the
+  forward (the output head), tied or not: :mod:`kappatune.analysis.fisher_rows` (the embedding's
+  rows from its own sparse backward; the head's squared gradient computed once for all label
+  sets except on the rows where their output gradients differ);
 * a weight used by several such modules (tied input and output embeddings) sums the
   contributions of every use before squaring.
 
@@ -31,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from kappatune.analysis.fisher_rows import RowSharedWeight, is_embedding, kind_weights
+
 if TYPE_CHECKING:
     from kappatune.analysis.fisher import (
         BatchedObjective,
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 4  # 1.95x the one-example loop on Gemma 3 270M, CPU (fisher_speed.md)
+DEFAULT_BATCH = 4  # sequences per pass; speed against the loop: benchmarks/results/fisher_speed.md
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once, per weight
 
 
@@ -104,6 +110,7 @@ class _Capture:
     calls: dict[int, list[_Call]] = field(default_factory=dict)  # id(module) -> calls
     leaves: list[torch.Tensor] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
+    order: list[_Call] = field(default_factory=list)  # every call, in forward order
 
     def hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object
@@ -119,9 +126,9 @@ class _Capture:
             replaced = output.detach().requires_grad_(True)
             self.leaves.append(replaced)
             output = replaced
-        self.calls.setdefault(id(module), []).append(
-            _Call(module, tuple(args), dict(kwargs), output)
-        )
+        call = _Call(module, tuple(args), dict(kwargs), output)
+        self.calls.setdefault(id(module), []).append(call)
+        self.order.append(call)
         return replaced
 
 
@@ -228,6 +235,8 @@ class _Job:
     objective: BatchedObjective
     options: FisherOptions
     accs: Mapping[str, Mapping[str, torch.Tensor]]  # kind -> name -> accumulator
+    commons: dict[str, torch.Tensor] = field(default_factory=dict)  # rows all label sets share
+    kind_weights: dict[str, float] = field(default_factory=dict)  # what they count for per kind
 
 
 def _passes(
@@ -293,6 +302,25 @@ def _backward(
     return list(grads[len(calls) :])
 
 
+def _row_shared(job: _Job, capture: _Capture, n: int) -> dict[str, RowSharedWeight]:
+    """The weights whose squared gradients :mod:`kappatune.analysis.fisher_rows` shares between
+    label sets: those used by an embedding or by the last linear call (the output head)."""
+    last = capture.order[-1].module if capture.order else None
+    out = {}
+    for name, mods in job.owned.items():
+        if not all(is_embedding(m) or _is_linear(m) for m, _ in mods):
+            continue
+        if not any(is_embedding(m) or m is last for m, _ in mods):
+            continue
+        calls = [(c, a) for m, a in mods for c in capture.calls.get(id(m), [])]
+        calls = [(c, a) for c, a in calls if c.grad is not None]
+        linears = [c for c, _ in calls if _is_linear(c.module)]
+        embeddings = [(c, a) for c, a in calls if is_embedding(c.module)]
+        if linears or embeddings:
+            out[name] = RowSharedWeight(job.named[name], linears, embeddings, n)
+    return out
+
+
 def _check(job: _Job, first: tuple[Example, int]) -> None:
     """On the first example alone, with its data labels: the rebuilt gradient of each weight
     must equal autograd's (a weight also used outside its module's forward would differ)."""
@@ -303,10 +331,17 @@ def _check(job: _Job, first: tuple[Example, int]) -> None:
     loss = torch.where(valid, picked, picked.new_zeros(())).sum()
     names = list(job.owned)
     grads = _backward(capture, loss, [job.named[n] for n in names], retain=False)
+    shared = _row_shared(job, capture, 1)
+    for rows in shared.values():
+        rows.add_pass()
     wrong = []
     for name, want in zip(names, grads, strict=True):
-        got = list(per_example_grads(job.owned[name], capture.calls, job.named[name], 1))
-        if not _agrees(got[0][0] if got else None, want):
+        if name in shared:
+            got: torch.Tensor | None = shared[name].full_grad(0)
+        else:
+            chunks = list(per_example_grads(job.owned[name], capture.calls, job.named[name], 1))
+            got = chunks[0][0] if chunks else None
+        if not _agrees(got, want):
             wrong.append(name)
     if wrong:
         raise Unbatchable(wrong)
@@ -315,15 +350,34 @@ def _check(job: _Job, first: tuple[Example, int]) -> None:
 def _run_batch(job: _Job, batch: Plan, generator: torch.Generator) -> None:
     capture, logits, labels = _forward(job, batch, grad=False)
     passes = _passes(logits, labels, job, generator)
+    shared: dict[str, RowSharedWeight] = {}
     for i, (kind, loss, weight) in enumerate(passes):
         _backward(capture, loss, (), retain=i < len(passes) - 1)
+        if i == 0:
+            shared = _row_shared(job, capture, len(batch))
         for name in job.owned:
+            if name in shared:
+                shared[name].add_pass()
+                continue
             acc = job.accs[kind][name]
             for chunk in per_example_grads(
                 job.owned[name], capture.calls, job.named[name], len(batch)
             ):
                 for g in chunk:
                     acc.addcmul_(g, g, value=weight)
+    for name, rows in shared.items():
+        if name not in job.commons:
+            job.commons[name] = torch.zeros_like(job.accs[passes[0][0]][name])
+        rows.accumulate(job.commons[name], [(job.accs[k][name], w) for k, _, w in passes])
+    job.kind_weights.update(kind_weights(passes))
+
+
+def _flush(job: _Job) -> None:
+    """Add the rows every label set shared to each kind, with the kind's total weight."""
+    for name, common in job.commons.items():
+        for kind, weight in job.kind_weights.items():
+            job.accs[kind][name].add_(common, alpha=weight)
+    job.commons.clear()
 
 
 def _agrees(summed: torch.Tensor | None, batch_grad: torch.Tensor | None) -> bool:
@@ -331,8 +385,9 @@ def _agrees(summed: torch.Tensor | None, batch_grad: torch.Tensor | None) -> boo
         return (summed is None or not bool(summed.any())) and (
             batch_grad is None or not bool(batch_grad.any())
         )
-    scale = float(batch_grad.double().norm()) + float(summed.double().norm())
-    return float((summed.double() - batch_grad.double()).norm()) <= 1e-4 * scale + 1e-30
+    norm = torch.linalg.vector_norm
+    scale = float(norm(batch_grad)) + float(norm(summed))
+    return float(norm(summed - batch_grad)) <= 1e-4 * scale + 1e-30
 
 
 def run_batched(
@@ -353,6 +408,7 @@ def run_batched(
         try:
             _check(job, plan[0])
             _run_all(job, plan, batch_size, progress)
+            _flush(job)
             break
         except Unbatchable as exc:
             log.info("per-example gradients by the loop for %d tensors: %s", len(exc.names), exc)
