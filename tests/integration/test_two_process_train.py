@@ -134,7 +134,9 @@ def check_resume_is_exact(
         "manifest.json",
     ]
     # one RNG file per rank (accelerate on DeepSpeed-on-CPU would name both "0" and collide)
-    assert sorted(p.name for p in (resumed / "checkpoint" / "accelerate").glob("random_states_*")) == [
+    assert sorted(
+        p.name for p in (resumed / "checkpoint" / "accelerate").glob("random_states_*")
+    ) == [
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
