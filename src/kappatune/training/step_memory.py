@@ -20,6 +20,7 @@ Memory allocators round sizes up and keep freed blocks; that is not modelled.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -164,41 +165,56 @@ def simulate_steps(
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
     optimizer = torch.optim.AdamW(groups, lr=1e-5, foreach=foreach)
     trainable = [p for g in groups for p in g["params"]]
-    mode = LiveBytes(_own_tensors(model))
+    ids = torch.zeros((batch, seq_len), dtype=torch.long, device=next(model.parameters()).device)
+    mode = LiveBytes(itertools.chain(_own_tensors(model), [ids]))  # the batch is not counted
     handles = [
         p.register_post_accumulate_grad_hook(lambda p: mode.tag(p.grad, "gradients"))
         for p in trainable
     ]
-    device = next(model.parameters()).device
-    ids = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
     model.train()
+    attention = FusedAttention() if fused_attention else contextlib.nullcontext()
     try:
-        attention = FusedAttention() if fused_attention else contextlib.nullcontext()
         with _quiet(), mode, attention, _saved_as_activations(mode):
-            out = None
+            held: list[Any] = []  # the loop's ``out``: a step's output lives until the next forward ends
             for step in range(2):
                 if step == 1:
                     mode.reset_peak()
-                mode.phase = "forward"
-                out = model(input_ids=ids, labels=ids)  # packed rows: no padding mask
-                saved = mode.by_category["activations"]
-                mode.phase = "backward"
-                out.loss.backward()
-                mode.phase = "optimizer step"
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-                optimizer.step()
-                for state in optimizer.state.values():
-                    for v in state.values():
-                        if isinstance(v, torch.Tensor):
-                            mode.tag(v, "optimizer")
-                optimizer.zero_grad(set_to_none=True)
-            del out  # the loop holds the last output (its logits) through the next step
+                saved = _step(model, ids, optimizer, trainable, max_grad_norm, mode, held)
+            held.clear()
     finally:
         for h in handles:
             h.remove()
     assert mode.peak is not None
     return SimulatedSteps(mode.peak, saved)
+
+
+def _step(
+    model: nn.Module,
+    ids: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[torch.Tensor],
+    max_grad_norm: float | None,
+    mode: LiveBytes,
+    held: list[Any],
+) -> int:
+    """One step as train_loop takes it (its output replaces ``held``'s); returns the bytes its
+    forward pass saved for backward."""
+    mode.phase = "forward"
+    held[:] = [model(input_ids=ids, labels=ids)]  # packed rows: no padding mask
+    out = held[0]
+    saved = mode.by_category["activations"]
+    mode.phase = "backward"
+    out.loss.backward()
+    mode.phase = "optimizer step"
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                mode.tag(v, "optimizer")
+    optimizer.zero_grad(set_to_none=True)
+    return saved
 
 
 def _own_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
