@@ -32,7 +32,12 @@ def test_live_bytes_counts_each_storage_once_while_it_lives() -> None:
         mode.tag(b, "gradients")
         del a
         c = torch.empty(100, device="meta")  # 400
-    assert mode.by_category == {"gradients": 80, "optimizer": 0, "activations": 0, "temporaries": 400}
+    assert mode.by_category == {
+        "gradients": 80,
+        "optimizer": 0,
+        "activations": 0,
+        "temporaries": 400,
+    }
     assert mode.peak == StepPeak(gradients=80, optimizer=0, activations=0, temporaries=400,
                                  phase="forward")  # fmt: skip
     del b, c

@@ -157,10 +157,10 @@ def method_estimates(
         lora = lora_for(model_params) if method.lora else None
         sel = selection if method.needs_selection else None
         build = functools.partial(meta_model, config)
-        out.append(
-            estimate(build, name, batch, seq_len, sel, lora, foreach=foreach,
-                     max_grad_norm=max_grad_norm, runtime=runtime)  # fmt: skip
+        step = functools.partial(
+            estimate, foreach=foreach, max_grad_norm=max_grad_norm, runtime=runtime
         )
+        out.append(step(build, name, batch, seq_len, sel, lora))
     return out
 
 

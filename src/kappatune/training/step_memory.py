@@ -20,6 +20,7 @@ Memory allocators round sizes up and keep freed blocks; that is not modelled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import warnings
 import weakref
@@ -75,9 +76,7 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak, self._peak_bytes = None, -1
 
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor):
             self._add(out.untyped_storage())
@@ -94,13 +93,13 @@ class LiveBytes(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._live[key] = (nbytes, "temporaries")
         self.by_category["temporaries"] += nbytes
-        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        self._refs[key] = weakref.ref(storage, functools.partial(self._free, key))
         self._total += nbytes
         if self._total > self._peak_bytes:
             self._peak_bytes = self._total
             self.peak = StepPeak(**self.by_category, phase=self.phase)
 
-    def _free(self, key: int) -> None:
+    def _free(self, key: int, _: object = None) -> None:
         del self._refs[key]
         nbytes, category = self._live.pop(key)
         self.by_category[category] -= nbytes
@@ -175,7 +174,9 @@ def simulate_steps(
     attention = FusedAttention() if fused_attention else contextlib.nullcontext()
     try:
         with _quiet(), mode, attention, _saved_as_activations(mode):
-            held: list[Any] = []  # the loop's ``out``: a step's output lives until the next forward ends
+            held: list[
+                Any
+            ] = []  # the loop's ``out``: a step's output lives until the next forward ends
             for step in range(2):
                 if step == 1:
                     mode.reset_peak()
