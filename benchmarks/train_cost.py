@@ -14,7 +14,8 @@ Peak memory is the kernel's high-water mark of resident memory (``VmHWM``), rese
 ``/proc/self/clear_refs`` after the model is loaded and every weight paged in (transformers
 memory-maps safetensors), so "training peak" covers the training steps with the weights
 resident, loading transients excluded; "above weights" is that peak minus the resident size
-before training (gradients, optimizer state, activations, logits). ``ru_maxrss`` of the whole
+before training (gradients, optimizer state, activations, logits); "runtime" is the resident
+size before training minus the model's parameters and buffers. ``ru_maxrss`` of the whole
 child is reported in the JSON too. Optimizer state is counted from the optimizer's tensors.
 
     nice -n 10 python benchmarks/train_cost.py [--batch 2] [--seq-len 64] [--steps 3]
@@ -133,6 +134,8 @@ def child(arm: str, args: argparse.Namespace, out: Path) -> None:
     prepared, budget = _prepare(arm, model, args)
     _touch(prepared.model)
     rss_loaded = _status_kb("VmRSS")
+    own = [*prepared.model.parameters(), *prepared.model.buffers()]
+    weights_mb = sum(t.numel() * t.element_size() for t in own) / 2**20
     reset = _reset_peak()
     seen: dict[str, Any] = {}
 
@@ -156,6 +159,8 @@ def child(arm: str, args: argparse.Namespace, out: Path) -> None:
         "first_step_s": result.step_times[0],
         "losses": list(result.losses),
         "rss_after_load_mb": rss_loaded / 1024,
+        "weights_mb": weights_mb,  # parameters and buffers
+        "runtime_mb": rss_loaded / 1024 - weights_mb,  # the process besides the model
         "training_peak_rss_mb": _status_kb("VmHWM") / 1024 if reset else None,
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "optimizer_state_mb": seen.get("optimizer_bytes", 0) / 2**20,

@@ -2,14 +2,18 @@
 
 The measured figures are those of benchmarks/train_cost.py (results/train_cost.json): the
 training peak RSS above the resident size before training (gradients, optimizer state,
-activations, transients). The prediction is kappatune.training.memory's, for the same four arms with
-the same batch, sequence length, LoRA rank and budget, from the config alone (meta device).
+activations, transients), and the training peak RSS itself. The prediction is
+kappatune.training.memory's (what ``train --dry-run --device cpu`` prints), for the same four
+arms with the same batch, sequence length, LoRA rank and budget, from the config alone (two
+training steps simulated on the meta device); its runtime term is this process's resident
+size with torch, transformers, PEFT and the tokenizer loaded, measured first.
 
     python benchmarks/train_memory_check.py
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -18,6 +22,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
+
+
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
 
 
 def main() -> int:
@@ -30,6 +38,7 @@ def main() -> int:
 
     measured = json.loads((RESULTS / "train_cost.json").read_text())
     model, batch, seq = measured["model"], measured["batch"], measured["seq_len"]
+    runtime = memory.runtime_bytes(model)  # before anything else grows the process
     config = memory.config_of(model)
     analysis = analyze(analysis_source(model), AnalyzeOptions(kappa_only=True))
     layers = SelectOptions(include=r"\.layers\.")
@@ -44,7 +53,8 @@ def main() -> int:
         elif name == "kappa-lora":
             sel = select(analysis, "lowest-kappa", Budget(fraction=0.2), layers)
             lora = LoraSettings(r=None, budget_params=budget)
-        est = memory.estimate(lambda: memory.meta_model(config), name, batch, seq, sel, lora)
+        build = functools.partial(memory.meta_model, config)
+        est = memory.estimate(build, name, batch, seq, sel, lora, runtime=runtime)
         above = arm["training_peak_rss_mb"] - arm["rss_after_load_mb"]
         rows.append(
             {
@@ -54,6 +64,9 @@ def main() -> int:
                 "predicted_above_weights_mb": est.peak_above_weights / MB,
                 "measured_above_weights_mb": above,
                 "error_above_weights": est.peak_above_weights / MB / above - 1,
+                "predicted_peak_phase": est.peak.phase,
+                "predicted_runtime_mb": runtime / MB,
+                "measured_runtime_mb": arm.get("runtime_mb"),
                 "predicted_optimizer_mb": est.optimizer / MB,
                 "measured_optimizer_mb": arm["optimizer_state_mb"],
                 "predicted_weights_plus_peak_mb": est.total / MB,
@@ -68,19 +81,22 @@ def main() -> int:
         f"Command: `{command}` ({datetime.now(timezone.utc).isoformat(timespec='seconds')});"
         " measured: results/train_cost.md",
         "",
-        "Above weights: training peak RSS minus the resident size before training. Total: the"
-        " prediction (weights + peak above weights) against the measured training peak RSS,"
-        " which also holds the process runtime (Python, torch, tokenizer) the prediction leaves out.",
+        "Above weights: training peak RSS minus the resident size before training, against the"
+        " simulated peak above the weights. Runtime: predicted, this process's resident size"
+        " with torch, transformers, PEFT and the tokenizer loaded; measured, the training"
+        " process's resident size before training minus its weights and buffers. Total: weights"
+        " + peak above weights + runtime against the measured training peak RSS.",
         "",
-        "| arm | trainable (pred / meas) | optimizer MB (pred / meas) | above weights MB (pred / meas) | error | total MB (pred / meas) | error |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| arm | trainable (pred / meas) | optimizer MB (pred / meas) | above weights MB (pred / meas) | error | peak in | runtime MB (pred / meas) | total MB (pred / meas) | error |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['trainable_predicted']:,} / {r['trainable_measured']:,}"
             f" | {r['predicted_optimizer_mb']:.1f} / {r['measured_optimizer_mb']:.1f}"
             f" | {r['predicted_above_weights_mb']:.0f} / {r['measured_above_weights_mb']:.0f}"
-            f" | {r['error_above_weights']:+.1%}"
+            f" | {r['error_above_weights']:+.1%} | {r['predicted_peak_phase']}"
+            f" | {r['predicted_runtime_mb']:.0f} / {_mb(r['measured_runtime_mb'])}"
             f" | {r['predicted_weights_plus_peak_mb']:.0f} / {r['measured_training_peak_mb']:.0f}"
             f" | {r['error_total']:+.1%} |"
         )

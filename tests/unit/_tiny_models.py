@@ -114,3 +114,21 @@ def toy_scenario(files: dict[str, Path]) -> Scenario:
         "toy", DataSpec(str(files["train"])), DataSpec(str(files["held"])),
         DataSpec(str(files["control"])),
     )  # fmt: skip
+
+
+class TinyTiedLM(torch.nn.Module):
+    """An embedding (``vocab`` x ``dim``), one square linear layer without bias and a head tied
+    to the embedding: small enough that every tensor a training step makes can be counted by
+    hand. Called like a transformers causal LM (``input_ids``, ``labels``; ``.loss``, ``.logits``)."""
+
+    def __init__(self, vocab: int = 8, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        logits = self.proj(self.embed(input_ids)) @ self.embed.weight.T
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return SimpleNamespace(loss=loss, logits=logits)

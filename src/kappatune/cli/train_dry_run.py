@@ -30,17 +30,30 @@ def _selection_for(args: argparse.Namespace) -> Selection:
     )
 
 
+def _uses_foreach(device: str) -> bool:
+    """AdamW's multi-tensor update is PyTorch's default on CUDA (``auto``: when there is one)."""
+    if device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return device == "cuda"
+
+
 def estimates(args: argparse.Namespace, lora_settings: LoraFromArgs) -> list[MemoryEstimate]:
     """One MemoryEstimate per method, from the config on the meta device."""
     from kappatune.training import memory
 
     config = memory.config_of(args.model, args.trust_remote_code)
+    runtime = memory.runtime_bytes(args.model, args.trust_remote_code)  # before anything else
     return memory.method_estimates(
         config,
         args.batch_size,
         args.seq_len,
         _selection_for(args),
         lambda model_params: lora_settings(args, model_params),
+        foreach=_uses_foreach(args.device),
+        max_grad_norm=args.max_grad_norm,
+        runtime=runtime,
     )
 
 
@@ -50,9 +63,10 @@ def run_dry(args: argparse.Namespace, lora_settings: LoraFromArgs) -> int:
     from kappatune.cli.console import wide_console
 
     rows = estimates(args, lora_settings)
+    update = "multi-tensor" if _uses_foreach(args.device) else "one tensor at a time"
     table = Table(
         title=f"{args.model}: memory per method, batch {args.batch_size} x {args.seq_len} tokens,"
-        " AdamW, float32 (MB; no weights were loaded)",
+        f" AdamW ({update}), float32 (MB; no weights were loaded)",
         title_justify="left",
     )
     cols = (
@@ -62,26 +76,34 @@ def run_dry(args: argparse.Namespace, lora_settings: LoraFromArgs) -> int:
         "gradients",
         "optimizer",
         "activations",
-        "transient",
+        "peak above weights",
+        "peak in",
         "total",
     )
     for c in cols:
-        table.add_column(c, justify="left" if c == "method" else "right")
+        table.add_column(c, justify="left" if c in ("method", "peak in") else "right")
     for e in rows:
-        transient = max(e.backward_transient, e.step_transient)
         mark = " *" if e.method == args.method else ""
+        sizes = (e.weights, e.gradients, e.optimizer, e.activations, e.peak_above_weights)
         table.add_row(
             e.method + mark,
             f"{e.trainable:,}",
-            *(f"{b / _MB:,.0f}" for b in (e.weights, e.gradients, e.optimizer, e.activations)),
-            f"{transient / _MB:,.0f}",
+            *(f"{b / _MB:,.0f}" for b in sizes),
+            e.peak.phase,
             f"{e.total / _MB:,.0f}",
         )
     console = wide_console()
     console.print(table)
+    runtime = rows[0].runtime if rows else 0
     console.print(
-        "* the --method asked for. Total = weights + gradients + optimizer state + the larger of"
-        " (activations + loss backward) and the optimizer step's temporaries; the process"
-        " runtime (Python, torch, tokenizer) comes on top."
+        f"runtime: {runtime / _MB:,.0f} MB (this process's resident size with torch,"
+        " transformers, PEFT and the tokenizer loaded: what a training process holds besides"
+        " the model)"
+    )
+    console.print(
+        "* the --method asked for. Peak above weights: the most memory alive at once in a"
+        " training step simulated on the meta device (gradients, optimizer state, activations"
+        " and the temporaries of the loss, backward pass and optimizer step; they are not all"
+        " alive at once). Total = weights + peak above weights + runtime."
     )
     return 0

@@ -1,25 +1,26 @@
 """Training memory of each method, predicted without loading weights (config + meta device).
 
-The model is built on PyTorch's meta device from its config alone, prepared for the method
-exactly as ``train`` prepares it (which parameters train; LoRA adapters), and run forward on
-meta input ids of the given batch and sequence length under a saved-tensor hook: the bytes
-autograd keeps for the backward pass are the activations, counted once per storage and
-without the parameters themselves. Then, for AdamW in float32:
+The model is built on PyTorch's meta device from its config alone and prepared for the method
+exactly as ``train`` prepares it (which parameters train; LoRA adapters). Two training steps
+then run on it (:mod:`kappatune.training.step_memory`): forward with labels, backward,
+gradient clipping and the AdamW update, with every tensor each operator creates counted while
+it is alive. The prediction, in float32:
 
 * weights: every parameter (adapters included);
 * gradients: the trainable parameters;
-* optimizer state: two moments per trainable parameter;
-* transient peak: the larger of the backward pass's (saved activations plus the logits'
-  gradient chain, three logits-sized tensors) and the optimizer step's (one temporary the size
-  of the trainable parameters, from the multi-tensor AdamW square root).
-
-The process's own runtime (Python, torch, tokenizer; a few hundred MB) is not included.
+* optimizer state: AdamW's two moments per trainable parameter;
+* activations: what autograd saves for the backward pass in one forward pass;
+* peak above the weights: the most bytes alive at once during a step (gradients, optimizer
+  state, activations and every temporary: logits and their gradients, a tied embedding's two
+  gradients and their sum, the optimizer's scratch tensors); not all of the above at once;
+* runtime: the resident size of this process with torch, transformers, PEFT and the model's
+  tokenizer loaded, measured (the same libraries a training process holds).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from kappatune.errors import KappaTuneError
+from kappatune.training.step_memory import StepPeak, simulate_steps
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -36,9 +38,7 @@ if TYPE_CHECKING:
     from kappatune.selection.core import Selection
     from kappatune.training.loop import LoraSettings
 
-LOGITS_CHAIN = 3  # logits-sized tensors alive at once in the loss backward (grad, upcast, softmax)
 ADAM_MOMENTS = 2
-ADAM_TEMPORARIES = 1
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,17 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
-    activations: int  # saved for backward
-    backward_transient: int
-    step_transient: int
+    activations: int  # saved for backward in one forward pass
+    peak: StepPeak  # what is alive at the step's peak, beyond the weights
+    runtime: int = 0  # the process itself (libraries, tokenizer), measured; 0: not counted
 
     @property
     def peak_above_weights(self) -> int:
-        """Gradients, optimizer state and the larger of the two transient phases."""
-        backward = self.activations + self.backward_transient
-        return self.gradients + self.optimizer + max(backward, self.step_transient)
+        return self.peak.total
 
     @property
     def total(self) -> int:
-        return self.weights + self.peak_above_weights
+        return self.weights + self.peak_above_weights + self.runtime
 
 
 def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> PretrainedConfig:
@@ -97,33 +95,6 @@ def meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> 
     return model
 
 
-def saved_activation_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
-    """Bytes autograd saves for backward in one forward pass on meta input ids."""
-    params = {id(p) for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(base) not in params and id(t) not in params:
-            saved[id(base)] = base.numel() * base.element_size()
-        return t
-
-    ids = torch.zeros((batch, seq_len), dtype=torch.long, device="meta")
-    with (
-        warnings.catch_warnings(),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-    ):
-        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation notices
-        model(input_ids=ids, labels=ids)
-    return sum(saved.values())
-
-
-def _logits_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
-    out: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module typing)
-    vocab = int(out.weight.shape[0]) if out is not None else 0
-    return batch * seq_len * vocab * 4
-
-
 def estimate(
     build: Callable[[], nn.Module],
     method: str,
@@ -131,26 +102,33 @@ def estimate(
     seq_len: int,
     selection: Selection | None = None,
     lora: LoraSettings | None = None,
+    *,
+    foreach: bool = False,
+    max_grad_norm: float | None = 1.0,
+    runtime: int = 0,
 ) -> MemoryEstimate:
-    """Memory of ``method`` on a fresh meta model from ``build`` (see the module text)."""
+    """Memory of ``method`` on a fresh meta model from ``build`` (see the module text);
+    ``foreach``: AdamW's multi-tensor update (PyTorch's default on CUDA)."""
     from kappatune.training.loop import prepare_model
 
     prepared = prepare_model(build(), method, selection, lora)
     model = prepared.model
     params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
     trainable = [p for p in params if p.requires_grad]
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    step = simulate_steps(
+        model, prepared.param_groups, batch, seq_len, foreach=foreach, max_grad_norm=max_grad_norm
+    )
     return MemoryEstimate(
         method=method,
         params=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in trainable),
-        weights=weights,
+        weights=sum(p.numel() * p.element_size() for p in params),
         gradients=train_bytes,
         optimizer=ADAM_MOMENTS * train_bytes,
-        activations=saved_activation_bytes(model, batch, seq_len),
-        backward_transient=LOGITS_CHAIN * _logits_bytes(model, batch, seq_len),
-        step_transient=ADAM_TEMPORARIES * train_bytes,
+        activations=step.saved_activations,
+        peak=step.peak,
+        runtime=runtime,
     )
 
 
@@ -163,16 +141,70 @@ def method_estimates(
     seq_len: int,
     selection: Selection | None,
     lora_for: Callable[[int], LoraSettings | None],
+    *,
+    foreach: bool = False,
+    max_grad_norm: float | None = 1.0,
+    runtime: int = 0,
 ) -> list[MemoryEstimate]:
     """One estimate per method of :data:`METHOD_ORDER` on the meta model of ``config``;
     ``lora_for(model parameters)`` gives the LoRA methods' settings."""
     from kappatune.training.methods import get_method
 
+    model_params = sum(p.numel() for p in meta_model(config).parameters())
     out = []
     for name in METHOD_ORDER:
         method = get_method(name)
-        model_params = sum(p.numel() for p in meta_model(config).parameters())
         lora = lora_for(model_params) if method.lora else None
         sel = selection if method.needs_selection else None
-        out.append(estimate(lambda: meta_model(config), name, batch, seq_len, sel, lora))
+        build = functools.partial(meta_model, config)
+        step = functools.partial(
+            estimate, foreach=foreach, max_grad_norm=max_grad_norm, runtime=runtime
+        )
+        out.append(step(build, name, batch, seq_len, sel, lora))
     return out
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux), else its peak so far."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def runtime_bytes(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> int:
+    """The resident size of this process with what a training process holds besides the
+    model: torch, transformers and PEFT imported, and the model's tokenizer loaded."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    tokenizer = load_tokenizer(spec, trust_remote_code)
+    size = resident_bytes()
+    del tokenizer
+    return size
+
+
+def load_tokenizer(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, from its files only."""
+    from transformers import AutoTokenizer
+
+    from kappatune.training.models import _hub_snapshot, resolve_model
+
+    resolved = resolve_model(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    try:
+        if resolved.kind == "gguf":
+            assert resolved.path is not None
+            return AutoTokenizer.from_pretrained(
+                resolved.path.parent, gguf_file=resolved.path.name, **kwargs
+            )
+        where: Path = resolved.path if resolved.path is not None else _hub_snapshot(resolved.spec)
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KappaTuneError(f"cannot load the tokenizer of {os.fspath(spec)!r}: {first}") from None
