@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,16 +151,18 @@ def score_stages(
     pad_id: int,
     batch: Mapping[int, int],
     deadline: float,
+    on_stage: Callable[[dict[int, Scored], list[tuple[int, int]]], None] | None = None,
 ) -> tuple[dict[int, Scored], list[tuple[int, int]]]:
     """Score the rows each stage adds, in order, with both models; skip a stage whose
     estimated time (from the rate so far) would pass ``deadline``. Returns the scores and
-    the stages skipped."""
+    the stages skipped; ``on_stage`` gets them after each stage scored (the stages still to
+    come counted as skipped), so an interrupted measurement keeps what it finished."""
     from kappatune.bench.evaluate import control_eval
 
     scored = {n: Scored() for n in draws}
     skipped: list[tuple[int, int]] = []
     done_tokens, spent = 0, 0.0
-    for length, rows in stages:
+    for i, (length, rows) in enumerate(stages):
         s, draw = scored[length], draws[length]
         new = draw[len(s.base) : min(rows, len(draw))]
         need = sum(len(x.ids) - 1 for x in new)
@@ -178,6 +180,8 @@ def score_stages(
         s.seconds += took
         spent += took
         done_tokens += 2 * need
+        if on_stage is not None:
+            on_stage(scored, [*skipped, *stages[i + 1 :]])
     return scored, skipped
 
 
@@ -222,50 +226,55 @@ def main() -> int:
         draws[length] = tuple(control[i] for i in spread_order(len(control)))
     prepared = prepare(scenario, data, loaded.tokenizer, settings.sizes)
     batch = {n: max(1, settings.eval_batch_size * short // n) for n in largest}
-    result: dict[str, object] = {}
+    arm = settings.arm(args.arm)
+    name = f"{arm.name} lr {arm.lr:g} step {settings.steps}"
+    command = shlex.join(["python", "benchmarks/bench_floor.py", *sys.argv[1:]])
+    drawn = {n: len(d) for n, d in sorted(draws.items())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text: list[str] = []
+
+    def write(scored: dict[int, Scored], skipped: list[tuple[int, int]], trained: float) -> None:
+        rows: list[FloorRow] = []
+        for length, s in sorted(scored.items()):
+            wanted = [k for n, k in args.stages if n == length]
+            rows += floor_rows(length, s.base, {name: s.tuned}, s.tokens, wanted,
+                               settings.bootstrap)  # fmt: skip
+        times = {
+            "load, prepare, train (s)": trained - started,
+            **{f"score {len(s.base)} rows of {n} tokens, both models (s)": s.seconds
+               for n, s in sorted(scored.items())},
+        }  # fmt: skip
+        text[:] = [render(rows, skipped, drawn, times, settings, command)]
+        atomic_write_text(args.out.with_suffix(".md"), text[0])
+        atomic_write_json(args.out.with_suffix(".json"), {
+            "command": command, "times": times, "resamples": settings.bootstrap, "tuned": name,
+            "skipped": [f"{n}:{k}" for n, k in skipped],
+            "drawn": {str(n): k for n, k in drawn.items()},
+            "smallest_below_1pct": {str(n): smallest_below([r for r in rows if r.seq_len == n])
+                                    for n in sorted(scored)},
+            "rows": [dataclasses.asdict(r) | {"paired_median": r.paired_median} for r in rows],
+        })  # fmt: skip
 
     @dataclass
     class ScoreAtEnd(Evaluator):
-        """Scores the control stages with the base and the tuned model at the run's end."""
+        """Scores the control stages with the base and the tuned model at the run's end,
+        writing the results after each stage."""
 
         def __call__(self, model: nn.Module) -> Metrics:
             trained = time.perf_counter()
             deadline = trained + args.budget_minutes * 60
-            scored, skipped = score_stages(loaded.model, model, draws, args.stages,
-                                           prepared.pad_id, batch, deadline)  # fmt: skip
-            result.update(scored=scored, skipped=skipped, trained=trained)
-            return Metrics(task={}, control={})  # the scores go to `result`
+            scored, skipped = score_stages(
+                loaded.model, model, draws, args.stages, prepared.pad_id, batch, deadline,
+                lambda sc, sk: write(sc, sk, trained),
+            )  # fmt: skip
+            write(scored, skipped, trained)
+            return Metrics(task={}, control={})  # the scores went to the results files
 
-    arm = settings.arm(args.arm)
     evaluator = ScoreAtEnd(prepared, batch[short], None, ())
     with tempfile.TemporaryDirectory() as tmp:
         train_one(loaded, evaluator, arm, args.seed, settings, None, QuietReporter(),
                   ResultStore(tmp), "floor", None)  # fmt: skip
-    scored: dict[int, Scored] = result["scored"]  # type: ignore[assignment]
-    skipped: list[tuple[int, int]] = result["skipped"]  # type: ignore[assignment]
-    name = f"{arm.name} lr {arm.lr:g} step {settings.steps}"
-    rows: list[FloorRow] = []
-    for length, s in sorted(scored.items()):
-        wanted = [k for n, k in args.stages if n == length]
-        rows += floor_rows(length, s.base, {name: s.tuned}, s.tokens, wanted, settings.bootstrap)
-    times = {
-        "load, prepare, train (s)": float(result["trained"]) - started,  # type: ignore[arg-type]
-        **{f"score {len(s.base)} rows of {n} tokens, both models (s)": s.seconds
-           for n, s in sorted(scored.items())},
-    }  # fmt: skip
-    command = shlex.join(["python", "benchmarks/bench_floor.py", *sys.argv[1:]])
-    drawn = {n: len(d) for n, d in sorted(draws.items())}
-    text = render(rows, skipped, drawn, times, settings, command)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".md"), text)
-    atomic_write_json(args.out.with_suffix(".json"), {
-        "command": command, "times": times, "resamples": settings.bootstrap, "tuned": name,
-        "skipped": [f"{n}:{k}" for n, k in skipped], "drawn": {str(n): k for n, k in drawn.items()},
-        "smallest_below_1pct": {str(n): smallest_below([r for r in rows if r.seq_len == n])
-                                for n in sorted(scored)},
-        "rows": [dataclasses.asdict(r) | {"paired_median": r.paired_median} for r in rows],
-    })  # fmt: skip
+    print(text[0])
     return 0
 
 

@@ -92,3 +92,25 @@ def test_rows_for_extrapolates_as_one_over_sqrt_rows_rounding_up() -> None:
 
 def test_parse_stages_keeps_the_order() -> None:
     assert bf.parse_stages("64:24,256:8,64:64") == [(64, 24), (256, 8), (64, 64)]
+
+
+def test_score_stages_scores_each_stage_s_new_rows_with_both_models_in_order() -> None:
+    from kappatune.bench.evaluate import EvalSequence, control_eval
+    from tests.unit._tiny_models import tiny_llama
+
+    base, tuned = tiny_llama(seed=0), tiny_llama(seed=1)
+    draw = [EvalSequence(tuple(range(2 + i, 10 + i))) for i in range(4)]
+    seen: list[tuple[int, list[tuple[int, int]]]] = []
+    scored, skipped = bf.score_stages(
+        base, tuned, {8: draw}, [(8, 2), (8, 3), (8, 9)], 0, {8: 2}, math.inf,
+        lambda sc, sk: seen.append((len(sc[8].base), sk)),
+    )  # fmt: skip
+    assert skipped == []
+    assert seen == [(2, [(8, 3), (8, 9)]), (3, [(8, 9)]), (4, [])]
+    for model, got in ((base, scored[8].base), (tuned, scored[8].tuned)):
+        want = [control_eval(model, part, pad_id=0, batch_size=2).nll_sums
+                for part in (draw[:2], draw[2:3], draw[3:])]  # fmt: skip
+        assert got == [x for w in want for x in w]
+    assert scored[8].tokens == [7, 7, 7, 7]
+    late, missed = bf.score_stages(base, tuned, {8: draw}, [(8, 2)], 0, {8: 2}, 0.0)
+    assert missed == [(8, 2)] and late[8].base == [] and late[8].seconds == 0.0
