@@ -236,7 +236,7 @@ def main() -> int:
     def write(scored: dict[int, Scored], skipped: list[tuple[int, int]], trained: float) -> None:
         rows: list[FloorRow] = []
         for length, s in sorted(scored.items()):
-            wanted = [k for n, k in args.stages if n == length]
+            wanted = [min(k, drawn[length]) for n, k in args.stages if n == length]
             rows += floor_rows(length, s.base, {name: s.tuned}, s.tokens, wanted,
                                settings.bootstrap)  # fmt: skip
         times = {
