@@ -137,6 +137,11 @@ def test_reports_hold_the_numbers(tmp_path: Path) -> None:
     assert "+1.00% ± 0.71% |" in md  # lora at step 4: not below it
     assert "noise floors control perplexity ±9.00 % (base model, which text)" in md
     assert "control perplexity change ±1.00 % (paired" in md
+    sized = {"code": {"control_ppl": 26.649, "control_rows": 24.0, "control_tokens": 1512.0}}
+    assert report.floor_lines(sized) == [
+        "code: noise floors control perplexity ±26.65 % (base model, which text; 24 rows, 1512"
+        " tokens)"
+    ]
     # knowledge unchanged (80 % of 100): binomial interval ±1.96 sqrt(2 * 0.16 / 100) = ±11.1 pp
     assert "+0.0 pp [-11.1, +11.1] (within noise)" in md
     assert "- a note" in md and "kappatune bench code" in md

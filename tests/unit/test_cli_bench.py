@@ -67,6 +67,10 @@ def test_end_to_end_text_and_label_scenarios(
     }
     report_md = (out / "report.md").read_text()
     assert report_md.splitlines()[2].startswith("**Verdict.** sentiment: ")
+    base = json.loads((out / "runs" / "words" / "base.json").read_text())
+    size = f"which text; 10 rows, {sum(base['control_tokens'])} tokens)"
+    assert len(base["control_tokens"]) == 10
+    assert report_md.count(size) == 2  # the floor line of each scenario (same control text)
     acc = [a for a in summary["arms"] if a["scenario"] == "sentiment" and a["arm"] == "kappa"]
     assert all(0 <= a["task_value_mean"] <= 1 for a in acc)
     # a second identical command reuses every stored run

@@ -370,7 +370,12 @@ def floor_lines(floors: Mapping[str, Mapping[str, float]]) -> list[str]:
     for scenario, f in sorted(floors.items()):
         bits = []
         if "control_ppl" in f:
-            bits.append(f"control perplexity ±{f['control_ppl']:.2f} % (base model, which text)")
+            size = ""
+            if f.get("control_rows"):
+                size = f"; {f['control_rows']:.0f} rows, {f['control_tokens']:.0f} tokens"
+            bits.append(
+                f"control perplexity ±{f['control_ppl']:.2f} % (base model, which text{size})"
+            )
         if "control_ppl_change" in f:
             bits.append(
                 f"control perplexity change ±{f['control_ppl_change']:.2f} % (paired, median"

@@ -319,7 +319,15 @@ def run(args: argparse.Namespace) -> int:
     points = summary.seed_points(outcome.runs, outcome.bases, outcome.metrics)
     rows = summary.summarize(points, outcome.bases, outcome.metrics, settings.arms)
     floors = verdict.with_change_floors(
-        points, {name: dict(b.floors) for name, b in outcome.bases.items()}
+        points,
+        {
+            name: {
+                **b.floors,
+                "control_rows": float(len(b.control_tokens)),
+                "control_tokens": float(sum(b.control_tokens)),
+            }
+            for name, b in outcome.bases.items()
+        },
     )
     reference = "kappa" if "kappa" in settings.arms else settings.arms[0]
     vs = verdict.verdicts(points, floors, settings.arms, settings.forgetting_budget,
