@@ -257,3 +257,22 @@ def test_run_key_of_other_arms_is_unchanged_by_keep_data() -> None:
     assert run_mod.run_key("b", corda, 1e-4, 0, settings, "k1") != run_mod.run_key(
         "b", corda, 1e-4, 0, settings, "k2"
     )
+
+
+def test_a_text_shorter_than_the_sizes_asked_is_said(
+    setup: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The evaluation uses what the text holds, and says so, instead of quietly fewer rows."""
+    _, scenario, _ = setup
+    data = scenario.load()
+    caplog.set_level("WARNING", logger="kappatune.bench.tokenized")
+    p = prepare(scenario, data, char_tokenizer(), SIZES)
+    assert caplog.messages == []  # the sizes fit: nothing to say
+    asked = EvalSizes(seq_len=16, task_sequences=3, control_sequences=100_000)
+    p = prepare(scenario, data, char_tokenizer(), asked)
+    n = len(p.control)
+    assert 10 < n < 100_000
+    assert caplog.messages == [
+        f"control: {data.control.origin} has {n} control rows, fewer than the 100000 asked"
+        f" for; evaluating on {n}"
+    ]

@@ -9,6 +9,7 @@ are a fixed, evenly spaced subset of the held-out and control rows, identical fo
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from kappatune.bench.records import Split
 from kappatune.bench.scenarios import Scenario, ScenarioData
 from kappatune.errors import KappaTuneError
 from kappatune.training.data import Example, PackConfig, TokenizedData, special_tokens, tokenize
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,6 +101,15 @@ def eval_sequences(data: TokenizedData, k: int) -> tuple[EvalSequence, ...]:
     return tuple(out)
 
 
+def warn_if_short(what: str, origin: str, got: int, asked: int) -> None:
+    """Say so when a text holds fewer evaluation rows than the settings ask for."""
+    if got < asked:
+        log.warning(
+            "%s: %s has %d %s rows, fewer than the %d asked for; evaluating on %d",
+            what, origin, got, what, asked, got,
+        )  # fmt: skip
+
+
 def keep_rows(control_rows: TokenizedData, sizes: EvalSizes) -> TokenizedData | None:
     """The control rows that :func:`eval_sequences` does not pick (None when it picks them all)."""
     held = set(evenly(len(control_rows), sizes.control_sequences))
@@ -140,13 +152,16 @@ def prepare(
     train = tokenize_split(tokenizer, data.train, sizes)
     control_rows = tokenize_split(tokenizer, data.control, sizes)
     control = eval_sequences(control_rows, sizes.control_sequences)
+    warn_if_short("control", data.control.origin, len(control), sizes.control_sequences)
     task_sequences: tuple[EvalSequence, ...] = ()
     task_examples: tuple[LabelExample, ...] = ()
     if scenario.task_metric == "accuracy":
         task_examples = label_examples(tokenizer, data.heldout, sizes.task_examples)
+        warn_if_short("task", data.heldout.origin, len(task_examples), sizes.task_examples)
     else:
         held = tokenize_split(tokenizer, data.heldout, sizes)
         task_sequences = eval_sequences(held, sizes.task_sequences)
+        warn_if_short("task", data.heldout.origin, len(task_sequences), sizes.task_sequences)
     pad = special_tokens(tokenizer).pad
     keep = keep_rows(control_rows, sizes)
     prepared = PreparedScenario(
