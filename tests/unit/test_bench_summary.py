@@ -93,9 +93,15 @@ def test_verdict_at_matched_gain() -> None:
     (comp,) = ppl.comparisons
     assert comp.arm == "lora" and comp.diff.estimate == pytest.approx(6.5)
     assert comp.verdict == "forgets more"
+    kl = next(v for v in vs if (v.scenario, v.measure) == ("code", "KL from base"))
+    assert [(c.arm, c.verdict) for c in kl.comparisons] == [("lora", "forgets more")]
+    assert kl.comparisons[0].diff.estimate == pytest.approx(0.013)
     assert verdict.one_line(vs) == (
-        "code: at matched task gain kappa forgets more than lora;"
-        " digits: no matched-gain comparison possible."
+        "code, control ppl: at matched task gain kappa forgets more than lora."
+        " code, KL from base: at matched task gain kappa forgets more than lora."
+        " code, knowledge: at matched task gain kappa is not distinguishable from lora."
+        " digits, control ppl: no matched-gain comparison possible."
+        " digits, KL from base: no matched-gain comparison possible."
     )
     one_seed = [p for p in points if p.seed == 0]
     (alone,) = next(

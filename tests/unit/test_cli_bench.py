@@ -38,7 +38,7 @@ def test_end_to_end_text_and_label_scenarios(
     assert main([*_common(files, out), "--config", str(config)]) == 0
     text = capsys.readouterr().out
     assert "kappatune bench" in text and "sentiment" in text and "words" in text
-    assert text.strip().splitlines()[-1].startswith("conclusion: sentiment: ")
+    assert text.strip().splitlines()[-1].startswith("conclusion: sentiment, control ppl: ")
     for name in (
         "report.md",
         "report.html",
@@ -66,7 +66,7 @@ def test_end_to_end_text_and_label_scenarios(
         for m in ("control ppl", "KL from base", "knowledge")
     }
     report_md = (out / "report.md").read_text()
-    assert report_md.splitlines()[2].startswith("**Verdict.** sentiment: ")
+    assert report_md.splitlines()[2].startswith("**Verdict.** sentiment, control ppl: ")
     base = json.loads((out / "runs" / "words" / "base.json").read_text())
     size = f"which text; 10 rows, {sum(base['control_tokens'])} tokens)"
     assert len(base["control_tokens"]) == 10

@@ -253,13 +253,13 @@ def sentences(v: MeasureVerdict, gain_unit: str) -> list[str]:
 
 
 def one_line(vs: Sequence[MeasureVerdict]) -> str:
-    """The bench's conclusion in one line (control perplexity measure)."""
+    """The bench's conclusion in one line: a clause per scenario and forgetting measure (the
+    measures can disagree: control perplexity also moves with transfer, KL does not)."""
     parts = []
     for v in vs:
-        if v.measure != "control ppl":
-            continue
+        where = f"{v.scenario}, {v.measure}"
         if v.matched_gain is None or not v.comparisons:
-            parts.append(f"{v.scenario}: no matched-gain comparison possible")
+            parts.append(f"{where}: no matched-gain comparison possible")
             continue
         less = [c.arm for c in v.comparisons if c.verdict == "forgets less"]
         more = [c.arm for c in v.comparisons if c.verdict == "forgets more"]
@@ -271,5 +271,5 @@ def one_line(vs: Sequence[MeasureVerdict]) -> str:
             bits.append(f"forgets more than {', '.join(more)}")
         if same:
             bits.append(f"is not distinguishable from {', '.join(same)}")
-        parts.append(f"{v.scenario}: at matched task gain {v.reference} " + "; ".join(bits))
-    return "; ".join(parts) + "." if parts else "no verdict (no runs)."
+        parts.append(f"{where}: at matched task gain {v.reference} " + "; ".join(bits))
+    return ". ".join(parts) + "." if parts else "no verdict (no runs)."

@@ -354,5 +354,5 @@ def run(args: argparse.Namespace) -> int:
     for line in report.verdict_text(vs, outcome.metrics):
         console.print(f"  {line}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")
-    console.print(f"conclusion: {conclusion}")
+    console.print(f"conclusion: {conclusion}", soft_wrap=True)
     return 0
