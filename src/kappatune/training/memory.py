@@ -64,25 +64,37 @@ class MemoryEstimate:
         return self.weights + self.peak_above_weights + self.runtime
 
 
-def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> PretrainedConfig:
-    """The model's transformers config, read from its files only (no weights)."""
-    from transformers import AutoConfig
-
-    from kappatune.training.models import _hub_snapshot, resolve_model
+def _from_model_files(
+    spec: str | os.PathLike[str],
+    auto: Any,
+    trust_remote_code: bool,
+    errors: tuple[type[BaseException], ...],
+    what: str,
+) -> Any:
+    """``auto.from_pretrained`` (AutoConfig, AutoTokenizer) on the model's files only, with a
+    one-line error naming ``what`` could not be read."""
+    from kappatune.training.models import _first_line, _hub_snapshot, resolve_model
 
     resolved = resolve_model(spec)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     try:
         if resolved.kind == "gguf":
             assert resolved.path is not None
-            return AutoConfig.from_pretrained(
+            return auto.from_pretrained(
                 resolved.path.parent, gguf_file=resolved.path.name, **kwargs
             )
         where: Path = resolved.path if resolved.path is not None else _hub_snapshot(resolved.spec)
-        return AutoConfig.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KappaTuneError(f"cannot read the config of {os.fspath(spec)!r}: {first}") from None
+        return auto.from_pretrained(where, **kwargs)
+    except errors as exc:
+        raise KappaTuneError(f"{what} of {os.fspath(spec)!r}: {_first_line(exc)}") from None
+
+
+def config_of(spec: str | os.PathLike[str], trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's transformers config, read from its files only (no weights)."""
+    from transformers import AutoConfig
+
+    errors = (OSError, ValueError, KeyError)
+    return _from_model_files(spec, AutoConfig, trust_remote_code, errors, "cannot read the config")
 
 
 def meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -151,15 +163,15 @@ def method_estimates(
     from kappatune.training.methods import get_method
 
     model_params = sum(p.numel() for p in meta_model(config).parameters())
+    build = functools.partial(meta_model, config)
+    step = functools.partial(
+        estimate, foreach=foreach, max_grad_norm=max_grad_norm, runtime=runtime
+    )
     out = []
     for name in METHOD_ORDER:
         method = get_method(name)
         lora = lora_for(model_params) if method.lora else None
         sel = selection if method.needs_selection else None
-        build = functools.partial(meta_model, config)
-        step = functools.partial(
-            estimate, foreach=foreach, max_grad_norm=max_grad_norm, runtime=runtime
-        )
         out.append(step(build, name, batch, seq_len, sel, lora))
     return out
 
@@ -193,18 +205,6 @@ def load_tokenizer(spec: str | os.PathLike[str], trust_remote_code: bool = False
     """The model's tokenizer, from its files only."""
     from transformers import AutoTokenizer
 
-    from kappatune.training.models import _hub_snapshot, resolve_model
-
-    resolved = resolve_model(spec)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
-    try:
-        if resolved.kind == "gguf":
-            assert resolved.path is not None
-            return AutoTokenizer.from_pretrained(
-                resolved.path.parent, gguf_file=resolved.path.name, **kwargs
-            )
-        where: Path = resolved.path if resolved.path is not None else _hub_snapshot(resolved.spec)
-        return AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KappaTuneError(f"cannot load the tokenizer of {os.fspath(spec)!r}: {first}") from None
+    errors = (OSError, ValueError, KeyError, TypeError, ImportError)
+    what = "cannot load the tokenizer"
+    return _from_model_files(spec, AutoTokenizer, trust_remote_code, errors, what)

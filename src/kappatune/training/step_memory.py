@@ -78,12 +78,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self._add(out.untyped_storage())
-        else:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self._add(t.untyped_storage())
+        for t in tree_flatten(out)[0]:  # a lone tensor flattens to itself
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage())
         return out
 
     def _add(self, storage: torch.UntypedStorage) -> None:
@@ -174,9 +171,8 @@ def simulate_steps(
     attention = FusedAttention() if fused_attention else contextlib.nullcontext()
     try:
         with _quiet(), mode, attention, _saved_as_activations(mode):
-            held: list[
-                Any
-            ] = []  # the loop's ``out``: a step's output lives until the next forward ends
+            # the loop's ``out``: a step's output lives until the next forward ends
+            held: list[Any] = []
             for step in range(2):
                 if step == 1:
                     mode.reset_peak()
