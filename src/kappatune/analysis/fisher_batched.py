@@ -35,7 +35,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kappatune.analysis.fisher_rows import RowSharedWeight, is_embedding, kind_weights
+from kappatune.analysis.fisher_rows import (
+    RowSharedWeight,
+    example_inputs,
+    is_embedding,
+    kind_weights,
+)
 
 if TYPE_CHECKING:
     from kappatune.analysis.fisher import (
@@ -149,19 +154,8 @@ def _hooks(modules: Sequence[nn.Module], capture: _Capture) -> Iterator[None]:
 # --------------------------------------------------------------------------- per-example grads
 
 
-def _slice(x: object, b: int, lead: int) -> object:
-    if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == lead:
-        return x[b : b + 1]
-    return x
-
-
-def _detach(x: object) -> object:
-    return x.detach() if isinstance(x, torch.Tensor) else x
-
-
 def _vjp_one(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    args = tuple(_detach(_slice(a, b, n)) for a in call.args)
-    kwargs = {k: _detach(_slice(v, b, n)) for k, v in call.kwargs.items()}
+    args, kwargs = example_inputs(call, b, n)
 
     def f(w: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.func.functional_call(call.module, {attr: w}, args, kwargs)

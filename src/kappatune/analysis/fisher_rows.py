@@ -41,13 +41,24 @@ def _slice(x: object, b: int, lead: int) -> object:
     return x
 
 
+def _detach(x: object) -> object:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def example_inputs(call: _Call, b: int, n: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword inputs of ``call`` for example ``b`` of ``n`` (tensors whose
+    first axis is the batch sliced to ``b``), detached."""
+    args = tuple(_detach(_slice(a, b, n)) for a in call.args)
+    kwargs = {k: _detach(_slice(v, b, n)) for k, v in call.kwargs.items()}
+    return args, kwargs
+
+
 def embedding_rows(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> _Rows:
     """Example ``b``'s gradient of an embedding's weight, as (sorted unique rows, their values):
     the module's own backward with ``sparse=True``, so no dense ``V x d`` tensor is made."""
     assert call.grad is not None
     module = call.module
-    args = tuple(_detach(_slice(a, b, n)) for a in call.args)
-    kwargs = {k: _detach(_slice(v, b, n)) for k, v in call.kwargs.items()}
+    args, kwargs = example_inputs(call, b, n)
     w = weight.detach().requires_grad_(True)
     sparse = getattr(module, "sparse", False)
     try:
@@ -62,10 +73,6 @@ def embedding_rows(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int)
         return _Rows(g.indices()[0], g.values())
     rows = g.reshape(g.shape[0], -1).ne(0).any(1).nonzero()[:, 0]  # a subclass ignoring sparse
     return _Rows(rows, g[rows])
-
-
-def _detach(x: object) -> object:
-    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 @dataclass(frozen=True)
@@ -105,10 +112,7 @@ class RowSharedWeight:
                 c = cols[i].nonzero()[:, 0]
                 per.append(_Rows(c, d[i][:, c].T))  # values (|c|, N)
             diffs.append(per)
-        if not first:
-            self.diffs.append(diffs)
-        else:
-            self.diffs.append([])
+        self.diffs.append(diffs)  # empty for the first pass, the base
         self.rows.append(
             [
                 [embedding_rows(call, attr, self.weight, i, self.n) for i in range(self.n)]
