@@ -276,3 +276,48 @@ def test_a_text_shorter_than_the_sizes_asked_is_said(
         f"control: {data.control.origin} has {n} control rows, fewer than the 100000 asked"
         f" for; evaluating on {n}"
     ]
+
+
+def _corda(model: torch.nn.Module, rows: list, cache: peers.PreprocessCache) -> dict:
+    ready = prepare_arm(
+        copy.deepcopy(model), get_arm("corda-kpm"), _ctx(rows), keep=_keep(), peer_cache=cache
+    )
+    return {n: p.detach().clone() for n, p in ready.model.named_parameters()}
+
+
+def test_corda_preprocessing_is_computed_once_and_reused(
+    model_and_rows: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, rows = model_and_rows
+    calls: list[int] = []
+    real = peers._run_on
+    monkeypatch.setattr(peers, "_run_on", lambda m, k: calls.append(1) or real(m, k))
+    cache = peers.PreprocessCache(tmp_path / "cache", "tag")
+    first = _corda(model, rows, cache)
+    assert calls == [1]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [
+        cache.file(peers.plan(model, "corda-kpm", BUDGET)).name
+    ]  # no temporary file left behind
+    second = _corda(model, rows, cache)
+    assert calls == [1]  # read from the cache, no forward pass over the data to keep
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    # another tag (another model or data to keep) is another file
+    _corda(model, rows, peers.PreprocessCache(tmp_path / "cache", "other"))
+    assert calls == [1, 1] and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_corda_unreadable_cache_is_recomputed(
+    model_and_rows: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, rows = model_and_rows
+    cache = peers.PreprocessCache(tmp_path, "tag")
+    want = _corda(model, rows, peers.PreprocessCache(tmp_path / "clean", "tag"))
+    path = cache.file(peers.plan(model, "corda-kpm", BUDGET))
+    path.write_bytes(b"not a torch file")
+    got = _corda(model, rows, cache)
+    assert "unusable CorDA cache" in caplog.text
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert path.read_bytes() != b"not a torch file"  # replaced by a good one

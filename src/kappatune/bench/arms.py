@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the registry loads no torch (the CLI's --arms choices); pee
     from torch import nn
 
     from kappatune.analysis.spectra import SpectrumRow
+    from kappatune.bench.peers import PreprocessCache
     from kappatune.training.data import TokenizedData
     from kappatune.training.loop import PreparedModel
 
@@ -269,16 +270,20 @@ def prepare_arm(
     ctx: ArmContext,
     weight_decay: float = 0.0,
     keep: TokenizedData | None = None,
+    peer_cache: PreprocessCache | None = None,
 ) -> PreparedModel:
     """``kappatune.training.loop.prepare_model`` for this arm: the model, its groups and counts.
 
-    ``keep``: the data of what to keep, for arms that use it (CorDA-KPM).
+    ``keep``: the data of what to keep, for arms that use it (CorDA-KPM); ``peer_cache``: where
+    a peer keeps preprocessing that the learning rate and seed do not change.
     """
     from kappatune.bench import peers
     from kappatune.training.loop import LoraSettings, prepare_model
 
     if peers.is_peer(arm.method):
-        return peers.build(model, arm.method, ctx.budget_params(), keep, weight_decay)
+        return peers.build(
+            model, arm.method, ctx.budget_params(), keep, weight_decay, cache=peer_cache
+        )
     selection = arm_selection(arm, ctx)
     lora = None
     if get_method(arm.method).lora:

@@ -9,21 +9,28 @@ linear layers as plain LoRA (MLP-only LoRA: the gate/up/down projections only):
   top singular directions stay frozen): U_low, S_low and V_low train k (out + in + 1) per module.
 
 CorDA in knowledge-preserving mode needs data of what to keep: the control split's rows that
-the benchmark does not evaluate on (:func:`kappatune.bench.tokenized.keep_rows`).
+the benchmark does not evaluate on (:func:`kappatune.bench.tokenized.keep_rows`). Its
+preprocessing (input covariances over those rows, then one decomposition per module) does not
+depend on the learning rate or the seed, so a sweep computes it once: PEFT's own ``cache_file``
+holds the decomposition, written atomically under a name that digests every input of it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from kappatune.bench.store import config_hash
 from kappatune.errors import KappaTuneError
 from kappatune.training.data import TokenizedData
 
@@ -31,6 +38,8 @@ if TYPE_CHECKING:  # peft is imported when a peer is built
     from peft import LoraConfig, OSFConfig
 
     from kappatune.training.loop import PreparedModel
+
+log = logging.getLogger(__name__)
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 KEEP_ROWS_MAX = 256  # CorDA covariance rows (PEFT suggests about hidden / tokens * 128 samples)
@@ -200,14 +209,73 @@ def _run_on(model: nn.Module, keep: TokenizedData) -> None:
     model.train(was)
 
 
+@dataclass(frozen=True)
+class PreprocessCache:
+    """Where preprocessing that ignores the learning rate and the seed is kept (CorDA's
+    decomposition): ``folder``, and ``tag`` naming the base model and the data of what to keep."""
+
+    folder: Path
+    tag: str
+
+    def file(self, the_plan: PeerPlan) -> Path:
+        key = config_hash(
+            {
+                "tag": self.tag,
+                "method": the_plan.method,
+                "rank": the_plan.rank,
+                "targets": list(the_plan.targets),
+                "keep_rows_max": KEEP_ROWS_MAX,
+                "peft": importlib.metadata.version("peft"),
+            }
+        )
+        return self.folder / f"{the_plan.method}-{key}.pt"
+
+
+def _preprocess_corda(
+    model: nn.Module, config: LoraConfig, keep: TokenizedData, cache: Path | None
+) -> None:
+    """PEFT's ``preprocess_corda``; with ``cache``, its decomposition is read from there when a
+    readable one exists, else computed and written there atomically (a temporary file renamed)."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    def run() -> None:
+        _run_on(model, keep)
+
+    corda = config.corda_config
+    assert corda is not None
+    if cache is not None and cache.is_file():
+        corda.cache_file = str(cache)
+        try:
+            preprocess_corda(model, config)
+            return
+        except Exception as exc:  # torch.load and PEFT raise many kinds: recompute on any
+            log.warning("unusable CorDA cache %s (%s): recomputing it", cache, exc)
+    if cache is None:
+        corda.cache_file = None
+        preprocess_corda(model, config, run_model=run)
+        return
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    corda.cache_file = str(tmp)
+    try:
+        preprocess_corda(model, config, run_model=run)
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+    corda.cache_file = str(cache)
+
+
 def build(
     model: nn.Module,
     method: str,
     budget: int,
     keep: TokenizedData | None = None,
     weight_decay: float = 0.0,
+    cache: PreprocessCache | None = None,
 ) -> PreparedModel:
-    """The PEFT-wrapped model of a peer method and its parameter groups."""
+    """The PEFT-wrapped model of a peer method and its parameter groups.
+
+    ``cache``: where preprocessing that the learning rate and seed do not change is kept
+    (CorDA-KPM's decomposition), so a sweep computes it once."""
     from peft import get_peft_model
 
     from kappatune.training.methods import PreparedModel, decay_groups
@@ -222,10 +290,9 @@ def build(
                 " give the control split more rows than the control evaluation uses"
             )
         import peft
-        from peft.tuners.lora.corda import preprocess_corda
 
         assert isinstance(config, peft.LoraConfig)  # CorDA initialises LoRA
-        preprocess_corda(model, config, run_model=lambda: _run_on(model, keep))
+        _preprocess_corda(model, config, keep, None if cache is None else cache.file(the_plan))
     peft_model = get_peft_model(model, config)
     groups = decay_groups(peft_model, weight_decay)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -333,8 +333,20 @@ def train_one(
     model = copy.deepcopy(loaded.model)
     torch.manual_seed(seed)  # LoRA initialisation
     ctx = arm_context(loaded, settings, seed, fisher)
+    from kappatune.bench.peers import PreprocessCache
+
     ready = arms_mod.prepare_arm(
-        model, arm, ctx, weight_decay=settings.weight_decay, keep=prepared.keep
+        model,
+        arm,
+        ctx,
+        weight_decay=settings.weight_decay,
+        keep=prepared.keep,
+        peer_cache=PreprocessCache(
+            store.root / "cache",
+            config_hash(
+                [loaded.fingerprint, prepared.keep_digest, settings.dtype, settings.device]
+            ),
+        ),
     )
     config = TrainConfig(
         steps=settings.steps,
