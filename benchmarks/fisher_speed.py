@@ -11,6 +11,11 @@ for both kinds (true and empirical, one forward shared) over the same tokens and
   :mod:`kappatune.analysis.fisher_rows` (embedding rows from a sparse backward, the head's
   squared gradient shared between label sets except on the rows where they differ).
 
+For scale, ``plain`` times one ordinary training pass over the same sequences (forward, the
+data's loss, backward into every weight), after a warm-up: the estimator cannot cost less than
+one forward pass plus, per label set, the weight-gradient half of a backward pass, so the
+``plain`` column says how far each route is from that floor.
+
 With ``--profile N`` the batched route runs once more under ``torch.profiler`` (after the timed
 runs, so it does not slow them) and the N operators with the most CPU time are written too.
 The machine's load average is recorded at the start and the end: on a shared machine the
@@ -87,6 +92,26 @@ def _profile(fn: Any, top: int) -> list[dict[str, Any]]:
     ]
 
 
+def _plain_pass(model: Any, examples: list[dict[str, torch.Tensor]], tokens: int) -> float:
+    """Seconds of one forward and backward pass (the data's loss) over the sequences the
+    estimator uses, after one untimed warm-up pass."""
+    from kappatune.analysis.fisher import CausalLMObjective, plan_examples
+
+    used = [ex for ex, _ in plan_examples(examples, CausalLMObjective(), tokens)]
+    ids = torch.cat([ex["input_ids"].reshape(1, -1) for ex in used])
+    labels = torch.cat([ex["labels"].reshape(1, -1) for ex in used])
+    mask = torch.cat([ex["attention_mask"].reshape(1, -1) for ex in used])
+
+    def once() -> None:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    once()
+    seconds, _ = _time(once)
+    return seconds
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -116,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda: load_model_and_examples(MODEL, [text], seq_len=args.seq_len)
         )
     opts = FisherOptions(kinds=("true", "empirical"), tokens=args.tokens, seed=args.seed)
+    plain_s = _plain_pass(model, examples, args.tokens)
+    print(f"plain pass: {plain_s:.1f} s", flush=True)
     rows = []
     results = {}
     for method, batch in (("batched", args.batch), ("loop", 1)):
@@ -136,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     loop_s = rows[1]["seconds"]
     for r in rows:
         r["speedup"] = loop_s / r["seconds"]
+        r["plain_passes"] = r["seconds"] / plain_s
     worst = _worst_rel(results["loop"], results["batched"])
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     info = {
@@ -153,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_start,
         "load_average_end": load_end,
         "rows": rows,
+        "plain_pass_seconds": plain_s,
         "profile_batched": profile,
     }
     lines = [
@@ -165,12 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         " true + empirical Fisher, seed"
         f" {args.seed}.",
         "",
-        "| method | sequences per pass | seconds | speed-up |",
-        "|---|---:|---:|---:|",
+        "| method | sequences per pass | seconds | speed-up | in plain passes |",
+        "|---|---:|---:|---:|---:|",
         *(
-            f"| {r['method']} | {r['batch_size']} | {r['seconds']:.1f} | {r['speedup']:.2f}x |"
+            f"| {r['method']} | {r['batch_size']} | {r['seconds']:.1f} | {r['speedup']:.2f}x"
+            f" | {r['plain_passes']:.1f} |"
             for r in rows
         ),
+        "",
+        f"One plain training pass (forward, the data's loss, backward) over the same"
+        f" {rows[0]['examples']} sequences: {plain_s:.1f} s.",
         "",
         f"Largest difference between the two diagonals, relative to each tensor's largest entry: {worst:.1e}.",
         "",
