@@ -171,6 +171,7 @@ def peft_run(root: Path, arch: sc.Arch, full_max_gb: float, device: str) -> dict
         str(root),
         "full" if full else "meta",
         str(PEFT_MAX_DIM),
+        device,
     ]
     rc, wall, peak, stdout, stderr = run_child(cmd)
     if rc != 0:
