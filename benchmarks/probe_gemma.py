@@ -114,6 +114,26 @@ def _table(report: dict[str, Any], measure: str) -> list[str]:
     return lines
 
 
+def _spectral_table(report: dict[str, Any]) -> list[str]:
+    """Spearman between kappa, Spectrum's SNR and each Fisher kind, all matrices and per type."""
+    cors = [c for c in report.get("spectral_correlations", []) if c["method"] == "spearman"]
+    if not cors:
+        return []
+    pairs = list(dict.fromkeys((c["x"], c["y"]) for c in cors))
+    lines = [
+        "Where kappa stands among the spectral scores (Spearman, 95 % intervals; `snr` is"
+        " Spectrum's signal-to-noise ratio):",
+        "",
+        "| group | n | " + " | ".join(f"{x} vs {y}" for x, y in pairs) + " |",
+        "|" + "---|" * (2 + len(pairs)),
+    ]
+    for g in dict.fromkeys(c["group"] for c in cors):
+        by = {(c["x"], c["y"]): c for c in cors if c["group"] == g}
+        n = by[pairs[0]]["n"]
+        lines.append(f"| {g} | {n} | " + " | ".join(_cell(by[p]) for p in pairs) + " |")
+    return [*lines, ""]
+
+
 def _cross_data(reports: dict[str, dict[str, Any]], kind: str, bootstrap: int, seed: int) -> str:
     """Spearman between the Fisher rankings of the two texts (kappa does not see the data)."""
     a, b = (reports[n]["rows"] for n in ("english", "code"))
@@ -179,6 +199,7 @@ def summary(
             "",
             *_table(report, "logvol"),
             "",
+            *_spectral_table(report),
         ]
     out += _verdict(reports)
     if set(reports) == {"english", "code"}:
