@@ -122,7 +122,14 @@ def _spectral_table(report: dict[str, Any]) -> list[str]:
     pairs = list(dict.fromkeys((c["x"], c["y"]) for c in cors))
     lines = [
         "Where kappa stands among the spectral scores (Spearman, 95 % intervals; `snr` is"
-        " Spectrum's signal-to-noise ratio):",
+        " Spectrum's signal-to-noise ratio"
+        + (
+            "; computed by `--summarize-only` from the stored Fisher rows and a fresh analysis"
+            " of the same model"
+            if report.get("spectral_added")
+            else ""
+        )
+        + "):",
         "",
         "| group | n | " + " | ".join(f"{x} vs {y}" for x, y in pairs) + " |",
         "|" + "---|" * (2 + len(pairs)),
@@ -219,13 +226,53 @@ def summary(
     return "\n".join(out)
 
 
+def add_spectral(report: dict[str, Any], bootstrap: int, seed: int) -> None:
+    """For a report written before the probe compared kappa with Spectrum's SNR: the same
+    pairwise Spearman/Kendall table from its stored rows (kappa, Fisher) and the SNR of a fresh
+    analysis of the same model (checked by fingerprint)."""
+    from kappatune.analysis.spectra import analyze
+    from kappatune.probe.correlation import pairwise_correlations
+
+    analysis = analyze(MODEL)
+    fresh = {(r.name, -1 if r.expert is None else r.expert): r for r in analysis.tensors}
+    rows = report["rows"]
+    keys = [(r["name"], -1 if r["expert"] is None else r["expert"]) for r in rows]
+    worst = max(
+        abs(fresh[k].kappa / float(r["kappa"]) - 1) for k, r in zip(keys, rows, strict=True)
+    )
+    if worst > 1e-6:  # the stored fingerprint is of the loaded model, so compare the kappas
+        raise SystemExit(f"{MODEL}'s kappas differ from the stored probe's (by {worst:.1e})")
+    snr = {k: t.snr for k, t in fresh.items()}
+    scores: dict[str, list[float]] = {
+        "kappa": [float(r["kappa"]) for r in rows],
+        "snr": [
+            float("nan")
+            if (v := snr.get((r["name"], -1 if r["expert"] is None else r["expert"]))) is None
+            else float(v)
+            for r in rows
+        ],
+    }
+    for kind in report["settings"]["kinds"]:
+        scores[f"fisher-{kind}"] = [float(r["fisher"][kind]["mean"]) for r in rows]
+    pairs = [(a, b) for i, a in enumerate(scores) for b in list(scores)[i + 1 :]]
+    pairs = [(a, b) for a, b in pairs if not (a.startswith("fisher") and b.startswith("fisher"))]
+    report["spectral_added"] = True
+    report["spectral_correlations"] = pairwise_correlations(
+        [r["module_type"] for r in rows], scores, pairs, bootstrap=bootstrap, seed=seed
+    )
+
+
 def resummarize(args: argparse.Namespace) -> int:
-    """Rewrite probe_gemma.md from the JSON files already in ``args.out_dir``."""
+    """Rewrite probe_gemma.md from the JSON files already in ``args.out_dir`` (adding the
+    kappa/SNR/Fisher agreement to reports written before the probe computed it)."""
     reports = {
         n: json.loads((args.out_dir / f"probe_gemma_{n}.json").read_text(encoding="utf-8"))
         for n in ("english", "code")
         if (args.out_dir / f"probe_gemma_{n}.json").is_file()
     }
+    for report in reports.values():
+        if "spectral_correlations" not in report:
+            add_spectral(report, args.bootstrap, args.seed)
     old = (args.out_dir / "probe_gemma.md").read_text(encoding="utf-8")
     m = re.search(r"Command: `([^`]*)` \(wall time ([0-9.]+) min", old)
     command, wall = (
