@@ -193,9 +193,13 @@ def test_two_process_fsdp_requests_on_cpu(launch: Any, tmp_path: Path) -> None:
         return
     result = run(tmp_path / "fsdp1", *fsdp(1))
     assert result.returncode != 0
-    assert (
-        "kappatune: error: accelerate cannot start this launch configuration: There are currently"
-        " no available devices found" in result.stderr
+    # accelerate's own reason, in its words: < 1.16 finds no device, 1.16 refuses FSDP's
+    # parameter initialisation on CPU
+    assert re.search(
+        r"kappatune: error: accelerate cannot start this launch configuration: (There are"
+        r" currently no available devices found|FSDP parameter initialization with"
+        r" `sync_module_states=True` is not supported on cpu)",
+        result.stderr,
     )
     assert not (tmp_path / "fsdp1").exists()
 
