@@ -226,40 +226,28 @@ def summary(
     return "\n".join(out)
 
 
-def add_spectral(report: dict[str, Any], bootstrap: int, seed: int) -> None:
-    """For a report written before the probe compared kappa with Spectrum's SNR: the same
-    pairwise Spearman/Kendall table from its stored rows (kappa, Fisher) and the SNR of a fresh
-    analysis of the same model (checked by fingerprint)."""
+def add_spectral(report: dict[str, Any]) -> None:
+    """For a report written before the probe compared kappa with Spectrum's SNR: the probe's
+    own table (:func:`kappatune.probe.run.spectral_correlations`, with the report's settings)
+    from its stored rows (kappa, Fisher) and a fresh analysis of the same model for the SNR."""
     from kappatune.analysis.spectra import analyze
-    from kappatune.probe.correlation import pairwise_correlations
+    from kappatune.probe.run import ProbeRow, ProbeSettings, spectral_correlations
 
     analysis = analyze(MODEL)
-    fresh = {(r.name, -1 if r.expert is None else r.expert): r for r in analysis.tensors}
-    rows = report["rows"]
-    keys = [(r["name"], -1 if r["expert"] is None else r["expert"]) for r in rows]
+    rows = [
+        ProbeRow(r["name"], r["expert"], r["layer"], r["module_type"], int(r["numel"]),
+                 float(r["kappa"]), r["fisher"])
+        for r in report["rows"]
+    ]  # fmt: skip
+    fresh = {t.key: t.kappa for t in analysis.tensors}
     worst = max(
-        abs(fresh[k].kappa / float(r["kappa"]) - 1) for k, r in zip(keys, rows, strict=True)
+        abs(fresh[(r.name, -1 if r.expert is None else r.expert)] / r.kappa - 1) for r in rows
     )
     if worst > 1e-6:  # the stored fingerprint is of the loaded model, so compare the kappas
         raise SystemExit(f"{MODEL}'s kappas differ from the stored probe's (by {worst:.1e})")
-    snr = {k: t.snr for k, t in fresh.items()}
-    scores: dict[str, list[float]] = {
-        "kappa": [float(r["kappa"]) for r in rows],
-        "snr": [
-            float("nan")
-            if (v := snr.get((r["name"], -1 if r["expert"] is None else r["expert"]))) is None
-            else float(v)
-            for r in rows
-        ],
-    }
-    for kind in report["settings"]["kinds"]:
-        scores[f"fisher-{kind}"] = [float(r["fisher"][kind]["mean"]) for r in rows]
-    pairs = [(a, b) for i, a in enumerate(scores) for b in list(scores)[i + 1 :]]
-    pairs = [(a, b) for a, b in pairs if not (a.startswith("fisher") and b.startswith("fisher"))]
+    settings = ProbeSettings.from_json(report["settings"])
     report["spectral_added"] = True
-    report["spectral_correlations"] = pairwise_correlations(
-        [r["module_type"] for r in rows], scores, pairs, bootstrap=bootstrap, seed=seed
-    )
+    report["spectral_correlations"] = spectral_correlations(analysis, rows, settings)
 
 
 def resummarize(args: argparse.Namespace) -> int:
@@ -272,7 +260,7 @@ def resummarize(args: argparse.Namespace) -> int:
     }
     for report in reports.values():
         if "spectral_correlations" not in report:
-            add_spectral(report, args.bootstrap, args.seed)
+            add_spectral(report)
     old = (args.out_dir / "probe_gemma.md").read_text(encoding="utf-8")
     m = re.search(r"Command: `([^`]*)` \(wall time ([0-9.]+) min", old)
     command, wall = (
