@@ -243,17 +243,17 @@ def _preprocess_corda(
 
     corda = config.corda_config
     assert corda is not None
-    if cache is not None and cache.is_file():
+    if cache is None:
+        corda.cache_file = None
+        preprocess_corda(model, config, run_model=run)
+        return
+    if cache.is_file():
         corda.cache_file = str(cache)
         try:
             preprocess_corda(model, config)
             return
         except Exception as exc:  # torch.load and PEFT raise many kinds: recompute on any
             log.warning("unusable CorDA cache %s (%s): recomputing it", cache, exc)
-    if cache is None:
-        corda.cache_file = None
-        preprocess_corda(model, config, run_model=run)
-        return
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     corda.cache_file = str(tmp)
     try:

@@ -49,6 +49,7 @@ from kappatune.bench.knowledge import (
     single_token,
     tokenize_questions,
 )
+from kappatune.bench.peers import PreprocessCache
 from kappatune.bench.scenarios import Scenario, ScenarioData
 from kappatune.bench.store import (
     BaseResult,
@@ -333,8 +334,6 @@ def train_one(
     model = copy.deepcopy(loaded.model)
     torch.manual_seed(seed)  # LoRA initialisation
     ctx = arm_context(loaded, settings, seed, fisher)
-    from kappatune.bench.peers import PreprocessCache
-
     ready = arms_mod.prepare_arm(
         model,
         arm,
