@@ -49,6 +49,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--control", type=int, default=48)
+    ap.add_argument("--control-len", type=int, default=256, help="tokens per control row")
     ap.add_argument("--task", type=int, default=24)
     ap.add_argument("--questions", type=int, default=400)
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_cost")
@@ -56,7 +57,7 @@ def main() -> int:
 
     sizes = EvalSizes(
         seq_len=64, task_sequences=args.task, control_sequences=args.control,
-        knowledge_questions=args.questions,
+        knowledge_questions=args.questions, control_seq_len=args.control_len,
     )  # fmt: skip
     settings = BenchSettings(arms=("kappa", "full"), sizes=sizes, steps=args.steps, checkpoints=1)
     loaded, t_load = timed(lambda: load_model("gemma-3-270m", settings))

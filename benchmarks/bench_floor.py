@@ -221,7 +221,7 @@ def main() -> int:
     data = scenario.load()
     draws = {}
     for length, k in largest.items():
-        sizes = dataclasses.replace(settings.sizes, seq_len=length, control_sequences=k)
+        sizes = dataclasses.replace(settings.sizes, control_seq_len=length, control_sequences=k)
         control = prepare(scenario, data, loaded.tokenizer, sizes).control
         draws[length] = tuple(control[i] for i in spread_order(len(control)))
     prepared = prepare(scenario, data, loaded.tokenizer, settings.sizes)
@@ -244,10 +244,10 @@ def main() -> int:
             **{f"score {len(s.base)} rows of {n} tokens, both models (s)": s.seconds
                for n, s in sorted(scored.items())},
         }  # fmt: skip
-        text[:] = [render(rows, skipped, drawn, times, settings, command)]
+        text[:] = [render(rows, skipped, drawn, times, settings, command, scenario.control.source)]
         atomic_write_text(args.out.with_suffix(".md"), text[0])
         atomic_write_json(args.out.with_suffix(".json"), {
-            "command": command, "times": times, "resamples": settings.bootstrap, "tuned": name,
+            "command": command, "control": scenario.control.source, "times": times, "resamples": settings.bootstrap, "tuned": name,
             "skipped": [f"{n}:{k}" for n, k in skipped],
             "drawn": {str(n): k for n, k in drawn.items()},
             "smallest_below_1pct": {str(n): smallest_below([r for r in rows if r.seq_len == n])
@@ -285,6 +285,7 @@ def render(
     times: Mapping[str, float],
     settings: BenchSettings,
     command: str,
+    control: str,
 ) -> str:
     names = [n for n, _ in rows[0].paired] if rows else []
     head = ["row tokens", "rows", "tokens", "base ppl", "base floor"]
@@ -295,7 +296,7 @@ def render(
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()},"
         f" {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  ",
-        f"Model {settings.model}, scenario code, control text builtin:python-docs-prose; tuned"
+        f"Model {settings.model}, scenario code, control text {control}; tuned"
         f" model: one `--preset cpu` run ({settings.steps} steps, batch {settings.batch_size},"
         f" {settings.sizes.seq_len}-token training rows), seed 0. Floors: half-widths of 95 %"
         f" bootstrap bands ({settings.bootstrap} resamples), in % of perplexity. The rows of"

@@ -215,15 +215,20 @@ def choose(analysis: Analysis, model: nn.Module, settings: DemoSettings) -> Sele
 
 
 def demo_data(tokenizer: PreTrainedTokenizerBase, settings: DemoSettings) -> PreparedScenario:
-    """The bench's built-in ``code`` scenario, tokenized (training rows and both eval sets)."""
-    from kappatune.bench.scenarios import builtin_scenario
+    """The bench's built-in ``code`` scenario, tokenized (training rows and both eval sets),
+    with Python's own English documentation as control text: it ships with the interpreter, so
+    the demo needs nothing beyond the package (the bench's dictionary control needs dict-gcide)."""
+    from dataclasses import replace
+
+    from kappatune.bench.scenarios import DataSpec, builtin_scenario
     from kappatune.bench.tokenized import EvalSizes, prepare
 
-    scenario = builtin_scenario("code")
+    scenario = replace(builtin_scenario("code"), control=DataSpec("builtin:python-docs-prose"))
     sizes = EvalSizes(
         seq_len=settings.seq_len,
         task_sequences=settings.eval_sequences,
         control_sequences=settings.eval_sequences,
+        control_seq_len=settings.seq_len,
     )
     return prepare(scenario, scenario.load(), tokenizer, sizes)
 

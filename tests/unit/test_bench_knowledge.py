@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from kappatune.bench import dictd as D
 from kappatune.bench import knowledge as K
 from kappatune.bench.evaluate import option_row_scores
 from kappatune.errors import KappaTuneError
@@ -59,19 +60,19 @@ def dictd(tmp_path: Path) -> Path:
 
 
 def test_dictd_numbers_and_files(dictd: Path) -> None:
-    assert K.b64_number("Cc6") == 2 * 4096 + 28 * 64 + 58
-    assert K.b64_number(_b64(123456)) == 123456
-    entries = K.read_dictd(dictd / "elements.index", dictd / "elements.dict.dz")
+    assert D.b64_number("Cc6") == 2 * 4096 + 28 * 64 + 58
+    assert D.b64_number(_b64(123456)) == 123456
+    entries = D.read_dictd(dictd / "elements.index", dictd / "elements.dict.dz")
     assert list(entries) == [f"el{i}" for i in range(1, 7)]  # the database header is skipped
     assert K.parse_elements(entries)[2] == K.Element("el3", "S3", 3)
-    assert K.missing_packages(dictd) == []
-    assert K.missing_packages(dictd / "nowhere") == ["dict-elements", "dict-gcide"]
+    assert D.missing_packages(dictd) == []
+    assert D.missing_packages(dictd / "nowhere") == ["dict-elements", "dict-gcide"]
 
 
 def test_gcide_definitions_drop_etymology() -> None:
     body = GCIDE["River"]
-    assert K.gcide_definition(body) == ("river", "A plain thing called number two here")
-    assert K.gcide_definition("Two words \\x\\, n.\n  A thing of note here.\n") is None
+    assert D.gcide_definition(body) == ("river", "A plain thing called number two here")
+    assert D.gcide_definition("Two words \\x\\, n.\n  A thing of note here.\n") is None
 
 
 def test_builtin_questions_are_deterministic(dictd: Path) -> None:

@@ -169,7 +169,7 @@ def setup(toy_bench: dict[str, Path]) -> tuple[Path, Scenario, Path]:
     return toy_bench["model"], toy_scenario(toy_bench), toy_bench["train"].parent
 
 
-SIZES = EvalSizes(seq_len=16, task_sequences=3, control_sequences=10)
+SIZES = EvalSizes(seq_len=16, task_sequences=3, control_sequences=10, control_seq_len=16)
 
 
 def test_keep_data_never_holds_the_control_evaluation_rows(setup: tuple) -> None:
@@ -268,7 +268,7 @@ def test_a_text_shorter_than_the_sizes_asked_is_said(
     caplog.set_level("WARNING", logger="kappatune.bench.tokenized")
     p = prepare(scenario, data, char_tokenizer(), SIZES)
     assert caplog.messages == []  # the sizes fit: nothing to say
-    asked = EvalSizes(seq_len=16, task_sequences=3, control_sequences=100_000)
+    asked = EvalSizes(seq_len=16, task_sequences=3, control_sequences=100_000, control_seq_len=16)
     p = prepare(scenario, data, char_tokenizer(), asked)
     n = len(p.control)
     assert 10 < n < 100_000

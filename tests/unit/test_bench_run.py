@@ -36,7 +36,7 @@ def _settings(model: Path, mc: Path, **kw: Any) -> BenchSettings:
         lr_grid=(("kappa", (1e-4,)), ("random", (1e-4, 3e-4))),
         budget="3072",
         batch_size=2,
-        sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=10),
+        sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=10, control_seq_len=16),
         knowledge=str(mc),
         bootstrap=20,
     )
@@ -53,7 +53,7 @@ CHANGED: dict[str, Any] = {
     "budget": "4096",
     "batch_size": 3,
     "eval_batch_size": 2,
-    "sizes": EvalSizes(seq_len=16, task_sequences=3, control_sequences=11),
+    "sizes": EvalSizes(seq_len=16, task_sequences=3, control_sequences=11, control_seq_len=16),
     "knowledge": "none",
     "knowledge_seed": 1,
     "lora_fraction": 0.5,
@@ -66,6 +66,7 @@ CHANGED: dict[str, Any] = {
 }
 SIZES_CHANGED = {
     "seq_len": 32,
+    "control_seq_len": 24,
     "task_sequences": 4,
     "task_examples": 7,
     "control_sequences": 12,
@@ -203,7 +204,11 @@ def test_bad_settings_fail_before_anything_is_written(
         _settings(model, mc, lr_grid=(("full", (1e-5,)),))
     with pytest.raises(KappaTuneError, match="cannot read parameter budget"):
         _settings(model, mc, budget="many")
-    small = _settings(model, mc, sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=4))
+    small = _settings(
+        model,
+        mc,
+        sizes=EvalSizes(seq_len=16, task_sequences=3, control_sequences=4, control_seq_len=16),
+    )
     with pytest.raises(KappaTuneError, match="4 control sequences are too few for a noise floor"):
         run_bench([scenario], small, tmp_path)
     with pytest.raises(KappaTuneError, match="exceeds the"):
@@ -264,7 +269,7 @@ def test_stored_cpu_benchmark_runs_keep_their_keys() -> None:
     from kappatune.cli import bench as cli_bench
     from kappatune.cli.main import build_parser
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_cpu"
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_cpu_gcide"
     command = json.loads((root / "bench.json").read_text())["command"].split()
     assert command[:2] == ["kappatune", "bench"]
     settings = cli_bench.settings_from_args(

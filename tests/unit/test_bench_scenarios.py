@@ -20,16 +20,24 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_code_scenario_splits_by_module_and_control_is_prose() -> None:
+def test_code_scenario_splits_by_module_and_controls_on_dictionary_english() -> None:
     assert not set(records.STDLIB_TRAIN) & set(records.STDLIB_HELDOUT)
-    data = builtin_scenario("code").load()
-    assert data.train.kind == data.heldout.kind == data.control.kind == "text"
+    code = builtin_scenario("code")
+    assert code.control.source == builtin_scenario("digits").control.source
+    assert code.control.source == "builtin:gcide-definitions"  # not about Python (transfer)
+    train = records.BUILTIN_DATA["python-stdlib-train"]()
+    heldout = records.BUILTIN_DATA["python-stdlib-heldout"]()
+    assert train.kind == heldout.kind == "text"
     root = records.stdlib_dir()
     first = (root / f"{records.STDLIB_TRAIN[0]}.py").read_text(encoding="utf-8")
-    assert data.train.records[0].completion == first
-    held = {r.completion for r in data.heldout.records}
-    assert not held & {r.completion for r in data.train.records}
-    for doc in data.control.records:
+    assert train.records[0].completion == first
+    assert not {r.completion for r in heldout.records} & {r.completion for r in train.records}
+
+
+def test_python_docs_prose_keeps_prose_paragraphs() -> None:
+    prose = records.BUILTIN_DATA["python-docs-prose"]()
+    assert prose.kind == "text" and prose.origin == "python-docs-prose"
+    for doc in prose.records:
         for para in doc.completion.split("\n\n"):
             assert records.is_prose(para)
             assert "::=" not in para and not para.startswith(">>>")

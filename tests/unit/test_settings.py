@@ -70,7 +70,7 @@ CHANGED: dict[type, Any] = {
         weight_decay=0.1, max_grad_norm=0.5, dtype="bfloat16", autocast=True, device="cpu",
         forgetting_budget=2.0, bootstrap=50, kl_cache_mb=0.0,
     ),
-    EvalSizes: EvalSizes(8, 2, 3, 11, 600, 5),
+    EvalSizes: EvalSizes(8, 2, 3, 11, 600, 5, 12),
     DemoSettings: DemoSettings(
         model="m", budget="5%", steps=3, lr=1e-3, batch_size=1, seq_len=16, eval_sequences=2,
         seed=1, device="cpu",

@@ -58,16 +58,21 @@ def checkpoint_steps(steps: int, count: int) -> tuple[int, ...]:
 class EvalSizes:
     """How much data each run trains on and is evaluated on."""
 
-    seq_len: int = setting(64, help="tokens per packed text row")
+    seq_len: int = setting(64, help="tokens per packed training and held-out text row")
     task_sequences: int = setting(32, help="held-out rows for perplexity tasks")
     task_examples: int = setting(100, help="held-out examples for label tasks")
     control_sequences: int = setting(64, help="control rows (at least 10 for the noise floor)")
     max_row_len: int = setting(512, help="longest prompt+completion row allowed")
     knowledge_questions: int = setting(400, help="built-in knowledge questions")
+    control_seq_len: int = setting(  # a row's first tokens, without context, dominate short rows
+        256, help="tokens per packed control text row"
+    )
 
     def __post_init__(self) -> None:
-        if self.seq_len < 4:
-            raise KappaTuneError(f"--seq-len must be at least 4, got {self.seq_len}")
+        for name in ("seq_len", "control_seq_len"):
+            if getattr(self, name) < 4:
+                flag = "--" + name.replace("_", "-")
+                raise KappaTuneError(f"{flag} must be at least 4, got {getattr(self, name)}")
         for name in ("task_sequences", "task_examples", "control_sequences", "knowledge_questions"):
             if getattr(self, name) < 1:
                 raise KappaTuneError(f"{name.replace('_', '-')} must be at least 1")

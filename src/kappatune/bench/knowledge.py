@@ -9,8 +9,6 @@ question per line: ``{"question": "...", "options": ["...", ...], "answer": "...
 
 from __future__ import annotations
 
-import collections
-import gzip
 import json
 import math
 import random
@@ -22,16 +20,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kappatune.bench.dictd import (
+    DICTD_DIR,
+    dictd_files,
+    missing_packages,
+    question_words,
+    read_dictd,
+)
 from kappatune.bench.evaluate import OptionRow, option_scores
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DICTD_DIR = Path("/usr/share/dictd")
 BUILTIN = "builtin:dictd"
-DICT_PACKAGES = ("dict-elements", "dict-gcide")
-_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 @dataclass(frozen=True)
@@ -48,43 +50,6 @@ class Question:
             raise KappaTuneError(f"question {self.prompt!r}: options repeat")
         if not 0 <= self.answer < len(self.options):
             raise KappaTuneError(f"question {self.prompt!r}: answer index out of range")
-
-
-# --------------------------------------------------------------------------- dictd files
-
-
-def b64_number(text: str) -> int:
-    """dictd's base-64 numbers (offsets and lengths in .index files)."""
-    value = 0
-    for ch in text:
-        value = value * 64 + _B64.index(ch)
-    return value
-
-
-def read_dictd(index: Path, data: Path) -> dict[str, str]:
-    """Headword -> definition text of a dictd database (first entry of a repeated headword)."""
-    if data.suffix == ".dz":  # dictzip is gzip with a seek table
-        with gzip.open(data) as fh:
-            raw = fh.read()
-    else:
-        raw = data.read_bytes()
-    out: dict[str, str] = {}
-    for line in index.read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3 or parts[0].startswith("00database") or parts[0] in out:
-            continue
-        off, length = b64_number(parts[1]), b64_number(parts[2])
-        out[parts[0]] = raw[off : off + length].decode("utf-8", "replace")
-    return out
-
-
-def dictd_files(root: Path, name: str) -> tuple[Path, Path] | None:
-    index, data = root / f"{name}.index", root / f"{name}.dict.dz"
-    return (index, data) if index.is_file() and data.is_file() else None
-
-
-def missing_packages(root: Path = DICTD_DIR) -> list[str]:
-    return [p for p in DICT_PACKAGES if dictd_files(root, p.removeprefix("dict-")) is None]
 
 
 # --------------------------------------------------------------------------- question forms
@@ -142,46 +107,11 @@ def element_questions(
     return out
 
 
-_HEAD = re.compile(r"^([A-Za-z]+) \\[^\\]*\\, (n|v\. t|v\. i|a|adv)\.")
-
-
-def gcide_definition(body: str) -> tuple[str, str] | None:
-    """(headword, first sense) of a plain one-word gcide entry, or None."""
-    m = _HEAD.match(body.strip())
-    if not m:
-        return None
-    word = m[1]
-    text = " ".join(body.strip()[m.end() :].splitlines())
-    text = text.split("[1913 Webster]")[0]
-    text = re.sub(r"\[[^\]]*\]", " ", text)  # etymology
-    text = re.sub(r"\([A-Z][a-z]*\.?\)", " ", text)  # (Anat.) field labels
-    text = re.sub(r"^\s*\d+\.\s*", "", text)
-    text = re.sub(r"\s+", " ", text).strip()
-    sense = re.split(r"[;:.]", text)[0].strip()
-    if not 20 <= len(sense) <= 100 or word.lower() in sense.lower() or "--" in sense:
-        return None
-    if not re.fullmatch(r"[A-Za-z ,'-]+", sense):
-        return None
-    return word.lower(), sense[0].upper() + sense[1:]
-
-
-def common_words(entries: dict[str, str], minimum: int = 20) -> set[str]:
-    """Headwords that occur at least ``minimum`` times in the dictionary's own definitions: a
-    frequency list from the same data, so questions use words a reader (or model) knows."""
-    counts = collections.Counter(re.findall(r"[a-z]+", "\n".join(entries.values())))
-    return {w for w, c in counts.items() if c >= minimum}
-
-
 def gcide_questions(
     entries: dict[str, str], rng: random.Random, k: int, n: int, accept: Accept = _everything
 ) -> list[Question]:
     """Definition -> word, distractors among the other chosen words."""
-    common = common_words(entries)
-    defs: dict[str, str] = {}
-    for body in entries.values():
-        got = gcide_definition(body)
-        if got and got[0] in common and 4 <= len(got[0]) <= 10 and got[0] not in defs:
-            defs[got[0]] = got[1]
+    defs = question_words(entries)
     words = sorted(w for w in defs if accept(" " + w))
     chosen = sorted(rng.sample(words, min(n, len(words))))
     pool = [" " + w for w in words]

@@ -10,8 +10,12 @@ Built-in data (offline, real text that no one here wrote):
 
 * ``python-stdlib-train`` / ``python-stdlib-heldout``: source files of the running interpreter's
   standard library, split by module (two fixed, disjoint module lists);
+* ``gcide-definitions``: plain English definitions of 8000 headwords of Debian's ``dict-gcide``
+  (Webster 1913 and supplements), spread over the alphabet, none about a word that the built-in
+  knowledge questions ask (:mod:`kappatune.bench.dictd`): the built-in scenarios' control text;
 * ``python-docs-prose``: English prose paragraphs of ``pydoc_data.topics`` (the Python language
-  reference shipped with the interpreter), keeping only paragraphs that are least about code;
+  reference shipped with the interpreter), keeping only paragraphs that are least about code
+  (small, about 12k tokens, and about Python: a control for it measures transfer from code);
 * ``digits-train`` / ``digits-heldout``: scikit-learn's bundled 8x8 handwritten digits written as
   eight lines of eight pixel digits (intensity 0-16 halved to 0-8), label among "0".."9".
 """
@@ -128,6 +132,14 @@ def docs_prose() -> Split:
     return Split("text", tuple(records), "python-docs-prose")
 
 
+def gcide_definitions() -> Split:
+    """The ``gcide-definitions`` control text (documents of 40 definitions, one per line)."""
+    from kappatune.bench import dictd
+
+    docs = dictd.control_documents()
+    return Split("text", tuple(Record("", d) for d in docs), "gcide-definitions")
+
+
 def digit_text(pixels: Sequence[float]) -> str:
     """64 intensities 0-16 -> eight lines of eight digits 0-8 (one token each in most vocabularies)."""
     if len(pixels) != 64:
@@ -155,6 +167,7 @@ def digits_split(heldout: bool) -> Split:
 BUILTIN_DATA: dict[str, Callable[[], Split]] = {
     "python-stdlib-train": lambda: stdlib_split(STDLIB_TRAIN, "python-stdlib-train"),
     "python-stdlib-heldout": lambda: stdlib_split(STDLIB_HELDOUT, "python-stdlib-heldout"),
+    "gcide-definitions": gcide_definitions,
     "python-docs-prose": docs_prose,
     "digits-train": lambda: digits_split(heldout=False),
     "digits-heldout": lambda: digits_split(heldout=True),

@@ -35,6 +35,7 @@ from kappatune.bench.config import (  # declared without torch, for the CLI's fl
 from kappatune.bench.config import NOT_IN_KEY as NOT_IN_KEY
 from kappatune.bench.config import EvalSizes as EvalSizes
 from kappatune.bench.config import lr_grid_around as lr_grid_around
+from kappatune.bench.dictd import missing_packages
 from kappatune.bench.evaluate import BaseReference, ControlResult, control_eval, label_accuracy
 from kappatune.bench.fronts import accuracy_noise_floor, ppl_noise_floor
 from kappatune.bench.knowledge import BUILTIN as BUILTIN_KNOWLEDGE
@@ -44,7 +45,6 @@ from kappatune.bench.knowledge import (
     TokenizedQuestion,
     builtin_questions,
     mc_accuracy,
-    missing_packages,
     read_questions,
     single_token,
     tokenize_questions,
@@ -186,7 +186,8 @@ class Evaluator:
     def control(self, model: nn.Module, with_kl: bool = True) -> ControlResult:
         p = self.prepared
         ref = self.base if with_kl else None
-        return control_eval(model, p.control, pad_id=p.pad_id, batch_size=self.batch_size, base=ref)
+        rows = p.rows_per_batch(self.batch_size, p.control)
+        return control_eval(model, p.control, pad_id=p.pad_id, batch_size=rows, base=ref)
 
     def mc(self, model: nn.Module) -> McResult | None:
         if not self.knowledge:

@@ -6,7 +6,7 @@ Config file (YAML or JSON), one scenario or ``scenarios: [...]`` (built-in names
     name: sentiment
     train: data/train.jsonl          # a path, builtin:NAME, or hf:NAME[/CONFIG]:SPLIT
     heldout: data/test.jsonl
-    control: builtin:python-docs-prose
+    control: builtin:gcide-definitions
     task_metric: accuracy            # or perplexity
     options: [negative, positive]
     template: "Review: {text}\\nSentiment: "
@@ -158,13 +158,13 @@ BUILTIN_SCENARIOS: dict[str, Scenario] = {
         name="code",
         train=DataSpec("builtin:python-stdlib-train"),
         heldout=DataSpec("builtin:python-stdlib-heldout"),
-        control=DataSpec("builtin:python-docs-prose"),
+        control=DataSpec("builtin:gcide-definitions"),
     ),
     "digits": Scenario(
         name="digits",
         train=DataSpec("builtin:digits-train"),
         heldout=DataSpec("builtin:digits-heldout"),
-        control=DataSpec("builtin:python-docs-prose"),
+        control=DataSpec("builtin:gcide-definitions"),
         task_metric="accuracy",
         options=records.DIGIT_OPTIONS,
     ),

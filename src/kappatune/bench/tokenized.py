@@ -1,6 +1,8 @@
 """Scenario data -> token ids: training rows and the fixed evaluation sets.
 
-Text splits are packed into ``seq_len`` chunks that each start with the tokenizer's own
+Text splits are packed into ``seq_len`` chunks (control text: ``control_seq_len``, longer by
+default: a row's first tokens, predicted without context, would otherwise weigh on the control
+perplexity and on how it changes) that each start with the tokenizer's own
 prefix (BOS for Gemma) via :mod:`kappatune.training.data`; prompt/completion and label records are one
 row each (prefix + prompt + completion), with the loss on the completion only. Evaluation sets
 are a fixed, evenly spaced subset of the held-out and control rows, identical for every arm.
@@ -42,10 +44,17 @@ class PreparedScenario:
     # data of what to keep (CorDA-KPM): control rows the control evaluation does not use
     keep: TokenizedData | None = None
     keep_digest: str = ""
+    seq_len: int = 64  # tokens per training row: an evaluation batch holds batch x this many
 
     @property
     def metric(self) -> str:
         return self.scenario.task_metric
+
+    def rows_per_batch(self, batch_size: int, rows: Sequence[EvalSequence]) -> int:
+        """Rows of ``rows`` per forward pass: ``batch_size`` rows of :attr:`seq_len` tokens'
+        worth (longer control rows, fewer per pass: the logits over the vocabulary dominate)."""
+        longest = max((len(r.ids) for r in rows), default=self.seq_len)
+        return max(1, batch_size * self.seq_len // max(longest, self.seq_len))
 
 
 def evenly(n: int, k: int) -> list[int]:
@@ -77,10 +86,13 @@ def _row_len(tokenizer: PreTrainedTokenizerBase, split: Split, eos: bool, limit:
 
 
 def tokenize_split(
-    tokenizer: PreTrainedTokenizerBase, split: Split, sizes: EvalSizes
+    tokenizer: PreTrainedTokenizerBase, split: Split, sizes: EvalSizes, seq_len: int | None = None
 ) -> TokenizedData:
+    """Text packed into rows of ``seq_len`` (default ``sizes.seq_len``) tokens; other kinds one
+    row per record."""
     if split.kind == "text":
-        return tokenize(tokenizer, _examples(split), PackConfig(seq_len=sizes.seq_len))
+        length = sizes.seq_len if seq_len is None else seq_len
+        return tokenize(tokenizer, _examples(split), PackConfig(seq_len=length))
     eos = split.kind == "pairs"
     length = _row_len(tokenizer, split, eos, sizes.max_row_len)
     return tokenize(
@@ -150,7 +162,7 @@ def prepare(
     if scenario.task_metric == "accuracy":
         options = tokenize_options(tokenizer, scenario.options)
     train = tokenize_split(tokenizer, data.train, sizes)
-    control_rows = tokenize_split(tokenizer, data.control, sizes)
+    control_rows = tokenize_split(tokenizer, data.control, sizes, sizes.control_seq_len)
     control = eval_sequences(control_rows, sizes.control_sequences)
     warn_if_short("control", data.control.origin, len(control), sizes.control_sequences)
     task_sequences: tuple[EvalSequence, ...] = ()
@@ -175,6 +187,7 @@ def prepare(
         digest=digest([train, task_sequences, task_examples, options, control, pad]),
         keep=keep,
         keep_digest="" if keep is None else digest([keep]),
+        seq_len=sizes.seq_len,
     )
     label_rows_match(prepared)
     return prepared

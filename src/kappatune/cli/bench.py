@@ -54,13 +54,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
         "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
         "batch_size": 4, "eval_batch_size": 8, "task_sequences": 12, "control_sequences": 24,
-        "knowledge_questions": 400, "kl_cache_mb": 2048.0,
+        "control_seq_len": 256, "knowledge_questions": 400, "kl_cache_mb": 6400.0,
     },
     # one GPU: every arm, 5 learning rates over 30x, longer runs, larger evaluation sets
     "gpu": {
         "scenarios": ["code", "digits"], "model": "gemma-3-270m",
         "arms": ["full", "lora", "kappa", "kappa-lora", "random", "highest", "fisher"],
         "seeds": [0, 1, 2], "steps": 200, "checkpoints": 5, "lr_count": 5, "seq_len": 256,
+        "control_seq_len": 256,
         "batch_size": 16, "eval_batch_size": 16, "task_sequences": 256, "task_examples": 500,
         "control_sequences": 512, "knowledge_questions": 1000, "fisher_tokens": 16384,
         "device": "cuda",
