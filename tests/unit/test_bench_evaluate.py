@@ -187,3 +187,27 @@ def test_kl_is_zero_for_the_base_model_and_matches_a_hand_computation() -> None:
         assert got.kl == pytest.approx(expected / n, rel=1e-4)
         assert got.kl > 0
     assert math.isnan(control_eval(tuned, SEQS, pad_id=0).kl)
+
+
+def test_chunked_nll_and_kl_match_a_whole_batch_computation() -> None:
+    from kappatune.bench import evaluate as E
+
+    g = torch.Generator().manual_seed(0)
+    rows, positions, vocab = 3, 2 * E.KL_CHUNK + 5, 11  # chunks cross rows; padded rows
+    full = torch.randn(rows, positions + 1, vocab, generator=g)
+    logits = full[:, :-1]  # the view control_eval gets: last position cut off
+    target = torch.randint(0, vocab, (rows, positions), generator=g)
+    target[1, 20:] = E.IGNORE
+    target[2, 0] = E.IGNORE
+    scored = target != E.IGNORE
+    ref = torch.log_softmax(torch.randn(int(scored.sum()), vocab, generator=g), dim=-1)
+    sums, kl = E._scored_nll_and_kl(logits, target, ref)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = [float(-(picked[i] * scored[i]).sum()) for i in range(rows)]
+    assert sums == pytest.approx(expected, rel=1e-6)
+    r = ref.double()
+    assert kl == pytest.approx(float((r.exp() * (r - logp[scored])).sum()), rel=1e-6)
+    assert E._scored_nll_and_kl(logits, target, None)[1] == 0.0
+    with pytest.raises(KappaTuneError, match="base log-probabilities cover"):
+        E._scored_nll_and_kl(logits, target, ref[1:])

@@ -398,6 +398,40 @@ def _logits_and_targets(
     return logits[:, :-1], labels[:, 1:].to(device)
 
 
+KL_CHUNK = 16  # positions per step: 16 x a 262k vocabulary is 16 MiB, reused by the allocator
+
+
+def _scored_nll_and_kl(
+    logits: torch.Tensor, target: torch.Tensor, ref: torch.Tensor | None
+) -> tuple[list[float], float]:
+    """Per-row NLL sums over the scored positions of ``logits`` (batch, positions, vocab) and,
+    given ``ref`` (the base model's log-probabilities at those positions, in row-major order),
+    the summed KL(ref || model).
+
+    The scored positions are taken a few at a time: whole-batch temporaries of the vocabulary's
+    size (half a gigabyte per batch for a 262k vocabulary) cost more in fresh memory than in
+    arithmetic. Sums are accumulated in float64.
+    """
+    rows, _, vocab = logits.shape  # a view (the last position cut off): indexed, not reshaped
+    row_of, pos_of = (target != IGNORE).nonzero(as_tuple=True)  # row-major, as ``ref``
+    picked_all = torch.empty(len(row_of), dtype=torch.float64, device=logits.device)
+    if ref is not None and ref.shape != (len(row_of), vocab):
+        raise KappaTuneError(
+            f"base log-probabilities cover {tuple(ref.shape)}, not {len(row_of)} scored positions"
+        )
+    kl = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, len(row_of), KL_CHUNK):
+        r_i, p_i = row_of[start : start + KL_CHUNK], pos_of[start : start + KL_CHUNK]
+        logp = torch.log_softmax(logits[r_i, p_i].float(), dim=-1)
+        picked_all[start : start + len(r_i)] = logp.gather(1, target[r_i, p_i].unsqueeze(1))[:, 0]
+        if ref is not None:
+            r = ref[start : start + len(r_i)].to(logp.device)
+            kl += (r.exp() * (r - logp)).sum(dtype=torch.float64)
+    sums = torch.zeros(rows, dtype=torch.float64, device=logits.device)
+    sums.index_add_(0, row_of, -picked_all)
+    return [float(x) for x in sums], float(kl) if ref is not None else 0.0
+
+
 def control_eval(
     model: torch.nn.Module,
     sequences: Sequence[EvalSequence],
@@ -419,14 +453,11 @@ def control_eval(
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start : start + batch_size]
                 logits, target = _logits_and_targets(model, batch, pad_id)
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                scored = target != IGNORE
-                nlls.extend(float(-(picked[i] * scored[i]).sum()) for i in range(len(batch)))
-                counts.extend(int(scored[i].sum()) for i in range(len(batch)))
-                if base is not None:
-                    ref = base.log_probs(batch).to(logp.device)
-                    kl += float((ref.exp() * (ref - logp[scored])).sum())
+                ref = base.log_probs(batch) if base is not None else None
+                sums, kl_batch = _scored_nll_and_kl(logits, target, ref)
+                nlls.extend(float(x) for x in sums)
+                counts.extend(int(n) for n in (target != IGNORE).sum(dim=1))
+                kl += kl_batch
     finally:
         model.train(was)
     return ControlResult(tuple(nlls), tuple(counts), kl)

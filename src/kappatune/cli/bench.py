@@ -24,7 +24,7 @@ EPILOG = """examples:
   kappatune bench --preset gpu --device cuda       # every arm, 5 lrs, longer runs, larger evaluations
   kappatune bench code --lr-grid full=1e-5,3e-5,1e-4 kappa=3e-5,1e-4,3e-4 --checkpoints 4
   kappatune bench --config configs/bench-example.yaml --model ./my-model --knowledge my-mc.jsonl
-  kappatune bench --train train.jsonl --heldout test.jsonl --control builtin:python-docs-prose \\
+  kappatune bench --train train.jsonl --heldout test.jsonl --control builtin:gcide-definitions \\
       --task-metric accuracy --options negative positive --template "{text}\\nSentiment: "
 
 Each arm trains at several learning rates (default 3 over 10x around its usual rate) and is
