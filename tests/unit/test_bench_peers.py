@@ -238,7 +238,7 @@ def test_bench_corda_without_data_to_keep_exits_2(
     code = main(
         ["bench", "--model", str(model), "--arms", "corda-kpm", "--seeds", "0", "--steps", "1",
          "--checkpoints", "1", "--knowledge", "none", "--seq-len", "16", "--budget-params", "3072", "--task-sequences", "3",
-         "--control-sequences", "4", "--train", str(root / "train.txt"), "--heldout",
+         "--control-sequences", "4", "--control-seq-len", "16", "--train", str(root / "train.txt"), "--heldout",
          str(root / "held.txt"), "--control", str(root / "short.txt"), "--output", str(tmp_path)]
     )  # fmt: skip
     err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]

@@ -16,7 +16,7 @@ def _common(files: dict[str, Path], out: Path) -> list[str]:
         "bench", "--model", str(files["model"]), "--arms", "kappa", "lora", "--seeds", "0", "1",
         "--steps", "2", "--checkpoints", "2", "--lr-grid", "kappa=1e-4", "lora=3e-4,1e-3",
         "--seq-len", "16", "--budget-params", "2500", "--task-sequences", "3",
-        "--control-sequences", "10", "--task-examples", "6", "--knowledge", str(files["mc"]),
+        "--control-sequences", "10", "--control-seq-len", "16", "--task-examples", "6", "--knowledge", str(files["mc"]),
         "--bootstrap", "20", "--output", str(out),
     ]  # fmt: skip
 
@@ -174,6 +174,7 @@ def test_gpu_preset_runs_a_tiny_sweep_on_cpu(
         "--arms", "kappa", "--seeds", "0", "--steps", "2", "--checkpoints", "1",
         "--lr-grid", "1e-4", "--seq-len", "16", "--batch-size", "2", "--eval-batch-size", "4",
         "--budget-params", "2500", "--task-sequences", "3", "--control-sequences", "10",
+        "--control-seq-len", "16",
         "--knowledge", str(files["mc"]), "--bootstrap", "20",
         "--train", str(files["train"]), "--heldout", str(files["held"]),
         "--control", str(files["control"]), "--output", str(tmp_path / "out"),
