@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from kappatune.bench.store import RunResult
 
 EPILOG = """examples:
-  kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~70 min, 2 cores)
+  kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~2.5 h, 2 cores)
   kappatune bench --preset gpu --device cuda       # every arm, 5 lrs, longer runs, larger evaluations
   kappatune bench code --lr-grid full=1e-5,3e-5,1e-4 kappa=3e-5,1e-4,3e-4 --checkpoints 4
   kappatune bench --config configs/bench-example.yaml --model ./my-model --knowledge my-mc.jsonl
@@ -48,8 +48,10 @@ def _defaults() -> dict[str, Any]:
 
 # Built-in defaults, then presets: a flag given on the command line always wins.
 PRESETS: dict[str, dict[str, Any]] = {
-    # 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice: 90-120 s a run on a
-    # quiet 2-core CPU, about 70 min in all (benchmarks/results/bench_cpu: the runs' timings)
+    # 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice: 210-250 s a run on a
+    # quiet 2-core CPU, about 2.5 h in all; an evaluation is ~75 s, ~55 of them the control's
+    # 6120 tokens over a 262k vocabulary, what a paired floor under 1 % takes
+    # (benchmarks/results/bench_cpu_gcide/RUN.md: the runs' timings)
     "cpu": {
         "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
         "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
@@ -139,7 +141,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add(
         "--preset",
         choices=tuple(PRESETS),
-        help="cpu: about 70 min on a quiet 2-core CPU; gpu: the full grid on one GPU",
+        help="cpu: about 2.5 h on a quiet 2-core CPU; gpu: the full grid on one GPU",
     )
     add("--config", type=Path, help="YAML/JSON file describing scenarios")
     from kappatune.bench.config import BenchSettings, EvalSizes
