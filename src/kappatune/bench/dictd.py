@@ -8,7 +8,7 @@ A database is a ``NAME.index`` (headword, base-64 offset and length per line) an
 * ``dict-gcide``: the GNU Collaborative International Dictionary of English (Webster 1913 and
   its supplements), 177k entries.
 
-``gcide-definitions`` (:func:`definitions_split`) is a control text of plain English: the
+``gcide-definitions`` (:func:`control_documents`) is a control text of plain English: the
 definitions of 8000 gcide headwords spread evenly over the alphabet, markup, etymologies,
 quotations and citations removed, and no headword that a built-in knowledge question could ask
 about (:func:`question_words`), so the control text and the knowledge questions stay disjoint.
@@ -77,8 +77,8 @@ def missing_packages(root: Path = DICTD_DIR) -> list[str]:
     return [p for p in DICT_PACKAGES if dictd_files(root, p.removeprefix("dict-")) is None]
 
 
-def gcide_entries(root: Path | None = None) -> dict[str, str]:
-    """gcide's entries, or one clear error naming the package to install."""
+def _gcide_files(root: Path | None) -> tuple[Path, Path]:
+    """gcide's two files, or one clear error naming the package to install."""
     root = DICTD_DIR if root is None else root
     files = dictd_files(root, "gcide")
     if files is None:
@@ -86,7 +86,12 @@ def gcide_entries(root: Path | None = None) -> dict[str, str]:
             f"dict-gcide is not installed under {root}"
             " (apt-get install -y dict-gcide; `make setup` does it)"
         )
-    return read_dictd(*files)
+    return files
+
+
+def gcide_entries(root: Path | None = None) -> dict[str, str]:
+    """gcide's entries, or one clear error naming the package to install."""
+    return read_dictd(*_gcide_files(root))
 
 
 # --------------------------------------------------------------------------- question words
@@ -205,10 +210,7 @@ PARAGRAPHS_PER_DOCUMENT = 40
 def control_documents(root: Path | None = None, count: int = CONTROL_PARAGRAPHS) -> tuple[str, ...]:
     """The ``gcide-definitions`` control text: :func:`definition_paragraphs` in documents of
     :data:`PARAGRAPHS_PER_DOCUMENT` lines (computed once per process and gcide version)."""
-    root = DICTD_DIR if root is None else root
-    gcide_entries(root)  # one clear error when it is missing
-    files = dictd_files(root, "gcide")
-    assert files is not None
+    files = _gcide_files(root)
     stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in files)
     return _control_documents(files, stamp, count)
 
