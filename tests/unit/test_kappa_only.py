@@ -13,7 +13,7 @@ from tests.conftest import geometric, known_matrix
 
 @pytest.fixture(autouse=True)
 def small_lanczos_side(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The route starts at sides of 768 (where it pays); the tests use small matrices."""
+    """The route starts at sides of 512 (where it pays); the tests use small matrices."""
     monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 64)
 
 
@@ -96,9 +96,28 @@ def test_ill_conditioned_matrices_take_the_qr_route(kappa: float) -> None:
 def test_default_threshold_keeps_small_sides_on_the_full_route(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 768)
-    res = linalg.matrix_spectrum(known_matrix(300, 200, geometric(9.0, 200)), kappa_only=True)
-    assert res.method == "gram" and len(res.singular_values) == 200
+    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 512)
+    res = linalg.matrix_spectrum(known_matrix(600, 400, geometric(9.0, 400)), kappa_only=True)
+    assert res.method == "gram" and len(res.singular_values) == 400
+
+
+def test_default_threshold_sends_sides_of_512_to_lanczos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 512)
+    w = known_matrix(700, 512, geometric(25.0, 512), seed=14)
+    res = check_against_lapack(w)
+    assert res.method == "gram-lanczos" and len(res.singular_values) == 2
+
+
+def test_cholesky_solve_inverts_the_gram() -> None:
+    a = known_matrix(90, 60, geometric(30.0, 60), seed=15).double().numpy()
+    g = a.T @ a
+    factor, info = linalg.lapack.dpotrf(g, lower=1, clean=0)  # its upper triangle still holds G
+    assert info == 0
+    x = np.random.default_rng(0).standard_normal(60)
+    got = linalg._cholesky_solve(factor, x)
+    want = np.linalg.solve(g, x)
+    assert np.max(np.abs(got - want)) <= 1e-12 * np.max(np.abs(want))
+    assert np.array_equal(x, np.random.default_rng(0).standard_normal(60))  # x is not touched
 
 
 def test_zero_and_small_matrices_take_the_full_route() -> None:
