@@ -285,8 +285,12 @@ def test_stored_cpu_benchmark_runs_keep_their_keys() -> None:
     )
     runs = sorted((root / "runs" / "code").glob("*-seed*.json"))
     base = json.loads((root / "runs" / "code" / "base.json").read_text())["config_hash"]
-    assert len(runs) >= 12  # at least seed 0 of 4 arms x 3 learning rates
+    assert len(runs) == 36  # 4 arms x 3 learning rates x 3 seeds
+    points = set()
     for path in runs:
         r = RunResult.from_json(json.loads(path.read_text()))
         key = run_key(base, settings.arm(r.arm, r.lr), r.lr, r.seed, settings)
         assert key == r.config_hash, path.name
+        points.add((r.arm, r.lr, r.seed))
+    grid = {(a, lr, s) for a in settings.arms for lr in settings.lrs_for(a) for s in settings.seeds}
+    assert points == grid
