@@ -10,6 +10,8 @@ from kappatune.analysis import linalg
 from kappatune.analysis.spectra import AnalyzeOptions, analyze
 from tests.conftest import geometric, known_matrix
 
+DEFAULT_MIN_SIDE = linalg.LANCZOS_MIN_SIDE  # read before the fixture below replaces it
+
 
 @pytest.fixture(autouse=True)
 def small_lanczos_side(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,13 +98,14 @@ def test_ill_conditioned_matrices_take_the_qr_route(kappa: float) -> None:
 def test_default_threshold_keeps_small_sides_on_the_full_route(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 512)
+    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", DEFAULT_MIN_SIDE)
     res = linalg.matrix_spectrum(known_matrix(600, 400, geometric(9.0, 400)), kappa_only=True)
     assert res.method == "gram" and len(res.singular_values) == 400
 
 
 def test_default_threshold_sends_sides_of_512_to_lanczos(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", 512)
+    assert DEFAULT_MIN_SIDE == 512
+    monkeypatch.setattr(linalg, "LANCZOS_MIN_SIDE", DEFAULT_MIN_SIDE)
     w = known_matrix(700, 512, geometric(25.0, 512), seed=14)
     res = check_against_lapack(w)
     assert res.method == "gram-lanczos" and len(res.singular_values) == 2
