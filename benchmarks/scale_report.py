@@ -20,14 +20,29 @@ def _load(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return machine, sorted(sizes, key=lambda d: d["bytes"])
 
 
+def _commands(sizes: list[dict[str, Any]]) -> list[str]:
+    """Every distinct command that measured a stored route, in size order."""
+    seen: dict[str, None] = {}
+    for d in sizes:
+        for key in ("kappatune_kappa_only", "peft", "kappatune"):
+            r = d.get(key)
+            if r:
+                seen[r.get("measured", d)["command"]] = None
+    return list(seen)
+
+
 def _route_cells(d: dict[str, Any], key: str, kappa_only: bool, peak: float) -> list[str]:
     r = d.get(key)
     if not r or "error" in r:
         return ["not run" if not r else r["error"][:40], "", "", "", ""]
     gflop = route_gflop([tuple(s) for s in r["shapes"]], kappa_only)
     rate = gflop / r["seconds"]
+    runs = r.get("seconds_all", [r["seconds"]])
+    best = f"{r['seconds']:.1f}" + (
+        f" (best of {', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
+    )
     return [
-        f"{r['seconds']:.1f}",
+        best,
         f"{r['peak_rss_mib']:.0f}",
         f"{gflop:.0f}",
         f"{rate:.1f} ({rate / peak:.0%})",
@@ -41,7 +56,8 @@ def write_report(results: Path) -> str:
     lines = [
         "# Analysis cost by model size (synthetic bf16 checkpoints with real shapes)",
         "",
-        f"Command: `{sizes[-1]['command'] if sizes else ''}` (one or more runs; see each JSON)",
+        "Commands (each route's own is stored with it in its size's JSON): "
+        + "; ".join(f"`{c}`" for c in _commands(sizes)),
         "",
         f"Machine: {machine['machine']}; measured float64 syrk peak:"
         + ", ".join(f" {k} {v} GFLOP/s" for k, v in machine["syrk_gflops"].items()),
@@ -85,6 +101,9 @@ def write_report(results: Path) -> str:
             f" | {p['matrices']} | {p['not_analysed_matrices']} / {p['not_analysed_params']:,}"
             f" | {ks} | {speed} |"
         )
+    notes = results / "NOTES.md"  # conditions and reading, written by hand, kept on regeneration
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     text = "\n".join(lines) + "\n"
     (results.parent / "analyze_scale.md").write_text(text)
     _plot(sizes, results.parent / "analyze_scale.png")
