@@ -236,7 +236,6 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
         if args.only:
             stages = [st for st in stages if STAGE_NAMES[st[0]] in args.only]
         os.sync()  # the writer's dirty pages go out before anything is timed
-        labels = [label for label, _ in stages]
         for rnd in range(args.repeats):  # odd rounds run the routes in reverse order
             for label, extra in stages if rnd % 2 == 0 else stages[::-1]:
                 if extra is None:
@@ -248,12 +247,8 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
                     run["measured"] = _provenance()
                     result[label] = _best_of(result.get(label) if rnd else None, run)
                 names = result.get("peft", {}).get("analysed", [])
-                # the like-for-like run follows PEFT's, or the kappa-only one's when PEFT's is kept
-                if (
-                    rnd == 0
-                    and names
-                    and label == ("peft" if "peft" in labels else "kappatune_kappa_only")
-                ):
+                # the like-for-like run right after PEFT's, so both share the machine's state
+                if label == "peft" and rnd == 0 and names:
                     include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
                     shared = ["--kappa-only", "--include", include, *dev]
                     on_peft = kappatune_run(root, root / "shared.json", shared)

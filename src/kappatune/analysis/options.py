@@ -54,7 +54,9 @@ class AnalyzeOptions:
         DEFAULT_BLOCK_ROWS, cli=False, help="rows of a streamed matrix per block"
     )
     memory_budget_mb: int = setting(
-        768, cli=False, help="memory for one matrix before it is streamed in blocks"
+        768,
+        cli=False,
+        help="memory the workers' tensors, blocks and Grams hold together (kappatune.analysis.memory)",
     )
     kappa_only: bool = setting(
         False,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from kappatune.analysis import linalg, metrics, names
+from kappatune.analysis import linalg, memory, metrics, names
 from kappatune.analysis.cache import Matrix, SpectrumCache, rows_problem
 from kappatune.analysis.options import AnalyzeOptions
 from kappatune.analysis.source_base import RowStreamingSource, Source, TensorEntry, streamed_digest
@@ -287,13 +287,17 @@ def _matrices(entry: TensorEntry, t: torch.Tensor) -> list[tuple[int | None, tor
 
 
 def _metric_rows(
-    entry: TensorEntry, t: torch.Tensor, device: torch.device, options: AnalyzeOptions
+    entry: TensorEntry,
+    t: torch.Tensor,
+    device: torch.device,
+    options: AnalyzeOptions,
+    block_rows: int,
 ) -> list[dict[str, Any]] | str:
     """Cached payload for one tensor: per-matrix metrics, or a skip reason."""
     mats = _matrices(entry, t)
     results = linalg.batch_spectra(
         [m for _, m in mats],
-        block_rows=options.block_rows,
+        block_rows=block_rows,
         device=device,
         kappa_only=options.kappa_only,
     )
@@ -333,7 +337,11 @@ def _streamable(src: Source, entry: TensorEntry) -> bool:
 
 
 def _streamed_rows(
-    src: RowStreamingSource, entry: TensorEntry, device: torch.device, options: AnalyzeOptions
+    src: RowStreamingSource,
+    entry: TensorEntry,
+    device: torch.device,
+    options: AnalyzeOptions,
+    block_rows: int,
 ) -> list[dict[str, Any]] | str:
     def blocks(rows: int) -> Iterator[torch.Tensor]:
         for _, t in src.row_chunks(entry, rows, decode=True):
@@ -345,7 +353,7 @@ def _streamed_rows(
         res = linalg.spectrum_of_blocks(
             blocks,
             shape,
-            block_rows=options.block_rows,
+            block_rows=block_rows,
             device=device,
             kappa_only=options.kappa_only,
         )
@@ -457,9 +465,16 @@ def _expected_matrices(entry: TensorEntry) -> list[Matrix]:
     return [(None, linalg_shape(entry.shape))]
 
 
+def _matrix_shape(entry: TensorEntry) -> tuple[int, int]:
+    """The shape of each matrix the tensor holds (one expert's, for fused experts)."""
+    if _layout(entry) == "experts":
+        return (int(entry.shape[-2]), int(entry.shape[-1]))
+    return linalg_shape(entry.shape)
+
+
 def matrix_cost(entry: TensorEntry) -> float:
     """Relative cost of analysing a tensor: flops of the Gram of its smaller side."""
-    shape = entry.shape[-2:] if _layout(entry) == "experts" else linalg_shape(entry.shape)
+    shape = _matrix_shape(entry)
     rows, cols = max(shape), min(shape)
     experts = entry.shape[0] if _layout(entry) == "experts" else 1
     return float(experts) * rows * cols * cols + cols**3
@@ -517,7 +532,8 @@ def compute(
     if cache is not None and not options.verify_cache:
         for f in src.files():
             known.update(cache.file_digests(f, the_plan.stats.get(f)))
-    budget = _ByteBudget(options.memory_budget_mb * 1024 * 1024)
+    budget_bytes = options.memory_budget_mb * 1024 * 1024
+    budget = _ByteBudget(budget_bytes)
     out: Computed = {}
     lock = threading.Lock()
 
@@ -536,21 +552,28 @@ def compute(
             payload = lookup(digest, entry)
         if payload is None and _streamable(src, entry):
             assert isinstance(src, RowStreamingSource)
-            with budget.hold(options.block_rows * entry.shape[1] * 16):
+            n = entry.shape[1]
+            rows = memory.block_rows(
+                n, budget_bytes, options.block_rows, read=memory.itemsize(entry.dtype)
+            )
+            with budget.hold(memory.streamed_hold(n, rows, entry.dtype)):
                 if digest is None:
-                    digest = streamed_digest(src, entry, options.block_rows)
+                    digest = streamed_digest(src, entry, rows)
                     payload = lookup(digest, entry)
                 if payload is None:
-                    payload = _streamed_rows(src, entry, device, options)
+                    payload = _streamed_rows(src, entry, device, options, rows)
                     store(digest, layout, payload)
         elif payload is None:
-            with budget.hold(entry.numel * 8):
+            mat = _matrix_shape(entry)
+            held = entry.numel * memory.itemsize(entry.dtype)
+            rows = memory.block_rows(min(mat), budget_bytes, options.block_rows, held=held)
+            with budget.hold(memory.in_memory_hold(entry.shape, entry.dtype, mat, rows)):
                 t, fresh = src.read(entry)
                 if fresh != digest:
                     payload = lookup(fresh, entry)
                 digest = fresh
                 if payload is None:
-                    payload = _metric_rows(entry, t, device, options)
+                    payload = _metric_rows(entry, t, device, options, rows)
                     store(digest, layout, payload)
                 del t
         assert digest is not None and payload is not None
