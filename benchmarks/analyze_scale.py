@@ -238,21 +238,22 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
         os.sync()  # the writer's dirty pages go out before anything is timed
         for rnd in range(args.repeats):  # odd rounds run the routes in reverse order
             for label, extra in stages if rnd % 2 == 0 else stages[::-1]:
-                if extra is None:
-                    if rnd == 0:
-                        result["peft"] = peft_run(root, arch, args.peft_full_max_gb, args.device)
-                        result["peft"]["measured"] = _provenance()
-                else:
+                if extra is None and rnd == 0:
+                    result["peft"] = peft_run(root, arch, args.peft_full_max_gb, args.device)
+                    result["peft"]["measured"] = _provenance()
+                    names = result["peft"].get("analysed", [])
+                    if names:  # the like-for-like run right after PEFT's: one machine state
+                        include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+                        shared = ["--kappa-only", "--include", include, *dev]
+                        on_peft = kappatune_run(root, root / "shared.json", shared)
+                        result["kappatune_on_peft_matrices"] = {
+                            **on_peft,
+                            "measured": _provenance(),
+                        }
+                elif extra is not None:
                     run = kappatune_run(root, root / f"{label}.json", [*extra, *dev])
                     run["measured"] = _provenance()
                     result[label] = _best_of(result.get(label) if rnd else None, run)
-                names = result.get("peft", {}).get("analysed", [])
-                # the like-for-like run right after PEFT's, so both share the machine's state
-                if label == "peft" and rnd == 0 and names:
-                    include = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-                    shared = ["--kappa-only", "--include", include, *dev]
-                    on_peft = kappatune_run(root, root / "shared.json", shared)
-                    result["kappatune_on_peft_matrices"] = {**on_peft, "measured": _provenance()}
                 _log(f"{arch.name}: {label} done (round {rnd + 1} of {args.repeats})")
                 _save(out_path, result, args)
     finally:
@@ -262,8 +263,10 @@ def measure_size(spec: str, workdir: Path, args: argparse.Namespace) -> dict[str
 
 def _best_of(prev: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
     """The faster of two runs of one route, with every run's seconds under ``seconds_all``."""
-    if prev is None or "error" in prev or "error" in run:
-        return {**run, "seconds_all": [run["seconds"]]} if "error" not in run else run
+    if "error" in run:
+        return run
+    if prev is None or "error" in prev:
+        return {**run, "seconds_all": [run["seconds"]]}
     best = prev if prev["seconds"] <= run["seconds"] else run
     return {**best, "seconds_all": [*prev["seconds_all"], run["seconds"]]}
 
