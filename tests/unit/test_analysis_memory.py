@@ -33,10 +33,11 @@ def test_two_7b_mlp_matrices_fit_the_default_budget_together() -> None:
     n, tall = 3584, 18944
     rows = memory.block_rows(n, BUDGET, DEFAULT_BLOCK_ROWS, read=2)
     streamed = memory.streamed_hold(n, rows, "bfloat16")
-    held = tall * n * 2
+    held = memory.tensor_bytes((n, tall), "bfloat16")
+    assert held == tall * n * 2
     down_rows = memory.block_rows(n, BUDGET, DEFAULT_BLOCK_ROWS, held=held)
     assert down_rows == 2139
-    whole = memory.in_memory_hold((n, tall), "bfloat16", (n, tall), down_rows)
+    whole = memory.in_memory_hold(held, (n, tall), down_rows)
     assert whole == held + 2139 * n * 8 + memory.gram_bytes(n)
     assert 2 * streamed <= BUDGET and streamed + whole <= BUDGET and 2 * whole <= BUDGET
     assert DEFAULT_BLOCK_ROWS * n * 16 * 2 > BUDGET  # the old hold: two did not fit

@@ -43,8 +43,13 @@ def streamed_hold(n: int, rows: int, dtype: str) -> int:
     return rows * n * (itemsize(dtype) + 8) + gram_bytes(n)
 
 
-def in_memory_hold(shape: tuple[int, ...], dtype: str, matrix: tuple[int, int], rows: int) -> int:
-    """Bytes a worker holds for a tensor read whole whose matrices are ``matrix`` (rows x cols,
-    any orientation)."""
+def tensor_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a tensor as a source returns it."""
+    return math.prod(shape) * itemsize(dtype)
+
+
+def in_memory_hold(held: int, matrix: tuple[int, int], rows: int) -> int:
+    """Bytes a worker holds for a tensor read whole (``held`` bytes, see :func:`tensor_bytes`)
+    whose matrices are ``matrix`` (rows x cols, any orientation)."""
     n = min(matrix)
-    return math.prod(shape) * itemsize(dtype) + min(rows, max(matrix)) * n * 8 + gram_bytes(n)
+    return held + min(rows, max(matrix)) * n * 8 + gram_bytes(n)

@@ -565,9 +565,9 @@ def compute(
                     store(digest, layout, payload)
         elif payload is None:
             mat = _matrix_shape(entry)
-            held = entry.numel * memory.itemsize(entry.dtype)
+            held = memory.tensor_bytes(entry.shape, entry.dtype)
             rows = memory.block_rows(min(mat), budget_bytes, options.block_rows, held=held)
-            with budget.hold(memory.in_memory_hold(entry.shape, entry.dtype, mat, rows)):
+            with budget.hold(memory.in_memory_hold(held, mat, rows)):
                 t, fresh = src.read(entry)
                 if fresh != digest:
                     payload = lookup(fresh, entry)
