@@ -34,7 +34,8 @@ changes results) are derived from it. Metadata keys, all optional but ``help``:
     the JSON name when it is not the field's, and the value's converters to and from JSON.
 ``key``, ``why``
     ``key=False`` leaves the field out of :func:`settings_key`; ``why`` (required with it)
-    says why the field does not change results.
+    says why the field does not change results. ``key="set"`` puts the field in the key only
+    when it differs from its default (a setting added later keeps every earlier key).
 
 Nothing here imports torch: ``kappatune --help`` reads the settings of every command.
 """
@@ -375,6 +376,8 @@ def key_fields(settings: DataclassInstance) -> dict[str, Any]:
         if f.metadata.get("key", True) is False:
             continue
         value = getattr(settings, f.name)
+        if f.metadata.get("key") == "set" and value == _default(f):
+            continue
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = key_fields(value)
         out[f.name] = value

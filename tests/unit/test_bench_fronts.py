@@ -102,3 +102,39 @@ def test_paired_noise_of_a_change() -> None:
     # the base model's own floor on the same texts is wide; a shift that varies is noisy
     assert ppl_noise_floor(base, tokens, 200) > 4.0
     assert paired_ppl_noise(base, [x + (i % 3) for i, x in enumerate(base)], tokens, 200) > 0.5
+
+
+def test_paired_tests_over_few_seeds() -> None:
+    from kappatune.bench.fronts import paired_test, sign_flip_p, t_interval
+
+    # mean 2, sd 1, n 3: 2 -/+ t(0.975, 2) / sqrt(3), t = 4.302653
+    low, high = t_interval([1.0, 2.0, 3.0])  # type: ignore[misc]
+    assert (low, high) == pytest.approx((-0.4841377, 4.4841377), abs=1e-6)
+    assert t_interval([5.0]) is None
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 0.25  # all positive: 2 of 8 patterns
+    assert sign_flip_p([0.1, 0.2, 0.3, 0.4, 0.5]) == 0.0625  # 2 of 32: still above 5 %
+    assert sign_flip_p([1.0, -1.0]) == 1.0  # mean 0: every pattern is as extreme
+    # [3, 1, -1]: sum 3; the 8 sign patterns give |sums| 3 5 1 3 3 1 5 3: 6 reach 3
+    assert sign_flip_p([3.0, 1.0, -1.0]) == 0.75
+    assert sign_flip_p([]) is None
+    t = paired_test([-2.0, -3.0, -2.5])
+    assert t.n == 3 and t.estimate == pytest.approx(-2.5) and t.excludes_zero
+    assert t.high is not None and t.high < 0 and t.p_sign_flip == 0.25
+    one = paired_test([1.0])
+    assert one.low is None and not one.excludes_zero and one.p_sign_flip == 1.0
+    assert paired_test([]).estimate is None
+
+
+def test_seedwise_matched_gain_is_below_every_arms_best_seed() -> None:
+    from kappatune.bench.fronts import readings_at_gain, seedwise_matched_gain
+
+    pts = {
+        ("a", 0): [FrontPoint(4.0, 1.0, "x"), FrontPoint(8.0, 3.0, "y")],
+        ("a", 1): [FrontPoint(6.0, 1.0, "x"), FrontPoint(12.0, 2.0, "y")],
+        ("b", 0): [FrontPoint(9.0, 0.5, "x")],
+        ("b", 1): [FrontPoint(7.0, 0.5, "x")],
+    }
+    assert seedwise_matched_gain(pts, ["a", "b"], [0, 1]) == 7.0  # b's seed 1
+    assert readings_at_gain(pts, "a", [0, 1], 7.0) == {0: 2.5, 1: pytest.approx(1 + 1 / 6)}
+    assert readings_at_gain(pts, "a", [0, 1], 10.0) == {1: pytest.approx(2 - 1 / 3)}
+    assert seedwise_matched_gain({("a", 0): [FrontPoint(-1.0, 0.0, "x")]}, ["a"], [0]) is None

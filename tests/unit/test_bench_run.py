@@ -49,6 +49,7 @@ CHANGED: dict[str, Any] = {
     "model": "other-model",
     "steps": 6,
     "checkpoints": 3,
+    "checkpoint_at": (1, 4),
     "warmups": (("kappa", 3),),
     "budget": "4096",
     "batch_size": 3,
@@ -188,6 +189,89 @@ def test_interrupted_sweep_resumes_without_recomputing(
             ("random", 1): 3072,
         }
         assert r.trainable_params == expected[(r.arm, r.seed)]
+
+
+class _Steps:
+    """A reporter that records the training steps it is told of, run by run."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[int]] = []
+
+    def message(self, text: str) -> None:
+        pass
+
+    def run_started(self, scenario: str, arm: str, lr: float, seed: int, horizon: int) -> None:
+        self.steps.append([])
+
+    def step(self, step: int, loss: float) -> None:
+        self.steps[-1].append(step)
+
+    def run_finished(self, result: Any, reused: bool) -> None:
+        pass
+
+
+def test_long_run_goes_on_from_its_kept_state(
+    setup: tuple[Path, Scenario, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--checkpoint-at with --keep-state: an interrupted run trains on from its last
+    checkpoint's kept state, and its numbers are those of the uninterrupted run."""
+    model, scenario, mc = setup
+    settings = _settings(
+        model, mc, arms=("kappa",), seeds=(0,), lr_grid=(("kappa", (3e-4,)),), steps=6,
+        checkpoint_at=(1, 3, 6), keep_state=True,
+    )  # fmt: skip
+    assert settings.checkpoint_steps() == (1, 3, 6)
+    whole = run_bench([scenario], settings, tmp_path / "whole").runs[0]
+
+    real = run_mod.Evaluator.__call__
+    calls = {"n": 0}
+
+    def interrupting(self: Any, m: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C in the evaluation at step 6
+            raise KeyboardInterrupt
+        return real(self, m)
+
+    monkeypatch.setattr(run_mod.Evaluator, "__call__", interrupting)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench([scenario], settings, out)
+    kept = list((out / "state" / "toy").iterdir())
+    assert len(kept) == 1 and (kept[0] / "manifest.json").is_file()
+    monkeypatch.setattr(run_mod.Evaluator, "__call__", real)
+    steps = _Steps()
+    resumed = run_bench([scenario], settings, out, steps).runs[0]
+    assert steps.steps == [[4, 5, 6]]  # trained on from step 3, not from step 0
+    assert resumed.losses == whole.losses
+    assert [p.to_json() for p in resumed.points] == [p.to_json() for p in whole.points]
+    assert not (out / "state").exists()  # removed with the finished run
+
+    # a kept state that does not fit (damaged) is left alone: the run trains from step 0
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(run_mod.Evaluator, "__call__", interrupting)
+        calls["n"] = 0
+        run_bench([scenario], settings, tmp_path / "bad")
+    monkeypatch.setattr(run_mod.Evaluator, "__call__", real)
+    (folder,) = (tmp_path / "bad" / "state" / "toy").iterdir()
+    victim = next(f for f in folder.iterdir() if f.suffix == ".safetensors")
+    victim.write_bytes(victim.read_bytes()[:-8] + bytes(8))
+    steps = _Steps()
+    again = run_bench([scenario], settings, tmp_path / "bad", steps).runs[0]
+    assert steps.steps == [[1, 2, 3, 4, 5, 6]]
+    assert again.losses == whole.losses
+
+
+def test_checkpoint_steps_given_explicitly() -> None:
+    from kappatune.bench.config import checkpoint_steps
+
+    assert checkpoint_steps(256, 5, (16, 32, 64, 128, 256)) == (16, 32, 64, 128, 256)
+    assert checkpoint_steps(8, 2) == (4, 8)
+    with pytest.raises(KappaTuneError, match="the last checkpoint must be the run's end"):
+        checkpoint_steps(256, 5, (16, 32))
+    with pytest.raises(KappaTuneError, match="positive and increasing"):
+        checkpoint_steps(8, 2, (4, 4, 8))
+    with pytest.raises(KappaTuneError, match="positive and increasing"):
+        checkpoint_steps(8, 2, (0, 8))
 
 
 def test_bad_settings_fail_before_anything_is_written(

@@ -77,43 +77,104 @@ def test_summary_against_base() -> None:
     assert rows[5].task_value[0] == 0.1 and rows[5].forgetting[0] == 0.0
 
 
+def _three_seeds() -> list[RunResult]:
+    """kappa: (5 % gain, +2 %) at step 2, then (10/12/14 %, +5 %) by seed; lora: (5 %, 0 %),
+    then (10/11/12 %, +1 %). Each arm at two learning rates' worth of labels: one lr, two steps."""
+    out = []
+    for seed, (k_ppl, l_ppl) in enumerate(((9.0, 9.0), (8.8, 8.9), (8.6, 8.8))):
+        out.append(
+            _run(
+                "code",
+                "kappa",
+                seed,
+                [
+                    (2, {"perplexity": 9.5, "nll": 2.2}, 20.4),
+                    (4, {"perplexity": k_ppl, "nll": 2.1}, 21.0),
+                ],
+            )
+        )
+        out.append(
+            _run(
+                "code",
+                "lora",
+                seed,
+                [
+                    (2, {"perplexity": 9.5, "nll": 2.2}, 20.0),
+                    (4, {"perplexity": l_ppl, "nll": 2.2}, 20.2),
+                ],
+            )
+        )
+    return out  # fmt: skip
+
+
 def test_verdict_at_matched_gain() -> None:
-    points = seed_points(RUNS, BASES, METRICS)
+    points = seed_points(_three_seeds(), BASES, METRICS)
     floors = {"code": dict(BASES["code"].floors)}
     vs = verdict.verdicts(points, floors, ["kappa", "lora"], 1.0, 200, "kappa")
     ppl = next(v for v in vs if (v.scenario, v.measure) == ("code", "control ppl"))
-    # kappa's front: (7.5 % gain, +2 %) and (15 %, +7.5 %); lora's: (5 %, 0 %), (15 %, +1 %)
-    assert ppl.matched_gain == pytest.approx(15.0)
-    assert ppl.joint == ("lora",)
+    # the highest gain every arm reaches on every seed: seed 0's 10 % (not kappa's mean best, 12 %)
+    assert ppl.matched_gain == pytest.approx(10.0)
+    assert ppl.seeds == (0, 1, 2)
+    assert ppl.joint == ("kappa", "lora")  # kappa's 12 % mean best is beyond lora's 11 %
     kappa = next(a for a in ppl.arms if a.arm == "kappa")
-    assert kappa.at_matched.estimate == pytest.approx(7.5)
+    # per seed on its own front at 10 %: 5, 2 + 3 * 5/7, 2 + 3 * 5/9
+    assert kappa.seedwise is not None
+    assert kappa.seedwise.diffs == pytest.approx((5.0, 2 + 15 / 7, 2 + 15 / 9))
+    # kappa's mean front (5 %, +2 %), (12 %, +5 %): a chord over 7 points of gain
+    assert kappa.reading.startswith("interpolated over 7.00 of gain (lr 0.0001 @ step 2")
+    assert kappa.edge == "best gain at lr 0.0001 @ step 4: the last step"
     lora = next(a for a in ppl.arms if a.arm == "lora")
-    assert lora.within_budget == pytest.approx(15.0)  # forgets 1 %: inside the 1 % budget
+    assert lora.within_budget == pytest.approx(11.0)  # its best point forgets 1 %: the budget
     assert kappa.within_budget is None  # every kappa point forgets more than 1 %: not reached
     (comp,) = ppl.comparisons
-    assert comp.arm == "lora" and comp.diff.estimate == pytest.approx(6.5)
-    assert comp.verdict == "forgets more"
+    want = (4.0, 2 + 15 / 7 - 5 / 6, 2 + 15 / 9 - 5 / 7)
+    assert comp.arm == "lora" and comp.test is not None
+    assert comp.test.diffs == pytest.approx(want)
+    assert comp.test.estimate == pytest.approx(sum(want) / 3)
+    assert (comp.test.low, comp.test.high) == pytest.approx((2.097646, 4.743624), abs=1e-6)
+    assert comp.test.p_sign_flip == 0.25  # 3 seeds: the least the exact test can give
+    assert comp.verdict == "forgets more"  # from the paired t-interval
+    # the range of gains: at 25 % and 50 % of 10 % every seed reads its step-2 point: +2 vs 0
+    assert [lv.fraction for lv in ppl.levels] == [0.25, 0.5, 0.75, 1.0]
+    low = dict(ppl.levels[0].diffs)["lora"]
+    assert low.diffs == pytest.approx((2.0, 2.0, 2.0)) and low.excludes_zero
     kl = next(v for v in vs if (v.scenario, v.measure) == ("code", "KL from base"))
     assert [(c.arm, c.verdict) for c in kl.comparisons] == [("lora", "forgets more")]
-    assert kl.comparisons[0].diff.estimate == pytest.approx(0.013)
     assert verdict.one_line(vs) == (
-        "code, control ppl: at matched task gain kappa forgets more than lora."
-        " code, KL from base: at matched task gain kappa forgets more than lora."
-        " code, knowledge: at matched task gain kappa is not distinguishable from lora."
-        " digits, control ppl: no matched-gain comparison possible."
-        " digits, KL from base: no matched-gain comparison possible."
+        "code, control ppl (paired t, 3 seeds): at a matched task gain of 10 kappa forgets more"
+        " than lora. code, KL from base (paired t, 3 seeds): at a matched task gain of 10 kappa"
+        " forgets more than lora. code, knowledge (paired t, 3 seeds): at a matched task gain of"
+        " 10 kappa is not distinguishable from lora."
     )
-    one_seed = [p for p in points if p.seed == 0]
-    (alone,) = next(
-        v for v in verdict.verdicts(one_seed, floors, ["kappa", "lora"], 1.0, 50, "kappa")
-        if v.measure == "control ppl"
-    ).comparisons  # fmt: skip
-    assert alone.verdict == "not distinguishable" and alone.diff.low is None
     text = " ".join(verdict.sentences(ppl, " %"))
     assert "arms on the joint front" in text and "kappa forgets more than lora" in text
-    assert (
-        "Matched task gain: 15.00 %, the best gain of the arm that learned least (kappa, lora)"
-        in text
+    assert "paired t 95% CI +2.1, +4.74; 3 seeds; sign-flip p = 0.25" in text
+    assert "cannot go below p = 0.25 with 3 seeds" in text
+    assert "kappa − lora at 25/50/75/100 % of the matched gain: +2, +2," in text
+    assert "it keeps its sign (t-interval excludes zero at 4 of 4)" in text
+
+    one_seed = [p for p in points if p.seed == 0]
+    alone_v = next(
+        v for v in verdict.verdicts(one_seed, floors, ["kappa", "lora"], 1.0, 50, "kappa")
+        if v.measure == "control ppl"
+    )  # fmt: skip
+    (alone,) = alone_v.comparisons
+    assert alone.verdict == "one seed: no interval, cannot judge" and alone.diff.low is None
+    assert verdict.one_line([alone_v]) == (
+        "code, control ppl: one seed: no interval, cannot judge."
+    )
+
+    # two seeds only (the first example's runs): a t-interval with 1 degree of freedom
+    two = seed_points(RUNS, BASES, METRICS)
+    vs2 = verdict.verdicts(two, floors, ["kappa", "lora"], 1.0, 200, "kappa")
+    ppl2 = next(v for v in vs2 if (v.scenario, v.measure) == ("code", "control ppl"))
+    assert ppl2.matched_gain == pytest.approx(10.0)
+    (c2,) = ppl2.comparisons
+    assert c2.test is not None and c2.test.diffs == pytest.approx((4.5, 2.5))
+    assert c2.test.p_sign_flip == 0.5 and c2.verdict == "not distinguishable"
+    assert verdict.one_line(vs2).endswith(
+        "digits, control ppl: no matched-gain comparison possible."
+        " digits, KL from base: no matched-gain comparison possible."
     )
 
 

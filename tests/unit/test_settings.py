@@ -42,8 +42,10 @@ DEFAULTS: dict[type, Any] = {
 NON_KEY = {
     AnalyzeOptions: {"workers", "use_cache", "cache_dir", "verify_cache"},
     BenchSettings: {"arms", "seeds", "lr_grid", "lr_count", "forgetting_budget", "bootstrap",
-                    "kl_cache_mb"},
+                    "kl_cache_mb", "keep_state"},
 }  # fmt: skip
+# fields in the key only when set away from their default (added later: older keys hold)
+KEY_WHEN_SET = {BenchSettings: {"checkpoint_at"}}
 # one instance per class with every field away from its default where that is allowed
 CHANGED: dict[type, Any] = {
     AnalyzeOptions: AnalyzeOptions(
@@ -64,7 +66,7 @@ CHANGED: dict[type, Any] = {
     ),
     BenchSettings: BenchSettings(
         model="m", arms=("kappa", "full"), seeds=(4, 5), steps=8, checkpoints=2,
-        lr_grid=(("full", (1e-5, 3e-5)),), lr_count=5, warmups=(("kappa", 2),), budget="5M",
+        checkpoint_at=(4, 8), keep_state=True, lr_grid=(("full", (1e-5, 3e-5)),), lr_count=5, warmups=(("kappa", 2),), budget="5M",
         batch_size=2, eval_batch_size=3, sizes=EvalSizes(seq_len=32, control_sequences=12),
         knowledge="none", knowledge_seed=1, lora_fraction=0.5, fisher_tokens=2048,
         weight_decay=0.1, max_grad_norm=0.5, dtype="bfloat16", autocast=True, device="cpu",
@@ -131,9 +133,12 @@ def test_the_declared_non_key_fields_are_exactly_these(cls: type) -> None:
     non_key = settings.non_key_fields(cls)
     assert set(non_key) == NON_KEY.get(cls, set())
     assert all(len(why) > 10 for why in non_key.values())  # each says why
-    assert set(settings.key_fields(DEFAULTS[cls])) == {
-        f.name for f in dataclasses.fields(cls)
-    } - set(non_key)
+    when_set = KEY_WHEN_SET.get(cls, set())
+    assert (
+        set(settings.key_fields(DEFAULTS[cls]))
+        == {f.name for f in dataclasses.fields(cls)} - set(non_key) - when_set
+    )
+    assert when_set <= set(settings.key_fields(CHANGED[cls]))
 
 
 def test_a_nested_settings_field_is_keyed_by_each_of_its_own_fields() -> None:
@@ -299,7 +304,7 @@ def test_bench_flags_make_the_settings_and_every_one_moves_the_run_key() -> None
 
     assert bench() == BenchSettings()
     flags = ["--model", "m", "--arms", "kappa", "full", "--seeds", "4", "5", "--steps", "8",
-             "--checkpoints", "2", "--lr-grid", "full=1e-5,3e-5", "--lr-count", "5", "--warmup",
+             "--checkpoints", "2", "--checkpoint-at", "4", "8", "--keep-state", "--lr-grid", "full=1e-5,3e-5", "--lr-count", "5", "--warmup",
              "kappa=2", "--budget-params", "5M", "--batch-size", "2", "--eval-batch-size", "3",
              "--seq-len", "32", "--control-sequences", "12", "--knowledge", "none",
              "--knowledge-seed", "1", "--lora-fraction", "0.5", "--fisher-tokens", "2048",
@@ -327,9 +332,13 @@ def test_canonical_bench_command_spells_out_every_setting() -> None:
 
     command = cli_bench.canonical_command(cli_bench.resolve(_args(["bench", "--steps", "9"])))
     for f in [*settings.cli_fields(BenchSettings), *settings.cli_fields(EvalSizes)]:
-        if f.name not in ("arms", "lr_grid", "warmups"):  # unset: the defaults
+        # unset: the defaults; an empty --checkpoint-at and a switch left off are not spelled
+        if f.name not in ("arms", "lr_grid", "warmups", "checkpoint_at", "keep_state"):
             assert f" {settings.flag_of(f)} " in command, f.name
     assert " --steps 9 " in command and " --autocast off " in command
+    assert "--keep-state" not in command and "--checkpoint-at" not in command
+    long = cli_bench.canonical_command(cli_bench.resolve(_args(["bench", "--preset", "cpu-long"])))
+    assert " --checkpoint-at 16 32 64 128 256 --keep-state " in long
 
 
 # --------------------------------------------------------------------------- registries

@@ -105,9 +105,14 @@ def train_with_checkpoints(
     on_step: StepHook | None = None,
     autocast: bool = False,
     ema_decay: float = 0.8,
+    resume: Mapping[str, Any] | None = None,
+    on_state: Callable[[LoopState], None] | None = None,
 ) -> Trained:
     """Train ``config.steps`` steps; at each checkpoint evaluate (or take the stored point from
-    ``done``, keyed by step) and hand the point to ``on_point`` (which stores it at once)."""
+    ``done``, keyed by step) and hand the point to ``on_point`` (which stores it at once), then
+    the loop state to ``on_state`` (which may keep it, to resume from). ``resume``: a loop
+    state kept that way, the trained tensors already copied into ``model``; the run goes on
+    from its step (the points before it come from ``done``)."""
     from kappatune.training.loop import StopRule, train_loop
 
     assert config.steps == max(checkpoints)
@@ -129,6 +134,8 @@ def train_with_checkpoints(
                 if on_point is not None:
                     on_point(point)
             points.append(point)
+            if on_state is not None and state.step < max(checkpoints):
+                on_state(state)
 
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     cast = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -139,8 +146,12 @@ def train_with_checkpoints(
             config,
             StopRule(ema_decay=ema_decay, max_steps=config.steps),
             param_groups=param_groups,
+            resume=resume,
             on_step=hook,
         )
     model.eval()
+    if resume is not None:  # the points before the resumed step, in step order
+        start = int(resume["step"])
+        points[:0] = [stored[s] for s in checkpoints if s <= start and s in stored]
     times = list(result.step_times)
     return Trained(tuple(points), tuple(result.losses), sum(times) / max(1, len(times)))

@@ -8,8 +8,9 @@ why (see :data:`NOT_IN_KEY`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +44,21 @@ def lr_grid_around(lr: float, count: int = 3, span: float = 10.0) -> tuple[float
     return tuple(float(f"{10 ** (lo + i * step):.3g}") for i in range(count))
 
 
-def checkpoint_steps(steps: int, count: int) -> tuple[int, ...]:
-    """``count`` steps spread evenly over a run of ``steps``, the last one at the end."""
+def checkpoint_steps(steps: int, count: int, at: Sequence[int] = ()) -> tuple[int, ...]:
+    """``count`` steps spread evenly over a run of ``steps``, the last one at the end; or the
+    steps ``at`` when given (increasing, the last one ``steps``: a run ends at its last point)."""
     if steps < 1:
         raise KappaTuneError(f"--steps must be at least 1, got {steps}")
+    if at:
+        shown = " ".join(map(str, at))
+        if any(b <= a for a, b in itertools.pairwise(at)) or at[0] < 1:
+            raise KappaTuneError(f"--checkpoint-at {shown}: steps must be positive and increasing")
+        if at[-1] != steps:
+            raise KappaTuneError(
+                f"--checkpoint-at {shown}: the last checkpoint must be the run's end (--steps"
+                f" {steps})"
+            )
+        return tuple(at)
     if not 1 <= count <= steps:
         raise KappaTuneError(
             f"--checkpoints {count} must be between 1 and --steps {steps} (one evaluation per step at most)"
@@ -110,6 +122,23 @@ class BenchSettings:
     )
     steps: int = setting(16, help="training steps per run")
     checkpoints: int = setting(4, help="evaluations per run, evenly spaced, the last at the end")
+    checkpoint_at: tuple[int, ...] = setting(  # in the key only when given: older keys hold
+        (),
+        type=int,
+        nargs="+",
+        metavar="STEP",
+        help="evaluate at these steps instead (increasing, the last = --steps), e.g. 16 32 64"
+        " 128 256",
+        key="set",
+    )
+    keep_state: bool = setting(
+        False,
+        help="keep each run's training state at every checkpoint (its trained tensors and"
+        " AdamW's moments, under OUTPUT/state), so an interrupted run goes on from its last"
+        " checkpoint instead of step 0",
+        key=False,
+        why="a run resumed from its kept state gives the numbers of an uninterrupted one",
+    )
     lr_grid: tuple[tuple[str, tuple[float, ...]], ...] = setting(  # per-arm overrides
         (),
         flag="--lr-grid",
@@ -224,7 +253,7 @@ class BenchSettings:
             raise KappaTuneError("--forgetting-budget must be positive (percent of control ppl)")
         if self.bootstrap < 10:
             raise KappaTuneError("--bootstrap needs at least 10 resamples")
-        checkpoint_steps(self.steps, self.checkpoints)
+        self.checkpoint_steps()
         self.budget_spec()
 
     def budget_spec(self) -> Budget:
@@ -233,7 +262,7 @@ class BenchSettings:
         return Budget.parse_params(self.budget)
 
     def checkpoint_steps(self) -> tuple[int, ...]:
-        return checkpoint_steps(self.steps, self.checkpoints)
+        return checkpoint_steps(self.steps, self.checkpoints, self.checkpoint_at)
 
     def lrs_for(self, name: str) -> tuple[float, ...]:
         from kappatune.bench import arms as arms_mod

@@ -240,3 +240,115 @@ def accuracy_noise_floor(
         for _ in range(resamples)
     )
     return percentile(devs, 0.95)
+
+
+# --------------------------------------------------------------------------- tests over few seeds
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired comparison over seeds: the per-seed differences, their paired t-interval and
+    the exact two-sided sign-flip permutation p-value. With n seeds the permutation test has
+    2**n sign patterns, so its p-value is never below 2 / 2**n (0.25 for 3 seeds, 0.0625 for 5):
+    it cannot reject at 5 % below 6 seeds, and the verdict rests on the t-interval."""
+
+    diffs: tuple[float, ...]
+    estimate: float | None  # mean of the differences
+    low: float | None
+    high: float | None
+    p_sign_flip: float | None
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean of ``values`` (None below two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def sign_flip_p(diffs: Sequence[float]) -> float | None:
+    """Exact two-sided p-value of the paired sign-flip permutation test: the share of the
+    2**n sign patterns whose mean is at least as far from 0 as the observed one (None for no
+    differences; up to 20 of them are enumerated)."""
+    n = len(diffs)
+    if n == 0 or n > 20:
+        return None
+    observed = abs(math.fsum(diffs))
+    tol = 1e-12 * max(1.0, sum(abs(d) for d in diffs))
+    hits = sum(
+        1
+        for signs in itertools.product((1, -1), repeat=n)
+        if abs(math.fsum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed - tol
+    )
+    return hits / 2**n
+
+
+def paired_test(diffs: Sequence[float], level: float = 0.95) -> PairedTest:
+    xs = tuple(float(d) for d in diffs)
+    if not xs:
+        return PairedTest((), None, None, None, None)
+    ci = t_interval(xs, level)
+    low, high = ci if ci is not None else (None, None)
+    return PairedTest(xs, math.fsum(xs) / len(xs), low, high, sign_flip_p(xs))
+
+
+def seed_fronts(
+    by_seed: SeedPoints, arm: str, seeds: Sequence[int]
+) -> dict[int, tuple[FrontPoint, ...]]:
+    """Each seed's own front of one arm (its learning rates and checkpoints pooled)."""
+    return {s: pareto_front(list(by_seed.get((arm, s), ()))) for s in seeds}
+
+
+def seedwise_matched_gain(
+    by_seed: SeedPoints, arms: Sequence[str], seeds: Sequence[int]
+) -> float | None:
+    """The highest gain that every arm reaches on every seed's own front. Below every arm's
+    best mean point (unless its seeds agree exactly), so no arm is read at the maximum of its
+    own grid (the winner's curse of taking the weakest arm's best point), and every seed of
+    every arm has a reading there. ``None`` when it is not positive."""
+    tops = [
+        front[-1].gain if front else -math.inf
+        for a in arms
+        for front in seed_fronts(by_seed, a, seeds).values()
+    ]
+    if not tops:
+        return None
+    level = min(tops)
+    return level if level > 0 and math.isfinite(level) else None
+
+
+def readings_at_gain(
+    by_seed: SeedPoints, arm: str, seeds: Sequence[int], gain: float
+) -> dict[int, float]:
+    """Forgetting at ``gain`` on each seed's own front (seeds whose front does not reach it are
+    left out)."""
+    out = {}
+    for s, front in seed_fronts(by_seed, arm, seeds).items():
+        v = forgetting_at_gain(front, gain)
+        if v is not None and math.isfinite(v):
+            out[s] = v
+    return out
+
+
+def paired_difference_at_gain(
+    by_seed: SeedPoints, arm: str, reference: str, seeds: Sequence[int], gain: float
+) -> PairedTest:
+    """``arm`` minus ``reference`` at ``gain``, seed by seed (same seed = same data order), over
+    the seeds where both reach it."""
+    a = readings_at_gain(by_seed, arm, seeds, gain)
+    b = readings_at_gain(by_seed, reference, seeds, gain)
+    return paired_test([a[s] - b[s] for s in seeds if s in a and s in b])

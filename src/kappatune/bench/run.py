@@ -11,6 +11,7 @@ what is done and recomputes what a changed setting made stale.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import logging
 import math
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from kappatune.bench import arms as arms_mod
+from kappatune.bench import run_state
 from kappatune.bench.arm_training import SparseLossLM, train_with_checkpoints
 from kappatune.bench.arms import Arm, ArmContext
 from kappatune.bench.config import (  # declared without torch, for the CLI's flags
@@ -327,7 +329,9 @@ def train_one(
 ) -> RunResult:
     """Train one (arm, lr, seed), evaluating at every checkpoint; the run file is rewritten
     after each checkpoint. Checkpoints already in ``done`` (an interrupted run) are not
-    evaluated again (the training itself is deterministic and is repeated)."""
+    evaluated again; the training goes on from the state kept at the last of them
+    (``--keep-state``, :mod:`kappatune.bench.run_state`), or is repeated from step 0 (it is
+    deterministic)."""
     from kappatune.training.loop import TrainConfig
 
     started = time.perf_counter()
@@ -383,6 +387,15 @@ def train_one(
 
     previous = {p.step: p for p in done.points} if done is not None else {}
     points.extend(previous.values())
+    kept = run_state.state_dir(store.root, prepared.scenario.name, want)
+    resume = run_state.load_state(
+        kept, ready.model, ready.param_groups, config, sorted(previous)
+    ) if previous and settings.keep_state else None  # fmt: skip
+    if resume is not None:
+        reporter.message(
+            f"{prepared.scenario.name} {arm.name} lr {arm.lr:g} seed {seed}: going on from its"
+            f" kept state at step {int(resume['step'])}"
+        )
     reporter.run_started(prepared.scenario.name, arm.name, arm.lr, seed, settings.steps)
     trained = train_with_checkpoints(
         ready.model,
@@ -395,9 +408,14 @@ def train_one(
         on_point=keep,
         on_step=reporter.step,
         autocast=settings.autocast,
+        resume=resume,
+        on_state=functools.partial(run_state.save_state, kept, ready.model)
+        if settings.keep_state
+        else None,
     )
     final = result(trained.losses, trained.seconds_per_step)
     store.save_run(final)
+    run_state.drop_state(kept)
     del model, ready
     gc.collect()
     return final

@@ -1,10 +1,16 @@
 """The benchmark's answer: fronts per arm, forgetting at a matched task gain, gain within a
 forgetting budget, and plain sentences that say what they show.
 
-Each (arm, lr, checkpoint step) is one point; its gain and forgetting are means over seeds.
-Intervals come from a bootstrap over seeds (the same seeds drawn for every arm: same seed =
-same data order). A difference is "not distinguishable" when its interval includes zero and
-"within noise" when it is smaller than the base model's noise floor.
+Each (arm, lr, checkpoint step) is one point. The matched gain is the highest task gain that
+every arm reaches on every seed's own front (so no arm is read at the maximum of its own grid, and
+every seed has a reading); each arm's forgetting is read there seed by seed, and two arms are
+compared by their per-seed differences (same seed = same data order): a paired t-interval, which
+the verdict rests on, beside the exact sign-flip permutation test (it cannot reach p < 0.25 with
+3 seeds) and a bootstrap over seeds on the mean fronts (with 3 seeds it has 10 distinct
+resamples and covers well under 95 %). A difference is "not distinguishable" when its t-interval
+includes zero and "within noise" when it is smaller than the base model's noise floor. The same
+comparison is repeated over a range of gains below the matched one, since its sign can change with
+the gain.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ from typing import Any
 from kappatune.bench.fronts import (
     FrontPoint,
     Interval,
+    PairedTest,
     difference_at_gain_interval,
     forgetting_at_gain_interval,
     gain_within_budget,
     joint_front,
-    matched_gain,
     mean_points,
+    paired_difference_at_gain,
+    paired_test,
     pareto_front,
+    readings_at_gain,
+    seedwise_matched_gain,
 )
 from kappatune.bench.summary import SeedPoint
 from kappatune.jsonio import encode_float
@@ -54,19 +64,40 @@ def by_seed(
     return out
 
 
+# the range of gains a comparison is repeated over, as fractions of the matched gain
+LEVELS = (0.25, 0.5, 0.75, 1.0)
+MEASURED_WITHIN = 0.02  # a front point this close to the gain (relative) is read, not a chord
+
+
 @dataclass(frozen=True)
 class ArmHeadline:
     arm: str
     front: tuple[FrontPoint, ...]
-    at_matched: Interval
+    at_matched: Interval  # bootstrap over seeds, on the mean front
     within_budget: float | None  # control ppl measure only
+    seedwise: PairedTest | None = None  # per-seed readings at the matched gain, t-interval
+    reading: str = ""  # how the mean front gives the figure: a measured point or a chord
+    edge: str = ""  # where the arm's best point lies in its grid, when at an edge
 
 
 @dataclass(frozen=True)
 class Comparison:
     arm: str  # the other arm
-    diff: Interval  # reference minus arm at matched gain; negative: the reference forgets less
-    verdict: str  # "forgets less", "forgets more", "not distinguishable", "within noise"
+    diff: (
+        Interval  # bootstrap: reference minus arm at matched gain; negative: reference forgets less
+    )
+    verdict: str  # "forgets less", "forgets more", "not distinguishable", "within noise", ...
+    test: PairedTest | None = None  # per-seed differences: the paired t-interval and sign flips
+
+
+@dataclass(frozen=True)
+class LevelReading:
+    """Forgetting at one gain of the range below the matched gain."""
+
+    gain: float
+    fraction: float  # of the matched gain
+    arms: tuple[tuple[str, float | None], ...]  # mean over seeds of the per-seed readings
+    diffs: tuple[tuple[str, PairedTest], ...]  # reference minus each other arm
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,8 @@ class MeasureVerdict:
     joint: tuple[str, ...]
     reference: str | None
     comparisons: tuple[Comparison, ...]
+    seeds: tuple[int, ...] = ()
+    levels: tuple[LevelReading, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         def iv(i: Interval) -> dict[str, Any]:
@@ -90,12 +123,25 @@ class MeasureVerdict:
                 "reached": i.reached,
             }
 
+        def pt(t: PairedTest | None) -> dict[str, Any] | None:
+            if t is None:
+                return None
+            num = [t.estimate, t.low, t.high]
+            return {
+                "values": [encode_float(d) for d in t.diffs],
+                "estimate": None if num[0] is None else encode_float(num[0]),
+                "t_low": None if num[1] is None else encode_float(num[1]),
+                "t_high": None if num[2] is None else encode_float(num[2]),
+                "p_sign_flip": t.p_sign_flip,
+            }
+
         return {
             "scenario": self.scenario,
             "measure": self.measure,
             "unit": self.unit.strip(),
             "noise_floor": encode_float(self.floor),
             "matched_gain": self.matched_gain,
+            "seeds": list(self.seeds),
             "joint_front": list(self.joint),
             "reference": self.reference,
             "arms": [
@@ -103,25 +149,106 @@ class MeasureVerdict:
                     "arm": a.arm,
                     "front": [[p.gain, p.forgetting, p.label] for p in a.front],
                     "at_matched_gain": iv(a.at_matched),
+                    "at_matched_gain_seedwise": pt(a.seedwise),
+                    "reading": a.reading,
+                    "grid_edge": a.edge,
                     "gain_within_budget": a.within_budget,
                 }
                 for a in self.arms
             ],
             "comparisons": [
-                {"arm": c.arm, "difference": iv(c.diff), "verdict": c.verdict}
+                {
+                    "arm": c.arm,
+                    "difference": iv(c.diff),
+                    "paired": pt(c.test),
+                    "verdict": c.verdict,
+                }
                 for c in self.comparisons
+            ],
+            "levels": [
+                {
+                    "gain": lv.gain,
+                    "fraction": lv.fraction,
+                    "forgetting": {a: None if v is None else encode_float(v) for a, v in lv.arms},
+                    "differences": {a: pt(t) for a, t in lv.diffs},
+                }
+                for lv in self.levels
             ],
         }
 
 
-def classify(diff: Interval, floor: float) -> str:
-    if diff.estimate is None:
+ONE_SEED = "one seed: no interval, cannot judge"
+
+
+def classify(test: PairedTest, floor: float) -> str:
+    """The reading of a paired comparison, from its t-interval over seeds."""
+    if test.estimate is None:
         return "not reached"
-    if diff.low is None or diff.high is None or not diff.excludes_zero:
+    if test.n == 1:
+        return ONE_SEED
+    if not test.excludes_zero:
         return "not distinguishable"
-    if math.isfinite(floor) and abs(diff.estimate) < floor:
+    if math.isfinite(floor) and abs(test.estimate) < floor:
         return "within noise"
-    return "forgets less" if diff.estimate < 0 else "forgets more"
+    return "forgets less" if test.estimate < 0 else "forgets more"
+
+
+def _where(label: str, grid: Mapping[str, tuple[float, int]]) -> tuple[float, int] | None:
+    return grid.get(label)
+
+
+def front_reading(
+    front: Sequence[FrontPoint], gain: float, grid: Mapping[str, tuple[float, int]]
+) -> str:
+    """How the mean front gives the forgetting at ``gain``: a measured point (within 2 % of the
+    gain), a chord between two points (and over what distance), or an upper bound."""
+    if not front or gain > front[-1].gain:
+        return "not reached"
+    near = min(front, key=lambda p: abs(p.gain - gain))
+    if abs(near.gain - gain) <= MEASURED_WITHIN * abs(gain):
+        return f"measured ({near.label}, gain {near.gain:.2f})"
+    if gain < front[0].gain:
+        return (
+            f"upper bound: its least-gain front point ({front[0].label}, gain {front[0].gain:.2f})"
+        )
+    lo = max((p for p in front if p.gain <= gain), key=lambda p: p.gain)
+    hi = min((p for p in front if p.gain >= gain), key=lambda p: p.gain)
+    return (
+        f"interpolated over {hi.gain - lo.gain:.2f} of gain ({lo.label}, gain {lo.gain:.2f} to"
+        f" {hi.label}, gain {hi.gain:.2f})"
+    )
+
+
+def grid_edge(
+    front: Sequence[FrontPoint], gain: float | None, grid: Mapping[str, tuple[float, int]]
+) -> str:
+    """Where the arm's best-gain point, and the points it is read from at ``gain``, lie in its
+    grid of learning rates and steps, when at an edge ("" when inside)."""
+    if not front or not grid:
+        return ""
+    lrs = sorted({lr for lr, _ in grid.values()})
+    last = max(step for _, step in grid.values())
+    notes = []
+    best = _where(front[-1].label, grid)
+    if best is not None:
+        lr, step = best
+        edges = [w for w, hit in (("its highest rate", lr == lrs[-1] and len(lrs) > 1),
+                                  ("the last step", step == last)) if hit]  # fmt: skip
+        if edges:
+            notes.append(f"best gain at {front[-1].label}: {' and '.join(edges)}")
+    if gain is not None and gain <= front[-1].gain:
+        around = [p for p in front if p.gain >= gain][:1] + [p for p in front if p.gain <= gain][
+            -1:
+        ]
+        for p in around:
+            at = _where(p.label, grid)
+            if at is not None and len(lrs) > 1 and at == (lrs[0], last):
+                notes.append(
+                    f"read from {p.label}, its lowest rate at the last step (a lower rate or a"
+                    " longer run may forget less)"
+                )
+                break
+    return "; ".join(notes)
 
 
 def measure_verdict(
@@ -138,10 +265,17 @@ def measure_verdict(
     data = by_seed(points, scenario, field, sign)
     if not data or all(not math.isfinite(fp.forgetting) for v in data.values() for fp in v):
         return None
-    seeds = sorted({s for _, s in data})
     present = [a for a in arms if any(k[0] == a for k in data)]
+    # the seeds every arm has (a sweep cut short leaves some arms a seed behind)
+    seeds = sorted(set.intersection(*({s for arm, s in data if arm == a} for a in present)))
+    if not seeds:
+        return None
+    grids = {
+        a: {point_label(p): (p.lr, p.step) for p in points if p.scenario == scenario and p.arm == a}
+        for a in present
+    }
     fronts = {a: pareto_front(mean_points(data, a, seeds)) for a in present}
-    level = matched_gain(fronts)
+    level = seedwise_matched_gain(data, present, seeds)
     heads = []
     for a in present:
         at = (
@@ -150,18 +284,38 @@ def measure_verdict(
             else Interval(None, None, None, 0.0)
         )
         within = gain_within_budget(fronts[a], budget) if measure == "control ppl" else None
-        heads.append(ArmHeadline(a, fronts[a], at, within))
+        seedwise = reading = None
+        if level is not None:
+            seedwise = paired_test(list(readings_at_gain(data, a, seeds, level).values()))
+            reading = front_reading(fronts[a], level, grids[a])
+        heads.append(
+            ArmHeadline(a, fronts[a], at, within, seedwise, reading or "",
+                        grid_edge(fronts[a], level, grids[a]))
+        )  # fmt: skip
     floor = floors.get(floor_key, math.nan) if floor_key else math.nan
     comparisons = []
+    levels: list[LevelReading] = []
     ref = reference if reference in present else None
-    if ref is not None and level is not None:
+    if level is not None:
         for a in present:
-            if a != ref:
+            if ref is not None and a != ref:
                 diff = difference_at_gain_interval(data, ref, a, seeds, level, resamples)
-                comparisons.append(Comparison(a, diff, classify(diff, floor)))
+                test = paired_difference_at_gain(data, ref, a, seeds, level)
+                comparisons.append(Comparison(a, diff, classify(test, floor), test))
+        for fraction in LEVELS:
+            g = level * fraction
+            means = []
+            for a in present:
+                got = readings_at_gain(data, a, seeds, g)
+                means.append((a, sum(got.values()) / len(got) if got else None))
+            diffs = tuple(
+                (a, paired_difference_at_gain(data, ref, a, seeds, g))
+                for a in present if ref is not None and a != ref
+            )  # fmt: skip
+            levels.append(LevelReading(g, fraction, tuple(means), diffs))
     return MeasureVerdict(
         scenario, measure, unit, floor, level, tuple(heads), joint_front(fronts), ref,
-        tuple(comparisons),
+        tuple(comparisons), tuple(seeds), tuple(levels),
     )  # fmt: skip
 
 
@@ -220,6 +374,20 @@ def interval_text(i: Interval, unit: str) -> str:
     return f"{i.estimate:+.3g}{unit} [95% CI {i.low:+.3g}, {i.high:+.3g}]"
 
 
+def paired_text(t: PairedTest | None, unit: str) -> str:
+    if t is None or t.estimate is None:
+        return "not reached"
+    if t.low is None or t.high is None:
+        return f"{t.estimate:+.3g}{unit} (one seed, no interval)"
+    p = f"; sign-flip p = {t.p_sign_flip:.3g}" if t.p_sign_flip is not None else ""
+    return f"{t.estimate:+.3g}{unit} [paired t 95% CI {t.low:+.3g}, {t.high:+.3g}; {t.n} seeds{p}]"
+
+
+def _sign_story(tests: Sequence[PairedTest]) -> str:
+    signs = {math.copysign(1, t.estimate) for t in tests if t.estimate is not None and t.estimate}
+    return "its sign changes with the gain" if len(signs) > 1 else "it keeps its sign"
+
+
 def sentences(v: MeasureVerdict, gain_unit: str) -> list[str]:
     out = [
         f"{v.scenario}, forgetting as {v.measure}: arms on the joint front (none of their points"
@@ -227,17 +395,20 @@ def sentences(v: MeasureVerdict, gain_unit: str) -> list[str]:
     ]
     if v.matched_gain is None:
         out.append(
-            "No task gain above zero is reached by every arm, so the arms cannot be compared"
-            " at a matched gain."
+            "No task gain above zero is reached by every arm on every seed, so the arms cannot be"
+            " compared at a matched gain."
         )
         return out
-    weakest = [a.arm for a in v.arms if a.front and a.front[-1].gain == v.matched_gain]
+    n = len(v.seeds)
+    floor_p = f"; the exact sign-flip test cannot go below p = {2 / 2**n:.3g} with {n} seeds"
     out.append(
-        f"Matched task gain: {v.matched_gain:.2f}{gain_unit}, the best gain of the arm that"
-        f" learned least ({', '.join(weakest)}); each arm's forgetting is read off its front there."
+        f"Matched task gain: {v.matched_gain:.2f}{gain_unit}, the highest gain every arm reaches"
+        f" on each of its {n} seeds' own fronts; each arm is read there seed by seed and arms are"
+        f" compared by their per-seed differences (the verdict rests on the paired t-interval"
+        f"{floor_p if n > 1 else ''})."
     )
     for c in v.comparisons:
-        text = interval_text(c.diff, v.unit)
+        text = paired_text(c.test, v.unit) + f", bootstrap {interval_text(c.diff, v.unit)}"
         if c.verdict == "forgets less":
             out.append(f"{v.reference} forgets less than {c.arm} at that gain: {text}.")
         elif c.verdict == "forgets more":
@@ -247,19 +418,36 @@ def sentences(v: MeasureVerdict, gain_unit: str) -> list[str]:
                 f"{v.reference} vs {c.arm}: the difference ({text}) is smaller than the noise"
                 f" floor ({v.floor:.2f}{v.unit}): within noise."
             )
+        elif c.verdict == ONE_SEED:
+            out.append(f"{v.reference} vs {c.arm}: {ONE_SEED} ({text}).")
         else:
             out.append(f"{v.reference} vs {c.arm}: not distinguishable ({text}).")
+    fractions = "/".join(f"{lv.fraction * 100:.0f}" for lv in v.levels)
+    for c in v.comparisons:
+        tests = [dict(lv.diffs)[c.arm] for lv in v.levels if c.arm in dict(lv.diffs)]
+        values = ", ".join(
+            "not reached" if t.estimate is None else f"{t.estimate:+.3g}" for t in tests
+        )
+        held = sum(1 for t in tests if t.excludes_zero)
+        out.append(
+            f"{v.reference} − {c.arm} at {fractions} % of the matched gain: {values}{v.unit};"
+            f" {_sign_story(tests)} (t-interval excludes zero at {held} of {len(tests)})."
+        )
     return out
 
 
 def one_line(vs: Sequence[MeasureVerdict]) -> str:
     """The bench's conclusion in one line: a clause per scenario and forgetting measure (the
-    measures can disagree: control perplexity also moves with transfer, KL does not)."""
+    measures can disagree: control perplexity also moves with transfer, KL does not), each
+    resting on a paired t-interval over seeds."""
     parts = []
     for v in vs:
         where = f"{v.scenario}, {v.measure}"
         if v.matched_gain is None or not v.comparisons:
             parts.append(f"{where}: no matched-gain comparison possible")
+            continue
+        if len(v.seeds) == 1:
+            parts.append(f"{where}: {ONE_SEED}")
             continue
         less = [c.arm for c in v.comparisons if c.verdict == "forgets less"]
         more = [c.arm for c in v.comparisons if c.verdict == "forgets more"]
@@ -271,5 +459,8 @@ def one_line(vs: Sequence[MeasureVerdict]) -> str:
             bits.append(f"forgets more than {', '.join(more)}")
         if same:
             bits.append(f"is not distinguishable from {', '.join(same)}")
-        parts.append(f"{where}: at matched task gain {v.reference} " + "; ".join(bits))
+        parts.append(
+            f"{where} (paired t, {len(v.seeds)} seeds): at a matched task gain of"
+            f" {v.matched_gain:.3g} {v.reference} " + "; ".join(bits)
+        )
     return ". ".join(parts) + "." if parts else "no verdict (no runs)."

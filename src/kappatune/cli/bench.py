@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 EPILOG = """examples:
   kappatune bench --preset cpu                     # gemma-3-270m, 4 arms x 3 lrs x 3 seeds, code (~2.5 h, 2 cores)
+  kappatune bench --preset cpu-long code           # 256-step runs, 5 checkpoints each (resumable)
   kappatune bench --preset gpu --device cuda       # every arm, 5 lrs, longer runs, larger evaluations
   kappatune bench code --lr-grid full=1e-5,3e-5,1e-4 kappa=3e-5,1e-4,3e-4 --checkpoints 4
   kappatune bench --config configs/bench-example.yaml --model ./my-model --knowledge my-mc.jsonl
@@ -57,6 +58,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
         "batch_size": 4, "eval_batch_size": 8, "task_sequences": 12, "control_sequences": 24,
         "control_seq_len": 256, "knowledge_questions": 400, "kl_cache_mb": 6400.0,
+    },
+    # the long-run verdict: 256 steps (65,536 training tokens) per run, evaluated at 16, 32, 64,
+    # 128 and 256 steps, each arm at two rates: its cpu-grid lowest and 1/sqrt(10) of it (at 8
+    # steps the lowest rates gave every arm's best points; the lower one reaches the matched gain
+    # only late). 5 arms x 2 lrs x 3 seeds x 2 scenarios = 60 runs, 12-30 min each on 2 cores:
+    # it resumes per checkpoint (--keep-state), so spread it over sittings.
+    "cpu-long": {
+        "scenarios": ["code", "digits"], "model": "gemma-3-270m",
+        "arms": ["full", "lora", "kappa", "corda-kpm", "osf"], "seeds": [0, 1, 2],
+        "steps": 256, "checkpoints": 5, "checkpoint_at": [16, 32, 64, 128, 256],
+        "lr_grid": ["full=1e-06,3.16e-06", "lora=3e-05,9.49e-05", "kappa=1e-05,3.16e-05",
+                    "corda-kpm=2e-06,6.32e-06", "osf=5e-06,1.58e-05"],
+        "keep_state": True, "seq_len": 64, "batch_size": 4, "eval_batch_size": 8,
+        "task_sequences": 12, "control_sequences": 24, "control_seq_len": 256,
+        "knowledge_questions": 400, "kl_cache_mb": 6400.0,
     },
     # one GPU: every arm, 5 learning rates over 30x, longer runs, larger evaluation sets
     "gpu": {
@@ -141,7 +157,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add(
         "--preset",
         choices=tuple(PRESETS),
-        help="cpu: about 2.5 h on a quiet 2-core CPU; gpu: the full grid on one GPU",
+        help="cpu: about 2.5 h on a quiet 2-core CPU; cpu-long: 256-step runs, about 20 h,"
+        " resumable; gpu: the full grid on one GPU",
     )
     add("--config", type=Path, help="YAML/JSON file describing scenarios")
     from kappatune.bench.config import BenchSettings, EvalSizes
@@ -248,9 +265,11 @@ def canonical_command(args: argparse.Namespace) -> str:
     words = ["kappatune", "bench", *args.scenarios]
     for dest in ("config", *_defaults(), *_SCENARIO_FLAGS):
         value = getattr(args, dest, None)
-        if value is None or value == []:
+        if value is None or value == [] or value is False:  # False: a switch left off
             continue
         words.append("--" + dest.replace("_", "-"))
+        if value is True:
+            continue
         if isinstance(value, list):
             words.extend(str(v) for v in value)
         else:
@@ -352,10 +371,10 @@ def run(args: argparse.Namespace) -> int:
     )
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(report.rich_table(rows, f"kappatune bench: {settings.model}", floors))
-    for line in [*report.floor_lines(floors), *notes]:
-        console.print(f"  {line}")
+    for line in [*report.floor_lines(floors), *notes]:  # plain text: "[...]" is not markup
+        console.print(f"  {line}", markup=False)
     for line in report.verdict_text(vs, outcome.metrics):
-        console.print(f"  {line}")
-    console.print(f"wrote {', '.join(str(f) for f in files)}")
-    console.print(f"conclusion: {conclusion}", soft_wrap=True)
+        console.print(f"  {line}", markup=False)
+    console.print(f"wrote {', '.join(str(f) for f in files)}", markup=False)
+    console.print(f"conclusion: {conclusion}", soft_wrap=True, markup=False)
     return 0
