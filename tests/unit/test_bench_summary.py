@@ -138,6 +138,13 @@ def test_verdict_at_matched_gain() -> None:
     assert [lv.fraction for lv in ppl.levels] == [0.25, 0.5, 0.75, 1.0]
     low = dict(ppl.levels[0].diffs)["lora"]
     assert low.diffs == pytest.approx((2.0, 2.0, 2.0)) and low.excludes_zero
+    # as training goes on: after step 2 only the step-2 points (5 %: kappa +2, lora 0), then all
+    (two, four) = ppl.lengths
+    assert (two.steps, four.steps) == (2, 4)
+    assert two.matched_gain == pytest.approx(5.0) and four.matched_gain == pytest.approx(10.0)
+    assert dict(two.forgetting) == {"kappa": pytest.approx(2.0), "lora": pytest.approx(0.0)}
+    assert dict(four.forgetting)["kappa"] == pytest.approx((5 + 2 + 15 / 7 + 2 + 15 / 9) / 3)
+    assert two.order == four.order == ("lora", "kappa")
     kl = next(v for v in vs if (v.scenario, v.measure) == ("code", "KL from base"))
     assert [(c.arm, c.verdict) for c in kl.comparisons] == [("lora", "forgets more")]
     assert verdict.one_line(vs) == (
@@ -152,6 +159,10 @@ def test_verdict_at_matched_gain() -> None:
     assert "cannot go below p = 0.25 with 3 seeds" in text
     assert "kappa − lora at 25/50/75/100 % of the matched gain: +2, +2," in text
     assert "it keeps its sign (t-interval excludes zero at 4 of 4)" in text
+    assert (
+        "as training goes on: after 2 steps (gain 5.00 %) lora < kappa; after 4 steps (gain"
+        " 10.00 %) lora < kappa." in text
+    )
 
     one_seed = [p for p in points if p.seed == 0]
     alone_v = next(

@@ -193,6 +193,23 @@ def comparison_rows(vs: Sequence[MeasureVerdict]) -> list[list[str]]:
     return rows
 
 
+LENGTH_COLUMNS = ("scenario", "forgetting measure", "after steps", "matched gain", "forgetting",
+                  "least to most forgetting")  # fmt: skip
+
+
+def length_rows(vs: Sequence[MeasureVerdict], gain_units: Mapping[str, str]) -> list[list[str]]:
+    """The comparison as it stood at each checkpoint step (fronts from the points up to it)."""
+    rows = []
+    for v in vs:
+        unit = gain_units.get(v.scenario, "")
+        for ln in v.lengths:
+            gain = "not reached" if ln.matched_gain is None else f"{ln.matched_gain:.2f}{unit}"
+            values = ", ".join(f"{a} {'-' if x is None else f'{x:+.3g}'}" for a, x in ln.forgetting)
+            rows.append([v.scenario, v.measure, str(ln.steps), gain, values,
+                         " < ".join(ln.order) or "-"])  # fmt: skip
+    return rows
+
+
 RANGE_COLUMNS = ("scenario", "forgetting measure", "compared", "gain", "difference (paired t)")
 
 
@@ -468,6 +485,10 @@ def markdown_report(c: ReportContent) -> str:
     if ranged:
         parts.append("## The differences over a range of gains\n")
         parts.append(_md(RANGE_COLUMNS, ranged))
+    lengths = length_rows(c.vs, c.gain_units())
+    if lengths:
+        parts.append("## As training goes on (fronts from the points up to each step)\n")
+        parts.append(_md(LENGTH_COLUMNS, lengths))
     parts.append("## Every point (mean over seeds)\n")
     parts.append(markdown_table(c.rows, c.floors))
     if c.notes:
@@ -512,6 +533,10 @@ def html_report(c: ReportContent, images: Mapping[str, bytes]) -> str:
     if ranged:
         body.append("<h2>The differences over a range of gains</h2>")
         body.append(_html_table(RANGE_COLUMNS, ranged))
+    lengths = length_rows(c.vs, c.gain_units())
+    if lengths:
+        body.append("<h2>As training goes on (fronts from the points up to each step)</h2>")
+        body.append(_html_table(LENGTH_COLUMNS, lengths))
     body.append("<h2>Every point (mean over seeds)</h2>")
     body.append(_html_table(COLUMNS, [cells(r, c.floors.get(r.scenario)) for r in c.rows]))
     if c.notes:

@@ -101,6 +101,18 @@ class LevelReading:
 
 
 @dataclass(frozen=True)
+class LengthReading:
+    """The comparison as it stood after ``steps`` training steps: fronts from the points at or
+    before that step, their own matched gain, each arm's forgetting there (mean over seeds of
+    the per-seed readings) and the arms from least to most forgetting."""
+
+    steps: int
+    matched_gain: float | None
+    forgetting: tuple[tuple[str, float | None], ...]
+    order: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MeasureVerdict:
     scenario: str
     measure: str
@@ -113,6 +125,7 @@ class MeasureVerdict:
     comparisons: tuple[Comparison, ...]
     seeds: tuple[int, ...] = ()
     levels: tuple[LevelReading, ...] = ()
+    lengths: tuple[LengthReading, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         def iv(i: Interval) -> dict[str, Any]:
@@ -173,6 +186,17 @@ class MeasureVerdict:
                     "differences": {a: pt(t) for a, t in lv.diffs},
                 }
                 for lv in self.levels
+            ],
+            "by_training_length": [
+                {
+                    "steps": ln.steps,
+                    "matched_gain": ln.matched_gain,
+                    "forgetting": {
+                        a: None if v is None else encode_float(v) for a, v in ln.forgetting
+                    },
+                    "order": list(ln.order),
+                }
+                for ln in self.lengths
             ],
         }
 
@@ -316,7 +340,34 @@ def measure_verdict(
     return MeasureVerdict(
         scenario, measure, unit, floor, level, tuple(heads), joint_front(fronts), ref,
         tuple(comparisons), tuple(seeds), tuple(levels),
+        by_length(points, scenario, field, sign, present, seeds),
     )  # fmt: skip
+
+
+def by_length(
+    points: Sequence[SeedPoint],
+    scenario: str,
+    field: str,
+    sign: int,
+    arms: Sequence[str],
+    seeds: Sequence[int],
+) -> tuple[LengthReading, ...]:
+    """How the comparison changes as training goes on: one reading per checkpoint step (none
+    for a single step: that is the verdict itself)."""
+    steps = sorted({p.step for p in points if p.scenario == scenario})
+    if len(steps) < 2:
+        return ()
+    out = []
+    for last in steps:
+        data = by_seed([p for p in points if p.step <= last], scenario, field, sign)
+        gain = seedwise_matched_gain(data, arms, seeds)
+        means: list[tuple[str, float | None]] = []
+        for a in arms:
+            got = readings_at_gain(data, a, seeds, gain) if gain is not None else {}
+            means.append((a, sum(got.values()) / len(got) if got else None))
+        ranked = sorted((v, a) for a, v in means if v is not None)
+        out.append(LengthReading(last, gain, tuple(means), tuple(a for _, a in ranked)))
+    return tuple(out)
 
 
 def with_change_floors(
@@ -433,6 +484,14 @@ def sentences(v: MeasureVerdict, gain_unit: str) -> list[str]:
             f"{v.reference} − {c.arm} at {fractions} % of the matched gain: {values}{v.unit};"
             f" {_sign_story(tests)} (t-interval excludes zero at {held} of {len(tests)})."
         )
+    if v.lengths:
+        steps = "; ".join(
+            f"after {ln.steps} steps "
+            + ("no matched gain" if ln.matched_gain is None else
+               f"(gain {ln.matched_gain:.2f}{gain_unit}) " + " < ".join(ln.order))
+            for ln in v.lengths
+        )  # fmt: skip
+        out.append(f"Least to most forgetting as training goes on: {steps}.")
     return out
 
 
