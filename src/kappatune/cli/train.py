@@ -82,6 +82,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_selection_flags(p, lora_note=True)
     p.add_argument(
+        "--selection-other-weights",
+        action="store_true",
+        help="train a --selection made on other weights of this architecture (by default a"
+        " selected matrix whose kappa differs from the selection's is refused)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print the memory each method would need (weights, gradients, optimizer state,"
@@ -245,6 +251,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         save_dtype=args.save_dtype,
+        other_weights=args.selection_other_weights,
     )
 
 

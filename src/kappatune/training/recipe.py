@@ -157,6 +157,7 @@ def _load(settings: RunSettings, engine: Engine, events: RunReporter) -> _Inputs
     from kappatune.training.data import load_examples, tokenize
     from kappatune.training.layout import locate
     from kappatune.training.models import check_seq_len, load_causal_lm
+    from kappatune.training.selection_fit import check_selection_fits
 
     examples = load_examples(list(settings.data))
     eval_examples = None if settings.eval_data is None else load_examples(list(settings.eval_data))
@@ -168,7 +169,9 @@ def _load(settings: RunSettings, engine: Engine, events: RunReporter) -> _Inputs
         events.unfit(data, settings.pack.seq_len)
     eval_data = None if eval_examples is None else tokenize(tokenizer, eval_examples, settings.pack)
     if selection is not None:
-        locate(model, selection)
+        check_selection_fits(
+            model, selection, locate(model, selection), other_weights=settings.other_weights
+        )
     _log_placement(engine, model, selection)
     return _Inputs(data, eval_data, selection, model, tokenizer)
 

@@ -40,6 +40,7 @@ class RunSettings:
     device: str = "auto"
     trust_remote_code: bool = False
     save_dtype: str = "auto"  # selective, full: auto keeps the checkpoint's dtype
+    other_weights: bool = False  # accept a selection made on other weights of this architecture
 
     def __post_init__(self) -> None:
         method = self.training_method
@@ -85,6 +86,7 @@ def settings_from_run(
     report_to: tuple[str, ...] = (),
     eval_every: int | None = None,
     save_dtype: str = "auto",
+    other_weights: bool = False,
 ) -> RunSettings:
     """The settings recorded in ``run_dir/run.json`` (and ``selection.json``); paths in it are
     as they were given, so resume from the directory the run was started in."""
@@ -114,6 +116,7 @@ def settings_from_run(
             device=device,
             trust_remote_code=trust_remote_code,
             save_dtype=save_dtype,
+            other_weights=other_weights,
         )
     except KeyError as exc:
         raise KappaTuneError(f"cannot read {out / RUN_FILE}: it has no {exc.args[0]!r}") from None
