@@ -36,7 +36,12 @@ def test_end_to_end_text_and_label_scenarios(
     )
     out = tmp_path / "out"
     assert main([*_common(files, out), "--config", str(config)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    # not on a terminal: plain progress lines, no bars
+    assert "\r" not in captured.err
+    assert "kappatune: [1/12] words kappa lr 0.0001 seed 0: training 2 steps" in captured.err
+    assert "kappatune: [1/12] words kappa lr 0.0001 seed 0: step 2/2, loss " in captured.err
     assert "kappatune bench" in text and "sentiment" in text and "words" in text
     assert text.strip().splitlines()[-1].startswith("conclusion: sentiment, control ppl: ")
     for name in (

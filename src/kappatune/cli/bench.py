@@ -278,12 +278,17 @@ def canonical_command(args: argparse.Namespace) -> str:
 
 
 class BarReporter:
-    """tqdm progress: one bar per training run, messages above it."""
+    """tqdm progress: one bar per training run, messages above it. Not on a terminal (a log
+    file, CI), plain lines instead: one when a run starts, one every eighth of it, one when it
+    ends."""
 
-    def __init__(self, total_runs: int) -> None:
+    def __init__(self, total_runs: int, plain: bool | None = None) -> None:
         self.total = total_runs
         self.done = 0
         self.bar: tqdm | None = None
+        self.plain = not sys.stderr.isatty() if plain is None else plain
+        self.horizon = 0
+        self.label = ""
 
     def message(self, text: str) -> None:
         from tqdm import tqdm
@@ -293,6 +298,11 @@ class BarReporter:
     def run_started(self, scenario: str, arm: str, lr: float, seed: int, horizon: int) -> None:
         from tqdm import tqdm
 
+        self.horizon = horizon
+        self.label = f"[{self.done + 1}/{self.total}] {scenario} {arm} lr {lr:g} seed {seed}"
+        if self.plain:
+            self.message(f"{self.label}: training {horizon} steps")
+            return
         self.bar = tqdm(
             total=horizon,
             desc=f"[{self.done + 1}/{self.total}] {scenario} {arm} lr {lr:g} seed {seed}",
@@ -302,6 +312,11 @@ class BarReporter:
         )
 
     def step(self, step: int, loss: float) -> None:
+        if self.plain:
+            every = max(1, self.horizon // 8)
+            if step % every == 0 or step == self.horizon:
+                self.message(f"{self.label}: step {step}/{self.horizon}, loss {loss:.3f}")
+            return
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -337,6 +352,10 @@ def run(args: argparse.Namespace) -> int:
     check_dir(out, "--output")
     runs = sum(len(settings.lrs_for(a)) for a in settings.arms) * len(settings.seeds)
     reporter = BarReporter(len(scenarios) * runs)
+    if reporter.plain:  # transformers' own loading bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     outcome = run_bench(scenarios, settings, out, reporter)
     points = summary.seed_points(outcome.runs, outcome.bases, outcome.metrics)
     rows = summary.summarize(points, outcome.bases, outcome.metrics, settings.arms)
