@@ -210,14 +210,19 @@ class _Steps:
         pass
 
 
+@pytest.mark.parametrize("arm", ["kappa", "lora", "full", "osf"])
 def test_long_run_goes_on_from_its_kept_state(
-    setup: tuple[Path, Scenario, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    setup: tuple[Path, Scenario, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    arm: str,
 ) -> None:
     """--checkpoint-at with --keep-state: an interrupted run trains on from its last
-    checkpoint's kept state, and its numbers are those of the uninterrupted run."""
+    checkpoint's kept state, and its numbers are those of the uninterrupted run (selective,
+    LoRA, full fine-tuning and a PEFT peer)."""
     model, scenario, mc = setup
     settings = _settings(
-        model, mc, arms=("kappa",), seeds=(0,), lr_grid=(("kappa", (3e-4,)),), steps=6,
+        model, mc, arms=(arm,), seeds=(0,), lr_grid=((arm, (3e-4,)),), steps=6,
         checkpoint_at=(1, 3, 6), keep_state=True,
     )  # fmt: skip
     assert settings.checkpoint_steps() == (1, 3, 6)
