@@ -402,19 +402,51 @@ def flags_of(cls: type[DataclassInstance]) -> dict[str, str]:
 
 def check_regexes(**patterns: str | None) -> None:
     """One line naming the flag (``--include``) when a given pattern is not a valid regex."""
+    import regex
+
     for name, pattern in patterns.items():
         if pattern is None:
             continue
         try:
             re.compile(pattern)
-        except re.error as exc:
+            regex.compile(pattern)
+        except (re.error, regex.error) as exc:
             raise KappaTuneError(f"invalid --{name} regex {pattern!r}: {exc}") from None
 
 
+REGEX_TIMEOUT_S = 1.0  # a name is a few dozen characters: any sane pattern takes microseconds
+
+
+def name_matches(pattern: str, name: str, flag: str) -> bool:
+    """``re.search(pattern, name)``, bounded in time: a pattern that backtracks without end
+    (``(a+)+$``) ends in one line naming the flag instead of hanging the command."""
+    import regex
+
+    try:
+        return regex.search(pattern, name, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise KappaTuneError(
+            f"{flag} regex {pattern!r} took over {REGEX_TIMEOUT_S:g} s on a {len(name)}-character"
+            " name (catastrophic backtracking): simplify it"
+        ) from None
+
+
+MAX_SEED = 2**32 - 1  # what numpy, torch and accelerate all accept
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise KappaTuneError(
+            f"{flag} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed}"
+        )
+
+
 __all__ = [
+    "MAX_SEED",
     "add_flags",
     "argument_group",
     "check_regexes",
+    "check_seed",
     "cli_fields",
     "dest_of",
     "digest",
@@ -424,6 +456,7 @@ __all__ = [
     "from_args",
     "from_json",
     "key_fields",
+    "name_matches",
     "non_key_fields",
     "setting",
     "settings_key",

@@ -340,7 +340,7 @@ FIRST = "model.embed_tokens.weight"
         (
             "numel_big",
             [],
-            f"malformed analysis JSON: tensors[0] ({FIRST}): numel 501 exceeds the 500 elements of shape [500, 1]",
+            f"malformed analysis JSON: tensors[0] ({FIRST}): numel 501 contradicts shape [500, 1] (500 elements)",
         ),
         (
             "kappa_neg",

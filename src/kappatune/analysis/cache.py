@@ -13,12 +13,14 @@ is ignored with a warning and recomputed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,37 @@ _FLOATS = METRIC_FIELDS
 _ROW_KEYS = (*_FLOATS, "expert", "shape", "numel", "method")
 Matrix = tuple[int | None, tuple[int, int]]  # (expert index or None, matrix shape)
 RowCheck = Callable[[list[Any]], str | None]
+
+
+MAX_ENTRY_BYTES = 16 * 2**20  # an entry holds a matrix's rows (one per expert): kilobytes
+
+
+def read_regular(path: Path, limit: int = MAX_ENTRY_BYTES) -> str:
+    """The text of ``path`` when it is a regular file of at most ``limit`` bytes: a symbolic
+    link, a device (``/dev/zero``), a FIFO or an oversized file raises OSError, unread."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{path} is a symbolic link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise OSError(f"{path} is larger than {limit} bytes")
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
 
 
 def default_cache_dir() -> Path:
@@ -68,7 +101,7 @@ class SpectrumCache:
         """The rows stored under ``key``, or None; rows that ``check`` faults are ignored."""
         path = self._row_path(key)
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            payload = json.loads(read_regular(path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -119,7 +152,7 @@ class SpectrumCache:
     def _recorded(self, file: Path, stat: Sequence[int] | None) -> dict[str, str] | None:
         """The recorded digests ({} if none apply), or None if the record fails its checksum."""
         try:
-            payload = json.loads(self._stat_path(file).read_text(encoding="utf-8"))
+            payload = json.loads(read_regular(self._stat_path(file)))
             current = list(stat if stat is not None else self.stat_key(file))
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             return {}

@@ -31,6 +31,7 @@ from kappatune.jsonio import (
     fields_json,
     read_json_object,
 )
+from kappatune.settings import name_matches
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,11 @@ def check_row_json(row: Any, full: bool = True) -> None:
         if key in row and not isinstance(row[key], str | None):
             raise ValueError(f"{key} must be a string, got {row[key]!r}")
     numel = _count(row["numel"], "numel", 1)
-    if numel > math.prod(dims):
-        raise ValueError(f"numel {numel} exceeds the {math.prod(dims)} elements of shape {dims}")
+    allowed = {math.prod(dims)}
+    if row.get("expert") is not None and len(dims) == 3:
+        allowed.add(math.prod(dims[1:]))  # an expert's row of a stacked tensor
+    if numel not in allowed:
+        raise ValueError(f"numel {numel} contradicts shape {dims} ({math.prod(dims)} elements)")
     for key in ("expert", "layer"):
         if row.get(key) is not None:
             _count(row[key], key)
@@ -259,9 +263,9 @@ def _skip_reason(entry: TensorEntry, options: AnalyzeOptions) -> str | None:
         ):
             return f"integer dtype {entry.dtype} (packed quantized weights: dequantize first)"
         return f"integer dtype {entry.dtype} (not floating-point weights)"
-    if options.include and not re.search(options.include, entry.name):
+    if options.include and not name_matches(options.include, entry.name, "--include"):
         return "not matched by --include"
-    if options.exclude and re.search(options.exclude, entry.name):
+    if options.exclude and name_matches(options.exclude, entry.name, "--exclude"):
         return "matched by --exclude"
     if options.max_dim is not None:
         dims = (

@@ -225,6 +225,9 @@ class BenchSettings:
             arms_mod.get_arm(a)
         if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
             raise KappaTuneError(f"--seeds must be distinct integers, got {list(self.seeds)}")
+        for seed in self.seeds:
+            settings.check_seed(seed, "--seeds")
+        settings.check_seed(self.knowledge_seed, "--knowledge-seed")
         for label, pairs in (("--lr-grid", self.lr_grid), ("--warmup", self.warmups)):
             for arm, value in pairs:
                 if arm not in self.arms:

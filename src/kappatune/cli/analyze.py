@@ -144,14 +144,17 @@ def _skips(analysis: Analysis) -> list[tuple[str, int, list[str]]]:
 
 
 def _print_report(console: Console, analysis: Analysis, elapsed: float, top: int) -> None:
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from kappatune.analysis.report import format_kappa, kappa_order, module_summary
+    from kappatune.printable import printable
 
     rows = kappa_order(analysis.tensors)
     methods = sorted({r.method for r in rows})
     console.print(
-        f"[bold]{analysis.source}[/bold]  fingerprint {analysis.fingerprint[:16]}  "
+        f"[bold]{escape(printable(analysis.source))}[/bold]  fingerprint {analysis.fingerprint[:16]}  "
         f"{len(rows)} matrices, {len(analysis.skipped)} tensors skipped, "
         f"{elapsed:.2f} s ({', '.join(methods)})"
     )
@@ -162,7 +165,7 @@ def _print_report(console: Console, analysis: Analysis, elapsed: float, top: int
             t.add_column(col, justify="left" if col == "name" else "right")
         for r in subset:
             t.add_row(
-                r.name,
+                Text(printable(r.name)),
                 "" if r.expert is None else str(r.expert),
                 "x".join(map(str, r.shape)),
                 format_kappa(r.kappa),
@@ -180,7 +183,7 @@ def _print_report(console: Console, analysis: Analysis, elapsed: float, top: int
         t.add_column(col, justify="left" if col == "module type" else "right")
     for s in module_summary(analysis):
         t.add_row(
-            s.module_type,
+            Text(printable(s.module_type)),
             str(s.count),
             f"{s.params:,}",
             format_kappa(s.kappa_min),
@@ -194,5 +197,5 @@ def _print_report(console: Console, analysis: Analysis, elapsed: float, top: int
         for col in ("reason", "tensors", "examples"):
             t.add_column(col, justify="right" if col == "tensors" else "left")
         for reason, n, examples in skips:
-            t.add_row(reason, str(n), ", ".join(examples))
+            t.add_row(Text(printable(reason)), str(n), Text(printable(", ".join(examples))))
         console.print(t)

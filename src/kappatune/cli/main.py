@@ -76,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="kappatune: %(levelname)s: %(message)s",
     )
     from kappatune.cli.quiet import quiet_third_party
+    from kappatune.printable import printable
 
     try:
         with quiet_third_party():  # third-party start-up noise, for this command only
             return int(args.run(args) or 0)
     except KappaTuneError as exc:
-        print(f"kappatune: error: {exc}", file=sys.stderr)
+        print(f"kappatune: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kappatune: interrupted", file=sys.stderr)
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"kappatune: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            f"kappatune: internal error: {type(exc).__name__}: {printable(str(exc))} (rerun with"
+            " --debug for details)",
             file=sys.stderr,
         )
         return 1

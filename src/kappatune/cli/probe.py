@@ -106,8 +106,10 @@ def _ci(c: Mapping[str, Any]) -> str:
 
 def _print_rows(console: Console, rows: Sequence[ProbeRow], kinds: Sequence[str], top: int) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from kappatune.analysis.report import format_kappa
+    from kappatune.printable import printable
 
     ordered = sorted(
         rows,
@@ -130,7 +132,12 @@ def _print_rows(console: Console, rows: Sequence[ProbeRow], kinds: Sequence[str]
         cells = [
             c for k in kinds for c in (f"{r.fisher[k]['mean']:.3e}", f"{r.fisher[k]['logvol']:.4g}")
         ]
-        t.add_row(r.name, "" if r.expert is None else str(r.expert), format_kappa(r.kappa), *cells)
+        t.add_row(
+            Text(printable(r.name)),
+            "" if r.expert is None else str(r.expert),
+            format_kappa(r.kappa),
+            *cells,
+        )
     console.print(t)
 
 

@@ -304,6 +304,9 @@ def selection_from_args(
 
 def print_selection(console: Console, selection: Selection, top: int) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from kappatune.printable import printable
 
     console.print(f"[bold]{selection.source}[/bold]  {selection.describe()}")
     console.print(f"the selection is {selection.describe_order()}")
@@ -324,9 +327,9 @@ def print_selection(console: Console, selection: Selection, top: int) -> None:
         cum += e.numel
         t.add_row(
             str(i),
-            e.name,
+            Text(printable(e.name)),
             "" if e.expert is None else str(e.expert),
-            e.module_type,
+            Text(printable(e.module_type)),
             "" if e.layer is None else str(e.layer),
             f"{e.kappa:.4g}",
             f"{e.numel:,}",
@@ -342,7 +345,7 @@ def print_selection(console: Console, selection: Selection, top: int) -> None:
     for col in ("type", "matrices", "params"):
         s.add_column(col, justify="left" if col == "type" else "right")
     for kind in sorted(counts, key=lambda k: (-counts[k][1], k)):
-        s.add_row(kind, str(counts[kind][0]), f"{counts[kind][1]:,}")
+        s.add_row(Text(printable(kind)), str(counts[kind][0]), f"{counts[kind][1]:,}")
     console.print(s)
 
 

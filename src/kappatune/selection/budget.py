@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the policy registry stays importable without torch (CLI cho
     from kappatune.analysis.spectra import SpectrumRow
 
 from kappatune.selection.policies import row_kappa
-from kappatune.settings import check_regexes, setting
+from kappatune.settings import check_regexes, check_seed, name_matches, setting
 
 _PARAM_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -247,6 +247,7 @@ class SelectOptions:
                 f"unknown fill mode {self.fill!r} (known: {', '.join(FILL_MODES)})"
             )
         check_regexes(include=self.include, exclude=self.exclude)
+        check_seed(self.seed)
         seen: set[str] = set()
         for kind, count in self.quotas:
             if kind in seen:
@@ -287,9 +288,9 @@ def filter_rows(rows: Sequence[SpectrumRow], options: SelectOptions) -> list[Spe
             )
     out = []
     for r in rows:
-        if options.include and not re.search(options.include, r.name):
+        if options.include and not name_matches(options.include, r.name, "--include"):
             continue
-        if options.exclude and re.search(options.exclude, r.name):
+        if options.exclude and name_matches(options.exclude, r.name, "--exclude"):
             continue
         if options.module_types and r.module_type not in options.module_types:
             continue

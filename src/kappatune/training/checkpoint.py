@@ -145,14 +145,23 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
     return {"shape": list(spec.shape), "dtype": spec.dtype}
 
 
+def _remove(path: Path) -> None:
+    """Remove ``path`` whatever it is: a link (never what it points to), a file or a folder."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def swap_in(tmp: Path, final: Path) -> None:
-    """Replace the folder ``final`` by ``tmp`` (the old one is removed after the rename)."""
+    """Replace the folder ``final`` by ``tmp`` (the old one is removed after the rename; a
+    symbolic link in its place is replaced, never followed)."""
     old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    _remove(old)
+    if final.is_symlink() or final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 class CheckpointError(KappaTuneError):

@@ -65,6 +65,7 @@ class TrainConfig:
             )
         if self.batch_size < 1:
             raise KappaTuneError(f"--batch-size must be at least 1, got {self.batch_size}")
+        settings.check_seed(self.seed)
         if self.grad_accum < 1:
             raise KappaTuneError(f"--grad-accum must be at least 1, got {self.grad_accum}")
         if not 0 <= self.weight_decay < math.inf:

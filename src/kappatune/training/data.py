@@ -166,6 +166,23 @@ class TokenizedData:
 # --------------------------------------------------------------------------- reading
 
 
+# the roles chat templates know (OpenAI's and Hugging Face's); anything else is a typo that
+# would otherwise train silently (an 'asistant' turn is never in the loss)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+# one JSON record at most this long: tokenizing a 50 MB line takes several GB; a record this
+# size is already far beyond any model's context (it is cut into --seq-len rows anyway)
+MAX_RECORD_CHARS = 8_000_000
+
+
+def _loads(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KappaTuneError(f"{where} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except RecursionError:
+        raise KappaTuneError(f"{where} is nested too deeply to be a record") from None
+
+
 def _chat_example(messages: object, where: str) -> ChatExample | None:
     """A ChatExample from a ``messages`` list; None when no assistant turn has text."""
     if not isinstance(messages, list):
@@ -176,6 +193,11 @@ def _chat_example(messages: object, where: str) -> ChatExample | None:
             raise KappaTuneError(f"{where}: message {i} needs a string 'role'")
         if not isinstance(m.get("content"), str):
             raise KappaTuneError(f"{where}: message {i} needs a string 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise KappaTuneError(
+                f"{where}: message {i} has the unknown role {m['role']!r} (known:"
+                f" {', '.join(CHAT_ROLES)})"
+            )
         turns.append((m["role"], m["content"]))
     if not any(r == "assistant" and c.strip() for r, c in turns):
         return None
@@ -184,6 +206,22 @@ def _chat_example(messages: object, where: str) -> ChatExample | None:
 
 def _record_example(record: object, where: str) -> AnyExample | None:
     """An example from one record; None for a record with nothing to learn (empty text)."""
+    ex = _record_example_unbounded(record, where)
+    if ex is not None:
+        size = (
+            sum(len(c) for _, c in ex.messages)
+            if isinstance(ex, ChatExample)
+            else len(ex.prompt) + len(ex.completion)
+        )
+        if size > MAX_RECORD_CHARS:
+            raise KappaTuneError(
+                f"{where} holds {size:,} characters of text, over the {MAX_RECORD_CHARS:,} a"
+                " record may have: split it into several records"
+            )
+    return ex
+
+
+def _record_example_unbounded(record: object, where: str) -> AnyExample | None:
     if not isinstance(record, Mapping):
         raise KappaTuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -237,10 +275,18 @@ def _jsonl_records(path: Path, text: str) -> Iterator[tuple[str, object]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path} line {lineno}"
+        if len(line) > MAX_RECORD_CHARS:
+            raise KappaTuneError(
+                f"{where} is {len(line):,} characters long, over the {MAX_RECORD_CHARS:,} a record"
+                " may have: split it into several records"
+            )
         try:
-            yield f"{path} line {lineno}", json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise KappaTuneError(f"{path} line {lineno} is not valid JSON: {exc.msg}") from None
+            raise KappaTuneError(f"{where} is not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise KappaTuneError(f"{where} is nested too deeply to be a record") from None
 
 
 def read_file(path: str | os.PathLike[str]) -> list[AnyExample]:
@@ -251,10 +297,7 @@ def read_file(path: str | os.PathLike[str]) -> list[AnyExample]:
     if suffix == ".jsonl":
         return _examples_from_records(_jsonl_records(p, text), str(p))
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise KappaTuneError(f"{p} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        data = _loads(text, str(p))
         if not isinstance(data, list):
             raise KappaTuneError(f"{p} must hold a JSON list of records, got {type(data).__name__}")
         return _examples_from_records(((f"{p} record {i}", r) for i, r in enumerate(data)), str(p))

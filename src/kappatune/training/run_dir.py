@@ -95,6 +95,13 @@ def run_status(out: Path, record: dict[str, Any]) -> RunStatus:
         raise KappaTuneError(
             f"--output {out} is not empty and holds no kappatune run (run.json); choose a new directory"
         )
+    checkpoint = out / CHECKPOINT
+    if checkpoint.is_symlink() or (checkpoint.exists() and not checkpoint.is_dir()):
+        what = "a symbolic link" if checkpoint.is_symlink() else "not a directory"
+        raise KappaTuneError(
+            f"--output {out}: its {CHECKPOINT}/ is {what}; a run's checkpoint must be a"
+            f" directory of its own (remove {checkpoint} to restart the run)"
+        )
     previous = read_record(out)
     keys = sorted(
         k
