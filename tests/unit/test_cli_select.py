@@ -471,3 +471,61 @@ def test_a_scoring_policy_refuses_an_unloadable_model_before_analysing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_select_prints_the_next_step_and_its_peft_code_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After writing an export, select says what to do with it; the PEFT lines it prints run
+    as they are against PEFT's own LoraConfig and get_peft_model."""
+    from peft import PeftModel
+
+    from tests.unit._tiny_models import save_tiny_model, tiny_llama
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    sel = tmp_path / "sel.json"
+    lin = ["--exclude", "embed|lm_head"]  # the linear layers (the tiny model's embedding is big)
+    assert main(["select", str(model_dir), *lin, "--budget-params", "3000", "-o", str(sel)]) == 0
+    err = "".join(capsys.readouterr())
+    train = f"kappatune train {model_dir} --data DATA --output RUN --selection {sel}"
+    assert f"next: train only these matrices: {train} --method selective" in err
+    assert "--method kappa-lora --lora-r " in err
+    targets = tmp_path / "t.json"
+    args = ["select", str(model_dir), *lin, "--budget-params", "3000", "--format", "peft", "-o"]
+    assert main([*args, str(targets)]) == 0
+    err = "".join(capsys.readouterr())
+    code = [ln[2:] for ln in err.splitlines() if ln.startswith("  ")]
+    assert code[0].startswith("import json; from peft import LoraConfig")
+    scope: dict[str, object] = {"model": tiny_llama()}
+    exec("\n".join(code), scope)  # noqa: S102 - the printed snippet, as a user would paste it
+    peft_model = scope["model"]
+    assert isinstance(peft_model, PeftModel)
+    wanted = set(json.loads(targets.read_text())["target_modules"])
+    adapted = {n.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
+               for n, _ in peft_model.named_parameters() if ".lora_A" in n}  # fmt: skip
+    assert {a.removesuffix(".default") for a in adapted} == wanted
+    # an analysis JSON as the source: the train command names the model to give
+    analysis = tmp_path / "a.json"
+    assert main(["analyze", str(model_dir), "--no-cache", "-o", str(analysis)]) == 0
+    capsys.readouterr()
+    assert main(["select", str(analysis), "--budget-tensors", "2", "-o", str(sel)]) == 0
+    assert (
+        "next: train only these matrices: kappatune train MODEL --data" in "".join(capsys.readouterr())
+    )
+    axo = tmp_path / "u.yaml"
+    assert (
+        main(
+            [
+                "select",
+                str(model_dir),
+                "--budget-tensors",
+                "2",
+                "--format",
+                "axolotl",
+                "-o",
+                str(axo),
+            ]
+        )
+        == 0
+    )
+    assert f"copy the unfrozen_parameters list of {axo}" in "".join(capsys.readouterr())

@@ -165,3 +165,42 @@ def test_tokenized_data_validates_shapes() -> None:
         data.TokenizedData(z, z, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(KappaTuneError, match="at least 2"):
         PackConfig(seq_len=1)
+
+
+def test_alpaca_and_sharegpt_records(tmp_path: Path) -> None:
+    """Alpaca records become prompt/completion with Stanford Alpaca's template; ShareGPT
+    conversations become chat messages (human -> user, gpt -> assistant)."""
+    from kappatune.training.data import ChatExample
+
+    f = tmp_path / "mixed.jsonl"
+    records = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Nothing to learn.", "output": " "},
+        {"conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    ]  # fmt: skip
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    got = data.read_file(f)
+    assert got[0] == Example(
+        "Below is an instruction that describes a task, paired with an input that provides"
+        " further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n",
+        "5",
+    )
+    assert got[1] == Example(
+        "Below is an instruction that describes a task. Write a response that appropriately"
+        " completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n",
+        "hi",
+    )
+    assert got[2] == ChatExample(
+        (("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"))
+    )  # the empty alpaca output is skipped
+    assert len(got) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n")
+    with pytest.raises(KappaTuneError, match="turn 0 is from the unknown speaker 'bot'"):
+        data.read_file(bad)
+    bad.write_text(json.dumps({"instruction": "x", "output": 3}) + "\n")
+    with pytest.raises(KappaTuneError, match="'output' must be a string, got int"):
+        data.read_file(bad)

@@ -389,5 +389,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     else:
         write_all([(args.output, text.encode("utf-8"))])
-        console.print(f"wrote {args.format}: {args.output}")
+        console.print(f"wrote {args.format}: {args.output}", markup=False)
+        from kappatune.selection.exports import next_steps
+
+        for line in next_steps(selection, args.format, str(args.output), args.source):
+            text_line = f"next: {line}" if not line.startswith("  ") else line
+            console.print(text_line, markup=False, soft_wrap=True)  # whole, to copy
     return 0

@@ -14,8 +14,10 @@ writes atomically, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shlex
 from collections.abc import Callable
 
 import yaml
@@ -88,6 +90,50 @@ def peft_json(selection: Selection, model_type: str | None = None) -> str:
 
 
 EXPORTERS: dict[str, Exporter] = {"json": manifest_json, "axolotl": axolotl_yaml, "peft": peft_json}
+
+
+DEFAULT_NEXT_R = 16
+
+
+def suggested_rank(selection: Selection) -> int:
+    """A LoRA rank for the selected modules: the largest whose adapters fit the selection's own
+    parameter budget (r x (out + in) per matrix), else 16."""
+    per_rank = sum(e.shape[0] + math.prod(e.shape[1:]) for e in selection.entries if e.shape)
+    if selection.budget_params and per_rank:
+        return max(1, min(selection.budget_params // per_rank, 4096))
+    return DEFAULT_NEXT_R
+
+
+def next_steps(selection: Selection, fmt: str, output: str, source: str) -> list[str]:
+    """What to do with the export just written, per format: commands and code to copy."""
+    src = "MODEL" if source.lower().endswith(".json") else shlex.quote(source)  # an analysis
+    out = shlex.quote(output)
+    r = suggested_rank(selection)
+    train = f"kappatune train {src} --data DATA --output RUN --selection {out}"
+    if fmt == "json":
+        return [
+            f"train only these matrices: {train} --method selective",
+            f"or LoRA on just these modules: {train} --method kappa-lora --lora-r {r}",
+        ]
+    if fmt == "peft":
+        return [
+            "build the LoraConfig from it (PEFT):",
+            "  import json; from peft import LoraConfig, get_peft_model",
+            f"  targets = json.load(open({output!r}))",
+            f"  config = LoraConfig(r={r}, lora_alpha={2 * r}, task_type='CAUSAL_LM', **targets)",
+            "  model = get_peft_model(model, config)",
+            f"(r={r}: "
+            + ("the largest rank whose adapters fit the selection's parameter budget)"
+               if selection.budget_params else "a common default; the selection has no parameter budget)"),
+        ]  # fmt: skip
+    if fmt == "axolotl":
+        return [
+            f"copy the unfrozen_parameters list of {output} to the top level of your Axolotl"
+            " config (beside base_model), then: axolotl train config.yml",
+            "or let Axolotl select at start-up: plugins: [kappatune.integrations.axolotl."
+            "KappaTunePlugin] with kappatune_budget_params (see the README)",
+        ]
+    return []
 
 
 def render(selection: Selection, fmt: str, model_type: str | None = None) -> str:

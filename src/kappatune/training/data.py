@@ -3,7 +3,10 @@
 Sources: plain text files (one document per file), JSONL or JSON-list files whose records
 hold a ``text`` field, ``prompt`` + ``completion`` (loss on the completion only) or a chat
 ``messages`` list of ``{"role", "content"}`` (rendered with the tokenizer's chat template;
-loss on the assistant turns only), and Hugging Face datasets by name
+loss on the assistant turns only); alpaca records (``instruction``, optional ``input``,
+``output``: Stanford Alpaca's prompt template, loss on the output) and ShareGPT records
+(``conversations`` of ``{"from", "value"}``: human -> user, gpt -> assistant), and Hugging Face
+datasets by name
 (``NAME[:CONFIG][@SPLIT]``) when the hub is reachable.
 
 Packing concatenates documents (each followed by EOS when the tokenizer has one) and cuts
@@ -183,6 +186,51 @@ def _loads(text: str, where: str) -> object:
         raise KappaTuneError(f"{where} is nested too deeply to be a record") from None
 
 
+# ShareGPT's speakers as chat roles (FastChat's and Axolotl's reading)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "function_call": "assistant",
+                  "observation": "tool"}  # fmt: skip
+# Stanford Alpaca's prompt templates (also Axolotl's ``alpaca`` type), with and without an input
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further"
+    " context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately"
+    " completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def _sharegpt_messages(turns: object, where: str) -> list[dict[str, object]]:
+    """ShareGPT ``conversations`` (``from``/``value``) as ``messages`` (``role``/``content``)."""
+    if not isinstance(turns, list):
+        raise KappaTuneError(f"{where}: 'conversations' must be a list, got {type(turns).__name__}")
+    out: list[dict[str, object]] = []
+    for i, t in enumerate(turns):
+        if not (isinstance(t, Mapping) and isinstance(t.get("from"), str)):
+            raise KappaTuneError(f"{where}: conversation turn {i} needs a string 'from'")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise KappaTuneError(
+                f"{where}: conversation turn {i} is from the unknown speaker {t['from']!r}"
+                f" (known: {', '.join(SHAREGPT_ROLES)})"
+            )
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")})
+    return out
+
+
+def _alpaca_example(record: Mapping[str, object], where: str) -> Example | None:
+    """An alpaca record (``instruction``, optional ``input``, ``output``) as prompt/completion."""
+    fields = {k: record.get(k, "") for k in ("instruction", "input", "output")}
+    for k, v in fields.items():
+        if not isinstance(v, str):
+            raise KappaTuneError(f"{where}: '{k}' must be a string, got {type(v).__name__}")
+    template = ALPACA_PROMPT if str(fields["input"]).strip() else ALPACA_PROMPT_NO_INPUT
+    prompt = template.format(instruction=fields["instruction"], input=fields["input"])
+    output = str(fields["output"])
+    return Example(prompt, output) if output.strip() else None
+
+
 def _chat_example(messages: object, where: str) -> ChatExample | None:
     """A ChatExample from a ``messages`` list; None when no assistant turn has text."""
     if not isinstance(messages, list):
@@ -226,6 +274,10 @@ def _record_example_unbounded(record: object, where: str) -> AnyExample | None:
         raise KappaTuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         return _chat_example(record["messages"], where)
+    if "conversations" in record:  # ShareGPT
+        return _chat_example(_sharegpt_messages(record["conversations"], where), where)
+    if "instruction" in record and "output" in record:  # alpaca
+        return _alpaca_example(record, where)
     if "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -238,7 +290,8 @@ def _record_example_unbounded(record: object, where: str) -> AnyExample | None:
         return Example.text(text) if text.strip() else None
     keys = ", ".join(sorted(map(str, record))[:6]) or "none"
     raise KappaTuneError(
-        f"{where}: a record needs a 'text' field, 'prompt' and 'completion', or 'messages'"
+        f"{where}: a record needs a 'text' field, 'prompt' and 'completion', 'messages',"
+        " ShareGPT 'conversations' or alpaca 'instruction' and 'output'"
         f" (its fields: {keys})"
     )
 
