@@ -104,6 +104,8 @@ def test_every_setting_changes_the_run_key(setup: tuple[Path, Scenario, Path]) -
         "forgetting_budget": 2.0,
         "bootstrap": 50,
         "kl_cache_mb": 0.0,
+        "keep_state": True,
+        "reference": "full",
     }.items():
         assert run_key("b", arm, 1e-4, 0, dataclasses.replace(s, **{name: value})) == key, name
     assert run_key("b", arm, 2e-4, 0, s) != key

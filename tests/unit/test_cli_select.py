@@ -497,7 +497,7 @@ def test_select_prints_the_next_step_and_its_peft_code_runs(
     code = [ln[2:] for ln in err.splitlines() if ln.startswith("  ")]
     assert code[0].startswith("import json; from peft import LoraConfig")
     scope: dict[str, object] = {"model": tiny_llama()}
-    exec("\n".join(code), scope)  # noqa: S102 - the printed snippet, as a user would paste it
+    exec("\n".join(code), scope)  # the printed snippet, as a user would paste it
     peft_model = scope["model"]
     assert isinstance(peft_model, PeftModel)
     wanted = set(json.loads(targets.read_text())["target_modules"])

@@ -42,7 +42,7 @@ DEFAULTS: dict[type, Any] = {
 NON_KEY = {
     AnalyzeOptions: {"workers", "use_cache", "cache_dir", "verify_cache"},
     BenchSettings: {"arms", "seeds", "lr_grid", "lr_count", "forgetting_budget", "bootstrap",
-                    "kl_cache_mb", "keep_state"},
+                    "kl_cache_mb", "keep_state", "reference"},
 }  # fmt: skip
 # fields in the key only when set away from their default (added later: older keys hold)
 KEY_WHEN_SET = {BenchSettings: {"checkpoint_at"}}
@@ -66,7 +66,7 @@ CHANGED: dict[type, Any] = {
     ),
     BenchSettings: BenchSettings(
         model="m", arms=("kappa", "full"), seeds=(4, 5), steps=8, checkpoints=2,
-        checkpoint_at=(4, 8), keep_state=True, lr_grid=(("full", (1e-5, 3e-5)),), lr_count=5, warmups=(("kappa", 2),), budget="5M",
+        checkpoint_at=(4, 8), keep_state=True, reference="full", lr_grid=(("full", (1e-5, 3e-5)),), lr_count=5, warmups=(("kappa", 2),), budget="5M",
         batch_size=2, eval_batch_size=3, sizes=EvalSizes(seq_len=32, control_sequences=12),
         knowledge="none", knowledge_seed=1, lora_fraction=0.5, fisher_tokens=2048,
         weight_decay=0.1, max_grad_norm=0.5, dtype="bfloat16", autocast=True, device="cpu",
@@ -304,7 +304,7 @@ def test_bench_flags_make_the_settings_and_every_one_moves_the_run_key() -> None
 
     assert bench() == BenchSettings()
     flags = ["--model", "m", "--arms", "kappa", "full", "--seeds", "4", "5", "--steps", "8",
-             "--checkpoints", "2", "--checkpoint-at", "4", "8", "--keep-state", "--lr-grid", "full=1e-5,3e-5", "--lr-count", "5", "--warmup",
+             "--checkpoints", "2", "--checkpoint-at", "4", "8", "--keep-state", "--reference", "full", "--lr-grid", "full=1e-5,3e-5", "--lr-count", "5", "--warmup",
              "kappa=2", "--budget-params", "5M", "--batch-size", "2", "--eval-batch-size", "3",
              "--seq-len", "32", "--control-sequences", "12", "--knowledge", "none",
              "--knowledge-seed", "1", "--lora-fraction", "0.5", "--fisher-tokens", "2048",
@@ -376,7 +376,7 @@ def test_a_newly_registered_policy_is_accepted_by_select(
         ("train", "--scheduler", "kappatune.training.config:SCHEDULERS"),
         ("bench", "--device", "kappatune.devices:DEVICES"),
         ("bench", "--dtype", "kappatune.bench.config:DTYPE_NAMES"),
-        ("bench", "--preset", "kappatune.cli.bench:PRESETS"),
+        ("bench", "--preset", "kappatune.bench.config:PRESETS"),
         ("bench", "--task-metric", "kappatune.bench.scenarios:TASK_METRICS"),
         ("bench", "--arms", "kappatune.bench.arms:arm_names"),
     ],

@@ -192,6 +192,12 @@ class BenchSettings:
         help="bfloat16 autocast of training steps",
     )
     device: str = setting("auto", choices=lambda: DEVICES, help="where to train and evaluate")
+    reference: str = setting(
+        "kappa",
+        help="the arm every other arm is compared with (the first arm when it does not run)",
+        key=False,
+        why=_REPORTED,
+    )
     forgetting_budget: float = setting(  # headline 2: control perplexity up at most this many %
         1.0,
         help="headline 2: best gain with control ppl up at most this %",
@@ -252,6 +258,7 @@ class BenchSettings:
             raise KappaTuneError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.fisher_tokens < 1:
             raise KappaTuneError(f"--fisher-tokens must be at least 1, got {self.fisher_tokens}")
+        arms_mod.get_arm(self.reference)  # a known arm (it may not run: then the first arm)
         if not self.forgetting_budget > 0:
             raise KappaTuneError("--forgetting-budget must be positive (percent of control ppl)")
         if self.bootstrap < 10:
@@ -306,6 +313,47 @@ class BenchSettings:
             else:
                 out[f.name] = value
         return out
+
+
+# ``kappatune bench --preset NAME``: flag values (each a flag's destination and its parsed form);
+# the built-in defaults fill the rest, and a flag given on the command line always wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    # 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice: 210-250 s a run on a
+    # quiet 2-core CPU, about 2.5 h in all; an evaluation is ~75 s, ~55 of them the control's
+    # 6120 tokens over a 262k vocabulary, what a paired floor under 1 % takes
+    # (benchmarks/results/bench_cpu_gcide/RUN.md: the runs' timings)
+    "cpu": {
+        "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
+        "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
+        "batch_size": 4, "eval_batch_size": 8, "task_sequences": 12, "control_sequences": 24,
+        "control_seq_len": 256, "knowledge_questions": 400, "kl_cache_mb": 6400.0,
+    },
+    # the long-run verdict: 256 steps (65,536 training tokens) per run, evaluated at 16, 32, 64,
+    # 128 and 256 steps, each arm at two rates: its cpu-grid lowest and 1/sqrt(10) of it (at 8
+    # steps the lowest rates gave every arm's best points; the lower one reaches the matched gain
+    # only late). 5 arms x 2 lrs x 3 seeds x 2 scenarios = 60 runs, 12-30 min each on 2 cores:
+    # it resumes per checkpoint (--keep-state), so spread it over sittings.
+    "cpu-long": {
+        "scenarios": ["code", "digits"], "model": "gemma-3-270m",
+        "arms": ["full", "lora", "kappa", "corda-kpm", "osf"], "seeds": [0, 1, 2],
+        "steps": 256, "checkpoints": 5, "checkpoint_at": [16, 32, 64, 128, 256],
+        "lr_grid": ["full=1e-06,3.16e-06", "lora=3e-05,9.49e-05", "kappa=1e-05,3.16e-05",
+                    "corda-kpm=2e-06,6.32e-06", "osf=5e-06,1.58e-05"],
+        "keep_state": True, "seq_len": 64, "batch_size": 4, "eval_batch_size": 8,
+        "task_sequences": 12, "control_sequences": 24, "control_seq_len": 256,
+        "knowledge_questions": 400, "kl_cache_mb": 6400.0,
+    },
+    # one GPU: every arm, 5 learning rates over 30x, longer runs, larger evaluation sets
+    "gpu": {
+        "scenarios": ["code", "digits"], "model": "gemma-3-270m",
+        "arms": ["full", "lora", "kappa", "kappa-lora", "random", "highest", "fisher"],
+        "seeds": [0, 1, 2], "steps": 200, "checkpoints": 5, "lr_count": 5, "seq_len": 256,
+        "control_seq_len": 256,
+        "batch_size": 16, "eval_batch_size": 16, "task_sequences": 256, "task_examples": 500,
+        "control_sequences": 512, "knowledge_questions": 1000, "fisher_tokens": 16384,
+        "device": "cuda",
+    },
+}  # fmt: skip
 
 
 # Settings that do not change one run's result, and why: everything else is in the run key.

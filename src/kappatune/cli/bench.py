@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kappatune.bench.config import PRESETS as PRESETS  # declared with the settings
 from kappatune.cli.command import add_command
 from kappatune.errors import KappaTuneError
 
@@ -47,44 +48,6 @@ def _defaults() -> dict[str, Any]:
     return {**flag_defaults(BenchSettings), **flag_defaults(EvalSizes), "arms": None}
 
 
-# Built-in defaults, then presets: a flag given on the command line always wins.
-PRESETS: dict[str, dict[str, Any]] = {
-    # 4 arms x 3 lrs x 3 seeds = 36 runs of 8 steps, each evaluated twice: 210-250 s a run on a
-    # quiet 2-core CPU, about 2.5 h in all; an evaluation is ~75 s, ~55 of them the control's
-    # 6120 tokens over a 262k vocabulary, what a paired floor under 1 % takes
-    # (benchmarks/results/bench_cpu_gcide/RUN.md: the runs' timings)
-    "cpu": {
-        "scenarios": ["code"], "model": "gemma-3-270m", "arms": ["full", "lora", "kappa", "random"],
-        "seeds": [0, 1, 2], "steps": 8, "checkpoints": 2, "lr_count": 3, "seq_len": 64,
-        "batch_size": 4, "eval_batch_size": 8, "task_sequences": 12, "control_sequences": 24,
-        "control_seq_len": 256, "knowledge_questions": 400, "kl_cache_mb": 6400.0,
-    },
-    # the long-run verdict: 256 steps (65,536 training tokens) per run, evaluated at 16, 32, 64,
-    # 128 and 256 steps, each arm at two rates: its cpu-grid lowest and 1/sqrt(10) of it (at 8
-    # steps the lowest rates gave every arm's best points; the lower one reaches the matched gain
-    # only late). 5 arms x 2 lrs x 3 seeds x 2 scenarios = 60 runs, 12-30 min each on 2 cores:
-    # it resumes per checkpoint (--keep-state), so spread it over sittings.
-    "cpu-long": {
-        "scenarios": ["code", "digits"], "model": "gemma-3-270m",
-        "arms": ["full", "lora", "kappa", "corda-kpm", "osf"], "seeds": [0, 1, 2],
-        "steps": 256, "checkpoints": 5, "checkpoint_at": [16, 32, 64, 128, 256],
-        "lr_grid": ["full=1e-06,3.16e-06", "lora=3e-05,9.49e-05", "kappa=1e-05,3.16e-05",
-                    "corda-kpm=2e-06,6.32e-06", "osf=5e-06,1.58e-05"],
-        "keep_state": True, "seq_len": 64, "batch_size": 4, "eval_batch_size": 8,
-        "task_sequences": 12, "control_sequences": 24, "control_seq_len": 256,
-        "knowledge_questions": 400, "kl_cache_mb": 6400.0,
-    },
-    # one GPU: every arm, 5 learning rates over 30x, longer runs, larger evaluation sets
-    "gpu": {
-        "scenarios": ["code", "digits"], "model": "gemma-3-270m",
-        "arms": ["full", "lora", "kappa", "kappa-lora", "random", "highest", "fisher"],
-        "seeds": [0, 1, 2], "steps": 200, "checkpoints": 5, "lr_count": 5, "seq_len": 256,
-        "control_seq_len": 256,
-        "batch_size": 16, "eval_batch_size": 16, "task_sequences": 256, "task_examples": 500,
-        "control_sequences": 512, "knowledge_questions": 1000, "fisher_tokens": 16384,
-        "device": "cuda",
-    },
-}  # fmt: skip
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -338,9 +301,9 @@ class BarReporter:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kappatune.bench import report, summary, verdict
+    from kappatune.bench import report
+    from kappatune.bench.conclude import conclude, console_lines, write
     from kappatune.bench.run import run_bench
-    from kappatune.jsonio import atomic_write_json
 
     args = resolve(args)
     scenarios = scenarios_from_args(args)
@@ -357,43 +320,18 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     outcome = run_bench(scenarios, settings, out, reporter)
-    points = summary.seed_points(outcome.runs, outcome.bases, outcome.metrics)
-    rows = summary.summarize(points, outcome.bases, outcome.metrics, settings.arms)
-    floors = verdict.with_change_floors(
-        points,
-        {
-            name: {
-                **b.floors,
-                "control_rows": float(len(b.control_tokens)),
-                "control_tokens": float(sum(b.control_tokens)),
-            }
-            for name, b in outcome.bases.items()
-        },
-    )
-    reference = "kappa" if "kappa" in settings.arms else settings.arms[0]
-    vs = verdict.verdicts(points, floors, settings.arms, settings.forgetting_budget,
-                          settings.bootstrap, reference)  # fmt: skip
-    conclusion = verdict.one_line(vs)
+    c = conclude(outcome, settings)
     meta = {
         "command": command,
         "preset": args.preset,
         "settings": settings.resolved_json(),
         "scenarios": [s.to_json() for s in scenarios],
     }
-    curves: dict[tuple[str, str], list[list[float]]] = {}
-    for r in outcome.runs:
-        curves.setdefault((r.scenario, r.arm), []).append(list(r.losses))
-    notes = list(outcome.notes)
-    atomic_write_json(out / "bench.json", meta)
-    files = report.write_report(
-        out, rows, points, vs, meta, notes, outcome.metrics, floors, conclusion, curves
-    )
+    files = write(c, out, meta)
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    console.print(report.rich_table(rows, f"kappatune bench: {settings.model}", floors))
-    for line in [*report.floor_lines(floors), *notes]:  # plain text: "[...]" is not markup
+    console.print(report.rich_table(list(c.rows), f"kappatune bench: {settings.model}", c.floors))
+    for line in console_lines(c):  # plain text: "[...]" is not markup
         console.print(f"  {line}", markup=False)
-    for line in report.verdict_text(vs, outcome.metrics):
-        console.print(f"  {line}", markup=False)
-    console.print(f"wrote {', '.join(str(f) for f in files)}", markup=False)
-    console.print(f"conclusion: {conclusion}", soft_wrap=True, markup=False)
+    console.print(f"wrote {', '.join(str(f) for f in files[1:])}", markup=False)
+    console.print(f"conclusion: {c.line}", soft_wrap=True, markup=False)
     return 0
