@@ -509,8 +509,8 @@ def test_select_prints_the_next_step_and_its_peft_code_runs(
     assert main(["analyze", str(model_dir), "--no-cache", "-o", str(analysis)]) == 0
     capsys.readouterr()
     assert main(["select", str(analysis), "--budget-tensors", "2", "-o", str(sel)]) == 0
-    assert (
-        "next: train only these matrices: kappatune train MODEL --data" in "".join(capsys.readouterr())
+    assert "next: train only these matrices: kappatune train MODEL --data" in "".join(
+        capsys.readouterr()
     )
     axo = tmp_path / "u.yaml"
     assert (

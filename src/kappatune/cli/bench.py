@@ -48,8 +48,6 @@ def _defaults() -> dict[str, Any]:
     return {**flag_defaults(BenchSettings), **flag_defaults(EvalSizes), "arms": None}
 
 
-
-
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every unset flag from the preset (if any), then from the settings' defaults."""
     preset = PRESETS[args.preset] if args.preset else {}
