@@ -152,3 +152,12 @@ def test_dry_run_prints_every_method_and_writes_nothing(
     assert "one tensor at a time" in text.replace("\n", " ")
     assert [ln.split()[0] for ln in text.splitlines() if ln.startswith("runtime:")] == ["runtime:"]
     assert not out.exists()
+    # a dry run needs neither --steps nor --output; a real run needs --output, in one line
+    short = [a for a in argv if a not in ("-o", out, "--steps", 1)]
+    assert main([str(a) for a in short]) == 0
+    assert capsys.readouterr().out.count("lora *") == 1
+    real = [a for a in short if a != "--dry-run"]
+    assert main([str(a) for a in real]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kappatune: error: the following arguments are required: --output/-o"
+    )

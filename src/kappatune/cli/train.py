@@ -75,7 +75,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--method", required=True, choices=method_names(), help="what to train")
     p.add_argument(
-        "--output", "-o", type=Path, required=True, help="run directory (created; reused to resume)"
+        "--output",
+        "-o",
+        type=Path,
+        help="run directory (created; reused to resume); required except with --dry-run",
     )
     p.add_argument(
         "--selection", type=Path, metavar="FILE", help="selection JSON from 'kappatune select'"
@@ -160,9 +163,19 @@ def _lora_settings(args: argparse.Namespace, total_params: int | None) -> LoraSe
     )
 
 
+def _validate_dry(args: argparse.Namespace) -> None:
+    """The checks a --dry-run needs: it trains nothing, so neither --steps nor --output."""
+    if args.lora_r is not None and args.lora_r < 1:
+        raise KappaTuneError(f"--lora-r must be at least 1, got {args.lora_r}")
+    if get_method(args.method).lora:
+        _lora_settings(args, None)
+
+
 def _validate(args: argparse.Namespace) -> RunSettings:
     """The run's settings, after every check that needs no model or data."""
     method = get_method(args.method)
+    if args.output is None:
+        raise KappaTuneError("the following arguments are required: --output/-o")
     if args.steps is None and args.epochs is None:
         raise KappaTuneError("give --steps N or --epochs N")
     settings = settings_from_args(args)
@@ -266,12 +279,14 @@ def run(args: argparse.Namespace) -> int:
     from kappatune.cli.train_watch import ConsoleReporter
     from kappatune.training.recipe import run_training
 
-    settings = _validate(args)
-    quiet_transformers()
     if args.dry_run:  # memory per method from the config alone: no weights, nothing written
         from kappatune.cli.train_dry_run import run_dry
 
+        _validate_dry(args)
+        quiet_transformers()
         return run_dry(args, _lora_settings)
+    settings = _validate(args)
+    quiet_transformers()
     console = Console(highlight=False, stderr=False)
     outcome = run_training(settings, reporter=ConsoleReporter(console, args.log_every))
     if outcome.target is not None and outcome.is_main:
