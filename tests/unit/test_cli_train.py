@@ -191,6 +191,53 @@ def test_train_resumes_from_checkpoint(
     assert code == 2 and "different configuration (differs in: train)" in err
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_keeps_a_checkpoint_of_the_step_it_arrived_in(
+    setup: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    signum: str,
+) -> None:
+    """Ctrl-C (or SIGTERM) during step 2 of a run that checkpoints every 10 steps: the step
+    finishes, its checkpoint is written, the command ends as interrupted (130); the same
+    command goes on from step 2 and ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    model, data = setup
+    args = ["--method", "selective", "--budget-tensors", 3, "--checkpoint-every", 10,
+            "--steps", 4]  # fmt: skip
+    ref = tmp_path / "ref"
+    assert run(base(model, data, ref, *args), capsys)[0] == 0
+    original = LocalEngine.clip
+    calls = {"n": 0}
+
+    def signalling(engine, model_, params, max_norm):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:  # in step 2, before its optimizer step
+            os.kill(os.getpid(), getattr(signal, signum))
+        return original(engine, model_, params, max_norm)
+
+    monkeypatch.setattr(LocalEngine, "clip", signalling)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    code, stdout, err = run(base(model, data, out, *args), capsys)
+    assert code == 130 and "interrupted" in err
+    assert "stopped after step 2 of 4: its checkpoint is in" in stdout + err
+    assert signal.getsignal(signal.SIGINT) == before  # handlers restored
+    from kappatune.training.checkpoint import read_loop_state
+
+    assert read_loop_state(out / "checkpoint")["step"] == 2
+    monkeypatch.setattr(LocalEngine, "clip", original)
+    code, stdout, err = run(base(model, data, out, *args), capsys)
+    assert code == 0, err
+    assert "resuming from step 2 of 4" in stdout
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(ref / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def write_foreign_selection(path: Path) -> None:
     """A selection made for another model: GPT-2 names and a layer the tiny model lacks."""
     from kappatune.selection.core import SelectionEntry

@@ -268,6 +268,7 @@ def _watch(s: _Session, total: int, start: int, record: dict[str, Any]) -> StepW
 
 def _train(s: _Session, status: RunStatus, record: dict[str, Any]) -> RunOutcome:
     from kappatune.training.loop import LoopState, StopRule, train_loop
+    from kappatune.training.stop import StopRequested, stop_requests
 
     settings, engine, prepared = s.settings, s.engine, s.prepared
     config, ckpt = settings.train, settings.output / CHECKPOINT
@@ -278,14 +279,24 @@ def _train(s: _Session, status: RunStatus, record: dict[str, Any]) -> RunOutcome
     watch = _watch(s, total, start, record) if engine.is_main else None
 
     def on_step(state: LoopState) -> None:
-        if state.step % settings.checkpoint_every == 0 and state.step < total:
+        if state.step >= total:
+            return
+        if state.step % settings.checkpoint_every == 0 or stop:
             engine.save_checkpoint(ckpt, state)
+        if stop:  # Ctrl-C or SIGTERM during this step: its checkpoint is written, stop here
+            if engine.is_main:
+                s.events.note(
+                    f"stopped after step {state.step} of {total}: its checkpoint is in {ckpt};"
+                    " rerun the same command to go on from there"
+                )
+            raise StopRequested(state.step)
 
     try:
-        result = train_loop(
-            prepared.model, s.data, config, StopRule(), param_groups=prepared.param_groups,
-            resume=resume, on_step=on_step, engine=engine, observer=watch,
-        )  # fmt: skip
+        with stop_requests(enabled=engine.world == 1) as stop:
+            result = train_loop(
+                prepared.model, s.data, config, StopRule(), param_groups=prepared.param_groups,
+                resume=resume, on_step=on_step, engine=engine, observer=watch,
+            )  # fmt: skip
     finally:
         if watch is not None:
             watch.close()
