@@ -188,7 +188,7 @@ def test_train_resumes_from_checkpoint(
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # a different configuration in the same directory is refused
     code, _, err = run(base(model, data, out, *args[:-2], "--scheduler", "cosine"), capsys)
-    assert code == 2 and "different configuration (differs in: train)" in err
+    assert code == 2 and "different configuration (differs in: train.scheduler)" in err
 
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
@@ -236,6 +236,37 @@ def test_a_signal_keeps_a_checkpoint_of_the_step_it_arrived_in(
     a = load_file(str(out / "model" / "model.safetensors"))
     b = load_file(str(ref / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run cannot be made longer: it keeps no optimizer state
+    code, _, err = run(base(model, data, out, *args[:-1], 6), capsys)
+    assert code == 2 and "holds a finished run of 4 steps" in err
+
+
+def test_steps_may_grow_while_a_run_has_a_checkpoint(
+    setup: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, data = setup
+    args = ["--method", "selective", "--budget-tensors", 3, "--checkpoint-every", 2]
+    ref = tmp_path / "ref"
+    assert run(base(model, data, ref, *args, "--steps", 6), capsys)[0] == 0
+    original = LocalEngine.save_checkpoint
+
+    def interrupted(engine, folder, state):  # type: ignore[no-untyped-def]
+        original(engine, folder, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalEngine, "save_checkpoint", interrupted)
+    out = tmp_path / "run"
+    assert run(base(model, data, out, *args, "--steps", 4), capsys)[0] == 130
+    monkeypatch.setattr(LocalEngine, "save_checkpoint", original)
+    code, stdout, err = run(base(model, data, out, *args, "--steps", 6), capsys)
+    assert code == 0, err
+    assert "--steps grows from 4 to 6" in stdout + err and "resuming from step 2 of 6" in stdout
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(ref / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # constant schedule: as if run for 6
 
 
 def write_foreign_selection(path: Path) -> None:

@@ -111,7 +111,13 @@ def run_training(
     (same settings), or nothing when the directory holds the finished run. ``engine``
     defaults to :func:`make_engine`'s choice."""
     from kappatune.training.accelerate_engine import broadcast_from_main
-    from kappatune.training.run_dir import run_record, run_status, write_run_files
+    from kappatune.training.run_dir import (
+        read_record,
+        run_record,
+        run_status,
+        steps_grown,
+        write_run_files,
+    )
 
     if engine is None:
         engine = make_engine(settings)
@@ -126,6 +132,13 @@ def run_training(
         processes=_processes(engine),
     )  # fmt: skip
     status: RunStatus = broadcast_from_main(lambda: run_status(out, record), str, _status)
+    if status == "resume" and engine.is_main:
+        grown = steps_grown(read_record(out), record)
+        if grown is not None:
+            schedule = "" if settings.train.scheduler == "constant" else (
+                f"; the {settings.train.scheduler} schedule is recomputed for {grown[1]} steps"
+            )  # fmt: skip
+            events.note(f"--steps grows from {grown[0]} to {grown[1]}{schedule}")
     if status == "done":
         events.finished(out)
         return RunOutcome(out, status, is_main=engine.is_main)

@@ -108,12 +108,43 @@ def run_status(out: Path, record: dict[str, Any]) -> RunStatus:
         for k in set(previous) | set(record)
         if k not in VOLATILE and previous.get(k) != record.get(k)
     )
+    done = (out / RESULT_FILE).is_file()
+    grown = steps_grown(previous, record)
+    if keys == ["train"] and grown is not None:
+        if done:
+            raise KappaTuneError(
+                f"--output {out} holds a finished run of {grown[0]} steps; a finished run keeps no"
+                " optimizer state to go on from (--steps can grow only while it has a checkpoint):"
+                " choose a new directory"
+            )
+        return "resume"
     if keys:
-        raise KappaTuneError(
-            f"--output {out} holds a run with a different configuration (differs in: {', '.join(keys)});"
-            " choose a new directory"
+        fields = (
+            [f"train.{f}" for f in differing_train_fields(previous, record)]
+            if keys == ["train"]
+            else keys
         )
-    return "done" if (out / RESULT_FILE).is_file() else "resume"
+        raise KappaTuneError(
+            f"--output {out} holds a run with a different configuration (differs in:"
+            f" {', '.join(fields)}); choose a new directory"
+        )
+    return "done" if done else "resume"
+
+
+def differing_train_fields(previous: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    a, b = previous.get("train") or {}, record.get("train") or {}
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def steps_grown(previous: dict[str, Any], record: dict[str, Any]) -> tuple[int, int] | None:
+    """(old, new) --steps when the training settings differ only in a larger --steps (a run
+    may be made longer while it has a checkpoint), else None."""
+    if differing_train_fields(previous, record) != ["steps"]:
+        return None
+    old, new = previous["train"].get("steps"), record["train"].get("steps")
+    if isinstance(old, int) and isinstance(new, int) and new > old:
+        return old, new
+    return None
 
 
 def write_run_files(out: Path, record: dict[str, Any], selection: Selection | None) -> None:
