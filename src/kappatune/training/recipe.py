@@ -333,6 +333,8 @@ def _save(s: _Session, result: TrainResult, evals: dict[str, Any]) -> Path:
     if method.lora:
         name_base_model(prepared.model, settings.model)
     dtype = output_dtype(method.lora, settings.model, settings.save_dtype)
+    if engine.is_main:  # a large model takes a while to write: say so first
+        s.events.note(f"saving the {'adapter' if method.lora else 'model'} to {target}")
     engine.save_model(target, s.tokenizer, dtype=dtype)
     if engine.is_main:
         write_run_card(
