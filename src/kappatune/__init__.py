@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from kappatune.training.recipe import resume_training, run_training
     from kappatune.training.run_settings import RunSettings
 
-__version__ = "0.1.0"
+from kappatune._version import __version__ as __version__
 
 # public name -> the module that defines it
 _LAZY: dict[str, str] = {

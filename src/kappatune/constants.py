@@ -6,3 +6,5 @@ SELF_FISHER_TOKENS = 508
 
 # Predicted tokens of the task data for the Fisher scores (FisherOptions, select --fisher-tokens).
 FISHER_TOKENS = 4096
+# sequences per pass of the batched Fisher estimator (benchmarks/results/fisher_speed.md)
+FISHER_BATCH = 4

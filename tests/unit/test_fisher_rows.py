@@ -115,14 +115,14 @@ def test_every_row_is_computed_per_label_set_when_they_differ_everywhere(monkeyp
 
 
 def test_embedding_rows_sum_repeated_tokens_and_skip_padding() -> None:
-    from kappatune.analysis.fisher_batched import _Call
+    from kappatune.analysis.fisher_rows import Call
     from kappatune.analysis.fisher_rows import embedding_rows
 
     emb = nn.Embedding(7, 2, padding_idx=0, dtype=torch.float64)
     ids = torch.tensor([[3, 5, 3, 0], [6, 6, 6, 6]])
     out = emb(ids)
     grad = torch.arange(16, dtype=torch.float64).reshape(2, 4, 2)
-    call = _Call(emb, (ids,), {}, out, grad)
+    call = Call(emb, (ids,), {}, out, grad)
     first = embedding_rows(call, "weight", emb.weight, 0, 2)
     assert first.index.tolist() == [3, 5]
     assert first.values.tolist() == [[0.0 + 4.0, 1.0 + 5.0], [2.0, 3.0]]

@@ -44,8 +44,7 @@ import torch
 
 from kappatune import settings
 from kappatune.analysis import names
-from kappatune.analysis.fisher_batched import DEFAULT_BATCH
-from kappatune.constants import FISHER_TOKENS
+from kappatune.constants import FISHER_BATCH, FISHER_TOKENS
 from kappatune.errors import KappaTuneError
 from kappatune.jsonio import check_schema, decode_float, encode_float
 from kappatune.settings import setting
@@ -521,7 +520,7 @@ def fisher_diagonals(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = FISHER_BATCH,
 ) -> FisherDiagonals:
     """The diagonal Fisher estimate of every candidate tensor, for each kind in ``options``.
 
@@ -622,7 +621,7 @@ def compute_fisher(
     objective: Objective | None = None,
     only: Collection[str] | None = None,
     progress: ProgressHook | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = FISHER_BATCH,
 ) -> dict[str, FisherResult]:
     """:func:`fisher_diagonals` summarized per tensor: one :class:`FisherResult` per kind."""
     diagonals = fisher_diagonals(
@@ -670,7 +669,7 @@ def fisher_scores(
     only: Collection[str] | None = None,
     rows: Sequence[SpectrumRow] | None = None,
     progress: ProgressHook | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = FISHER_BATCH,
 ) -> dict[Key, float]:
     """``{(name, expert or -1): Fisher measure}`` for the ``fisher`` selection policy.
 
@@ -702,7 +701,7 @@ def _fisher_scores(
     progress: ProgressHook | None,
     objective: Objective | None = None,
     only: Collection[str] | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = FISHER_BATCH,
 ) -> dict[Key, float]:
     """:func:`fisher_scores` with its options built (and checked) already."""
     (kind,) = options.kinds

@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 from kappatune.analysis.fisher_rows import (
+    Call,
     RowSharedWeight,
     example_inputs,
     is_embedding,
     kind_weights,
 )
+from kappatune.constants import FISHER_BATCH
 
 if TYPE_CHECKING:
     from kappatune.analysis.fisher import (
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 4  # sequences per pass; speed against the loop: benchmarks/results/fisher_speed.md
+DEFAULT_BATCH = FISHER_BATCH  # sequences per pass (declared in kappatune.constants)
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients held at once, per weight
 
 
@@ -101,21 +103,12 @@ def owners(
 
 
 @dataclass
-class _Call:
-    module: nn.Module
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    output: torch.Tensor
-    grad: torch.Tensor | None = None
-
-
-@dataclass
 class _Capture:
     lead: tuple[int, ...] = ()
-    calls: dict[int, list[_Call]] = field(default_factory=dict)  # id(module) -> calls
+    calls: dict[int, list[Call]] = field(default_factory=dict)  # id(module) -> calls
     leaves: list[torch.Tensor] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
-    order: list[_Call] = field(default_factory=list)  # every call, in forward order
+    order: list[Call] = field(default_factory=list)  # every call, in forward order
 
     def hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object
@@ -131,7 +124,7 @@ class _Capture:
             replaced = output.detach().requires_grad_(True)
             self.leaves.append(replaced)
             output = replaced
-        call = _Call(module, tuple(args), dict(kwargs), output)
+        call = Call(module, tuple(args), dict(kwargs), output)
         self.calls.setdefault(id(module), []).append(call)
         self.order.append(call)
         return replaced
@@ -154,7 +147,7 @@ def _hooks(modules: Sequence[nn.Module], capture: _Capture) -> Iterator[None]:
 # --------------------------------------------------------------------------- per-example grads
 
 
-def _vjp_one(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> torch.Tensor:
+def _vjp_one(call: Call, attr: str, weight: torch.Tensor, b: int, n: int) -> torch.Tensor:
     args, kwargs = example_inputs(call, b, n)
 
     def f(w: torch.Tensor) -> torch.Tensor:
@@ -167,7 +160,7 @@ def _vjp_one(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> to
     return g.detach()  # type: ignore[no-any-return]
 
 
-def _linear_chunk(call: _Call, lo: int, hi: int) -> torch.Tensor:
+def _linear_chunk(call: Call, lo: int, hi: int) -> torch.Tensor:
     assert call.grad is not None
     a = call.args[0][lo:hi].detach()
     d = call.grad[lo:hi].detach()
@@ -178,7 +171,7 @@ def _linear_chunk(call: _Call, lo: int, hi: int) -> torch.Tensor:
 
 def per_example_grads(
     mods: Sequence[tuple[nn.Module, str]],
-    calls: Mapping[int, list[_Call]],
+    calls: Mapping[int, list[Call]],
     weight: torch.Tensor,
     n: int,
 ) -> Iterator[torch.Tensor]:

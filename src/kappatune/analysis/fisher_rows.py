@@ -24,13 +24,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from kappatune.analysis.fisher_batched import _Call
+
+@dataclass
+class Call:
+    """One captured call of a module in the forward pass: its inputs, output and (after the
+    backward pass) the gradient of the loss with respect to that output."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    grad: torch.Tensor | None = None
+
 
 _BLOCK_ELEMENTS = 1 << 21  # rows of the head's dense gradient computed (and squared) at once
 
@@ -45,7 +55,7 @@ def _detach(x: object) -> object:
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
-def example_inputs(call: _Call, b: int, n: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def example_inputs(call: Call, b: int, n: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The positional and keyword inputs of ``call`` for example ``b`` of ``n`` (tensors whose
     first axis is the batch sliced to ``b``), detached."""
     args = tuple(_detach(_slice(a, b, n)) for a in call.args)
@@ -53,7 +63,7 @@ def example_inputs(call: _Call, b: int, n: int) -> tuple[tuple[Any, ...], dict[s
     return args, kwargs
 
 
-def embedding_rows(call: _Call, attr: str, weight: torch.Tensor, b: int, n: int) -> _Rows:
+def embedding_rows(call: Call, attr: str, weight: torch.Tensor, b: int, n: int) -> _Rows:
     """Example ``b``'s gradient of an embedding's weight, as (sorted unique rows, their values):
     the module's own backward with ``sparse=True``, so no dense ``V x d`` tensor is made."""
     assert call.grad is not None
@@ -86,8 +96,8 @@ class RowSharedWeight:
     """One row-sparse weight of a batch: its head (linear) and embedding uses, every pass."""
 
     weight: torch.Tensor
-    linears: Sequence[_Call]
-    embeddings: Sequence[tuple[_Call, str]]
+    linears: Sequence[Call]
+    embeddings: Sequence[tuple[Call, str]]
     n: int
     base: list[torch.Tensor] = field(default_factory=list)  # per linear use: (n, N, out)
     inputs: list[torch.Tensor] = field(default_factory=list)  # per linear use: (n, N, in)

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kappatune.analysis.fisher_batched import DEFAULT_BATCH
-from kappatune.constants import SELF_FISHER_TOKENS
+from kappatune.constants import FISHER_BATCH, SELF_FISHER_TOKENS
 from kappatune.errors import KappaTuneError
 
 if TYPE_CHECKING:
@@ -48,7 +47,7 @@ class SelfFisherOptions:
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = 0
     damping: float = 1e-8
-    batch_size: int = DEFAULT_BATCH  # sequences sampled together
+    batch_size: int = FISHER_BATCH  # sequences sampled together
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -99,7 +98,7 @@ def sample_sequences(
     *,
     bos: int,
     seed: int = 0,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = FISHER_BATCH,
 ) -> torch.Tensor:
     """``(count, seq_len)`` token ids: BOS, then ``seq_len - 1`` tokens drawn from the model.
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kappatune.bench.config import DEFAULT_ARMS as DEFAULT_ARMS
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
@@ -176,6 +175,7 @@ register_arm(
         "largest task gradient over self-Fisher (uses the training data)",
     )
 )
+DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
 PEER_ARMS = ("osf", "mica", "pissa", "corda-kpm", "spectrum", "mlp-lora")
 KEEP_DATA_MARK = "uses data of what to keep"
 

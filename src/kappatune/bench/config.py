@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kappatune import settings
+from kappatune.bench.arms import DEFAULT_ARMS as DEFAULT_ARMS  # the arms' own registry
 from kappatune.devices import DEVICES
 from kappatune.errors import KappaTuneError
 from kappatune.settings import setting
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from kappatune.bench.arms import Arm
     from kappatune.selection.budget import Budget
 
-DEFAULT_ARMS = ("full", "lora", "kappa", "kappa-lora", "random", "highest")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 

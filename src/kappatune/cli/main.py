@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from kappatune import __version__
+    from kappatune._version import __version__
 
     return __version__
 

@@ -348,12 +348,12 @@ class ProbeReport:
         return int(next(iter(self.results.values())).examples)
 
     def to_json(self) -> dict[str, Any]:
-        import kappatune
+        from kappatune._version import __version__
 
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": REPORT_KIND,
-            "kappatune_version": kappatune.__version__,
+            "kappatune_version": __version__,
             "model": self.model,
             "model_fingerprint": self.analysis.fingerprint,
             "data": {"files": [_file_info(f) for f in self.data_files], **self.data_stats},

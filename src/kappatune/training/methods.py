@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from kappatune.selection.core import Selection
-    from kappatune.training.loop import LoraSettings
+    from kappatune.training.config import LoraSettings
 
 LoraTargets = dict[str, list[str] | None]
 
@@ -62,7 +62,7 @@ class TrainingMethod:
         weight_decay: float = 0.0,
     ) -> PreparedModel:
         """Set up ``model`` for this method and return it with its parameter groups."""
-        from kappatune.training.loop import LoraSettings
+        from kappatune.training.config import LoraSettings
 
         if self.needs_selection and selection is None:
             raise KappaTuneError(

@@ -166,7 +166,7 @@ def write_run_card(
     final_eval: float | None,
 ) -> Path:
     """The card of a ``kappatune train`` output folder ``target``."""
-    import kappatune
+    from kappatune._version import __version__
     from kappatune.training.models import portable_name
 
     facts = CardFacts(
@@ -176,7 +176,7 @@ def write_run_card(
         steps=result.steps,
         final_loss=result.final_loss,
         trainable_params=prepared.trainable_params,
-        version=kappatune.__version__,
+        version=__version__,
         adapter=adapter,
         policy=None if selection is None else selection.policy,
         selected=() if selection is None else selected_tensors(selection),

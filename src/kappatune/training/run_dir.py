@@ -47,11 +47,11 @@ def run_record(
     processes: int | None = None,
 ) -> dict[str, Any]:
     """``run.json``: the resolved configuration (``processes`` for a launched run)."""
-    import kappatune
+    from kappatune._version import __version__
 
     record: dict[str, Any] = {
         "format": RUN_FORMAT,
-        "kappatune_version": kappatune.__version__,
+        "kappatune_version": __version__,
         "model": model,
         "method": method,
         "data": list(data),
