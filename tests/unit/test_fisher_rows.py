@@ -115,8 +115,7 @@ def test_every_row_is_computed_per_label_set_when_they_differ_everywhere(monkeyp
 
 
 def test_embedding_rows_sum_repeated_tokens_and_skip_padding() -> None:
-    from kappatune.analysis.fisher_rows import Call
-    from kappatune.analysis.fisher_rows import embedding_rows
+    from kappatune.analysis.fisher_rows import Call, embedding_rows
 
     emb = nn.Embedding(7, 2, padding_idx=0, dtype=torch.float64)
     ids = torch.tensor([[3, 5, 3, 0], [6, 6, 6, 6]])
