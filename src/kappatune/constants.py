@@ -8,3 +8,7 @@ SELF_FISHER_TOKENS = 508
 FISHER_TOKENS = 4096
 # sequences per pass of the batched Fisher estimator (benchmarks/results/fisher_speed.md)
 FISHER_BATCH = 4
+
+# Share of the candidate matrices kappa-lora adapts when no budget is given (select and train's
+# default for the LoRA methods, the bench's KappaTune-LoRA arm).
+KAPPA_LORA_FRACTION = 0.2

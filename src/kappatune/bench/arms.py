@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kappatune.constants import KAPPA_LORA_FRACTION
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import Budget
 from kappatune.selection.core import Selection, select
@@ -226,7 +227,7 @@ class ArmContext:
     budget: Budget
     total_params: int
     seed: int
-    lora_fraction: float = 0.2
+    lora_fraction: float = KAPPA_LORA_FRACTION
     fisher: Mapping[RowKey, float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kappatune import settings
 from kappatune.bench.arms import DEFAULT_ARMS as DEFAULT_ARMS  # the arms' own registry
+from kappatune.constants import KAPPA_LORA_FRACTION
 from kappatune.devices import DEVICES
 from kappatune.errors import KappaTuneError
 from kappatune.settings import setting
@@ -181,7 +182,9 @@ class BenchSettings:
         " dict-gcide), a JSONL file, or none",
     )
     knowledge_seed: int = setting(0, help="seed of the built-in questions' choice and distractors")
-    lora_fraction: float = setting(0.2, help="fraction of linear layers KappaTune-LoRA adapts")
+    lora_fraction: float = setting(
+        KAPPA_LORA_FRACTION, help="fraction of linear layers KappaTune-LoRA adapts"
+    )
     fisher_tokens: int = setting(1024, help="training tokens for the fisher arm's scores")
     weight_decay: float = setting(0.0, cli=False, help="AdamW weight decay of every arm")
     max_grad_norm: float = setting(1.0, cli=False, help="gradient clipping of every arm")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kappatune.cli.command import add_command
+from kappatune.constants import KAPPA_LORA_FRACTION
 from kappatune.errors import KappaTuneError
 from kappatune.selection.budget import BUDGET_FLAGS  # declared without torch
 from kappatune.selection.policies import policy_names, policy_spec  # no torch (the registry)
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from kappatune.selection.core import Selection
 
 FORMATS = {"json": (".json",), "axolotl": (".yaml", ".yml"), "peft": (".json",)}
-DEFAULT_FRACTION = 0.2
+DEFAULT_FRACTION = KAPPA_LORA_FRACTION
 
 EPILOG = """examples:
   kappatune select gemma-3-270m --budget-params 10% --format peft --output targets.json
