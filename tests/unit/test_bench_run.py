@@ -155,6 +155,19 @@ def test_interrupted_sweep_resumes_without_recomputing(
     assert [p["step"] for p in partial["points"]] == [2]  # the checkpoint evaluated before Ctrl-C
     finished = (runs / "kappa-lr0.0001-seed0.json").read_bytes()
 
+    # --report-only: nothing trained or evaluated, the one whole run reported, the rest named
+    evaluated.clear()
+    stored = run_bench([scenario], _settings(model, mc), tmp_path, train=False)
+    assert evaluated == []
+    assert [(r.arm, r.lr, r.seed) for r in stored.runs] == [("kappa", 1e-4, 0)]
+    assert stored.notes[-1] == (
+        "toy: report from the stored runs only: 5 of 6 runs not stored whole yet (random lr"
+        " 0.0001 seed 0; random lr 0.0003 seed 0; kappa lr 0.0001 seed 1; random lr 0.0001 seed"
+        " 1; random lr 0.0003 seed 1)"
+    )
+    with pytest.raises(KappaTuneError, match="no stored base result of scenario toy"):
+        run_bench([scenario], _settings(model, mc), tmp_path / "empty", train=False)
+
     evaluated.clear()
     outcome = run_bench([scenario], _settings(model, mc), tmp_path)
     # the interrupted run re-trains but evaluates only its missing checkpoint; the rest is new,

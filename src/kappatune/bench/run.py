@@ -500,8 +500,12 @@ def run_bench(
     settings: BenchSettings,
     out_dir: str | Path,
     reporter: Reporter | None = None,
+    *,
+    train: bool = True,
 ) -> Outcome:
-    """Run (or resume) the benchmark; returns every base and run result."""
+    """Run (or resume) the benchmark; returns every base and run result. ``train=False``
+    (``--report-only``): nothing is trained or evaluated; the runs already stored whole under
+    these settings are returned, and the notes say which are missing."""
     reporter = reporter or QuietReporter()
     if not scenarios:
         raise KappaTuneError("no scenario to run")
@@ -549,9 +553,18 @@ def run_bench(
                 BaseReference(loaded.model, p.pad_id, settings.kl_cache_mb),
                 items,
             )
-            base = _base(loaded, evaluator, settings, store, spec, reporter)
+            base = _base(loaded, evaluator, settings, store, spec, reporter, train=train)
             bases[s.name] = base
-            runs.extend(_scenario_runs(loaded, evaluator, settings, base, store, reporter))
+            done, missing = _scenario_runs(
+                loaded, evaluator, settings, base, store, reporter, train=train
+            )
+            runs.extend(done)
+            if missing:
+                shown = "; ".join(missing[:6]) + ("; ..." if len(missing) > 6 else "")
+                notes.append(
+                    f"{s.name}: report from the stored runs only: {len(missing)} of"
+                    f" {len(missing) + len(done)} runs not stored whole yet ({shown})"
+                )
         del loaded
         gc.collect()
     metrics = {s.name: s.task_metric for s in scenarios}
@@ -599,6 +612,8 @@ def _base(
     store: ResultStore,
     spec: str,
     reporter: Reporter,
+    *,
+    train: bool = True,
 ) -> BaseResult:
     prepared = evaluator.prepared
     base_hash = config_hash(
@@ -615,6 +630,13 @@ def _base(
         }
     )
     base = store.load_base(prepared.scenario.name, base_hash)
+    if not train:
+        if base is None:
+            raise KappaTuneError(
+                f"{store.root}: no stored base result of scenario {prepared.scenario.name} under"
+                " these settings, so no run to report on (run without --report-only)"
+            )
+        return base  # its stored floors, whatever --bootstrap says
     if base is not None and base.floors_bootstrap == settings.bootstrap:
         return base
     # the bootstrap count is not in the base's key (the run keys depend on it, and the trained
@@ -657,8 +679,13 @@ def _scenario_runs(
     base: BaseResult,
     store: ResultStore,
     reporter: Reporter,
-) -> list[RunResult]:
+    *,
+    train: bool = True,
+) -> tuple[list[RunResult], list[str]]:
+    """The scenario's runs (trained or reused) and, with ``train=False``, the ones not stored
+    whole (``arm lr seed``)."""
     out: list[RunResult] = []
+    missing: list[str] = []
     fisher: dict[str | None, Scores] = {}  # policy -> its scores
     prepared = evaluator.prepared
     name = prepared.scenario.name
@@ -674,6 +701,9 @@ def _scenario_runs(
                 if done is not None and {p.step for p in done.points} >= want_steps and done.losses:
                     reporter.run_finished(done, reused=True)
                     out.append(done)
+                    continue
+                if not train:
+                    missing.append(f"{arm.name} lr {lr:g} seed {seed}")
                     continue
                 if arm.policy is not None and arm.needs_fisher and arm.policy not in fisher:
                     reporter.message(_scores_message(name, arm.policy, settings))
@@ -692,4 +722,4 @@ def _scenario_runs(
                 )
                 reporter.run_finished(result, reused=False)
                 out.append(result)
-    return out
+    return out, missing

@@ -122,6 +122,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         " resumable; gpu: the full grid on one GPU",
     )
     add("--config", type=Path, help="YAML/JSON file describing scenarios")
+    add(
+        "--report-only",
+        action="store_true",
+        help="train and evaluate nothing: report on the runs already stored whole in --output"
+        " under these settings, and say which are missing",
+    )
     from kappatune.bench.config import BenchSettings, EvalSizes
     from kappatune.settings import add_flags
 
@@ -317,7 +323,11 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    outcome = run_bench(scenarios, settings, out, reporter)
+    outcome = run_bench(scenarios, settings, out, reporter, train=not args.report_only)
+    if not outcome.runs:
+        raise KappaTuneError(
+            f"{out}: no run is stored whole under these settings: nothing to report"
+        )
     c = conclude(outcome, settings)
     meta = {
         "command": command,
