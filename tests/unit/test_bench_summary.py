@@ -233,3 +233,32 @@ def test_reports_hold_the_numbers(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "summary.json").read_text())
     assert data["kind"] == "kappatune.bench.summary" and len(data["verdicts"]) == len(vs)
     assert report.markdown_table(rows).count("\n") == len(rows) + 2
+
+
+def test_front_reading_and_grid_edges_say_where_a_figure_comes_from() -> None:
+    from kappatune.bench.fronts import FrontPoint
+
+    grid = {"lr 1e-05 @ step 4": (1e-5, 4), "lr 1e-05 @ step 8": (1e-5, 8),
+            "lr 0.0001 @ step 4": (1e-4, 4), "lr 0.0001 @ step 8": (1e-4, 8)}  # fmt: skip
+    front = (
+        FrontPoint(3.0, 0.1, "lr 1e-05 @ step 4"),
+        FrontPoint(6.0, 0.2, "lr 1e-05 @ step 8"),
+        FrontPoint(9.0, 0.5, "lr 0.0001 @ step 8"),
+    )
+    assert verdict.front_reading(front, 6.05, grid) == "measured (lr 1e-05 @ step 8, gain 6.00)"
+    assert verdict.front_reading(front, 7.5, grid) == (
+        "interpolated over 3.00 of gain (lr 1e-05 @ step 8, gain 6.00 to lr 0.0001 @ step 8,"
+        " gain 9.00)"
+    )
+    assert verdict.front_reading(front, 1.0, grid) == (
+        "upper bound: its least-gain front point (lr 1e-05 @ step 4, gain 3.00)"
+    )
+    assert verdict.front_reading(front, 9.5, grid) == "not reached"
+    # the best gain at the highest rate and the last step; read at 5 % from the lowest rate's
+    # last step: a lower rate or a longer run may do better
+    assert verdict.grid_edge(front, 5.0, grid) == (
+        "best gain at lr 0.0001 @ step 8: its highest rate and the last step; read from lr 1e-05"
+        " @ step 8, its lowest rate at the last step (a lower rate or a longer run may forget less)"
+    )
+    inside = (FrontPoint(3.0, 0.1, "lr 1e-05 @ step 4"),)  # best: a low rate, mid-run
+    assert verdict.grid_edge(inside, 2.0, grid) == ""
