@@ -104,6 +104,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     t = argument_group(p, "training")
     t.add_argument("--seq-len", type=int, default=128, help="tokens per row (default: 128)")
     t.add_argument("--no-pack", action="store_true", help="one example per row instead of packing")
+    t.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast of the forward and backward passes (weights, gradients and AdamW"
+        " state stay float32; frozen tensors are untouched)",
+    )
+    t.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, about a third more time)",
+    )
     add_flags(p, TrainConfig, only=("weight_decay", "max_grad_norm"))
     t.add_argument(
         "--checkpoint-every",
@@ -265,6 +276,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         trust_remote_code=args.trust_remote_code,
         save_dtype=args.save_dtype,
         other_weights=args.selection_other_weights,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 

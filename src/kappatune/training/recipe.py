@@ -19,6 +19,7 @@ tells a :class:`RunReporter` (on the main rank only) what a command line would p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,8 @@ def run_training(
         model=settings.model, method=method.name, data=settings.data, pack=settings.pack,
         train=settings.train, lora=lora, selection=inputs.selection,
         checkpoint_every=settings.checkpoint_every, eval_data=settings.eval_data,
-        processes=_processes(engine),
+        processes=_processes(engine), bf16=settings.bf16,
+        gradient_checkpointing=settings.gradient_checkpointing,
     )  # fmt: skip
     status: RunStatus = broadcast_from_main(lambda: run_status(out, record), str, _status)
     if status == "resume" and engine.is_main:
@@ -145,6 +147,8 @@ def run_training(
     events.header(settings.model, method.name, inputs.data, _where(engine))
     if (note := _note(engine)) is not None:
         events.note(note)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(inputs.model)
     prepared = _prepare(inputs.model, method, inputs.selection, lora, settings.train)
     if engine.is_main:
         write_run_files(out, record, inputs.selection)
@@ -305,7 +309,7 @@ def _train(s: _Session, status: RunStatus, record: dict[str, Any]) -> RunOutcome
             raise StopRequested(state.step)
 
     try:
-        with stop_requests(enabled=engine.world == 1) as stop:
+        with stop_requests(enabled=engine.world == 1) as stop, _autocast(settings, engine):
             result = train_loop(
                 prepared.model, s.data, config, StopRule(), param_groups=prepared.param_groups,
                 resume=resume, on_step=on_step, engine=engine, observer=watch,
@@ -318,6 +322,35 @@ def _train(s: _Session, status: RunStatus, record: dict[str, Any]) -> RunOutcome
     engine.wait()
     s.events.done(result, settings.output, _processes(engine))
     return RunOutcome(settings.output, status, result, target, engine.is_main)
+
+
+def _autocast(settings: RunSettings, engine: Engine) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast of the training steps (``--bf16``): weights, gradients and AdamW state
+    stay float32, frozen tensors are never written."""
+    import torch
+
+    if not settings.bf16:
+        return contextlib.nullcontext()
+    device = "cuda" if str(settings.device).startswith("cuda") or (
+        settings.device == "auto" and torch.cuda.is_available()
+    ) else "cpu"  # fmt: skip
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activations recomputed in the backward pass (transformers' own switch), non-reentrant
+    so that frozen inputs (a frozen embedding under selective training or LoRA) still pass
+    gradients through."""
+    switch = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(switch) or not getattr(model, "supports_gradient_checkpointing", False):
+        raise KappaTuneError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support gradient"
+            " checkpointing"
+        )
+    switch(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        config.use_cache = False  # a cache is useless in training and clashes with recomputation
 
 
 def _save(s: _Session, result: TrainResult, evals: dict[str, Any]) -> Path:

@@ -45,6 +45,8 @@ def run_record(
     checkpoint_every: int,
     eval_data: tuple[str, ...] | None,
     processes: int | None = None,
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """``run.json``: the resolved configuration (``processes`` for a launched run)."""
     from kappatune._version import __version__
@@ -71,6 +73,9 @@ def run_record(
     }
     if processes is not None:
         record["processes"] = processes
+    for name, on in (("bf16", bf16), ("gradient_checkpointing", gradient_checkpointing)):
+        if on:  # recorded only when on, so the records of earlier runs still match
+            record[name] = True
     return record
 
 

@@ -41,6 +41,8 @@ class RunSettings:
     trust_remote_code: bool = False
     save_dtype: str = "auto"  # selective, full: auto keeps the checkpoint's dtype
     other_weights: bool = False  # accept a selection made on other weights of this architecture
+    bf16: bool = False  # bfloat16 autocast of the forward and backward passes (fp32 weights, AdamW)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
 
     def __post_init__(self) -> None:
         method = self.training_method
@@ -117,6 +119,8 @@ def settings_from_run(
             trust_remote_code=trust_remote_code,
             save_dtype=save_dtype,
             other_weights=other_weights,
+            bf16=bool(record.get("bf16", False)),
+            gradient_checkpointing=bool(record.get("gradient_checkpointing", False)),
         )
     except KeyError as exc:
         raise KappaTuneError(f"cannot read {out / RUN_FILE}: it has no {exc.args[0]!r}") from None
