@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from kappatune.training.loop import StepRecord
 
 LOG_NAME = "log.jsonl"
-REPORTERS = ("tensorboard", "wandb", "none")
 
 
 @dataclass(frozen=True)
@@ -249,34 +248,45 @@ class WandbReporter:
         self._run.finish()
 
 
+@dataclass(frozen=True)
+class Tracker:
+    """A ``--report-to`` tracker: the package it needs and how it is made for a run."""
+
+    package: str
+    make: Callable[[Path, Mapping[str, Any]], Reporter]
+
+
+TRACKERS: dict[str, Tracker] = {
+    "tensorboard": Tracker(
+        "tensorboard", lambda run_dir, _: TensorBoardReporter(run_dir / "tensorboard")
+    ),
+    "wandb": Tracker("wandb", lambda run_dir, config: WandbReporter(run_dir, run_dir.name, config)),
+}
+REPORTERS = (*TRACKERS, "none")  # the --report-to choices
+
+
 def make_reporters(
     names: Sequence[str], run_dir: Path, config: Mapping[str, Any]
 ) -> list[Reporter]:
-    """Trackers for ``--report-to`` (``none``, or any of ``tensorboard`` and ``wandb``)."""
+    """Trackers for ``--report-to`` (``none``, or any of :data:`TRACKERS`)."""
     unknown = sorted(set(names) - set(REPORTERS))
     if unknown:
         raise KappaTuneError(
             f"--report-to: unknown tracker {unknown[0]!r} (choose from {', '.join(REPORTERS)})"
         )
-    out: list[Reporter] = []
-    for name in dict.fromkeys(names):
-        if name == "tensorboard":
-            out.append(TensorBoardReporter(Path(run_dir) / "tensorboard"))
-        elif name == "wandb":
-            out.append(WandbReporter(Path(run_dir), Path(run_dir).name, config))
-    return out
+    return [TRACKERS[n].make(Path(run_dir), config) for n in dict.fromkeys(names) if n in TRACKERS]
 
 
 def check_reporters(names: Sequence[str]) -> None:
     """Fail early (before any work) when a tracker's package is missing."""
     import importlib.util
 
-    needs = {"tensorboard": "tensorboard", "wandb": "wandb"}
     for name in names:
-        package = needs.get(name)
-        if package is not None and importlib.util.find_spec(package) is None:
+        tracker = TRACKERS.get(name)
+        if tracker is not None and importlib.util.find_spec(tracker.package) is None:
             raise KappaTuneError(
-                f"--report-to {name} needs the '{package}' package: pip install {package}"
+                f"--report-to {name} needs the '{tracker.package}' package: pip install"
+                f" {tracker.package}"
             )
     if "none" in names and len(set(names)) > 1:
         raise KappaTuneError("--report-to none cannot be combined with a tracker")
