@@ -22,6 +22,7 @@ from kappatune.errors import KappaTuneError
 from kappatune.probe.run import ProbeSettings
 from kappatune.selection.budget import SelectOptions
 from kappatune.training.config import LoraSettings, StopRule, TrainConfig
+from kappatune.training.data import PackConfig
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kappatune"
 
@@ -37,6 +38,7 @@ DEFAULTS: dict[type, Any] = {
     TrainConfig: TrainConfig(steps=10),
     StopRule: StopRule(),
     LoraSettings: LoraSettings(),
+    PackConfig: PackConfig(),
 }
 # the declared fields that do not change results: exactly these
 NON_KEY = {
@@ -83,6 +85,7 @@ CHANGED: dict[type, Any] = {
     ),
     StopRule: StopRule(target_loss=1.5, ema_decay=0.5, min_steps=3, max_steps=9),
     LoraSettings: LoraSettings(r=None, alpha=32, dropout=0.1, budget_params=1000, greedy=True),
+    PackConfig: PackConfig(seq_len=64, pack=False, add_eos=False),
 }  # fmt: skip
 
 FIELDS = [(cls, f.name) for cls in DEFAULTS for f in dataclasses.fields(cls)]
@@ -204,6 +207,7 @@ COMMAND_SETTINGS = [
     ("train", SelectOptions),
     ("train", TrainConfig),
     ("train", LoraSettings),
+    ("train", PackConfig),
     ("probe", ProbeSettings),
     ("demo", DemoSettings),
     ("bench", BenchSettings),

@@ -102,8 +102,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     before_rows = ("steps", "epochs", "lr", "warmup_steps", "scheduler", "batch_size", "grad_accum")
     add_flags(p, TrainConfig, only=before_rows)  # --seed is the selection flags'
     t = argument_group(p, "training")
-    t.add_argument("--seq-len", type=int, default=128, help="tokens per row (default: 128)")
-    t.add_argument("--no-pack", action="store_true", help="one example per row instead of packing")
+    from kappatune.training.data import PackConfig
+
+    add_flags(p, PackConfig)  # --seq-len, --no-pack
     t.add_argument(
         "--bf16",
         action="store_true",
@@ -251,6 +252,7 @@ def _modules_budget(args: argparse.Namespace) -> Budget | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    from kappatune.settings import from_args
     from kappatune.training.data import PackConfig
     from kappatune.training.run_settings import RunSettings
 
@@ -265,7 +267,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         method=args.method,
         output=args.output,
         train=_train_config(args),
-        pack=PackConfig(seq_len=args.seq_len, pack=not args.no_pack),
+        pack=from_args(PackConfig, args),
         selection=_selection(args),
         lora=lora if get_method(args.method).lora else None,
         checkpoint_every=args.checkpoint_every,

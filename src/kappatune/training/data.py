@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kappatune.errors import KappaTuneError
+from kappatune.settings import setting
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,9 +73,11 @@ AnyExample = Example | ChatExample
 class PackConfig:
     """How examples become fixed-length rows."""
 
-    seq_len: int = 128
-    pack: bool = True  # False: one example per row, truncated or padded
-    add_eos: bool = True
+    seq_len: int = setting(128, help="tokens per row", group="training")
+    pack: bool = setting(  # the flag is --no-pack
+        True, help="one example per row instead of packing", group="training"
+    )
+    add_eos: bool = setting(True, cli=False, help="an EOS token after each packed document")
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
