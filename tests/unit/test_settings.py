@@ -22,7 +22,7 @@ from kappatune.errors import KappaTuneError
 from kappatune.probe.run import ProbeSettings
 from kappatune.selection.budget import SelectOptions
 from kappatune.training.config import LoraSettings, StopRule, TrainConfig
-from kappatune.training.data import PackConfig
+from kappatune.training.config import PackConfig
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kappatune"
 

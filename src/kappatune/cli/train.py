@@ -102,7 +102,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     before_rows = ("steps", "epochs", "lr", "warmup_steps", "scheduler", "batch_size", "grad_accum")
     add_flags(p, TrainConfig, only=before_rows)  # --seed is the selection flags'
     t = argument_group(p, "training")
-    from kappatune.training.data import PackConfig
+    from kappatune.training.config import PackConfig
 
     add_flags(p, PackConfig)  # --seq-len, --no-pack
     t.add_argument(
@@ -253,7 +253,7 @@ def _modules_budget(args: argparse.Namespace) -> Budget | None:
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     from kappatune.settings import from_args
-    from kappatune.training.data import PackConfig
+    from kappatune.training.config import PackConfig
     from kappatune.training.run_settings import RunSettings
 
     def lora(total_params: int) -> LoraSettings:

@@ -155,3 +155,18 @@ class LoraSettings:
             raise KappaTuneError(
                 f"LoRA parameter budget must be at least 1, got {self.budget_params}"
             )
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """How examples become fixed-length rows."""
+
+    seq_len: int = setting(128, help="tokens per row", group="training")
+    pack: bool = setting(  # the flag is --no-pack
+        True, help="one example per row instead of packing", group="training"
+    )
+    add_eos: bool = setting(True, cli=False, help="an EOS token after each packed document")
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise KappaTuneError(f"sequence length must be at least 2 tokens, got {self.seq_len}")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kappatune.errors import KappaTuneError
-from kappatune.settings import setting
+from kappatune.training.config import PackConfig as PackConfig  # declared without torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,21 +67,6 @@ class ChatExample:
 
 
 AnyExample = Example | ChatExample
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    """How examples become fixed-length rows."""
-
-    seq_len: int = setting(128, help="tokens per row", group="training")
-    pack: bool = setting(  # the flag is --no-pack
-        True, help="one example per row instead of packing", group="training"
-    )
-    add_eos: bool = setting(True, cli=False, help="an EOS token after each packed document")
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise KappaTuneError(f"sequence length must be at least 2 tokens, got {self.seq_len}")
 
 
 @dataclass(frozen=True)
