@@ -21,8 +21,7 @@ from kappatune.demo import DemoSettings
 from kappatune.errors import KappaTuneError
 from kappatune.probe.run import ProbeSettings
 from kappatune.selection.budget import SelectOptions
-from kappatune.training.config import LoraSettings, StopRule, TrainConfig
-from kappatune.training.config import PackConfig
+from kappatune.training.config import LoraSettings, PackConfig, StopRule, TrainConfig
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kappatune"
 
