@@ -245,15 +245,15 @@ def test_front_reading_and_grid_edges_say_where_a_figure_comes_from() -> None:
         FrontPoint(6.0, 0.2, "lr 1e-05 @ step 8"),
         FrontPoint(9.0, 0.5, "lr 0.0001 @ step 8"),
     )
-    assert verdict.front_reading(front, 6.05, grid) == "measured (lr 1e-05 @ step 8, gain 6.00)"
-    assert verdict.front_reading(front, 7.5, grid) == (
+    assert verdict.front_reading(front, 6.05) == "measured (lr 1e-05 @ step 8, gain 6.00)"
+    assert verdict.front_reading(front, 7.5) == (
         "interpolated over 3.00 of gain (lr 1e-05 @ step 8, gain 6.00 to lr 0.0001 @ step 8,"
         " gain 9.00)"
     )
-    assert verdict.front_reading(front, 1.0, grid) == (
+    assert verdict.front_reading(front, 1.0) == (
         "upper bound: its least-gain front point (lr 1e-05 @ step 4, gain 3.00)"
     )
-    assert verdict.front_reading(front, 9.5, grid) == "not reached"
+    assert verdict.front_reading(front, 9.5) == "not reached"
     # the best gain at the highest rate and the last step; read at 5 % from the lowest rate's
     # last step: a lower rate or a longer run may do better
     assert verdict.grid_edge(front, 5.0, grid) == (

@@ -217,13 +217,7 @@ def classify(test: PairedTest, floor: float) -> str:
     return "forgets less" if test.estimate < 0 else "forgets more"
 
 
-def _where(label: str, grid: Mapping[str, tuple[float, int]]) -> tuple[float, int] | None:
-    return grid.get(label)
-
-
-def front_reading(
-    front: Sequence[FrontPoint], gain: float, grid: Mapping[str, tuple[float, int]]
-) -> str:
+def front_reading(front: Sequence[FrontPoint], gain: float) -> str:
     """How the mean front gives the forgetting at ``gain``: a measured point (within 2 % of the
     gain), a chord between two points (and over what distance), or an upper bound."""
     if not front or gain > front[-1].gain:
@@ -253,7 +247,7 @@ def grid_edge(
     lrs = sorted({lr for lr, _ in grid.values()})
     last = max(step for _, step in grid.values())
     notes = []
-    best = _where(front[-1].label, grid)
+    best = grid.get(front[-1].label)
     if best is not None:
         lr, step = best
         edges = [w for w, hit in (("its highest rate", lr == lrs[-1] and len(lrs) > 1),
@@ -265,7 +259,7 @@ def grid_edge(
             -1:
         ]
         for p in around:
-            at = _where(p.label, grid)
+            at = grid.get(p.label)
             if at is not None and len(lrs) > 1 and at == (lrs[0], last):
                 notes.append(
                     f"read from {p.label}, its lowest rate at the last step (a lower rate or a"
@@ -311,7 +305,7 @@ def measure_verdict(
         seedwise = reading = None
         if level is not None:
             seedwise = paired_test(list(readings_at_gain(data, a, seeds, level).values()))
-            reading = front_reading(fronts[a], level, grids[a])
+            reading = front_reading(fronts[a], level)
         heads.append(
             ArmHeadline(a, fronts[a], at, within, seedwise, reading or "",
                         grid_edge(fronts[a], level, grids[a]))
