@@ -466,6 +466,20 @@ class ReportContent:
     def headline_rows(self) -> list[list[str]]:
         return headline_rows(self.vs, self.gain_units())
 
+    def tables(self) -> list[tuple[str, Sequence[str], list[list[str]]]]:
+        """The verdict's tables, in order, as (title, header, rows); the headline table always,
+        the others when they have rows."""
+        units = self.gain_units()
+        out = [
+            ("Headline numbers", HEADLINE_COLUMNS, self.headline_rows()),
+            ("Differences at matched gain (negative: the reference forgets less)",
+             COMPARISON_COLUMNS, comparison_rows(self.vs)),
+            ("The differences over a range of gains", RANGE_COLUMNS, range_rows(self.vs, units)),
+            ("As training goes on (fronts from the points up to each step)", LENGTH_COLUMNS,
+             length_rows(self.vs, units)),
+        ]  # fmt: skip
+        return [t for i, t in enumerate(out) if i == 0 or t[2]]
+
 
 def markdown_report(c: ReportContent) -> str:
     parts = ["# kappatune bench\n", f"**Verdict.** {c.conclusion}\n"]
@@ -475,20 +489,9 @@ def markdown_report(c: ReportContent) -> str:
     parts.append(f"Settings: {c.settings()}\n")
     parts.append(EXPLAIN + "\n")
     parts.append("".join(f"- {line}\n" for line in floor_lines(c.floors)))
-    parts.append("## Headline numbers\n")
-    parts.append(_md(HEADLINE_COLUMNS, c.headline_rows()))
-    comp = comparison_rows(c.vs)
-    if comp:
-        parts.append("## Differences at matched gain (negative: the reference forgets less)\n")
-        parts.append(_md(COMPARISON_COLUMNS, comp))
-    ranged = range_rows(c.vs, c.gain_units())
-    if ranged:
-        parts.append("## The differences over a range of gains\n")
-        parts.append(_md(RANGE_COLUMNS, ranged))
-    lengths = length_rows(c.vs, c.gain_units())
-    if lengths:
-        parts.append("## As training goes on (fronts from the points up to each step)\n")
-        parts.append(_md(LENGTH_COLUMNS, lengths))
+    for title, header, body in c.tables():
+        parts.append(f"## {title}\n")
+        parts.append(_md(header, body))
     parts.append("## Every point (mean over seeds)\n")
     parts.append(markdown_table(c.rows, c.floors))
     if c.notes:
@@ -525,18 +528,8 @@ def html_report(c: ReportContent, images: Mapping[str, bytes]) -> str:
     body.append(f"<p>Command: <code>{esc(c.command())}</code></p>")
     body.append(f"<p>Settings: {esc(c.settings())}</p><p>{esc(EXPLAIN)}</p>")
     body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in floor_lines(c.floors)) + "</ul>")
-    body.append("<h2>Headline numbers</h2>" + _html_table(HEADLINE_COLUMNS, c.headline_rows()))
-    comp = comparison_rows(c.vs)
-    if comp:
-        body.append("<h2>Differences at matched gain</h2>" + _html_table(COMPARISON_COLUMNS, comp))
-    ranged = range_rows(c.vs, c.gain_units())
-    if ranged:
-        body.append("<h2>The differences over a range of gains</h2>")
-        body.append(_html_table(RANGE_COLUMNS, ranged))
-    lengths = length_rows(c.vs, c.gain_units())
-    if lengths:
-        body.append("<h2>As training goes on (fronts from the points up to each step)</h2>")
-        body.append(_html_table(LENGTH_COLUMNS, lengths))
+    for title, header, rows in c.tables():
+        body.append(f"<h2>{esc(title)}</h2>" + _html_table(header, rows))
     body.append("<h2>Every point (mean over seeds)</h2>")
     body.append(_html_table(COLUMNS, [cells(r, c.floors.get(r.scenario)) for r in c.rows]))
     if c.notes:
