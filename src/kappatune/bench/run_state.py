@@ -44,12 +44,12 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def save_state(folder: Path, model: nn.Module, state: LoopState) -> None:
     """The trained tensors of ``model`` and the loop ``state`` into ``folder`` (atomically)."""
     from kappatune.training.checkpoint import swap_in, write_checkpoint
+    from kappatune.training.loop import _trainable_state  # what LocalEngine saves
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tensors = {n: p.detach().cpu() for n, p in _trainable(model).items()}
-    write_checkpoint(tmp, tensors, state.state_dict())
+    write_checkpoint(tmp, _trainable_state(model), state.state_dict())
     swap_in(tmp, folder)
 
 
